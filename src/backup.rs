@@ -1,0 +1,528 @@
+//! Backup: database first, then files (Immich's documented order), then the snapshot's records, and
+//! last the manifest that makes the snapshot visible.
+//!
+//! source → compress → encrypt → store: [`dump`](crate::dump) streams `pg_dumpall` into the store;
+//! [`collect`](crate::collect) walks the originals and stores new content concurrently; the file list,
+//! the plaintext refs and the local cache are written as the results arrive, in walk order.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::collect::{
+    self, CacheReader, CacheWriter, FileStorer, Found, Known, StoreFileError, Stored, Walked,
+};
+use crate::config::{Config, OnUnreadable};
+use crate::crypto::Recipients;
+use crate::db::{self, Database};
+use crate::dump::{self, HashingWriter};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::snapshot::{
+    self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, ObjectRef, Skipped, Summary, Totals,
+};
+use crate::store::{ObjectWriter, Store};
+
+/// What a backup did, for the summary line and `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub snapshot: String,
+    pub store: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Files whose content was uploaded.
+    pub files_new: u64,
+    /// Files read whose content the store already had.
+    pub files_deduplicated: u64,
+    /// Files skipped by the metadata cache (not read).
+    pub files_unchanged: u64,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    /// Bytes written to the store for file contents (after encryption).
+    pub bytes_stored: u64,
+    pub dump_sql_bytes: u64,
+    pub dump_stored_bytes: u64,
+    pub skipped: Vec<Skipped>,
+    pub duration_secs: f64,
+    pub row_counts: std::collections::BTreeMap<String, u64>,
+}
+
+/// Run one backup into `store`.
+pub async fn run(
+    cfg: &Config,
+    db: &dyn Database,
+    store: &Store,
+    recipients: Recipients,
+    progress: Progress,
+) -> Result<BackupReport> {
+    let started = Instant::now();
+    let root = cfg.immich.upload_location.clone();
+    check_upload_location(&root, &cfg.immich.folders)?;
+    let marker = snapshot::open_or_init(store).await?;
+    let recipients = Arc::new(recipients);
+    let key = recipients.content_key();
+    let time = Utc::now();
+    let id = snapshot::new_snapshot_id(time);
+    tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
+
+    // Database first. The content listing runs meanwhile.
+    let (version, version_num) = db::server_version(db).await?;
+    let extensions = db::extensions(db, &cfg.database.database).await?;
+    progress.phase("database", None);
+    let dump_key = snapshot::snapshot_key(&id, snapshot::DUMP_OBJECT);
+    let p = progress.clone();
+    let dump_fut = dump::dump_to_store(
+        db,
+        store,
+        recipients.clone(),
+        &dump_key,
+        &cfg.database.database,
+        cfg.backup.compression_level,
+        move |n| p.inc(n),
+    );
+    let (dumped, known) = tokio::join!(dump_fut, list_content(store));
+    let dumped = dumped?;
+    let known = Arc::new(known?);
+    tracing::info!(
+        sql_bytes = dumped.sql_bytes,
+        stored = dumped.object.size,
+        tables = dumped.row_counts.len(),
+        "database dumped"
+    );
+
+    // Then the files.
+    let cache_path = collect::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
+    let storer = Arc::new(FileStorer {
+        store: store.clone(),
+        recipients: recipients.clone(),
+        key,
+        known,
+    });
+    let files = store_files(cfg, &id, store, storer, &cache_path, &progress).await?;
+    progress.finish();
+
+    let summary = Summary {
+        id: id.clone(),
+        time,
+        host: hostname(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        files: files.totals.files,
+        bytes: files.totals.bytes,
+        bytes_added: files.bytes_stored,
+        dump_bytes: dumped.object.size,
+        skipped: files.skipped.len() as u64,
+    };
+    let manifest = Manifest {
+        format: snapshot::FORMAT_VERSION,
+        id: id.clone(),
+        time,
+        host: summary.host.clone(),
+        tool_version: summary.tool_version.clone(),
+        content_key: hex::encode(key),
+        upload_location: root.display().to_string(),
+        folders: cfg.immich.folders.clone(),
+        database: DatabaseInfo {
+            mode: format!("{:?}", cfg.database.mode).to_lowercase(),
+            database: cfg.database.database.clone(),
+            username: cfg.database.username.clone(),
+            server_version: version,
+            server_version_num: version_num,
+            extensions,
+            row_counts: dumped.row_counts.clone(),
+            image: None,
+        },
+        dump: dumped.object.clone(),
+        files: files.list.clone(),
+        totals: files.totals.clone(),
+        skipped: files.skipped.clone(),
+    };
+    commit(store, &recipients, &summary, &manifest).await?;
+    files.cache.commit()?;
+
+    let report = BackupReport {
+        snapshot: id,
+        store: store.url().to_string(),
+        files: files.totals.files,
+        dirs: files.totals.dirs,
+        symlinks: files.totals.symlinks,
+        files_new: files.files_new,
+        files_deduplicated: files.files_dedup,
+        files_unchanged: files.files_unchanged,
+        bytes_total: files.totals.bytes,
+        bytes_read: files.bytes_read,
+        bytes_stored: files.bytes_stored,
+        dump_sql_bytes: dumped.sql_bytes,
+        dump_stored_bytes: dumped.object.size,
+        skipped: files.skipped,
+        duration_secs: started.elapsed().as_secs_f64(),
+        row_counts: dumped.row_counts,
+    };
+    tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
+    Ok(report)
+}
+
+fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<()> {
+    if !root.is_dir() {
+        return Err(Error::Config(format!(
+            "[immich] upload_location {} is not a folder; set it to the host path of Immich's UPLOAD_LOCATION",
+            root.display()
+        )));
+    }
+    if !folders.iter().any(|f| root.join(f).is_dir()) {
+        return Err(Error::Config(format!(
+            "{} holds none of the folders {folders:?}; is [immich] upload_location Immich's UPLOAD_LOCATION?",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Write the plaintext summary, then the encrypted manifest: the snapshot is now visible.
+async fn commit(
+    store: &Store,
+    recipients: &Recipients,
+    summary: &Summary,
+    manifest: &Manifest,
+) -> Result<()> {
+    let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
+    store
+        .put_new(
+            &snapshot::snapshot_key(&summary.id, snapshot::SUMMARY_OBJECT),
+            summary_json.into(),
+        )
+        .await?;
+    let plain = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+    let mut sealed = recipients
+        .encrypt(Vec::new())
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    sealed
+        .write_all(&plain)
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    let bytes = sealed.finish().map_err(|e| Error::Crypto(e.to_string()))?;
+    let key = snapshot::snapshot_key(&manifest.id, snapshot::MANIFEST_OBJECT);
+    if !store.put_new(&key, bytes.into()).await? {
+        return Err(Error::Other(format!(
+            "{key} already exists; refusing to overwrite a snapshot"
+        )));
+    }
+    Ok(())
+}
+
+/// Every content address in the store.
+async fn list_content(store: &Store) -> Result<Known> {
+    let ids: Vec<ContentId> = store
+        .list(snapshot::DATA_DIR)
+        .try_filter_map(|(k, _)| async move { Ok(ContentId::from_key(&k)) })
+        .try_collect()
+        .await?;
+    tracing::debug!(objects = ids.len(), "listed stored content");
+    Ok(Known::new(ids))
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The files phase's result.
+struct FilesDone {
+    list: ObjectRef,
+    cache: CacheWriter,
+    totals: Totals,
+    skipped: Vec<Skipped>,
+    files_new: u64,
+    files_dedup: u64,
+    files_unchanged: u64,
+    bytes_read: u64,
+    bytes_stored: u64,
+}
+
+/// One walked item after its content is handled.
+enum Outcome {
+    Entry {
+        entry: Entry,
+        found: Box<Found>,
+        stored: Option<Stored>,
+    },
+    Skipped(Skipped),
+}
+
+async fn process(
+    item: Walked,
+    cached: Option<ContentId>,
+    storer: Arc<FileStorer>,
+) -> Result<Outcome> {
+    let found = match item {
+        Walked::Unreadable { path, error } => return Ok(Outcome::Skipped(Skipped { path, error })),
+        Walked::Found(f) => f,
+    };
+    if found.entry.kind != EntryKind::File {
+        return Ok(Outcome::Entry {
+            entry: found.entry.clone(),
+            found: Box::new(found),
+            stored: None,
+        });
+    }
+    if let Some(id) = cached.filter(|id| storer.known.contains(id)) {
+        let mut entry = found.entry.clone();
+        entry.content = Some(id);
+        return Ok(Outcome::Entry {
+            entry,
+            found: Box::new(found),
+            stored: Some(Stored::Unchanged),
+        });
+    }
+    let (found, res) = tokio::task::spawn_blocking(move || {
+        let res = storer.store_file(&found);
+        (found, res)
+    })
+    .await
+    .map_err(|e| Error::Other(format!("file worker: {e}")))?;
+    match res {
+        Ok((id, stored)) => {
+            let mut entry = found.entry.clone();
+            entry.content = Some(id);
+            Ok(Outcome::Entry {
+                entry,
+                found: Box::new(found),
+                stored: Some(stored),
+            })
+        }
+        Err(StoreFileError::Source(error)) => Ok(Outcome::Skipped(Skipped {
+            path: found.entry.path.clone(),
+            error,
+        })),
+        Err(StoreFileError::Store(e)) => Err(e),
+    }
+}
+
+async fn store_files(
+    cfg: &Config,
+    id: &str,
+    store: &Store,
+    storer: Arc<FileStorer>,
+    cache_path: &std::path::Path,
+    progress: &Progress,
+) -> Result<FilesDone> {
+    let root: PathBuf = cfg.immich.upload_location.clone();
+    progress.phase("files", Some(0));
+    spawn_scanner(root.clone(), cfg.immich.folders.clone(), progress.clone());
+    let (tx, mut rx) = mpsc::channel::<Walked>(1024);
+    let folders = cfg.immich.folders.clone();
+    let walk_root = root.clone();
+    tokio::task::spawn_blocking(move || collect::walk(&walk_root, &folders, tx));
+
+    let mut cache = CacheReader::open(cache_path);
+    let items = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut outcomes = items
+        .map(|item| {
+            let cached = match &item {
+                Walked::Found(f) if f.entry.kind == EntryKind::File => cache.lookup(f),
+                _ => None,
+            };
+            process(item, cached, storer.clone())
+        })
+        .buffered(cfg.storage.concurrency);
+
+    let list = ListWriter::start(store, id, cache_path, storer.recipients.clone())?;
+    let mut done = Counts::default();
+    while let Some(outcome) = outcomes.next().await {
+        match outcome? {
+            Outcome::Skipped(s) => {
+                if cfg.backup.on_unreadable == OnUnreadable::Fail {
+                    return Err(Error::Other(format!(
+                        "cannot read {}: {}; fix the permissions, or set [backup] on_unreadable = \"warn\"",
+                        s.path, s.error
+                    )));
+                }
+                tracing::warn!(path = %s.path, error = %s.error, "skipped unreadable file");
+                done.skipped.push(s);
+            }
+            Outcome::Entry {
+                entry,
+                found,
+                stored,
+            } => {
+                tally(&mut done, &entry, stored, progress);
+                list.send(ListItem::Entry(entry, found)).await?;
+            }
+        }
+    }
+    let (list, cache) = list.finish().await?;
+    Ok(FilesDone {
+        list,
+        cache,
+        totals: done.totals,
+        skipped: done.skipped,
+        files_new: done.files_new,
+        files_dedup: done.files_dedup,
+        files_unchanged: done.files_unchanged,
+        bytes_read: done.bytes_read,
+        bytes_stored: done.bytes_stored,
+    })
+}
+
+/// Running totals of the files phase.
+#[derive(Default)]
+struct Counts {
+    totals: Totals,
+    skipped: Vec<Skipped>,
+    files_new: u64,
+    files_dedup: u64,
+    files_unchanged: u64,
+    bytes_read: u64,
+    bytes_stored: u64,
+}
+
+fn tally(done: &mut Counts, entry: &Entry, stored: Option<Stored>, progress: &Progress) {
+    match entry.kind {
+        EntryKind::Dir => done.totals.dirs += 1,
+        EntryKind::Symlink => done.totals.symlinks += 1,
+        EntryKind::File => {
+            done.totals.files += 1;
+            done.totals.bytes += entry.size;
+            progress.inc(entry.size);
+        }
+    }
+    match stored {
+        Some(Stored::Unchanged) => done.files_unchanged += 1,
+        Some(Stored::Deduplicated { read }) => {
+            done.files_dedup += 1;
+            done.bytes_read += read;
+        }
+        Some(Stored::Uploaded { read, stored }) => {
+            done.files_new += 1;
+            done.bytes_read += read;
+            done.bytes_stored += stored;
+        }
+        None => {}
+    }
+}
+
+/// Counts the bytes to back up in the background, so the bar has a total and an ETA.
+fn spawn_scanner(root: PathBuf, folders: Vec<String>, progress: Progress) {
+    tokio::task::spawn_blocking(move || {
+        for f in folders {
+            for e in walkdir::WalkDir::new(root.join(f))
+                .follow_links(false)
+                .into_iter()
+                .flatten()
+            {
+                if let Ok(m) = e.metadata() {
+                    if m.is_file() {
+                        progress.add_total(m.len());
+                    }
+                }
+            }
+        }
+    });
+}
+
+enum ListItem {
+    Entry(Entry, Box<Found>),
+    Done,
+}
+
+/// Writes the file list, the refs and the new cache on a blocking thread, in walk order.
+struct ListWriter {
+    tx: mpsc::Sender<ListItem>,
+    handle: tokio::task::JoinHandle<Result<(ObjectRef, CacheWriter)>>,
+}
+
+impl ListWriter {
+    fn start(
+        store: &Store,
+        id: &str,
+        cache_path: &std::path::Path,
+        recipients: Arc<Recipients>,
+    ) -> Result<ListWriter> {
+        let files_key = snapshot::snapshot_key(id, snapshot::FILES_OBJECT);
+        let files = store.writer(&files_key);
+        let refs = store.writer(&snapshot::snapshot_key(id, snapshot::REFS_OBJECT));
+        let cache = CacheWriter::create(cache_path)?;
+        let (tx, rx) = mpsc::channel(1024);
+        let handle = tokio::task::spawn_blocking(move || {
+            write_lists(rx, files, files_key, refs, cache, recipients)
+        });
+        Ok(ListWriter { tx, handle })
+    }
+
+    async fn send(&self, item: ListItem) -> Result<()> {
+        if self.tx.send(item).await.is_err() {
+            return Err(Error::Other("file list writer stopped".into()));
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(ObjectRef, CacheWriter)> {
+        self.send(ListItem::Done).await?;
+        self.handle
+            .await
+            .map_err(|e| Error::Other(format!("file list writer: {e}")))?
+    }
+}
+
+fn write_lists(
+    mut rx: mpsc::Receiver<ListItem>,
+    files: ObjectWriter,
+    files_key: String,
+    refs: ObjectWriter,
+    mut cache: CacheWriter,
+    recipients: Arc<Recipients>,
+) -> Result<(ObjectRef, CacheWriter)> {
+    let io_err = |e: std::io::Error| Error::StorageObject {
+        object: files_key.clone(),
+        message: e.to_string(),
+    };
+    let sealed = recipients.encrypt(files).map_err(io_err)?;
+    let mut list = GzEncoder::new(HashingWriter::new(sealed), Compression::fast());
+    let mut refs = GzEncoder::new(refs, Compression::fast());
+    let mut last_ref: Option<ContentId> = None;
+    loop {
+        match rx.blocking_recv() {
+            Some(ListItem::Entry(entry, found)) => {
+                serde_json::to_writer(&mut list, &entry).map_err(|e| io_err(e.into()))?;
+                list.write_all(b"\n").map_err(io_err)?;
+                if let Some(id) = entry.content {
+                    if last_ref != Some(id) {
+                        writeln!(refs, "{id}").map_err(io_err)?;
+                        last_ref = Some(id);
+                    }
+                    cache.add(&found, id)?;
+                }
+            }
+            Some(ListItem::Done) => break,
+            None => {
+                // The backup stopped: abandon both objects and the cache.
+                cache.discard();
+                return Err(Error::Interrupted);
+            }
+        }
+    }
+    let (sealed, sha256, size) = list.finish().map_err(io_err)?.into_parts();
+    sealed.finish().map_err(io_err)?.finish()?;
+    refs.finish().map_err(io_err)?.finish()?;
+    Ok((
+        ObjectRef {
+            key: files_key,
+            size,
+            sha256,
+        },
+        cache,
+    ))
+}

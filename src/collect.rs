@@ -1,0 +1,453 @@
+//! Collecting the originals: walk the configured folders under UPLOAD_LOCATION in a stable order,
+//! and decide per file whether its content must be read and stored.
+//!
+//! The walk is sorted (component-wise, as `Path`'s ordering), so the local metadata cache of the last
+//! backup is merge-joined against it in constant memory: a file whose size, mtime, ctime and inode
+//! match is not read again. Content is addressed by its keyed hash; what the store already holds is not
+//! uploaded again. Symlinks are recorded, never followed; generated folders are never visited.
+
+use std::cmp::Ordering;
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::crypto::Recipients;
+use crate::error::{Error, IoContext, Result};
+use crate::snapshot::{ContentId, Entry, EntryKind};
+use crate::store::Store;
+
+/// Files up to this size are read once into memory; larger ones are hashed, then streamed.
+pub const SMALL_FILE: u64 = 4 * 1024 * 1024;
+
+/// One thing found by the walk, with the metadata the cache compares.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub entry: Entry,
+    pub abs: PathBuf,
+    pub ino: u64,
+    pub ctime_ns: i64,
+}
+
+/// What the walk yields.
+#[derive(Debug)]
+pub enum Walked {
+    Found(Found),
+    /// A path the walk could not read or cannot record; the policy decides what happens.
+    Unreadable {
+        path: String,
+        error: String,
+    },
+}
+
+/// Walk `folders` under `root` in sorted order, sending what it finds. Runs on a blocking thread.
+pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Walked>) {
+    let mut folders: Vec<&String> = folders.iter().collect();
+    folders.sort();
+    folders.dedup();
+    for folder in folders {
+        let top = root.join(folder);
+        if !top.exists() {
+            tracing::warn!(folder = %top.display(), "originals folder does not exist; nothing to back up there");
+            continue;
+        }
+        for item in walkdir::WalkDir::new(&top)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
+            let walked = match item {
+                Ok(e) => describe(root, e.path()),
+                Err(e) => Walked::Unreadable {
+                    path: e
+                        .path()
+                        .map(|p| rel_path(root, p).unwrap_or_else(|| p.display().to_string()))
+                        .unwrap_or_default(),
+                    error: e
+                        .io_error()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| e.to_string()),
+                },
+            };
+            if tx.blocking_send(walked).is_err() {
+                return; // the backup stopped
+            }
+        }
+    }
+}
+
+/// Path relative to `root`, `/`-separated, if it is valid UTF-8.
+fn rel_path(root: &Path, p: &Path) -> Option<String> {
+    let rel = p.strip_prefix(root).ok()?;
+    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
+    parts.map(|p| p.join("/"))
+}
+
+fn describe(root: &Path, p: &Path) -> Walked {
+    let Some(path) = rel_path(root, p) else {
+        return Walked::Unreadable {
+            path: p.to_string_lossy().into_owned(),
+            error: "file name is not valid UTF-8; rename it so it can be recorded".into(),
+        };
+    };
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) => {
+            return Walked::Unreadable {
+                path,
+                error: e.to_string(),
+            }
+        }
+    };
+    let ft = meta.file_type();
+    let (kind, target) = if ft.is_file() {
+        (EntryKind::File, None)
+    } else if ft.is_dir() {
+        (EntryKind::Dir, None)
+    } else if ft.is_symlink() {
+        match std::fs::read_link(p).map(|t| t.to_str().map(str::to_string)) {
+            Ok(Some(t)) => (EntryKind::Symlink, Some(t)),
+            Ok(None) => {
+                return Walked::Unreadable {
+                    path,
+                    error: "symlink target is not valid UTF-8".into(),
+                }
+            }
+            Err(e) => {
+                return Walked::Unreadable {
+                    path,
+                    error: e.to_string(),
+                }
+            }
+        }
+    } else {
+        return Walked::Unreadable {
+            path,
+            error: "not a regular file, folder or symlink".into(),
+        };
+    };
+    let entry = Entry {
+        path,
+        kind,
+        size: if kind == EntryKind::File {
+            meta.size()
+        } else {
+            0
+        },
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        mode: meta.mode() & 0o7777,
+        content: None,
+        target,
+    };
+    Walked::Found(Found {
+        entry,
+        abs: p.to_path_buf(),
+        ino: meta.ino(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+    })
+}
+
+/// Order of two `/`-separated relative paths as the sorted walk produces them.
+pub fn walk_order(a: &str, b: &str) -> Ordering {
+    a.split('/').cmp(b.split('/'))
+}
+
+/// One line of the local metadata cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CacheLine {
+    pub path: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub content: ContentId,
+}
+
+/// Reads the previous backup's cache in walk order; a missing or damaged cache just means misses.
+pub struct CacheReader {
+    lines: Option<std::io::Lines<BufReader<File>>>,
+    next: Option<CacheLine>,
+}
+
+impl CacheReader {
+    pub fn open(path: &Path) -> CacheReader {
+        let lines = File::open(path).ok().map(|f| BufReader::new(f).lines());
+        let mut r = CacheReader { lines, next: None };
+        r.advance();
+        r
+    }
+
+    fn advance(&mut self) {
+        self.next = None;
+        if let Some(lines) = &mut self.lines {
+            match lines.next() {
+                Some(Ok(l)) => match serde_json::from_str(&l) {
+                    Ok(c) => self.next = Some(c),
+                    Err(_) => self.lines = None,
+                },
+                _ => self.lines = None,
+            }
+        }
+    }
+
+    /// The cached line for `found`, if its metadata still matches.
+    pub fn lookup(&mut self, found: &Found) -> Option<ContentId> {
+        while let Some(c) = &self.next {
+            match walk_order(&c.path, &found.entry.path) {
+                Ordering::Less => self.advance(),
+                Ordering::Equal => {
+                    let e = &found.entry;
+                    let hit = c.size == e.size
+                        && c.mtime_ns == e.mtime_ns
+                        && c.ctime_ns == found.ctime_ns
+                        && c.ino == found.ino;
+                    let id = c.content;
+                    self.advance();
+                    return hit.then_some(id);
+                }
+                Ordering::Greater => return None,
+            }
+        }
+        None
+    }
+}
+
+/// Writes the new cache next to the old one; it replaces the old one only when the snapshot is done.
+pub struct CacheWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl CacheWriter {
+    pub fn create(dest: &Path) -> Result<CacheWriter> {
+        let dir = dest.parent().expect("cache file has a folder");
+        std::fs::create_dir_all(dir).at(dir)?;
+        let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+        let out = BufWriter::new(File::create(&tmp).at(&tmp)?);
+        Ok(CacheWriter {
+            tmp,
+            dest: dest.to_path_buf(),
+            out,
+        })
+    }
+
+    pub fn add(&mut self, found: &Found, content: ContentId) -> Result<()> {
+        let line = CacheLine {
+            path: found.entry.path.clone(),
+            size: found.entry.size,
+            mtime_ns: found.entry.mtime_ns,
+            ctime_ns: found.ctime_ns,
+            ino: found.ino,
+            content,
+        };
+        serde_json::to_writer(&mut self.out, &line)
+            .map_err(io::Error::other)
+            .at(&self.tmp)?;
+        self.out.write_all(b"\n").at(&self.tmp)
+    }
+
+    /// Make this the cache the next backup reads.
+    pub fn commit(self) -> Result<()> {
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .at(&self.tmp)?;
+        file.sync_all().at(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.dest).at(&self.dest)
+    }
+
+    /// Drop the new cache (the backup failed).
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// The content addresses the store holds, plus what this run has added.
+pub struct Known {
+    listed: Vec<ContentId>,
+    added: Mutex<HashSet<ContentId>>,
+}
+
+impl Known {
+    /// From a listing of `data/`.
+    pub fn new(mut listed: Vec<ContentId>) -> Known {
+        listed.sort_unstable();
+        listed.dedup();
+        Known {
+            listed,
+            added: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn contains(&self, id: &ContentId) -> bool {
+        self.listed.binary_search(id).is_ok()
+            || self.added.lock().expect("not poisoned").contains(id)
+    }
+
+    /// Claim `id` for upload; false when it is stored or another task is storing it.
+    fn claim(&self, id: &ContentId) -> bool {
+        self.listed.binary_search(id).is_err()
+            && self.added.lock().expect("not poisoned").insert(*id)
+    }
+
+    fn release(&self, id: &ContentId) {
+        self.added.lock().expect("not poisoned").remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.listed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listed.is_empty()
+    }
+}
+
+/// What storing one file did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Unchanged since the last backup (cache hit); not read.
+    Unchanged,
+    /// Read; the content was already in the store.
+    Deduplicated { read: u64 },
+    /// Read and uploaded.
+    Uploaded { read: u64, stored: u64 },
+}
+
+/// A failure storing one file: its source could not be read, or the store failed.
+#[derive(Debug)]
+pub enum StoreFileError {
+    Source(String),
+    Store(Error),
+}
+
+/// Everything the per-file work needs, shared by the workers.
+pub struct FileStorer {
+    pub store: Store,
+    pub recipients: Arc<Recipients>,
+    pub key: [u8; 32],
+    pub known: Arc<Known>,
+}
+
+impl FileStorer {
+    /// Hash `found` and upload it unless the store has it. Runs on a blocking thread.
+    pub fn store_file(
+        &self,
+        found: &Found,
+    ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
+        let src = |e: io::Error| StoreFileError::Source(e.to_string());
+        let mut file = File::open(&found.abs).map_err(src)?;
+        if found.entry.size <= SMALL_FILE {
+            let mut data = Vec::with_capacity(found.entry.size as usize);
+            file.read_to_end(&mut data).map_err(src)?;
+            let id = ContentId(*blake3::keyed_hash(&self.key, &data).as_bytes());
+            let read = data.len() as u64;
+            if !self.known.claim(&id) {
+                return Ok((id, Stored::Deduplicated { read }));
+            }
+            return self
+                .upload(&id, &data[..], read)
+                .map(|stored| (id, Stored::Uploaded { read, stored }));
+        }
+        let (id, read) = self.hash_stream(&mut file).map_err(src)?;
+        if !self.known.claim(&id) {
+            return Ok((id, Stored::Deduplicated { read }));
+        }
+        let file = File::open(&found.abs).map_err(src)?;
+        let stored = self.upload(&id, file, read)?;
+        Ok((id, Stored::Uploaded { read, stored }))
+    }
+
+    fn hash_stream(&self, r: &mut impl Read) -> io::Result<(ContentId, u64)> {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        let n = io::copy(r, &mut h)?;
+        Ok((ContentId(*h.finalize().as_bytes()), n))
+    }
+
+    /// Encrypt `src` into `data/…`, checking it still hashes to `id` before completing the object.
+    fn upload(
+        &self,
+        id: &ContentId,
+        src: impl Read,
+        expect_len: u64,
+    ) -> std::result::Result<u64, StoreFileError> {
+        let result = self.try_upload(id, src, expect_len);
+        if result.is_err() {
+            self.known.release(id);
+        }
+        result
+    }
+
+    fn try_upload(
+        &self,
+        id: &ContentId,
+        mut src: impl Read,
+        expect_len: u64,
+    ) -> std::result::Result<u64, StoreFileError> {
+        let key = id.key();
+        let store_err = |e: io::Error| {
+            StoreFileError::Store(Error::StorageObject {
+                object: key.clone(),
+                message: e.to_string(),
+            })
+        };
+        let mut sealed = self
+            .recipients
+            .encrypt(self.store.writer(&key))
+            .map_err(store_err)?;
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(StoreFileError::Source(e.to_string())),
+            };
+            hasher.update(&buf[..n]);
+            sealed.write_all(&buf[..n]).map_err(store_err)?;
+            len += n as u64;
+        }
+        if len != expect_len || ContentId(*hasher.finalize().as_bytes()) != *id {
+            // Dropping the writer abandons the object.
+            return Err(StoreFileError::Source(
+                "file changed while it was being backed up; run the backup again".into(),
+            ));
+        }
+        let writer = sealed.finish().map_err(store_err)?;
+        writer.finish().map_err(StoreFileError::Store)
+    }
+}
+
+/// Where the cache for this store, content key and source lives.
+pub fn cache_file(
+    cache_dir: &Path,
+    repo_id: &str,
+    key: &[u8; 32],
+    upload_location: &Path,
+) -> PathBuf {
+    let mut h = blake3::Hasher::new();
+    h.update(key);
+    h.update(upload_location.as_os_str().as_encoded_bytes());
+    let tag = &h.finalize().to_hex()[..16];
+    cache_dir.join(repo_id).join(format!("files-{tag}.jsonl"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_order_is_component_wise() {
+        assert_eq!(walk_order("a/b", "a.b"), Ordering::Less);
+        assert_eq!(walk_order("a", "a/b"), Ordering::Less);
+        assert_eq!(walk_order("library/x", "profile"), Ordering::Less);
+    }
+}

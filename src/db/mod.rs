@@ -1,0 +1,184 @@
+//! The database seam: how `pg_dumpall` and `psql` are run, whatever the transport.
+//!
+//! [`Database`] is one small trait with a local-binaries implementation ([`local`]) and, with the
+//! Docker issue, one that execs inside the `immich_postgres` container. Everything else here is
+//! transport-independent SQL: server version, extensions, row counts, and the fresh-install check.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::{DatabaseConfig, DatabaseMode};
+use crate::error::{Error, Result};
+use crate::snapshot::Extension;
+
+/// A running `pg_dumpall`: its stdout, and a future that resolves once it exits (an error when it
+/// exited non-zero, with its stderr).
+pub struct DumpRun {
+    pub stdout: Pin<Box<dyn AsyncRead + Send>>,
+    pub done: BoxFuture<'static, Result<()>>,
+}
+
+/// A running `psql` replaying a dump: its stdin, and a future with its stderr once it exits.
+pub struct ReplayRun {
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    pub done: BoxFuture<'static, Result<ReplayOutput>>,
+}
+
+/// What psql said while replaying.
+#[derive(Debug, Clone)]
+pub struct ReplayOutput {
+    pub success: bool,
+    pub stderr: String,
+}
+
+/// How to run the Postgres client tools against the Immich database.
+#[async_trait::async_trait]
+pub trait Database: Send + Sync {
+    /// Where the database is, for messages ("local 127.0.0.1:5432", "container immich_postgres").
+    fn describe(&self) -> String;
+    /// Start `pg_dumpall --clean --if-exists --username=<username>`.
+    async fn dump_all(&self) -> Result<DumpRun>;
+    /// Run `sql` with `psql -X -A -t` against database `db`; returns stdout.
+    async fn query(&self, db: &str, sql: &str) -> Result<String>;
+    /// Start `psql --dbname=postgres` reading a dump on stdin.
+    async fn replay(&self) -> Result<ReplayRun>;
+    /// Wait until the server accepts connections (bounded).
+    async fn wait_ready(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Build the transport the config names.
+pub fn connect(cfg: &DatabaseConfig) -> Result<Box<dyn Database>> {
+    match cfg.mode {
+        DatabaseMode::Local => Ok(Box::new(local::LocalDatabase::new(cfg.clone()))),
+        DatabaseMode::Docker => Err(Error::Config(
+            "[database] mode = \"docker\" is not available in this build".into(),
+        )),
+    }
+}
+
+/// Server version string and number (`SHOW server_version`, `server_version_num`).
+pub async fn server_version(db: &dyn Database) -> Result<(String, i64)> {
+    let out = db
+        .query("postgres", "SHOW server_version; SHOW server_version_num;")
+        .await?;
+    let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+    let version = lines.next().unwrap_or_default().to_string();
+    let num = lines.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+        Error::Database(format!(
+            "unexpected answer to SHOW server_version_num: {out:?}"
+        ))
+    })?;
+    Ok((version, num))
+}
+
+/// Does database `name` exist?
+pub async fn database_exists(db: &dyn Database, name: &str) -> Result<bool> {
+    let sql = format!(
+        "SELECT count(*) FROM pg_database WHERE datname = {}",
+        quote_literal(name)
+    );
+    Ok(db.query("postgres", &sql).await?.trim() == "1")
+}
+
+/// Installed extensions of database `name`.
+pub async fn extensions(db: &dyn Database, name: &str) -> Result<Vec<Extension>> {
+    let out = db
+        .query(
+            name,
+            "SELECT extname || '|' || extversion FROM pg_extension ORDER BY extname",
+        )
+        .await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(n, v)| Extension {
+            name: n.to_string(),
+            version: v.to_string(),
+        })
+        .collect())
+}
+
+/// Extensions the server can install (`pg_available_extensions`).
+pub async fn available_extensions(db: &dyn Database) -> Result<Vec<String>> {
+    let out = db
+        .query(
+            "postgres",
+            "SELECT name FROM pg_available_extensions ORDER BY name",
+        )
+        .await?;
+    Ok(out
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// Exact rows per user table of database `name` (`schema.table` → count).
+pub async fn row_counts(db: &dyn Database, name: &str) -> Result<BTreeMap<String, u64>> {
+    let sql = "SELECT n.nspname || '.' || c.relname || '|' || \
+        (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text \
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+        AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1";
+    let out = db.query(name, sql).await?;
+    let mut counts = BTreeMap::new();
+    for line in out.lines() {
+        if let Some((table, n)) = line.rsplit_once('|') {
+            let n = n
+                .trim()
+                .parse()
+                .map_err(|_| Error::Database(format!("bad row count line {line:?}")))?;
+            counts.insert(table.to_string(), n);
+        }
+    }
+    Ok(counts)
+}
+
+/// Tables whose presence shows that Immich has used a database.
+pub const IMMICH_TABLES: [&str; 14] = [
+    "kysely_migrations",
+    "kysely_migrations_lock",
+    "migrations",
+    "asset",
+    "assets",
+    "user",
+    "users",
+    "album",
+    "albums",
+    "asset_exif",
+    "exif",
+    "system_metadata",
+    "version_history",
+    "person",
+];
+
+/// Tables in database `name` outside the system schemas (Immich's first), or empty when the
+/// database does not exist or holds no table.
+pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String>> {
+    if !database_exists(db, name).await? {
+        return Ok(Vec::new());
+    }
+    let sql = "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+        AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1";
+    let out = db.query(name, sql).await?;
+    let mut tables: Vec<String> = out
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    tables.sort_by_key(|t| (!IMMICH_TABLES.contains(&t.as_str()), t.clone()));
+    Ok(tables)
+}
+
+/// A SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

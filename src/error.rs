@@ -1,0 +1,132 @@
+//! The library's error type and the process exit codes it maps to.
+//!
+//! Every error a user can cause or meet (bad config, wrong key, missing object, unreachable database, a
+//! target that is not a fresh install) is one variant with a one-line cause and, where there is one, the
+//! remedy. The CLI prints `Display` and exits with [`Error::exit_code`]; the codes are documented in
+//! the README and must not change meaning.
+
+use std::path::PathBuf;
+
+/// Process exit codes (documented in README.md, "Exit codes").
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Any failure not covered by a more specific code.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or configuration.
+    pub const USAGE: i32 = 2;
+    /// Backup finished, but some files could not be read; the snapshot says which.
+    pub const PARTIAL: i32 = 3;
+    /// The store is unreachable, missing, or refuses our credentials.
+    pub const STORAGE: i32 = 10;
+    /// The store is locked by another run (see `unlock`).
+    pub const LOCKED: i32 = 11;
+    /// The identity cannot decrypt the snapshot (wrong key or passphrase).
+    pub const WRONG_KEY: i32 = 12;
+    /// An object is missing, truncated, tampered with or does not match its address.
+    pub const INTEGRITY: i32 = 13;
+    /// The database could not be reached, dumped or restored.
+    pub const DATABASE: i32 = 14;
+    /// Restore refused: the target is not a fresh install.
+    pub const NOT_FRESH: i32 = 15;
+    /// Docker Engine problem (socket, container, exec).
+    pub const DOCKER: i32 = 16;
+    /// Interrupted by a signal; nothing partial was made visible.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, each with the cause and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("storage {url}: {message}")]
+    Storage { url: String, message: String },
+
+    #[error("storage object {object}: {message}")]
+    StorageObject { object: String, message: String },
+
+    #[error("store is locked: {0}")]
+    Locked(String),
+
+    #[error("cannot decrypt {object} with the given identity (wrong identity file or passphrase?): {message}")]
+    WrongKey { object: String, message: String },
+
+    #[error("object {object} is missing from the store: {hint}")]
+    Missing { object: String, hint: String },
+
+    #[error("object {object} is corrupted or tampered with: {message}; run the restore from another snapshot or re-run backup to store it again")]
+    Corrupt { object: String, message: String },
+
+    #[error("database: {0}")]
+    Database(String),
+
+    #[error("restore refused, the target is not a fresh install: {reason}. {remedy}")]
+    NotFresh { reason: String, remedy: String },
+
+    #[error("docker: {0}")]
+    Docker(String),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("encryption: {0}")]
+    Crypto(String),
+
+    #[error("interrupted; nothing partial was made visible, the next run resumes")]
+    Interrupted,
+
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// The documented process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) | Error::Usage(_) => exit::USAGE,
+            Error::Storage { .. } | Error::StorageObject { .. } => exit::STORAGE,
+            Error::Locked(_) => exit::LOCKED,
+            Error::WrongKey { .. } => exit::WRONG_KEY,
+            Error::Missing { .. } | Error::Corrupt { .. } => exit::INTEGRITY,
+            Error::Database(_) => exit::DATABASE,
+            Error::NotFresh { .. } => exit::NOT_FRESH,
+            Error::Docker(_) => exit::DOCKER,
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                exit::FAILURE
+            }
+            Error::Io { .. } | Error::Crypto(_) | Error::Other(_) => exit::FAILURE,
+        }
+    }
+
+    /// An I/O error on a local path, with a remedy for the common cases.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Attach a local path to an `io::Result`.
+pub trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

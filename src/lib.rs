@@ -1,0 +1,21 @@
+//! immich-backup: encrypted, incremental, offsite backups of a self-hosted Immich server.
+//!
+//! The data path reads top to bottom: [`dump`] and [`collect`] are the sources, [`crypto`] seals
+//! what they produce, [`store`] keeps it, [`snapshot`] records what a backup holds, and
+//! [`restore`] runs the same path backwards. [`backup`] ties the sources to the store.
+
+pub mod backup;
+pub mod collect;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod demo;
+pub mod dump;
+pub mod error;
+pub mod progress;
+pub mod restore;
+pub mod sample;
+pub mod snapshot;
+pub mod store;
+
+pub use error::{Error, Result};

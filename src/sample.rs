@@ -1,0 +1,1262 @@
+//! Sample data for tests and for the `demo` command: a throwaway PostgreSQL cluster
+//! ([`PgCluster`]), an Immich-like database on it ([`create_immich_like_db`]) and an Immich
+//! `UPLOAD_LOCATION` folder with awkward files in it ([`create_sample_library`]).
+//!
+//! Everything here is deterministic: the same arguments give the same rows and the same bytes,
+//! so a test can back the data up, restore it elsewhere and compare. The database and the folder
+//! agree with each other: asset `n`'s `originalPath` is `/data/` + [`asset_original_path`]`(n)`,
+//! and the sample folder holds the files of assets `1..=`[`SAMPLE_ASSET_FILES`].
+//!
+//! Nothing here needs a network or a container: the cluster is made with the host's `initdb` and
+//! listens on 127.0.0.1 only. When the process runs as root, the server tools run as the
+//! `postgres` OS user, because `initdb` refuses to run as root.
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tempfile::TempDir;
+
+/// Environment variable that names the directory of the PostgreSQL server binaries to use.
+pub const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
+/// The address every cluster listens on.
+pub const PG_HOST: &str = "127.0.0.1";
+/// The cluster's superuser (trust auth, no password).
+pub const PG_SUPERUSER: &str = "postgres";
+/// Folders under `UPLOAD_LOCATION` that hold originals: a backup must take them.
+pub const ORIGINAL_FOLDERS: [&str; 3] = ["library", "upload", "profile"];
+/// Folders under `UPLOAD_LOCATION` that Immich can regenerate (or, for `backups/`, its own dumps):
+/// a backup skips their content, a restore recreates them with their marker.
+pub const GENERATED_FOLDERS: [&str; 3] = ["thumbs", "encoded-video", "backups"];
+/// Marker file Immich keeps in each of the six folders and checks at start-up.
+pub const MARKER_FILE: &str = ".immich";
+/// The sample library holds the original files of assets `1..=SAMPLE_ASSET_FILES`.
+pub const SAMPLE_ASSET_FILES: usize = 12;
+/// Owner (storage label `admin`) of most sample assets.
+pub const ADMIN_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b01";
+/// Owner (storage label `zoe`) of assets whose number ends in 0.
+pub const ZOE_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b02";
+/// Owner (no storage label: upload/ layout) of assets whose number ends in 5.
+pub const KENJI_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b03";
+
+/// How long [`PgCluster::start`] waits for the server to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between two readiness probes.
+const READY_POLL: Duration = Duration::from_millis(25);
+/// Starts tried on a fresh port when another process took the port first.
+const START_ATTEMPTS: u32 = 3;
+/// Environment variables that would steer the client tools away from this cluster.
+const PG_CLIENT_ENV: [&str; 14] = [
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGSSLMODE",
+    "PGTZ",
+    "PGDATESTYLE",
+    "PGTARGETSESSIONATTRS",
+];
+/// Mode-independent start of the mtimes the sample library gets (2021-01-01T00:00:00Z).
+const SAMPLE_MTIME_BASE: i64 = 1_609_459_200;
+
+/// A throwaway PostgreSQL cluster made with initdb, listening on 127.0.0.1:<free port> with trust
+/// auth, superuser `postgres`. Stopped (`pg_ctl stop -m immediate`) and its directory removed on Drop.
+pub struct PgCluster {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Directory of the server and client binaries used for this cluster.
+    pub bin_dir: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    log_path: PathBuf,
+    /// The OS user the server tools run as, when this process is root.
+    server_user: Option<OsUser>,
+    running: bool,
+    /// Removed when the cluster is dropped (after `Drop::drop` stopped the server).
+    _dir: TempDir,
+}
+
+/// An OS account looked up by name.
+#[derive(Clone, Debug)]
+struct OsUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl PgCluster {
+    /// initdb + start in a fresh temp dir under `base` (or `std::env::temp_dir()` when None).
+    ///
+    /// As root, `initdb` and `pg_ctl` run as the `postgres` OS user on a directory it owns; `base`
+    /// must then be traversable by that user. Waits until `pg_isready` accepts connections.
+    pub fn start(base: Option<&Path>) -> Result<PgCluster> {
+        let bin_dir = find_pg_bin_dir()
+            .with_context(|| format!("no PostgreSQL server binaries found (set {PG_BIN_ENV})"))?;
+        check_server_binaries(&bin_dir)?;
+        let server_user = server_user()?;
+        let dir = make_cluster_dir(base, server_user.as_ref())?;
+        let root = dir.path().join("pg");
+        let mut cluster = PgCluster {
+            port: 0,
+            bin_dir,
+            data_dir: root.join("data"),
+            log_path: root.join("postgres.log"),
+            socket_dir: root,
+            server_user,
+            running: false,
+            _dir: dir,
+        };
+        cluster.initdb()?;
+        cluster.launch_on_free_port()?;
+        cluster.wait_ready()?;
+        Ok(cluster)
+    }
+
+    /// Run SQL through `psql -X -q -v ON_ERROR_STOP=1 -At` against `db`; return its stdout.
+    ///
+    /// The SQL goes in on stdin, so it may hold several statements and psql meta-commands.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
+        let mut cmd = self.client_command("psql");
+        cmd.args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-d",
+            db,
+            "-f",
+            "-",
+        ]);
+        let out = run_with_input(cmd, sql.as_bytes())
+            .with_context(|| format!("running psql on database {db:?}"))?;
+        check_output(&out, "psql").with_context(|| format!("SQL on database {db:?} failed"))?;
+        String::from_utf8(out.stdout).context("psql printed text that is not UTF-8")
+    }
+
+    /// A canonical, comparable dump of one database: `pg_dump --no-owner --no-privileges <db>`
+    /// with the lines that vary between clusters removed (see [`canonicalize_dump`]).
+    pub fn canonical_dump(&self, db: &str) -> Result<String> {
+        let mut cmd = self.client_command("pg_dump");
+        cmd.args(["--no-owner", "--no-privileges", "-d", db]);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running pg_dump on database {db:?}"))?;
+        check_output(&out, "pg_dump").with_context(|| format!("dumping database {db:?}"))?;
+        let text =
+            String::from_utf8(out.stdout).context("pg_dump printed text that is not UTF-8")?;
+        Ok(canonicalize_dump(&text))
+    }
+
+    /// Stop the server (`pg_ctl stop -m immediate`). Does nothing when it is already stopped.
+    pub fn stop(&mut self) -> Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        if !self.data_dir.join("postmaster.pid").exists() {
+            self.running = false;
+            return Ok(());
+        }
+        let data = self.data_dir.clone();
+        let args = [OsStr::new("-D"), data.as_os_str()];
+        let stopped = self.server_tool("pg_ctl", &args, &["-m", "immediate", "-w", "-s", "stop"]);
+        if stopped.is_err() {
+            self.kill_postmaster();
+        }
+        self.running = false;
+        stopped.context("stopping the PostgreSQL cluster")
+    }
+
+    /// The host to connect to (`127.0.0.1`).
+    pub fn host(&self) -> &'static str {
+        PG_HOST
+    }
+
+    /// The superuser to connect as (`postgres`, no password).
+    pub fn user(&self) -> &'static str {
+        PG_SUPERUSER
+    }
+
+    /// A `postgresql://` URL for database `db` on this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://{PG_SUPERUSER}@{PG_HOST}:{}/{db}", self.port)
+    }
+
+    /// The cluster's data directory (removed on drop).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The directory holding the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// True between a successful start and [`PgCluster::stop`].
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// A command for client tool `tool` (psql, pg_dump, pg_dumpall, ...) from [`Self::bin_dir`],
+    /// already given `-h 127.0.0.1 -p <port> -U postgres`, with `PG*` variables that could point it
+    /// elsewhere removed and `PGCLIENTENCODING=UTF8`.
+    pub fn client_command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(tool));
+        for var in PG_CLIENT_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("PGCLIENTENCODING", "UTF8")
+            .env("PGCONNECT_TIMEOUT", "10");
+        cmd.args([
+            "-h",
+            PG_HOST,
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            PG_SUPERUSER,
+        ]);
+        cmd
+    }
+
+    fn initdb(&self) -> Result<()> {
+        let data = self.data_dir.clone();
+        let args = [OsStr::new("-D"), data.as_os_str()];
+        let opts = [
+            "-U",
+            PG_SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-N",
+        ];
+        self.server_tool("initdb", &args, &opts)
+            .with_context(|| format!("initdb of {}", data.display()))
+    }
+
+    /// `pg_ctl start` on a port nobody listens on; tries again on another port when a parallel
+    /// process took it between our probe and the server's bind.
+    fn launch_on_free_port(&mut self) -> Result<()> {
+        let mut attempt = 1;
+        loop {
+            self.port = free_port()?;
+            let _ = fs::remove_file(&self.log_path);
+            match self.pg_ctl_start() {
+                Ok(()) => {
+                    self.running = true;
+                    return Ok(());
+                }
+                Err(e) if attempt < START_ATTEMPTS && self.log_says_port_taken() => {
+                    tracing::debug!("port {} was taken, retrying: {e:#}", self.port);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn pg_ctl_start(&self) -> Result<()> {
+        let server_opts = format!(
+            "-p {} -k {} -c listen_addresses={PG_HOST} -c fsync=off -c full_page_writes=off \
+             -c synchronous_commit=off -c timezone=UTC -c log_timezone=UTC",
+            self.port,
+            shell_quote(&self.socket_dir)?
+        );
+        let (data, log) = (self.data_dir.clone(), self.log_path.clone());
+        let args = [
+            OsStr::new("-D"),
+            data.as_os_str(),
+            OsStr::new("-l"),
+            log.as_os_str(),
+            OsStr::new("-o"),
+            OsStr::new(&server_opts),
+        ];
+        let secs = READY_TIMEOUT.as_secs().to_string();
+        self.server_tool("pg_ctl", &args, &["-w", "-t", &secs, "-s", "start"])
+            .with_context(|| {
+                format!(
+                    "starting PostgreSQL on port {}: {}",
+                    self.port,
+                    self.log_tail()
+                )
+            })
+    }
+
+    fn log_says_port_taken(&self) -> bool {
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        log.contains("Address already in use")
+            || log.contains("could not create any TCP/IP sockets")
+    }
+
+    /// Poll `pg_isready` until the server accepts connections, for at most [`READY_TIMEOUT`].
+    fn wait_ready(&self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut cmd = self.client_command("pg_isready");
+            cmd.args(["-d", "postgres", "-t", "2"]);
+            let out = cmd
+                .stdin(Stdio::null())
+                .output()
+                .context("running pg_isready")?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "PostgreSQL on port {} did not accept connections within {:?}: {}",
+                    self.port,
+                    READY_TIMEOUT,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(READY_POLL);
+        }
+    }
+
+    /// Run a server tool (initdb, pg_ctl) as the server user, with a clean environment.
+    fn server_tool(&self, tool: &str, paths: &[&OsStr], opts: &[&str]) -> Result<()> {
+        let program = self.bin_dir.join(tool);
+        let mut cmd = match &self.server_user {
+            Some(user) => {
+                let mut c = Command::new(runuser_path());
+                c.args(["-u", &user.name, "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        cmd.args(paths).args(opts);
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LC_ALL", "C")
+            .current_dir(&self.socket_dir)
+            .stdin(Stdio::null());
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
+        check_output(&out, tool)
+    }
+
+    /// Last resort when `pg_ctl stop` failed: SIGKILL the postmaster named in postmaster.pid.
+    fn kill_postmaster(&self) {
+        let pid_file = fs::read_to_string(self.data_dir.join("postmaster.pid")).unwrap_or_default();
+        let Some(pid) = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        if pid > 0 {
+            // SAFETY: kill(2) takes plain integers; pid > 0 targets exactly one process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// The end of the server log, for error messages.
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
+        format!(
+            "server log {}: {}",
+            self.log_path.display(),
+            tail(&log, 2000)
+        )
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::warn!(
+                "could not stop PostgreSQL cluster on port {}: {e:#}",
+                self.port
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for PgCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCluster")
+            .field("port", &self.port)
+            .field("data_dir", &self.data_dir)
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+/// Locate PostgreSQL server binaries: `$IMMICH_BACKUP_PG_BIN` if set, else the newest
+/// `/usr/lib/postgresql/*/bin` that has initdb, else the directory of `initdb` on `PATH`.
+pub fn find_pg_bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(PG_BIN_ENV).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    newest_debian_pg_bin(Path::new("/usr/lib/postgresql")).or_else(initdb_dir_on_path)
+}
+
+/// The `bin` of the highest version under a Debian-style `/usr/lib/postgresql`.
+fn newest_debian_pg_bin(root: &Path) -> Option<PathBuf> {
+    let entries = fs::read_dir(root).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = parse_version(&e.file_name().to_string_lossy())?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((version, bin))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, bin)| bin)
+}
+
+/// "15" -> [15], "9.6" -> [9, 6]; None for anything else.
+fn parse_version(name: &str) -> Option<Vec<u32>> {
+    name.split('.').map(|p| p.parse().ok()).collect()
+}
+
+fn initdb_dir_on_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file())
+}
+
+fn check_server_binaries(bin_dir: &Path) -> Result<()> {
+    for tool in ["initdb", "pg_ctl", "pg_isready", "psql", "pg_dump"] {
+        let path = bin_dir.join(tool);
+        if !path.is_file() {
+            bail!(
+                "{} not found (PostgreSQL binaries dir {})",
+                tool,
+                bin_dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The OS user the server must run as: None when we are not root, else `postgres`.
+fn server_user() -> Result<Option<OsUser>> {
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let user = lookup_user(PG_SUPERUSER).context(
+        "running as root, so initdb must run as the `postgres` OS user, which was not found",
+    )?;
+    Ok(Some(user))
+}
+
+fn lookup_user(name: &str) -> Result<OsUser> {
+    let c_name = CString::new(name).context("user name contains NUL")?;
+    // SAFETY: an all-zero passwd is a valid value (null pointers, zero ids); getpwnam_r fills it.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call and `buf.len()` is the buffer's real length.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            c_name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc)).context("getpwnam_r failed");
+    }
+    if found.is_null() {
+        bail!("no OS user named {name:?}");
+    }
+    Ok(OsUser {
+        name: name.to_owned(),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
+}
+
+/// A fresh temp dir (mode 0755) under `base` with a `pg` subdir owned by the server user.
+fn make_cluster_dir(base: Option<&Path>, owner: Option<&OsUser>) -> Result<TempDir> {
+    let base = base
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("immich-backup-pg-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a temp dir under {}", base.display()))?;
+    set_mode(dir.path(), 0o755)?;
+    let pg = dir.path().join("pg");
+    fs::create_dir(&pg).with_context(|| format!("creating {}", pg.display()))?;
+    set_mode(&pg, 0o755)?;
+    if let Some(user) = owner {
+        std::os::unix::fs::chown(&pg, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("chown {} to {}", pg.display(), user.name))?;
+    }
+    Ok(dir)
+}
+
+fn runuser_path() -> PathBuf {
+    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("runuser"))
+}
+
+/// A port on 127.0.0.1 that nothing listened on a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind((PG_HOST, 0)).context("binding 127.0.0.1:0")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound address")?
+        .port())
+}
+
+/// Single-quote a path for the shell that pg_ctl runs the server through.
+fn shell_quote(path: &Path) -> Result<String> {
+    let text = path
+        .to_str()
+        .with_context(|| format!("path is not UTF-8: {}", path.display()))?;
+    if text.contains('\'') {
+        bail!("path contains a single quote: {text}");
+    }
+    Ok(format!("'{text}'"))
+}
+
+/// Run `cmd` with `input` on its stdin (written from another thread, so a chatty child cannot
+/// deadlock us) and collect its output.
+fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<Output> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let mut stdin = child.stdin.take().context("child has no stdin")?;
+    let (written, output) = std::thread::scope(|s| {
+        let writer = s.spawn(move || stdin.write_all(input));
+        let output = child.wait_with_output();
+        (writer.join(), output)
+    });
+    let output = output.context("waiting for the child")?;
+    match written {
+        // A child that failed may close stdin early: its own error says more than EPIPE.
+        Ok(Err(e)) if output.status.success() => Err(e).context("writing the child's stdin"),
+        Err(_) => Err(anyhow!("the thread writing the child's stdin panicked")),
+        _ => Ok(output),
+    }
+}
+
+fn check_output(out: &Output, what: &str) -> Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let text = if stderr.trim().is_empty() {
+        stdout
+    } else {
+        stderr
+    };
+    bail!(
+        "{what} failed ({}): {}",
+        out.status,
+        tail(text.trim(), 4000)
+    )
+}
+
+/// The last `max` bytes of `text` (on a char boundary).
+fn tail(text: &str, max: usize) -> &str {
+    let mut start = text.len().saturating_sub(max);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+/// Make a plain-text dump comparable across clusters: drop the `\restrict` / `\unrestrict` lines
+/// (a random key per dump since PostgreSQL 15.14) and the `-- Started on` / `-- Completed on`
+/// timestamp comments, and sort the rows inside each `COPY ... FROM stdin;` block (a table's rows
+/// have no order; a restore may store them in another one).
+pub fn canonicalize_dump(dump: &str) -> String {
+    let mut out = String::with_capacity(dump.len());
+    let mut rows: Option<Vec<&str>> = None;
+    for line in dump.lines() {
+        if let Some(block) = rows.as_mut() {
+            if line == "\\." {
+                block.sort_unstable();
+                push_lines(&mut out, block);
+                out.push_str("\\.\n");
+                rows = None;
+            } else {
+                block.push(line);
+            }
+            continue;
+        }
+        if is_varying_line(line) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("COPY ") && line.ends_with(" FROM stdin;") {
+            rows = Some(Vec::new());
+        }
+    }
+    if let Some(block) = rows {
+        push_lines(&mut out, &block);
+    }
+    out
+}
+
+fn is_varying_line(line: &str) -> bool {
+    line.starts_with("\\restrict ")
+        || line.starts_with("\\unrestrict ")
+        || line.starts_with("-- Started on ")
+        || line.starts_with("-- Completed on ")
+}
+
+fn push_lines(out: &mut String, lines: &[&str]) {
+    for line in lines {
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+/// Double-quote an SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Build an Immich-like database named `db` (it must not exist yet) on the cluster.
+///
+/// It has Immich's extensions (uuid-ossp, cube, earthdistance, pg_trgm, unaccent), tables named as
+/// in Immich ("user", asset, asset_exif, album, album_asset, kysely_migrations,
+/// kysely_migrations_lock, system_metadata, version_history, geodata_places) with foreign keys,
+/// uuid keys, enums, jsonb, bytea, arrays, unicode text, a trigger, an identity sequence,
+/// `ll_to_earth_public` with its gist index, and a gist index on earthdistance's own
+/// `ll_to_earth` (as Immich had before `ll_to_earth_public`): restoring a `pg_dumpall` of this
+/// database fails with `type "earth" does not exist` unless the documented search_path fix is
+/// applied. `asset_count` assets, one exif row each, 3 users, 4 albums. Deterministic.
+pub fn create_immich_like_db(cluster: &PgCluster, db: &str, asset_count: usize) -> Result<()> {
+    let create = format!(
+        "CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0;",
+        quote_ident(db)
+    );
+    cluster
+        .psql("postgres", &create)
+        .with_context(|| format!("creating database {db:?}"))?;
+    cluster
+        .psql(db, SCHEMA_SQL)
+        .with_context(|| format!("creating the schema of {db:?}"))?;
+    cluster
+        .psql(db, &data_sql(asset_count))
+        .with_context(|| format!("filling {db:?} with {asset_count} assets"))?;
+    Ok(())
+}
+
+/// Where asset `n` (1-based) of [`create_immich_like_db`] lives, relative to `UPLOAD_LOCATION`;
+/// its `originalPath` is `/data/` followed by this. Assets ending in 0 belong to `zoe`, in 5 to
+/// `kenji` (upload/ layout), the rest to `admin`; every 20th from 7 on is a video; assets
+/// 1-1000 are from 2024, 1001-2000 from 2023, and so on.
+pub fn asset_original_path(n: usize) -> String {
+    let video = n % 20 == 7;
+    let ext = if video { "mp4" } else { "jpg" };
+    let year = 2024 - (n.max(1) - 1) / 1000;
+    match n % 10 {
+        5 => format!(
+            "upload/{KENJI_ID}/{:02x}/{:02x}/{n:08}.{ext}",
+            n % 256,
+            (n / 256) % 256
+        ),
+        0 => format!("library/zoe/{year}/IMG_{n:04}.{ext}"),
+        _ if video => format!("library/admin/{year}/VID_{n:04}.{ext}"),
+        _ => format!("library/admin/{year}/IMG_{n:04}.{ext}"),
+    }
+}
+
+const SCHEMA_SQL: &str = r#"
+BEGIN;
+CREATE EXTENSION IF NOT EXISTS "uuid-ossp";
+CREATE EXTENSION IF NOT EXISTS unaccent;
+CREATE EXTENSION IF NOT EXISTS cube;
+CREATE EXTENSION IF NOT EXISTS earthdistance;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+
+CREATE FUNCTION f_unaccent(text) RETURNS text
+  LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
+  RETURN unaccent('unaccent', $1);
+
+-- Immich's schema-qualified copy of earthdistance's ll_to_earth.
+CREATE FUNCTION ll_to_earth_public(latitude double precision, longitude double precision)
+  RETURNS public.earth PARALLEL SAFE IMMUTABLE STRICT LANGUAGE SQL AS $$
+    SELECT public.cube(public.cube(public.cube(public.earth()*cos(radians(latitude))*cos(radians(longitude))),public.earth()*cos(radians(latitude))*sin(radians(longitude))),public.earth()*sin(radians(latitude)))::public.earth
+$$;
+
+CREATE FUNCTION updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  new."updatedAt" = now();
+  RETURN new;
+END;
+$$;
+
+CREATE TYPE asset_status_enum AS ENUM ('active', 'trashed', 'deleted');
+CREATE TYPE asset_visibility_enum AS ENUM ('archive', 'timeline', 'hidden', 'locked');
+
+CREATE TABLE "user" (
+  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
+  "email" character varying NOT NULL,
+  "name" character varying NOT NULL DEFAULT '',
+  "isAdmin" boolean NOT NULL DEFAULT false,
+  "password" character varying NOT NULL DEFAULT '',
+  "storageLabel" character varying,
+  "profileImagePath" character varying NOT NULL DEFAULT '',
+  "quotaSizeInBytes" bigint,
+  "quotaUsageInBytes" bigint NOT NULL DEFAULT 0,
+  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "deletedAt" timestamp with time zone,
+  CONSTRAINT "user_pkey" PRIMARY KEY ("id"),
+  CONSTRAINT "user_email_uq" UNIQUE ("email"),
+  CONSTRAINT "user_storageLabel_uq" UNIQUE ("storageLabel")
+);
+
+CREATE TABLE "asset" (
+  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
+  "deviceAssetId" character varying NOT NULL,
+  "ownerId" uuid NOT NULL,
+  "deviceId" character varying NOT NULL,
+  "type" character varying NOT NULL,
+  "originalPath" character varying NOT NULL,
+  "originalFileName" character varying NOT NULL,
+  "fileCreatedAt" timestamp with time zone NOT NULL,
+  "fileModifiedAt" timestamp with time zone NOT NULL,
+  "localDateTime" timestamp with time zone NOT NULL,
+  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "deletedAt" timestamp with time zone,
+  "isFavorite" boolean NOT NULL DEFAULT false,
+  "duration" character varying,
+  "checksum" bytea NOT NULL,
+  "thumbhash" bytea,
+  "livePhotoVideoId" uuid,
+  "status" asset_status_enum NOT NULL DEFAULT 'active',
+  "visibility" asset_visibility_enum NOT NULL DEFAULT 'timeline',
+  CONSTRAINT "asset_pkey" PRIMARY KEY ("id"),
+  CONSTRAINT "asset_ownerId_fkey" FOREIGN KEY ("ownerId") REFERENCES "user" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT "asset_livePhotoVideoId_fkey" FOREIGN KEY ("livePhotoVideoId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE SET NULL
+);
+CREATE UNIQUE INDEX "UQ_asset_owner_checksum" ON "asset" ("ownerId", "checksum");
+CREATE INDEX "asset_originalFileName_trigram_idx" ON "asset" USING gin (f_unaccent("originalFileName") gin_trgm_ops);
+CREATE INDEX "asset_localDateTime_month_idx" ON "asset" ((date_trunc('MONTH'::text, ("localDateTime" AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text));
+
+CREATE TABLE "asset_exif" (
+  "assetId" uuid NOT NULL,
+  "make" character varying,
+  "model" character varying,
+  "exifImageWidth" integer,
+  "exifImageHeight" integer,
+  "fileSizeInByte" bigint,
+  "orientation" character varying,
+  "dateTimeOriginal" timestamp with time zone,
+  "latitude" double precision,
+  "longitude" double precision,
+  "city" character varying,
+  "country" character varying,
+  "description" text NOT NULL DEFAULT '',
+  "fNumber" double precision,
+  "iso" integer,
+  "tags" character varying[],
+  "updatedAt" timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
+  CONSTRAINT "asset_exif_pkey" PRIMARY KEY ("assetId"),
+  CONSTRAINT "asset_exif_assetId_fkey" FOREIGN KEY ("assetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE CASCADE
+);
+CREATE INDEX "IDX_asset_exif_gist_earthcoord" ON "asset_exif" USING gist (ll_to_earth_public(latitude, longitude));
+CREATE INDEX "asset_exif_city_idx" ON "asset_exif" ("city");
+CREATE TRIGGER "asset_exif_updatedAt" BEFORE UPDATE ON "asset_exif" FOR EACH ROW EXECUTE FUNCTION updated_at();
+
+CREATE TABLE "album" (
+  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
+  "ownerId" uuid NOT NULL,
+  "albumName" character varying NOT NULL DEFAULT 'Untitled Album',
+  "description" text NOT NULL DEFAULT '',
+  "albumThumbnailAssetId" uuid,
+  "isActivityEnabled" boolean NOT NULL DEFAULT true,
+  "order" character varying NOT NULL DEFAULT 'desc',
+  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
+  CONSTRAINT "album_pkey" PRIMARY KEY ("id"),
+  CONSTRAINT "album_ownerId_fkey" FOREIGN KEY ("ownerId") REFERENCES "user" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT "album_albumThumbnailAssetId_fkey" FOREIGN KEY ("albumThumbnailAssetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE SET NULL
+);
+
+CREATE TABLE "album_asset" (
+  "albumId" uuid NOT NULL,
+  "assetId" uuid NOT NULL,
+  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
+  CONSTRAINT "album_asset_pkey" PRIMARY KEY ("albumId", "assetId"),
+  CONSTRAINT "album_asset_albumId_fkey" FOREIGN KEY ("albumId") REFERENCES "album" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
+  CONSTRAINT "album_asset_assetId_fkey" FOREIGN KEY ("assetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE CASCADE
+);
+
+CREATE TABLE "kysely_migrations" (
+  "name" character varying(255) NOT NULL PRIMARY KEY,
+  "timestamp" character varying(255) NOT NULL
+);
+CREATE TABLE "kysely_migrations_lock" (
+  "id" character varying(255) NOT NULL PRIMARY KEY,
+  "is_locked" integer NOT NULL DEFAULT 0
+);
+CREATE TABLE "system_metadata" (
+  "key" character varying NOT NULL PRIMARY KEY,
+  "value" jsonb NOT NULL
+);
+CREATE TABLE "version_history" (
+  "id" uuid NOT NULL DEFAULT uuid_generate_v4() PRIMARY KEY,
+  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
+  "version" character varying NOT NULL
+);
+
+-- Immich's id is a plain integer; an identity here puts a sequence in the dump.
+CREATE TABLE "geodata_places" (
+  "id" integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+  "name" character varying(200) NOT NULL,
+  "longitude" double precision NOT NULL,
+  "latitude" double precision NOT NULL,
+  "countryCode" character(2) NOT NULL,
+  "admin1Name" character varying(20),
+  "modificationDate" date NOT NULL
+);
+-- As Immich created it before ll_to_earth_public: earthdistance's ll_to_earth names cube and
+-- earth without a schema, so replaying a dump (which empties search_path) fails on this index
+-- with `type "earth" does not exist` unless the documented sed fix is applied.
+CREATE INDEX "IDX_geodata_gist_earthcoord" ON "geodata_places" USING gist (ll_to_earth(latitude, longitude));
+CREATE INDEX "idx_geodata_places_name" ON "geodata_places" USING gin (f_unaccent("name") gin_trgm_ops);
+COMMIT;
+"#;
+
+/// The rows: users, assets, exif, albums, Immich's bookkeeping tables, places.
+fn data_sql(asset_count: usize) -> String {
+    let body = [
+        USERS_SQL,
+        ASSETS_SQL,
+        EXIF_SQL,
+        ALBUMS_SQL,
+        METADATA_SQL,
+        PLACES_SQL,
+    ]
+    .concat();
+    format!("BEGIN;\n{body}COMMIT;\n")
+        .replace("@N@", &asset_count.to_string())
+        .replace("@ADMIN@", ADMIN_ID)
+        .replace("@ZOE@", ZOE_ID)
+        .replace("@KENJI@", KENJI_ID)
+}
+
+const USERS_SQL: &str = r#"
+INSERT INTO "user" ("id", "email", "name", "isAdmin", "storageLabel", "profileImagePath",
+                    "quotaSizeInBytes", "quotaUsageInBytes", "createdAt", "updatedAt") VALUES
+  ('@ADMIN@', 'admin@example.com', 'Ådmin Zoë-Łukasz', true, 'admin',
+   '/data/profile/@ADMIN@/avatar.jpg', NULL, 123456789, '2023-01-02 10:00:00+00', '2025-06-01 12:00:00+00'),
+  ('@ZOE@', 'zoe@example.com', 'Zoë Müller', false, 'zoe', '', 107374182400, 5368709120,
+   '2023-02-03 11:00:00+00', '2025-06-01 12:00:00+00'),
+  ('@KENJI@', 'kenji@example.com', '山田 健二', false, NULL, '', NULL, 0,
+   '2023-03-04 12:00:00+00', '2025-06-01 12:00:00+00');
+"#;
+
+/// Keep the path expression in step with [`asset_original_path`].
+const ASSETS_SQL: &str = r#"
+WITH base AS (
+  SELECT n,
+         CASE WHEN n % 10 = 0 THEN 'zoe' WHEN n % 10 = 5 THEN 'kenji' ELSE 'admin' END AS who,
+         CASE WHEN n % 20 = 7 THEN 'VIDEO' ELSE 'IMAGE' END AS kind,
+         (2024 - (n - 1) / 1000)::int AS year
+  FROM generate_series(1::bigint, @N@) AS n
+), named AS (
+  SELECT base.*,
+    CASE who WHEN 'admin' THEN '@ADMIN@' WHEN 'zoe' THEN '@ZOE@' ELSE '@KENJI@' END::uuid AS owner,
+    make_timestamptz(year, 1, 1, 8, 0, 0, 'UTC') + ((n - 1) % 1000) * interval '8 hours 41 minutes' AS taken,
+    '/data/' || CASE
+      WHEN who = 'kenji' THEN 'upload/@KENJI@/' || lpad(to_hex(n % 256), 2, '0') || '/'
+        || lpad(to_hex((n / 256) % 256), 2, '0') || '/' || lpad(n::text, greatest(8, length(n::text)), '0')
+      ELSE 'library/' || who || '/' || year || '/' || CASE kind WHEN 'VIDEO' THEN 'VID_' ELSE 'IMG_' END
+        || lpad(n::text, greatest(4, length(n::text)), '0')
+    END || CASE kind WHEN 'VIDEO' THEN '.mp4' ELSE '.jpg' END AS path
+  FROM base
+)
+INSERT INTO "asset" ("id", "deviceAssetId", "ownerId", "deviceId", "type", "originalPath",
+  "originalFileName", "fileCreatedAt", "fileModifiedAt", "localDateTime", "createdAt", "updatedAt",
+  "deletedAt", "isFavorite", "duration", "checksum", "thumbhash", "status", "visibility")
+SELECT md5('asset-' || n)::uuid, 'device-asset-' || n, owner,
+  CASE who WHEN 'kenji' THEN 'Pixel 8' ELSE 'iPhone 15 Pro' END, kind, path,
+  regexp_replace(path, '^.*/', ''), taken, taken + interval '5 minutes', taken + interval '2 hours',
+  taken + interval '1 day', taken + interval '1 day',
+  CASE WHEN n % 97 = 0 THEN taken + interval '30 days' END,
+  n % 9 = 0,
+  CASE kind WHEN 'VIDEO' THEN '0:00:12.345000' END,
+  substring(sha256(convert_to('content-' || n, 'UTF8')) from 1 for 20),
+  CASE WHEN n % 4 = 0 THEN NULL ELSE decode(md5('thumb-' || n), 'hex') END,
+  (CASE WHEN n % 97 = 0 THEN 'trashed' ELSE 'active' END)::asset_status_enum,
+  (CASE WHEN n % 31 = 0 THEN 'archive' ELSE 'timeline' END)::asset_visibility_enum
+FROM named;
+"#;
+
+const EXIF_SQL: &str = r#"
+INSERT INTO "asset_exif" ("assetId", "make", "model", "exifImageWidth", "exifImageHeight",
+  "fileSizeInByte", "orientation", "dateTimeOriginal", "latitude", "longitude", "city", "country",
+  "description", "fNumber", "iso", "tags", "updatedAt")
+SELECT a.id, CASE a."deviceId" WHEN 'Pixel 8' THEN 'Google' ELSE 'Apple' END, a."deviceId",
+  CASE WHEN n % 3 = 0 THEN 3024 ELSE 4032 END, CASE WHEN n % 3 = 0 THEN 4032 ELSE 3024 END,
+  800000 + (n * 7919) % 4000000, (n % 8 + 1)::text, a."fileCreatedAt",
+  CASE WHEN n % 13 = 0 THEN NULL ELSE -60 + ((n * 7919) % 12000) / 100.0 END,
+  CASE WHEN n % 13 = 0 THEN NULL ELSE -180 + ((n * 104729) % 36000) / 100.0 END,
+  place.city, place.country,
+  CASE WHEN n % 3 = 0 THEN 'Café ☕ à ' || place.city || ' — naïve façade 🌸' ELSE '' END,
+  1.4 + (n % 7) * 0.4, 50 * (1 + n % 32),
+  CASE WHEN n % 5 = 0 THEN ARRAY['famille', 'été', place.city]::character varying[] END,
+  a."updatedAt"
+FROM (SELECT *, substr("deviceAssetId", 14)::bigint AS n FROM "asset") AS a
+CROSS JOIN LATERAL (SELECT
+  (ARRAY['Zürich', 'Montréal', '東京', 'São Paulo', 'Reykjavík', 'Kraków'])[a.n % 6 + 1] AS city,
+  (ARRAY['Switzerland', 'Canada', '日本', 'Brasil', 'Ísland', 'Polska'])[a.n % 6 + 1] AS country
+) AS place;
+"#;
+
+const ALBUMS_SQL: &str = r#"
+INSERT INTO "album" ("id", "ownerId", "albumName", "description", "albumThumbnailAssetId", "order",
+                     "createdAt", "updatedAt") VALUES
+  (md5('album-1')::uuid, '@ADMIN@', 'Été 2024 ☀️', 'Vacances à la mer — 海',
+   (SELECT id FROM "asset" WHERE "deviceAssetId" = 'device-asset-1'), 'desc',
+   '2024-07-01 09:00:00+00', '2024-08-01 09:00:00+00'),
+  (md5('album-2')::uuid, '@ZOE@', 'Family', '', NULL, 'asc',
+   '2024-02-01 09:00:00+00', '2024-02-01 09:00:00+00'),
+  (md5('album-3')::uuid, '@KENJI@', '東京 2023', '桜 🌸',
+   (SELECT id FROM "asset" WHERE "deviceAssetId" = 'device-asset-5'), 'desc',
+   '2023-04-01 09:00:00+00', '2023-04-02 09:00:00+00'),
+  (md5('album-4')::uuid, '@ADMIN@', 'Empty album', '', NULL, 'desc',
+   '2025-01-01 09:00:00+00', '2025-01-01 09:00:00+00');
+INSERT INTO "album_asset" ("albumId", "assetId", "createdAt")
+SELECT md5('album-' || k)::uuid, a.id, a."createdAt"
+FROM (SELECT id, "createdAt", substr("deviceAssetId", 14)::bigint AS n FROM "asset") AS a
+CROSS JOIN generate_series(1, 3) AS k
+WHERE a.n % (k + 6) = 0;
+"#;
+
+const METADATA_SQL: &str = r#"
+INSERT INTO "kysely_migrations" ("name", "timestamp") VALUES
+  ('1744910873969-InitialMigration', '2025-04-20T10:00:00.000Z'),
+  ('1744991379464-AddNotificationsTable', '2025-04-20T10:00:01.000Z'),
+  ('1746844028242-AddAssetVisibility', '2025-05-12T08:30:00.000Z'),
+  ('1749067526350-AddLockedProperties', '2025-06-01T12:00:00.000Z');
+INSERT INTO "kysely_migrations_lock" ("id", "is_locked") VALUES ('migration_lock', 0);
+INSERT INTO "system_metadata" ("key", "value") VALUES
+  ('admin-onboarding', '{"isOnboarded": true}'),
+  ('reverse-geocoding-state', '{"lastUpdate": "2025-05-01T00:00:00.000Z", "lastImportFileName": "cities500.txt"}'),
+  ('system-flags', '{"mountChecks": {"thumbs": true, "upload": true, "backups": true, "library": true, "profile": true, "encoded-video": true}}'),
+  ('version-check-state', '{"checkedAt": "2025-06-01T12:00:00.000Z", "releaseVersion": "v1.135.3"}');
+INSERT INTO "version_history" ("id", "createdAt", "version") VALUES
+  (md5('version-1')::uuid, '2025-04-20 10:00:00+00', 'v1.132.3'),
+  (md5('version-2')::uuid, '2025-06-01 12:00:00+00', 'v1.135.3');
+"#;
+
+const PLACES_SQL: &str = r#"
+INSERT INTO "geodata_places" ("name", "longitude", "latitude", "countryCode", "admin1Name", "modificationDate")
+SELECT (ARRAY['Zürich', 'Montréal', 'Tōkyō', 'São Paulo', 'Reykjavík', 'Kraków', 'Ålesund', 'Łódź'])[g % 8 + 1] || ' ' || g,
+  -180 + ((g * 104729) % 36000) / 100.0, -80 + ((g * 7919) % 16000) / 100.0,
+  (ARRAY['CH', 'CA', 'JP', 'BR', 'IS', 'PL', 'NO', 'PL'])[g % 8 + 1],
+  CASE WHEN g % 4 = 0 THEN NULL ELSE 'Région ' || (g % 20) END,
+  date '2025-01-01' + (g % 120)
+FROM generate_series(1, 400) AS g;
+"#;
+
+/// What [`create_sample_library`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SampleLibrary {
+    /// Regular files in all six folders (markers included; symlinks not).
+    pub files: usize,
+    /// Bytes in those files.
+    pub bytes: u64,
+    /// Regular files under the original folders (library, upload, profile): what a backup takes.
+    pub original_files: usize,
+    /// Bytes in those files.
+    pub original_bytes: u64,
+    /// Symbolic links (all under library/).
+    pub symlinks: usize,
+}
+
+/// Write a sample `UPLOAD_LOCATION` at `root` (created if missing; should be empty).
+///
+/// - `library/`, `upload/`, `profile/` (originals) and `thumbs/`, `encoded-video/`, `backups/`
+///   (generated, with content a backup must skip), each with its `.immich` marker;
+/// - the files of assets `1..=`[`SAMPLE_ASSET_FILES`] at [`asset_original_path`];
+/// - `library/admin/Été 2024/café ☕.jpg`, a zero-byte file, files of 200 KiB, 1.3 MiB and 9 MiB
+///   of incompressible bytes, two files with the same content, a relative symlink
+///   (`library/admin/2024/latest.jpg` -> `IMG_0001.jpg`), a 0600 file (the admin's avatar) and a
+///   0755 one (`library/admin/2024/IMG_0003.jpg`);
+/// - distinct past mtimes (whole seconds from 2021 on) on every file, link and folder.
+///
+/// Deterministic: the same call writes the same names, bytes, modes and mtimes.
+pub fn create_sample_library(root: &Path) -> Result<SampleLibrary> {
+    let mut w = LibraryWriter::new(root)?;
+    for folder in ORIGINAL_FOLDERS.iter().chain(GENERATED_FOLDERS.iter()) {
+        w.file(
+            &format!("{folder}/{MARKER_FILE}"),
+            marker_text(folder).as_bytes(),
+            0o644,
+        )?;
+    }
+    write_asset_files(&mut w)?;
+    write_odd_files(&mut w)?;
+    write_generated_files(&mut w)?;
+    w.finish()
+}
+
+/// Add one photo of `size` pseudo-random bytes (seeded by `seed`) at `rel` under `root`,
+/// creating its folders and replacing a file already there; returns its path.
+pub fn add_photo(root: &Path, rel: &str, size: usize, seed: u64) -> Result<PathBuf> {
+    let path = root.join(checked_relative(rel)?);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    fs::write(&path, photo_bytes(seed, size))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Pseudo-random, incompressible bytes that start like a JPEG (when `len` >= 4).
+pub fn photo_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut bytes = pseudo_random_bytes(seed, len);
+    let header = [0xFF, 0xD8, 0xFF, 0xE0];
+    let n = header.len().min(len);
+    bytes[..n].copy_from_slice(&header[..n]);
+    bytes
+}
+
+/// `len` bytes of SplitMix64 output from `seed`: fixed forever, whatever crate versions change.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The content of asset `n`'s original file in the sample library (3 to 23 KB).
+pub fn asset_file_bytes(n: usize) -> Vec<u8> {
+    photo_bytes(n as u64, 3_000 + (n * 7_919) % 20_000)
+}
+
+fn marker_text(folder: &str) -> String {
+    format!("immich storage folder: {folder}\n")
+}
+
+fn write_asset_files(w: &mut LibraryWriter) -> Result<()> {
+    for n in 1..=SAMPLE_ASSET_FILES {
+        let mode = if n == 3 { 0o755 } else { 0o644 };
+        w.file(&asset_original_path(n), &asset_file_bytes(n), mode)?;
+    }
+    Ok(())
+}
+
+fn write_odd_files(w: &mut LibraryWriter) -> Result<()> {
+    w.file(
+        "library/admin/Été 2024/café ☕.jpg",
+        &photo_bytes(101, 40 * 1024),
+        0o644,
+    )?;
+    w.file("library/admin/2024/empty.jpg", b"", 0o644)?;
+    w.file(
+        "library/admin/2023/PANO_0001.jpg",
+        &photo_bytes(102, 200 * 1024),
+        0o644,
+    )?;
+    w.file(
+        "library/admin/2023/VID_0002.mp4",
+        &pseudo_random_bytes(103, 1_363_149),
+        0o644,
+    )?;
+    w.file(
+        "library/admin/2022/VID_0003.mov",
+        &pseudo_random_bytes(104, 9 << 20),
+        0o644,
+    )?;
+    // Same bytes as asset 1, at another path.
+    w.file(
+        "library/zoe/shared with zoë/IMG_0001.jpg",
+        &asset_file_bytes(1),
+        0o644,
+    )?;
+    w.symlink("library/admin/2024/latest.jpg", "IMG_0001.jpg")?;
+    let avatar = format!("profile/{ADMIN_ID}/avatar.jpg");
+    w.file(&avatar, &photo_bytes(105, 5_000), 0o600)?;
+    w.file(
+        &format!("upload/{KENJI_ID}/.hidden notes.txt"),
+        "メモ: 休暇\n".as_bytes(),
+        0o644,
+    )
+}
+
+fn write_generated_files(w: &mut LibraryWriter) -> Result<()> {
+    for n in 1..=4u64 {
+        let id = format!("{ADMIN_ID}/00/{n:02}/asset-{n}");
+        w.file(
+            &format!("thumbs/{id}-thumbnail.webp"),
+            &pseudo_random_bytes(200 + n, 3_000),
+            0o644,
+        )?;
+        w.file(
+            &format!("thumbs/{id}-preview.jpeg"),
+            &photo_bytes(300 + n, 30_000),
+            0o644,
+        )?;
+    }
+    let video = format!("encoded-video/{ADMIN_ID}/00/07/asset-7.mp4");
+    w.file(&video, &pseudo_random_bytes(400, 100 * 1024), 0o644)?;
+    let mut dump = vec![0x1f, 0x8b, 0x08, 0x00];
+    dump.extend(pseudo_random_bytes(500, 20_000));
+    w.file(
+        "backups/immich-db-backup-20250601T020000-v1.135.3-pg15.18.sql.gz",
+        &dump,
+        0o644,
+    )
+}
+
+/// `rel` as a path that stays under the root: relative, no `..`, not empty.
+fn checked_relative(rel: &str) -> Result<&Path> {
+    let path = Path::new(rel);
+    let normal = path
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if rel.is_empty() || !normal {
+        bail!("{rel:?} is not a relative path below the library root");
+    }
+    Ok(path)
+}
+
+/// Writes the sample tree, counts what it wrote and gives everything a distinct fixed mtime.
+struct LibraryWriter {
+    root: PathBuf,
+    stats: SampleLibrary,
+    /// Files and links in creation order; their mtimes are set by `finish`.
+    entries: Vec<PathBuf>,
+    dirs: std::collections::BTreeSet<PathBuf>,
+}
+
+impl LibraryWriter {
+    fn new(root: &Path) -> Result<Self> {
+        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let dirs = Default::default();
+        Ok(Self {
+            root: root.to_path_buf(),
+            stats: SampleLibrary::default(),
+            entries: vec![],
+            dirs,
+        })
+    }
+
+    fn file(&mut self, rel: &str, bytes: &[u8], mode: u32) -> Result<()> {
+        let path = self.prepare(rel)?;
+        fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        set_mode(&path, mode)?;
+        self.stats.files += 1;
+        self.stats.bytes += bytes.len() as u64;
+        if ORIGINAL_FOLDERS
+            .iter()
+            .any(|f| rel.starts_with(&format!("{f}/")))
+        {
+            self.stats.original_files += 1;
+            self.stats.original_bytes += bytes.len() as u64;
+        }
+        self.entries.push(path);
+        Ok(())
+    }
+
+    fn symlink(&mut self, rel: &str, target: &str) -> Result<()> {
+        let path = self.prepare(rel)?;
+        std::os::unix::fs::symlink(target, &path)
+            .with_context(|| format!("symlink {} -> {target}", path.display()))?;
+        self.stats.symlinks += 1;
+        self.entries.push(path);
+        Ok(())
+    }
+
+    /// Create the parents of `rel` (mode 0755) and return its full path.
+    fn prepare(&mut self, rel: &str) -> Result<PathBuf> {
+        let rel = checked_relative(rel)?;
+        let mut dir = self.root.clone();
+        for part in rel.parent().into_iter().flat_map(Path::components) {
+            dir.push(part);
+            if self.dirs.insert(dir.clone()) {
+                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                set_mode(&dir, 0o755)?;
+            }
+        }
+        Ok(self.root.join(rel))
+    }
+
+    /// Set the mtimes (files first, then folders deepest first, so writing a child does not
+    /// bump a parent afterwards) and return the counts.
+    fn finish(self) -> Result<SampleLibrary> {
+        let dirs_deepest_first = self.dirs.iter().rev();
+        for (i, path) in self.entries.iter().chain(dirs_deepest_first).enumerate() {
+            let when = SAMPLE_MTIME_BASE + i as i64 * 90_061;
+            set_mtime_nofollow(path, when)?;
+        }
+        Ok(self.stats)
+    }
+}
+
+/// Set atime and mtime of `path` (not of what a symlink points to) to `secs` since the epoch.
+fn set_mtime_nofollow(path: &Path, secs: i64) -> Result<()> {
+    let c_path = path_to_cstring(path)?;
+    let time = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [time, time];
+    // SAFETY: c_path is a NUL-terminated string and `times` holds the two timespecs utimensat reads.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(err).with_context(|| format!("setting the mtime of {}", path.display()));
+    }
+    Ok(())
+}
+
+fn path_to_cstring(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("path contains NUL: {}", path.display()))
+}
