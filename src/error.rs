@@ -50,7 +50,7 @@ pub enum Error {
     #[error("storage {url}: {message}")]
     Storage { url: String, message: String },
 
-    #[error("storage object {object}: {message}")]
+    #[error("storage object {object}: {message}{}", text_remedy(message))]
     StorageObject { object: String, message: String },
 
     #[error("store is locked: {0}")]
@@ -74,7 +74,7 @@ pub enum Error {
     #[error("docker: {0}")]
     Docker(String),
 
-    #[error("{path}: {source}")]
+    #[error("{}: {source}{}", path.display(), io_remedy(source))]
     Io {
         path: PathBuf,
         #[source]
@@ -89,6 +89,24 @@ pub enum Error {
 
     #[error("{0}")]
     Other(String),
+}
+
+/// What to do about an I/O error, when there is something to say.
+fn io_remedy(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => " (the disk is full: free space or choose another target, then run again)",
+        Some(libc::EACCES) | Some(libc::EPERM) => " (permission denied: run as a user that may write there)",
+        Some(libc::EROFS) => " (read-only file system)",
+        _ => "",
+    }
+}
+
+fn text_remedy(message: &str) -> &'static str {
+    if message.contains("No space left on device") {
+        " (the store's disk is full: free space there, then run again; nothing stored was lost)"
+    } else {
+        ""
+    }
 }
 
 impl Error {
