@@ -75,8 +75,10 @@ pub async fn run(
     tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
 
     // Database first. The content listing runs meanwhile.
+    db.wait_ready().await?;
     let (version, version_num) = db::server_version(db).await?;
     let extensions = db::extensions(db, &cfg.database.database).await?;
+    let image = db.image().await;
     progress.phase("database", None);
     let dump_key = snapshot::snapshot_key(&id, snapshot::DUMP_OBJECT);
     let p = progress.clone();
@@ -138,7 +140,7 @@ pub async fn run(
             server_version_num: version_num,
             extensions,
             row_counts: dumped.row_counts.clone(),
-            image: None,
+            image,
         },
         dump: dumped.object.clone(),
         files: files.list.clone(),

@@ -66,6 +66,10 @@ enum Command {
         /// Check everything and print the plan; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Docker mode: stop the Immich server container ([database] server_container) before
+        /// writing and start it again at the end, instead of refusing while it runs.
+        #[arg(long)]
+        stop_server: bool,
     },
     /// Self-contained demonstration: throwaway Postgres and sample library → backup to a local folder
     /// → restore into a second cluster and folder → verify.
@@ -184,9 +188,16 @@ async fn run(cli: Cli) -> Result<i32> {
             identity,
             target,
             dry_run,
+            stop_server,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
-            let report = run_restore(&cfg, snapshot, identity, target, dry_run, progress).await?;
+            let server = if stop_server {
+                restore::ServerPolicy::StopAndRestart
+            } else {
+                restore::ServerPolicy::Refuse
+            };
+            let report =
+                run_restore(&cfg, snapshot, identity, target, dry_run, server, progress).await?;
             print_restore(&report, cli.json);
             Ok(if report.dry_run || report.rows_match {
                 exit::OK
@@ -337,6 +348,7 @@ async fn run_restore(
     identity: Option<PathBuf>,
     target: Option<PathBuf>,
     dry_run: bool,
+    server: restore::ServerPolicy,
     progress: Progress,
 ) -> Result<RestoreReport> {
     let identity = identity
@@ -352,7 +364,7 @@ async fn run_restore(
         concurrency: cfg.storage.concurrency,
         progress,
     };
-    restore::run(database.as_ref(), &store, identities, opts).await
+    restore::run_with(database.as_ref(), &store, identities, opts, server).await
 }
 
 fn print_restore(r: &RestoreReport, json: bool) {

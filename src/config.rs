@@ -45,9 +45,9 @@ impl Default for ImmichConfig {
 #[serde(rename_all = "lowercase")]
 pub enum DatabaseMode {
     /// Local `pg_dumpall`/`psql` binaries over TCP or a socket.
-    #[default]
     Local,
-    /// Inside the `immich_postgres` container through the Docker Engine API.
+    /// Inside the `immich_postgres` container through the Docker Engine API (the default).
+    #[default]
     Docker,
 }
 
@@ -78,7 +78,7 @@ pub struct DatabaseConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
-            mode: DatabaseMode::Local,
+            mode: DatabaseMode::Docker,
             username: "postgres".into(),
             database: "immich".into(),
             host: "127.0.0.1".into(),

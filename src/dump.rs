@@ -267,8 +267,11 @@ fn connect_target(rest: &str) -> String {
         }
         return out;
     }
-    let word = rest.split_whitespace().last().unwrap_or_default();
-    unquote_ident(word)
+    let rest = rest.trim();
+    if rest.starts_with('"') {
+        return unquote_ident(rest);
+    }
+    unquote_ident(rest.split_whitespace().last().unwrap_or_default())
 }
 
 /// `public."user"` → `public.user`.

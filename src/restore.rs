@@ -98,12 +98,82 @@ pub async fn read_manifest(store: &Store, identities: &Identities, id: &str) -> 
     })
 }
 
-/// Run a restore.
+/// What restore does about a running Immich server container (Docker mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerPolicy {
+    /// Refuse while it runs.
+    #[default]
+    Refuse,
+    /// Stop it before anything is written and start it again at the end (`--stop-server`).
+    StopAndRestart,
+}
+
+/// Run a restore; refuses while the Immich server container runs.
 pub async fn run(
     db: &dyn Database,
     store: &Store,
     identities: Arc<Identities>,
     opts: RestoreOptions,
+) -> Result<RestoreReport> {
+    run_with(db, store, identities, opts, ServerPolicy::Refuse).await
+}
+
+/// Run a restore as Immich's docs orchestrate it: the server container must not run (or, with
+/// [`ServerPolicy::StopAndRestart`], is stopped first and started again at the end). When the
+/// restore fails after it began writing, the server is left stopped: the install needs recreating.
+pub async fn run_with(
+    db: &dyn Database,
+    store: &Store,
+    identities: Arc<Identities>,
+    opts: RestoreOptions,
+    server: ServerPolicy,
+) -> Result<RestoreReport> {
+    let stopped = match db.running_server().await? {
+        None => None,
+        Some(name) if server == ServerPolicy::Refuse => {
+            return Err(Error::NotFresh {
+                reason: format!("the Immich server container {name} is running; it would migrate and write to the database while the dump is replayed"),
+                remedy: format!("Stop it first (`docker stop {name}`), or pass --stop-server to have restore stop it and start it again at the end"),
+            });
+        }
+        Some(name) if opts.dry_run => {
+            tracing::info!(server = %name, "dry run: the server container would be stopped");
+            None
+        }
+        Some(name) => {
+            tracing::info!(server = %name, "stopping the Immich server container");
+            db.set_server_running(false).await?;
+            Some(name)
+        }
+    };
+    let mut writing = false;
+    let result = restore(db, store, identities, opts, &mut writing).await;
+    let Some(name) = stopped else {
+        return result;
+    };
+    if result.is_err() && writing {
+        tracing::warn!(server = %name, "the restore failed after it began writing, so the Immich server container stays stopped; recreate the database and restore again, or start it with `docker start {name}`");
+        return result;
+    }
+    tracing::info!(server = %name, "starting the Immich server container again");
+    match (db.set_server_running(true).await, result) {
+        (Ok(()), r) => r,
+        (Err(e), Ok(_)) => Err(Error::Docker(format!(
+            "the restore finished, but starting {name} again failed ({e}); start it with `docker start {name}`"
+        ))),
+        (Err(e), Err(first)) => {
+            tracing::warn!("could not start {name} again: {e}");
+            Err(first)
+        }
+    }
+}
+
+async fn restore(
+    db: &dyn Database,
+    store: &Store,
+    identities: Arc<Identities>,
+    opts: RestoreOptions,
+    writing: &mut bool,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     snapshot::require_marker(store).await?;
@@ -137,6 +207,7 @@ pub async fn run(
     }
 
     // The database, then the files.
+    *writing = true;
     opts.progress.phase("database", Some(manifest.dump.size));
     report.benign_psql_errors =
         replay_dump(db, store, &identities, &manifest, &opts.progress).await?;
@@ -187,9 +258,17 @@ async fn check_database(db: &dyn Database, manifest: &Manifest) -> Result<String
         .iter()
         .find(|e| !available.contains(&e.name))
     {
+        let taken_with = manifest
+            .database
+            .image
+            .as_deref()
+            .map(|i| format!("the image the snapshot was taken with, {i}, or on "))
+            .unwrap_or_default();
         return Err(Error::Database(format!(
-            "the target server lacks extension {} (version {} in the snapshot); use the Postgres image Immich's compose file names (ghcr.io/immich-app/postgres with vectorchord/pgvecto.rs)",
-            missing.name, missing.version
+            "the target server lacks extension {} (version {} in the snapshot), so the dump cannot be replayed; nothing was written. Run the target database on {taken_with}Immich's Postgres image, which has it (ghcr.io/immich-app/postgres:{want}-vectorchord0.4.3-pgvectors0.2.0, as Immich's docker-compose.yml names it)",
+            missing.name,
+            missing.version,
+            want = want.max(14),
         )));
     }
     Ok(version)
@@ -656,7 +735,7 @@ async fn restore_files(
         }
     }
     // Deepest folders first, so a read-only folder is finished after its contents.
-    dirs.sort_by(|a, b| b.0.components().count().cmp(&a.0.components().count()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (dest, e) in &dirs {
         std::fs::create_dir_all(dest).at(dest)?;
         std::fs::set_permissions(dest, std::fs::Permissions::from_mode(e.mode)).at(dest)?;

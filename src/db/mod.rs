@@ -4,6 +4,7 @@
 //! Docker issue, one that execs inside the `immich_postgres` container. Everything else here is
 //! transport-independent SQL: server version, extensions, row counts, and the fresh-install check.
 
+pub mod docker;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -51,15 +52,26 @@ pub trait Database: Send + Sync {
     async fn wait_ready(&self) -> Result<()> {
         Ok(())
     }
+    /// The Postgres server's container image (name and id), when the transport knows it.
+    async fn image(&self) -> Option<String> {
+        None
+    }
+    /// For transports that manage the Immich server container: its name while it runs, else
+    /// `None` (also when it does not exist).
+    async fn running_server(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// Stop (`false`) or start (`true`) the Immich server container.
+    async fn set_server_running(&self, _running: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Build the transport the config names.
 pub fn connect(cfg: &DatabaseConfig) -> Result<Box<dyn Database>> {
     match cfg.mode {
         DatabaseMode::Local => Ok(Box::new(local::LocalDatabase::new(cfg.clone()))),
-        DatabaseMode::Docker => Err(Error::Config(
-            "[database] mode = \"docker\" is not available in this build".into(),
-        )),
+        DatabaseMode::Docker => Ok(Box::new(docker::DockerDatabase::new(cfg.clone()))),
     }
 }
 
