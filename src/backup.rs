@@ -399,6 +399,7 @@ fn tally(done: &mut Counts, entry: &Entry, stored: Option<Stored>, progress: &Pr
             done.totals.files += 1;
             done.totals.bytes += entry.size;
             progress.inc(entry.size);
+            progress.message(format!("{} files", done.totals.files));
         }
     }
     match stored {

@@ -200,11 +200,13 @@ pub struct Summary {
     pub skipped: u64,
 }
 
-/// A new snapshot id: UTC time, sortable, plus randomness against collisions.
+/// A new snapshot id: UTC time to the millisecond, sortable, plus randomness against collisions.
+/// (Whole seconds are not enough: two backups started in the same second would sort by their
+/// random part, and `latest` could name the older one.)
 pub fn new_snapshot_id(time: DateTime<Utc>) -> String {
     format!(
         "{}-{:08x}",
-        time.format("%Y%m%dT%H%M%SZ"),
+        time.format("%Y%m%dT%H%M%S%.3fZ"),
         rand::random::<u32>()
     )
 }
