@@ -70,10 +70,13 @@ pub fn redact_url(url: &str) -> String {
                 let _ = u.set_username("");
                 let _ = u.set_password(None);
             }
-            if u.query().is_some() {
-                u.set_query(Some("<redacted>"));
+            let had_query = u.query().is_some();
+            u.set_query(None);
+            let mut shown = u.to_string();
+            if had_query {
+                shown.push_str("?<redacted>");
             }
-            u.to_string()
+            shown
         }
         Err(_) => "<unparsable url>".to_string(),
     }
@@ -185,6 +188,13 @@ fn error_code(text: &str) -> Option<String> {
     let a = text.find("<Code>")? + "<Code>".len();
     let b = text[a..].find("</Code>")? + a;
     Some(text[a..b].trim().to_string())
+}
+
+/// The HTTP status in an object_store error text, if it names one.
+fn http_status(text: &str) -> Option<u16> {
+    let marker = "status code: ";
+    let at = text.find(marker)? + marker.len();
+    text.get(at..at + 3)?.parse().ok()
 }
 
 impl Store {
@@ -353,6 +363,7 @@ impl Store {
             code.as_deref(),
             Some("NoSuchBucket" | "ContainerNotFound" | "ContainerBeingDeleted")
         );
+        let denied = matches!(http_status(&raw), Some(401 | 403));
         match e {
             _ if missing_bucket => Error::Storage {
                 url: self.url.clone(),
@@ -369,18 +380,23 @@ impl Store {
                     .into(),
             },
             object_store::Error::Unauthenticated { .. }
-            | object_store::Error::PermissionDenied { .. } => Error::Storage {
-                url: self.url.clone(),
-                message: format!(
-                    "access to {key} denied{}: the store refused the credentials; {}",
-                    code.map(|c| format!(" ({c})")).unwrap_or_default(),
-                    self.backend.credentials_hint()
-                ),
-            },
+            | object_store::Error::PermissionDenied { .. } => self.denied(key, code),
+            _ if denied => self.denied(key, code),
             other => Error::StorageObject {
                 object: key.to_string(),
                 message: self.redactor.clean(&error_chain(&other)),
             },
+        }
+    }
+
+    fn denied(&self, key: &str, code: Option<String>) -> Error {
+        Error::Storage {
+            url: self.url.clone(),
+            message: format!(
+                "access to {key} denied{}: the store refused the credentials; {}",
+                code.map(|c| format!(" ({c})")).unwrap_or_default(),
+                self.backend.credentials_hint()
+            ),
         }
     }
 
@@ -474,6 +490,21 @@ impl Store {
             .map_err(|e| self.error(key, e))?;
         let stream = res.into_stream().map_err(io::Error::other);
         Ok(SyncIoBridge::new(StreamReader::new(stream)))
+    }
+
+    /// Keys of the objects directly under the prefix (not in `data/`, `snapshots/`, …).
+    pub async fn list_top(&self) -> Result<Vec<String>> {
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listed = self
+            .inner
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|e| self.error("", e))?;
+        Ok(listed
+            .objects
+            .iter()
+            .map(|m| self.key_of(&m.location))
+            .collect())
     }
 
     /// Keys of every object under `dir`, collected (for small listings).
@@ -653,4 +684,53 @@ pub async fn count_objects(store: &Store, dir: &str) -> Result<(u64, u64)> {
         bytes += size;
     }
     Ok((n, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redactor_removes_secrets_queries_and_xml_bodies() {
+        let r = Redactor::new(vec!["s3cr3t/KEY+value".into(), "abc".into()]);
+        let text = "Generic S3 error: Error performing PUT https://acct.blob.core.windows.net/c/data/x?sv=2023&sig=AbC%2Fdef in 2s - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match\nRequestId: 1</Message><StringToSign>AWS4-HMAC-SHA256 s3cr3t/KEY+value</StringToSign></Error>";
+        let out = r.clean(text);
+        assert!(!out.contains("s3cr3t"), "{out}");
+        assert!(!out.contains("AbC"), "{out}");
+        assert!(!out.contains("StringToSign"), "{out}");
+        assert!(!out.contains('\n'), "{out}");
+        assert!(out.contains("?<redacted> in 2s"), "{out}");
+        assert!(
+            out.ends_with("403 Forbidden: SignatureDoesNotMatch: The request signature we calculated does not match"),
+            "{out}"
+        );
+        // Short strings are not treated as secrets (they would blank out ordinary words).
+        assert!(r.clean("abc def").contains("abc"));
+        // A secret outside XML and URLs is replaced too; long text is cut.
+        assert_eq!(r.clean("key s3cr3t/KEY+value here"), "key <redacted> here");
+        assert!(r.clean(&"x ".repeat(1000)).chars().count() <= MAX_DETAIL + 1);
+        assert_eq!(redact_word("token=abc&x=1"), "token=<redacted>&x=1");
+    }
+
+    #[test]
+    fn status_and_code_are_found_in_error_text() {
+        assert_eq!(
+            http_status("Server returned non-2xx status code: 403 Forbidden: x"),
+            Some(403)
+        );
+        assert_eq!(http_status("connection refused"), None);
+        assert_eq!(
+            error_code("... <Error><Code>NoSuchBucket</Code> ...").as_deref(),
+            Some("NoSuchBucket")
+        );
+    }
+
+    #[test]
+    fn redact_url_keeps_empty_empty() {
+        assert_eq!(redact_url(""), "");
+        assert_eq!(
+            redact_url("https://u:p@host/x?sig=1"),
+            "https://host/x?<redacted>"
+        );
+    }
 }
