@@ -488,10 +488,7 @@ fn write_lists(
     mut cache: CacheWriter,
     recipients: Arc<Recipients>,
 ) -> Result<(ObjectRef, CacheWriter)> {
-    let io_err = |e: std::io::Error| Error::StorageObject {
-        object: files_key.clone(),
-        message: e.to_string(),
-    };
+    let io_err = |e: std::io::Error| crate::store::error_from_io(&files_key, e);
     let sealed = recipients.encrypt(files).map_err(io_err)?;
     let mut list = GzEncoder::new(HashingWriter::new(sealed), Compression::fast());
     let mut refs = GzEncoder::new(refs, Compression::fast());

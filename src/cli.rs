@@ -12,7 +12,7 @@ use immich_backup::error::{exit, Error, Result};
 use immich_backup::progress::Progress;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::Store;
-use immich_backup::{db, demo, snapshot};
+use immich_backup::{db, demo, snapshot, storecheck};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,8 @@ enum Command {
         #[arg(long, short = 'o')]
         output: PathBuf,
     },
-    /// Prepare the store: create a local folder store and the repository marker.
+    /// Check the store (credentials, bucket, write, read, list, conditional create, delete), then
+    /// create the repository marker (a local folder store is created first).
     Init,
     /// Back up the database and the originals into a new snapshot.
     Backup,
@@ -241,21 +242,24 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
         }
     }
     let store = Store::open(&cfg.storage)?;
-    let marker = snapshot::open_or_init(&store).await?;
+    let report = storecheck::run(&store).await;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"store": store.url(), "repository": marker.id, "format": marker.format})
-        );
+        let mut v = serde_json::to_value(&report).expect("report serialises");
+        if !report.ok {
+            let e = storecheck::failure_error(&report);
+            v["error"] = e.to_string().into();
+            v["exit_code"] = e.exit_code().into();
+        }
+        println!("{v}");
     } else {
-        println!(
-            "Store {} ready (repository {}, format {}).",
-            store.url(),
-            marker.id,
-            marker.format
-        );
+        storecheck::print(&report);
     }
-    Ok(exit::OK)
+    if report.ok {
+        return Ok(exit::OK);
+    }
+    let e = storecheck::failure_error(&report);
+    eprintln!("error: {e}");
+    Ok(e.exit_code())
 }
 
 /// Backup with the configured database transport.

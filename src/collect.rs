@@ -391,12 +391,7 @@ impl FileStorer {
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
         let key = id.key();
-        let store_err = |e: io::Error| {
-            StoreFileError::Store(Error::StorageObject {
-                object: key.clone(),
-                message: e.to_string(),
-            })
-        };
+        let store_err = |e: io::Error| StoreFileError::Store(crate::store::error_from_io(&key, e));
         let mut sealed = self
             .recipients
             .encrypt(self.store.writer(&key))

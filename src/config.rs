@@ -4,6 +4,7 @@
 //! file only names what differs. Secrets may live in the environment instead of the file
 //! (`IMMICH_BACKUP__DATABASE__PASSWORD`, `PGPASSWORD`), and are never printed: `Debug` redacts them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -117,14 +118,54 @@ impl DatabaseConfig {
     }
 }
 
-/// `[storage]`.
+/// `[storage]`: where the backups go, and how to talk to it.
+///
+/// Credentials are optional here: when absent, the standard places are used (`AWS_*` variables and
+/// the shared credentials file, `GOOGLE_APPLICATION_CREDENTIALS`, `AZURE_STORAGE_*`). Secrets set here
+/// can also come from the environment (`IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY`, …); `Debug`
+/// never shows them.
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `file:///path`; cloud schemes come with the cloud backends.
+    /// `file:///path`, `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` (and the
+    /// other spellings object_store parses, e.g. `https://ACCOUNT.blob.core.windows.net/container`).
     pub url: String,
-    /// How many objects are read, encrypted and written at once.
+    /// How many objects are read, encrypted and written at once; also the most multipart parts in
+    /// flight at once across all of them.
     pub concurrency: usize,
+    /// S3-compatible endpoint (`https://s3.eu-central-003.backblazeb2.com`), Azure blob endpoint, or
+    /// GCS base URL; empty means the provider's own.
+    pub endpoint: String,
+    /// S3 region; empty means `AWS_REGION`/`AWS_DEFAULT_REGION`, the profile's, or `us-east-1`.
+    pub region: String,
+    /// Allow plain `http://` endpoints (a MinIO or Garage on the LAN).
+    pub allow_http: bool,
+    /// Storage class of new objects (S3 `STANDARD_IA`, GCS `NEARLINE`, Azure access tier `Cool`);
+    /// empty means the bucket's default.
+    pub storage_class: String,
+    /// S3 credentials; empty means `AWS_ACCESS_KEY_ID` etc., then the shared credentials file.
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    /// Azure storage account and key; empty means `AZURE_STORAGE_ACCOUNT_NAME`/`_KEY` etc.
+    pub account_name: String,
+    pub account_key: String,
+    /// Google service account JSON file; empty means `GOOGLE_APPLICATION_CREDENTIALS` etc.
+    pub service_account: String,
+    /// Give up on a request that keeps failing (5xx, connection errors) after this many seconds
+    /// of retrying with exponential backoff.
+    pub retry_timeout_secs: u64,
+    /// … or after this many retries.
+    pub max_retries: usize,
+    /// Longest one request (an 8 MiB part on a slow uplink) may take.
+    pub request_timeout_secs: u64,
+    /// Create objects with a conditional write (never overwrite). Set false only for a server that
+    /// rejects conditional writes (`init` tells); then a check-then-write is used.
+    pub conditional_create: bool,
+    /// Further object_store builder options, passed as they are (`virtual_hosted_style_request`,
+    /// `sse_kms_key_id`, `sas_token`, …). Values of keys that look secret (`*key*`, `*token*`,
+    /// `*secret*`, …) are scrubbed from errors; `Debug` shows no values at all.
+    pub options: BTreeMap<String, String>,
 }
 
 impl Default for StorageConfig {
@@ -132,15 +173,73 @@ impl Default for StorageConfig {
         StorageConfig {
             url: "file:///var/backups/immich".into(),
             concurrency: 8,
+            endpoint: String::new(),
+            region: String::new(),
+            allow_http: false,
+            storage_class: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            account_name: String::new(),
+            account_key: String::new(),
+            service_account: String::new(),
+            retry_timeout_secs: 180,
+            max_retries: 10,
+            request_timeout_secs: 300,
+            conditional_create: true,
+            options: BTreeMap::new(),
         }
+    }
+}
+
+impl StorageConfig {
+    /// Every secret value in this section, to be scrubbed from anything shown.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            &self.secret_access_key,
+            &self.session_token,
+            &self.account_key,
+        ]
+        .into_iter()
+        .chain(
+            self.options
+                .iter()
+                .filter(|(k, _)| {
+                    ["key", "secret", "token", "password", "sas", "credential"]
+                        .iter()
+                        .any(|w| k.contains(w))
+                })
+                .map(|(_, v)| v),
+        )
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out
     }
 }
 
 impl std::fmt::Debug for StorageConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: Vec<&String> = self.options.keys().collect();
         f.debug_struct("StorageConfig")
             .field("url", &crate::store::redact_url(&self.url))
             .field("concurrency", &self.concurrency)
+            .field("endpoint", &crate::store::redact_url(&self.endpoint))
+            .field("region", &self.region)
+            .field("allow_http", &self.allow_http)
+            .field("storage_class", &self.storage_class)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &redacted(&self.secret_access_key))
+            .field("session_token", &redacted(&self.session_token))
+            .field("account_name", &self.account_name)
+            .field("account_key", &redacted(&self.account_key))
+            .field("service_account", &self.service_account)
+            .field("retry_timeout_secs", &self.retry_timeout_secs)
+            .field("max_retries", &self.max_retries)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("conditional_create", &self.conditional_create)
+            .field("options (values redacted)", &options)
             .finish()
     }
 }
@@ -260,6 +359,11 @@ impl Config {
         if self.storage.concurrency == 0 {
             return Err(Error::Config(
                 "[storage] concurrency must be at least 1".into(),
+            ));
+        }
+        if self.storage.request_timeout_secs == 0 {
+            return Err(Error::Config(
+                "[storage] request_timeout_secs must be at least 1".into(),
             ));
         }
         Ok(())

@@ -46,12 +46,8 @@ pub async fn dump_to_store(
     let object = key.to_string();
     let pipe = tokio::task::spawn_blocking(move || {
         let input = SyncIoBridge::new(stdout);
-        stream_dump(input, writer, &recipients, &database, level, on_bytes).map_err(|e| {
-            Error::StorageObject {
-                object,
-                message: e.to_string(),
-            }
-        })
+        stream_dump(input, writer, &recipients, &database, level, on_bytes)
+            .map_err(|e| crate::store::error_from_io(&object, e))
     });
     let (piped, exited) = tokio::join!(pipe, done);
     let piped = piped.map_err(|e| Error::Other(format!("dump thread: {e}")))?;

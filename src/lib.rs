@@ -5,6 +5,7 @@
 //! [`restore`] runs the same path backwards. [`backup`] ties the sources to the store.
 
 pub mod backup;
+pub mod cloud;
 pub mod collect;
 pub mod config;
 pub mod crypto;
@@ -17,5 +18,6 @@ pub mod restore;
 pub mod sample;
 pub mod snapshot;
 pub mod store;
+pub mod storecheck;
 
 pub use error::{Error, Result};

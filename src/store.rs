@@ -5,6 +5,14 @@
 //! where the object fits one request, and large ones go up as multipart uploads, which become visible
 //! only when complete. [`ObjectWriter`] and [`Store::reader`] are synchronous adapters for the
 //! encryption threads, so a whole object never sits in memory.
+//!
+//! Memory stays bounded: a writer buffers at most one part ([`PART_SIZE`]); each object has at most
+//! [`PARTS_IN_FLIGHT`] parts uploading, and the whole store at most `[storage] concurrency` parts
+//! (they wait for a slot), so peak upload memory is about (writers + concurrency) × `PART_SIZE`.
+//!
+//! Errors never show secrets: everything object_store reports passes through [`Redactor`], which
+//! removes the configured secrets and URL query strings (SAS tokens), keeps only the code and first
+//! line of an XML error body, and makes it one line.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -12,17 +20,24 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    Attribute, Attributes, MultipartUpload, ObjectStore, ObjectStoreExt, ObjectStoreScheme,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload,
+};
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+pub use crate::cloud::Backend;
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 
 /// Size of one multipart part, and the largest object sent in a single request.
+/// (S3 allows 10,000 parts: objects up to 80 GiB.)
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts of one object uploaded at once.
-const PARTS_IN_FLIGHT: usize = 2;
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// A configured store with its key prefix.
 #[derive(Clone)]
@@ -30,6 +45,12 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     url: String,
+    backend: Backend,
+    bucket: String,
+    redactor: Arc<Redactor>,
+    attributes: Attributes,
+    conditional: bool,
+    part_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -40,19 +61,140 @@ impl std::fmt::Debug for Store {
 
 /// Hide credentials (user:password@ and query strings) in a store URL before it is shown.
 pub fn redact_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
     match url::Url::parse(url) {
         Ok(mut u) => {
             if !u.username().is_empty() || u.password().is_some() {
                 let _ = u.set_username("");
                 let _ = u.set_password(None);
             }
-            if u.query().is_some() {
-                u.set_query(Some("<redacted>"));
+            let had_query = u.query().is_some();
+            u.set_query(None);
+            let mut shown = u.to_string();
+            if had_query {
+                shown.push_str("?<redacted>");
             }
-            u.to_string()
+            shown
         }
         Err(_) => "<unparsable url>".to_string(),
     }
+}
+
+/// Removes secrets from text that is about to be shown (errors, logs).
+#[derive(Debug, Default)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+/// Longest error detail shown, in characters.
+const MAX_DETAIL: usize = 400;
+
+impl Redactor {
+    pub fn new(secrets: Vec<String>) -> Redactor {
+        Redactor {
+            secrets: secrets.into_iter().filter(|s| s.len() >= 4).collect(),
+        }
+    }
+
+    /// One line, no secrets, no URL query strings, XML error bodies reduced to their code and message.
+    pub fn clean(&self, text: &str) -> String {
+        let mut s = summarize_xml(text);
+        for secret in &self.secrets {
+            s = s.replace(secret.as_str(), "<redacted>");
+        }
+        let mut out = String::with_capacity(s.len());
+        for (i, word) in s.split_whitespace().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            out.push_str(&redact_word(word));
+        }
+        if out.chars().count() > MAX_DETAIL {
+            out = out.chars().take(MAX_DETAIL).collect::<String>() + "…";
+        }
+        out
+    }
+}
+
+/// A URL's query string, and `sig=`/`signature=`/`token=` values anywhere, become `<redacted>`.
+fn redact_word(word: &str) -> String {
+    let mut w = word.to_string();
+    if let Some(i) = w.find("://") {
+        if let Some(q) = w[i..].find('?') {
+            let end = w[i + q..]
+                .find(['"', '\'', '>', ')', ','])
+                .map(|e| i + q + e)
+                .unwrap_or(w.len());
+            w.replace_range(i + q + 1..end, "<redacted>");
+        }
+    }
+    let lower = w.to_ascii_lowercase();
+    for marker in ["sig=", "signature=", "token=", "credential="] {
+        if let Some(at) = lower.find(marker) {
+            let from = at + marker.len();
+            let end = w[from..]
+                .find(['&', '"', '\'', '<', ' '])
+                .map(|e| from + e)
+                .unwrap_or(w.len());
+            w.replace_range(from..end, "<redacted>");
+            break;
+        }
+    }
+    w
+}
+
+/// `<Code>` and the first line of `<Message>` of an XML error body, instead of the whole body
+/// (S3's SignatureDoesNotMatch carries the string to sign; Azure's the signature).
+fn summarize_xml(text: &str) -> String {
+    let Some(start) = text.find("<?xml").or_else(|| text.find("<Error")) else {
+        return text.to_string();
+    };
+    let tag = |name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let a = text[start..].find(&open)? + start + open.len();
+        let b = text[a..].find(&close)? + a;
+        Some(text[a..b].lines().next().unwrap_or("").trim().to_string())
+    };
+    let mut out = text[..start].trim_end().to_string();
+    match (tag("Code"), tag("Message")) {
+        (Some(c), Some(m)) => out.push_str(&format!(" {c}: {m}")),
+        (Some(c), None) => out.push_str(&format!(" {c}")),
+        (None, Some(m)) => out.push_str(&format!(" {m}")),
+        (None, None) => out.push_str(" (XML error body)"),
+    }
+    out
+}
+
+/// An error and its sources, each part once.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !t.is_empty() && !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// The service's error code (`NoSuchBucket`, `SignatureDoesNotMatch`, …) in an error text, if any.
+fn error_code(text: &str) -> Option<String> {
+    let a = text.find("<Code>")? + "<Code>".len();
+    let b = text[a..].find("</Code>")? + a;
+    Some(text[a..b].trim().to_string())
+}
+
+/// The HTTP status in an object_store error text, if it names one.
+fn http_status(text: &str) -> Option<u16> {
+    let marker = "status code: ";
+    let at = text.find(marker)? + marker.len();
+    text.get(at..at + 3)?.parse().ok()
 }
 
 impl Store {
@@ -60,19 +202,65 @@ impl Store {
     pub fn open(cfg: &StorageConfig) -> Result<Store> {
         let shown = redact_url(&cfg.url);
         let url = url::Url::parse(&cfg.url).map_err(|e| {
-            Error::Config(format!("[storage] url {shown:?}: {e}; use file:///path"))
+            Error::Config(format!(
+                "[storage] url {shown:?}: {e}; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+            ))
         })?;
-        match url.scheme() {
-            "file" => {
+        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| {
+            Error::Config(format!(
+                "[storage] url {shown}: unknown scheme; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+            ))
+        })?;
+        let backend = match scheme {
+            ObjectStoreScheme::Local => {
                 let dir = url.to_file_path().map_err(|_| {
                     Error::Config(format!("[storage] url {shown}: not a local path"))
                 })?;
-                Self::open_local(&dir, shown)
+                if !cfg.storage_class.is_empty() {
+                    return Err(Error::Config(
+                        "[storage] storage_class applies to cloud stores only".into(),
+                    ));
+                }
+                let mut store = Self::open_local(&dir, shown)?;
+                store.part_slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+                return Ok(store);
             }
-            other => Err(Error::Config(format!(
-                "[storage] url scheme {other}:// is not supported yet; use file:///path"
-            ))),
+            ObjectStoreScheme::AmazonS3 => Backend::S3,
+            ObjectStoreScheme::GoogleCloudStorage => Backend::Gcs,
+            ObjectStoreScheme::MicrosoftAzure => Backend::Azure,
+            _ => {
+                return Err(Error::Config(format!(
+                    "[storage] url {shown}: plain http(s) stores are not supported; for an S3-compatible service use s3://bucket/prefix with [storage] endpoint = \"{}://{}\"",
+                    url.scheme(),
+                    url.host_str().unwrap_or("host")
+                )))
+            }
+        };
+        let redactor = Arc::new(Redactor::new(cfg.secrets()));
+        let inner = crate::cloud::build(cfg, &url, backend, &shown, &redactor)?;
+        let mut attributes = Attributes::new();
+        if !cfg.storage_class.is_empty() {
+            attributes.insert(Attribute::StorageClass, cfg.storage_class.clone().into());
         }
+        let bucket = match url.host_str() {
+            Some(h) if url.scheme() != "https" => h.split('@').next().unwrap_or(h).to_string(),
+            _ => url
+                .path_segments()
+                .and_then(|mut s| s.next())
+                .unwrap_or_default()
+                .to_string(),
+        };
+        Ok(Store {
+            inner,
+            prefix,
+            url: shown,
+            backend,
+            bucket,
+            redactor,
+            attributes,
+            conditional: cfg.conditional_create,
+            part_slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+        })
     }
 
     fn open_local(dir: &std::path::Path, shown: String) -> Result<Store> {
@@ -95,6 +283,12 @@ impl Store {
             inner: Arc::new(fs),
             prefix: ObjectPath::default(),
             url: shown,
+            backend: Backend::Local,
+            bucket: dir.display().to_string(),
+            redactor: Arc::new(Redactor::default()),
+            attributes: Attributes::new(),
+            conditional: true,
+            part_slots: Arc::new(Semaphore::new(8)),
         })
     }
 
@@ -104,12 +298,38 @@ impl Store {
             inner,
             prefix: ObjectPath::from(prefix),
             url: redact_url(url),
+            backend: Backend::Local,
+            bucket: String::new(),
+            redactor: Arc::new(Redactor::default()),
+            attributes: Attributes::new(),
+            conditional: true,
+            part_slots: Arc::new(Semaphore::new(8)),
         }
     }
 
     /// The store's URL with secrets removed.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Which service this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The bucket (or container, or folder) name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Whether new objects are created with conditional writes.
+    pub fn conditional_create(&self) -> bool {
+        self.conditional
+    }
+
+    /// The underlying object store and the full path of `key` (for checks that need the raw API).
+    pub fn raw(&self, key: &str) -> (Arc<dyn ObjectStore>, ObjectPath) {
+        (self.inner.clone(), self.path(key))
     }
 
     fn path(&self, key: &str) -> ObjectPath {
@@ -130,35 +350,80 @@ impl Store {
         }
     }
 
+    /// The error's text, cleaned of secrets, one line.
+    pub fn describe(&self, e: &object_store::Error) -> String {
+        self.redactor.clean(&error_chain(e))
+    }
+
     /// Map an object_store error on `key` to ours.
     pub fn error(&self, key: &str, e: object_store::Error) -> Error {
+        let raw = error_chain(&e);
+        let code = error_code(&raw);
+        let missing_bucket = matches!(
+            code.as_deref(),
+            Some("NoSuchBucket" | "ContainerNotFound" | "ContainerBeingDeleted")
+        );
+        let denied = matches!(http_status(&raw), Some(401 | 403));
         match e {
+            _ if missing_bucket => Error::Storage {
+                url: self.url.clone(),
+                message: format!(
+                    "{} {:?} does not exist ({}); create it, or correct [storage] url",
+                    self.backend.bucket_word(),
+                    self.bucket,
+                    code.unwrap_or_default()
+                ),
+            },
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: key.to_string(),
                 hint: "the store is incomplete or was pruned; try another snapshot, or run `check`"
                     .into(),
             },
             object_store::Error::Unauthenticated { .. }
-            | object_store::Error::PermissionDenied { .. } => Error::Storage {
-                url: self.url.clone(),
-                message: format!("access to {key} denied: check the credentials and permissions"),
-            },
+            | object_store::Error::PermissionDenied { .. } => self.denied(key, code),
+            _ if denied => self.denied(key, code),
             other => Error::StorageObject {
                 object: key.to_string(),
-                message: other.to_string(),
+                message: self.redactor.clean(&error_chain(&other)),
             },
+        }
+    }
+
+    fn denied(&self, key: &str, code: Option<String>) -> Error {
+        Error::Storage {
+            url: self.url.clone(),
+            message: format!(
+                "access to {key} denied{}: the store refused the credentials; {}",
+                code.map(|c| format!(" ({c})")).unwrap_or_default(),
+                self.backend.credentials_hint()
+            ),
         }
     }
 
     /// Create a small object; `Ok(false)` when it already exists (it is left as it was).
     pub async fn put_new(&self, key: &str, data: Bytes) -> Result<bool> {
+        let path = self.path(key);
+        if !self.conditional {
+            // The server does not do conditional writes: check, then write (a race can only
+            // rewrite the same content, or a snapshot id nobody else generates).
+            match self.inner.head(&path).await {
+                Ok(_) => return Ok(false),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(key, e)),
+            }
+        }
         let opts = PutOptions {
-            mode: PutMode::Create,
+            mode: if self.conditional {
+                PutMode::Create
+            } else {
+                PutMode::Overwrite
+            },
+            attributes: self.attributes.clone(),
             ..Default::default()
         };
         match self
             .inner
-            .put_opts(&self.path(key), PutPayload::from(data), opts)
+            .put_opts(&path, PutPayload::from(data), opts)
             .await
         {
             Ok(_) => Ok(true),
@@ -227,10 +492,44 @@ impl Store {
         Ok(SyncIoBridge::new(StreamReader::new(stream)))
     }
 
+    /// Keys of the objects directly under the prefix (not in `data/`, `snapshots/`, …).
+    pub async fn list_top(&self) -> Result<Vec<String>> {
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let listed = self
+            .inner
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|e| self.error("", e))?;
+        Ok(listed
+            .objects
+            .iter()
+            .map(|m| self.key_of(&m.location))
+            .collect())
+    }
+
     /// Keys of every object under `dir`, collected (for small listings).
     pub async fn list_keys(&self, dir: &str) -> Result<Vec<(String, u64)>> {
         self.list(dir).try_collect().await
     }
+}
+
+/// Our error back out of an `io::Error` that an [`ObjectWriter`] (possibly through the encryption
+/// layers) returned; other I/O errors become a storage error on `key`.
+pub fn error_from_io(key: &str, e: io::Error) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        let inner = e.into_inner().expect("checked above");
+        return *inner.downcast::<Error>().expect("checked above");
+    }
+    Error::StorageObject {
+        object: key.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// A multipart upload in progress: its parts upload on the runtime while the writer goes on.
+struct Multipart {
+    upload: Box<dyn MultipartUpload>,
+    tasks: JoinSet<object_store::Result<()>>,
 }
 
 /// Writes one object from a blocking thread: a single conditional put when it is small, a multipart
@@ -241,71 +540,119 @@ pub struct ObjectWriter {
     key: String,
     handle: Handle,
     buf: Vec<u8>,
-    upload: Option<WriteMultipart>,
+    upload: Option<Multipart>,
     written: u64,
 }
 
 impl ObjectWriter {
+    fn fail(&self, e: object_store::Error) -> io::Error {
+        io::Error::other(self.store.error(&self.key, e))
+    }
+
+    /// Wait until at most `max` parts of this object are uploading; the first failure is returned.
+    fn drain(&mut self, max: usize) -> io::Result<()> {
+        loop {
+            let next = match self.upload.as_mut() {
+                Some(mp) if mp.tasks.len() > max => self.handle.block_on(mp.tasks.join_next()),
+                _ => return Ok(()),
+            };
+            match next {
+                Some(Ok(Ok(()))) | None => {}
+                Some(Ok(Err(e))) => return Err(self.fail(e)),
+                Some(Err(join)) => return Err(io::Error::other(join)),
+            }
+        }
+    }
+
+    /// Send the buffer as the next part, starting the multipart upload if needed.
     fn send_part(&mut self) -> io::Result<()> {
         if self.upload.is_none() {
             let path = self.store.path(&self.key);
-            let inner = self.store.inner.clone();
+            let opts = PutMultipartOptions {
+                attributes: self.store.attributes.clone(),
+                ..Default::default()
+            };
             let upload = self
                 .handle
-                .block_on(inner.put_multipart(&path))
-                .map_err(io::Error::other)?;
-            self.upload = Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE));
+                .block_on(self.store.inner.put_multipart_opts(&path, opts))
+                .map_err(|e| self.fail(e))?;
+            self.upload = Some(Multipart {
+                upload,
+                tasks: JoinSet::new(),
+            });
         }
-        let upload = self.upload.as_mut().expect("started above");
-        {
-            let _guard = self.handle.enter();
-            upload.write(&self.buf);
-        }
-        self.buf.clear();
-        self.handle
-            .block_on(upload.wait_for_capacity(PARTS_IN_FLIGHT))
-            .map_err(io::Error::other)
+        self.drain(PARTS_IN_FLIGHT - 1)?;
+        let permit = self
+            .handle
+            .block_on(self.store.part_slots.clone().acquire_owned())
+            .map_err(io::Error::other)?;
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        let mp = self.upload.as_mut().expect("started above");
+        let part = mp.upload.put_part(PutPayload::from(data));
+        mp.tasks.spawn_on(
+            async move {
+                let _slot = permit;
+                part.await
+            },
+            &self.handle,
+        );
+        Ok(())
     }
 
     /// Complete the object. Returns the number of bytes stored; 0 when an object with this key
     /// already existed (content addresses make that the same content).
     pub fn finish(mut self) -> Result<u64> {
         let written = self.written;
-        match self.upload.take() {
-            None => {
-                let data = Bytes::from(std::mem::take(&mut self.buf));
-                let created = self.handle.block_on(self.store.put_new(&self.key, data))?;
-                Ok(if created { written } else { 0 })
+        if self.upload.is_none() {
+            let data = Bytes::from(std::mem::take(&mut self.buf));
+            let created = self.handle.block_on(self.store.put_new(&self.key, data))?;
+            return Ok(if created { written } else { 0 });
+        }
+        let key = self.key.clone();
+        let result = (|| {
+            if !self.buf.is_empty() {
+                self.send_part()?;
             }
-            Some(mut upload) => {
-                {
-                    let _guard = self.handle.enter();
-                    upload.write(&self.buf);
-                }
-                self.handle
-                    .block_on(upload.finish())
-                    .map_err(|e| self.store.error(&self.key, e))?;
-                Ok(written)
+            self.drain(0)
+        })();
+        if let Err(e) = result {
+            self.abort();
+            return Err(error_from_io(&key, e));
+        }
+        let mut mp = self.upload.take().expect("multipart");
+        match self.handle.block_on(mp.upload.complete()) {
+            Ok(_) => Ok(written),
+            Err(e) => {
+                let _ = self.handle.block_on(mp.upload.abort());
+                Err(self.store.error(&key, e))
             }
         }
     }
 
     /// Abandon the object: a multipart upload is aborted, nothing becomes visible.
     pub fn abort(mut self) {
-        if let Some(upload) = self.upload.take() {
-            let _ = self.handle.block_on(upload.abort());
+        if let Some(mut mp) = self.upload.take() {
+            mp.tasks.abort_all();
+            let _ = self.handle.block_on(async {
+                while mp.tasks.join_next().await.is_some() {}
+                mp.upload.abort().await
+            });
         }
     }
 }
 
 impl Write for ObjectWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        self.written += data.len() as u64;
+        if self.buf.capacity() == 0 && self.upload.is_some() {
+            self.buf.reserve_exact(PART_SIZE);
+        }
+        let n = data.len().min(PART_SIZE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        self.written += n as u64;
         if self.buf.len() >= PART_SIZE {
             self.send_part()?;
         }
-        Ok(data.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -315,11 +662,12 @@ impl Write for ObjectWriter {
 
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        if let Some(upload) = self.upload.take() {
+        if let Some(mut mp) = self.upload.take() {
             // Best effort: an abandoned multipart upload never becomes a visible object anyway.
+            mp.tasks.abort_all();
             let handle = self.handle.clone();
             handle.spawn(async move {
-                let _ = upload.abort().await;
+                let _ = mp.upload.abort().await;
             });
         }
     }
@@ -336,4 +684,53 @@ pub async fn count_objects(store: &Store, dir: &str) -> Result<(u64, u64)> {
         bytes += size;
     }
     Ok((n, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redactor_removes_secrets_queries_and_xml_bodies() {
+        let r = Redactor::new(vec!["s3cr3t/KEY+value".into(), "abc".into()]);
+        let text = "Generic S3 error: Error performing PUT https://acct.blob.core.windows.net/c/data/x?sv=2023&sig=AbC%2Fdef in 2s - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match\nRequestId: 1</Message><StringToSign>AWS4-HMAC-SHA256 s3cr3t/KEY+value</StringToSign></Error>";
+        let out = r.clean(text);
+        assert!(!out.contains("s3cr3t"), "{out}");
+        assert!(!out.contains("AbC"), "{out}");
+        assert!(!out.contains("StringToSign"), "{out}");
+        assert!(!out.contains('\n'), "{out}");
+        assert!(out.contains("?<redacted> in 2s"), "{out}");
+        assert!(
+            out.ends_with("403 Forbidden: SignatureDoesNotMatch: The request signature we calculated does not match"),
+            "{out}"
+        );
+        // Short strings are not treated as secrets (they would blank out ordinary words).
+        assert!(r.clean("abc def").contains("abc"));
+        // A secret outside XML and URLs is replaced too; long text is cut.
+        assert_eq!(r.clean("key s3cr3t/KEY+value here"), "key <redacted> here");
+        assert!(r.clean(&"x ".repeat(1000)).chars().count() <= MAX_DETAIL + 1);
+        assert_eq!(redact_word("token=abc&x=1"), "token=<redacted>&x=1");
+    }
+
+    #[test]
+    fn status_and_code_are_found_in_error_text() {
+        assert_eq!(
+            http_status("Server returned non-2xx status code: 403 Forbidden: x"),
+            Some(403)
+        );
+        assert_eq!(http_status("connection refused"), None);
+        assert_eq!(
+            error_code("... <Error><Code>NoSuchBucket</Code> ...").as_deref(),
+            Some("NoSuchBucket")
+        );
+    }
+
+    #[test]
+    fn redact_url_keeps_empty_empty() {
+        assert_eq!(redact_url(""), "");
+        assert_eq!(
+            redact_url("https://u:p@host/x?sig=1"),
+            "https://host/x?<redacted>"
+        );
+    }
 }

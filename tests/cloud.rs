@@ -1,0 +1,645 @@
+//! Cloud stores end to end, against real servers on 127.0.0.1:
+//! - S3: s3s-fs in this process (a real S3 implementation over a directory that checks SigV4
+//!   signatures), behind a layer that records requests and can misbehave on purpose;
+//! - Azure Blob: Azurite (npm `azurite@3.35.0`, installed by `.ci/run` into `.ci/node_modules`);
+//! - Google Cloud Storage: `support/gcs.rs`, a local server speaking the GCS XML API that object_store
+//!   uses (see that file for exactly what it does and does not cover).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use immich_backup::config::StorageConfig;
+use immich_backup::error::Error;
+use immich_backup::snapshot;
+use immich_backup::store::{Store, PART_SIZE};
+use immich_backup::storecheck::{self, Status};
+use support::azurite::Azurite;
+use support::gcs::FakeGcs;
+use support::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+use support::*;
+
+fn status_of(r: &storecheck::InitReport, check: &str) -> Status {
+    r.checks
+        .iter()
+        .find(|c| c.check == check)
+        .unwrap_or_else(|| panic!("no check {check}: {r:?}"))
+        .status
+}
+
+/// Full backup → restore round trip through S3 with SigV4, including an object of more than two
+/// multipart parts; a second backup uploads nothing.
+#[test]
+fn s3_backup_restore_round_trip_with_multipart_object() {
+    let server = S3Server::start(&["photos"]);
+    let source = Source::new(1500);
+    let cfg = source.config(s3_storage(&server, "photos", "immich/nightly"));
+    let rt = runtime();
+
+    let report = backup(&rt, &cfg).expect("backup to S3");
+    assert_eq!(report.files as usize, source.originals);
+    assert!(report.files_new > 0);
+
+    // The big file went up as a multipart upload of more than two parts, several at once.
+    let seen = server.seen();
+    let mut parts: BTreeMap<String, usize> = BTreeMap::new();
+    for s in seen.iter().filter(|s| s.is_part()) {
+        assert_eq!(s.status, 200, "{s:?}");
+        let path = s.target.split('?').next().unwrap().to_string();
+        *parts.entry(path).or_default() += 1;
+    }
+    let most = parts.values().copied().max().unwrap_or(0);
+    let expected = BIG_FILE_SIZE.div_ceil(PART_SIZE);
+    assert!(
+        most >= expected && expected > 2,
+        "parts per object: {parts:?}"
+    );
+    assert!(seen.iter().any(|s| s.is_complete() && s.status == 200));
+    let max_parallel = server.behaviour.parts_max.load(Ordering::SeqCst);
+    assert!(
+        (2..=cfg.storage.concurrency).contains(&max_parallel),
+        "parts in flight at once: {max_parallel}"
+    );
+    // Everything stored is under the prefix; the manifest is there.
+    let keys = server.keys("photos", "");
+    assert!(
+        keys.iter().all(|k| k.starts_with("immich/nightly/")),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.ends_with(&format!(
+        "{}/{}",
+        report.snapshot,
+        snapshot::MANIFEST_OBJECT
+    ))));
+
+    restore_and_verify(&rt, &source, &cfg);
+
+    // Nothing changed: the next backup stores no content.
+    server.clear_log();
+    let again = backup(&rt, &cfg).expect("second backup");
+    assert_eq!(again.files_new, 0);
+    assert_eq!(again.bytes_stored, 0);
+    let data_puts: Vec<_> = server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "PUT" && s.target.contains("/data/"))
+        .collect();
+    assert!(data_puts.is_empty(), "{data_puts:?}");
+}
+
+/// Several large objects at once: each goes up in parts, the parts in flight never exceed
+/// `[storage] concurrency`, and every object reads back intact.
+#[test]
+fn s3_parallel_multipart_uploads_stay_bounded() {
+    let server = S3Server::start(&["bounded"]);
+    let mut storage = s3_storage(&server, "bounded", "p");
+    storage.concurrency = 3;
+    let rt = runtime();
+    let store = rt.block_on(async { Store::open(&storage) }).unwrap();
+    let len = 3 * PART_SIZE + 777;
+    let handle = rt.handle().clone();
+    let threads: Vec<_> = (0..4u64)
+        .map(|i| {
+            let store = store.clone();
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                let _g = handle.enter();
+                let mut w = store.writer(&format!("data/big-{i}"));
+                let data = immich_backup::sample::pseudo_random_bytes(i, len);
+                for chunk in data.chunks(100_000) {
+                    std::io::Write::write_all(&mut w, chunk).unwrap();
+                }
+                assert_eq!(w.finish().unwrap(), len as u64);
+                data
+            })
+        })
+        .collect();
+    let datas: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let max = server.behaviour.parts_max.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&max), "parts in flight at once: {max}");
+    let parts = server.seen().iter().filter(|s| s.is_part()).count();
+    assert_eq!(parts, 4 * len.div_ceil(PART_SIZE));
+    for (i, data) in datas.iter().enumerate() {
+        let got = rt
+            .block_on(store.get_bytes(&format!("data/big-{i}")))
+            .unwrap();
+        assert!(got == data[..], "object {i} differs");
+    }
+}
+
+/// A wrong secret: every command fails with exit code 10 and one documented line, and no secret
+/// (right or wrong, nor the session token) appears anywhere in the output, even with debug logs.
+#[test]
+fn s3_wrong_secret_is_one_documented_line_without_secrets() {
+    let server = S3Server::start(&["photos"]);
+    let work = tempfile::tempdir().unwrap();
+    let upload = work.path().join("ul");
+    std::fs::create_dir_all(upload.join("library")).unwrap();
+    let wrong = "WrongSecretValue/abcdefghijklmnopqrstuvwxyz0123";
+    let token = "FwoGZXIvYXdzEXAMPLESESSIONTOKENvalue1234567890";
+    let config = work.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[immich]\nupload_location = {:?}\n[storage]\nurl = \"s3://photos/immich\"\nendpoint = {:?}\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = {:?}\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            upload.display().to_string(),
+            server.endpoint(),
+            ACCESS_KEY,
+            immich_backup::crypto::generate_key().recipient,
+            work.path().join("cache").display().to_string()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", wrong),
+        ("IMMICH_BACKUP__STORAGE__SESSION_TOKEN", token),
+        ("IMMICH_BACKUP_LOG", "debug"),
+    ];
+    for args in [
+        &["backup"][..],
+        &["snapshots"],
+        &["init"],
+        &["-vv", "backup"],
+    ] {
+        let out = cli(&config, args, &env);
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(10), "{args:?}: {stdout}\n{stderr}");
+        for secret in [wrong, token, SECRET_KEY] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{args:?} leaked a secret:\n{stdout}\n{stderr}"
+            );
+        }
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            errors[0].contains("storage s3://photos/immich: ")
+                && errors[0].contains("denied (SignatureDoesNotMatch)")
+                || args == ["init"] && errors[0].contains("failed check(s): access"),
+            "{args:?}: {}",
+            errors[0]
+        );
+        if args == ["init"] {
+            assert!(stdout.contains("FAIL access"), "{stdout}");
+            assert!(
+                stdout.contains("check [storage] access_key_id and secret_access_key"),
+                "{stdout}"
+            );
+        }
+    }
+    // --json: one object with the failed check and the exit code.
+    let out = cli(&config, &["--json", "init"], &env);
+    assert_eq!(out.status.code(), Some(10));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["exit_code"], 10);
+    assert_eq!(v["checks"][0]["check"], "access");
+    assert_eq!(v["checks"][0]["status"], "fail");
+    assert!(!out
+        .stdout
+        .windows(wrong.len())
+        .any(|w| w == wrong.as_bytes()));
+
+    // Debug of the config never shows a secret either.
+    let storage = StorageConfig {
+        secret_access_key: wrong.into(),
+        session_token: token.into(),
+        account_key: "azure-key-value==".into(),
+        options: [("sas_token".to_string(), "sv=2023&sig=abcdef".to_string())].into(),
+        ..StorageConfig::default()
+    };
+    let shown = format!("{storage:?}");
+    for s in [wrong, token, "azure-key-value==", "sig=abcdef"] {
+        assert!(!shown.contains(s), "{shown}");
+    }
+}
+
+/// A bucket that does not exist: exit code 10 with the documented message; `init` says to create it.
+#[test]
+fn s3_missing_bucket_is_a_documented_error() {
+    let server = S3Server::start(&["photos"]);
+    let mut storage = s3_storage(&server, "no-such-bucket", "immich");
+    storage.concurrency = 2;
+    let rt = runtime();
+    let store = Store::open(&storage).unwrap();
+    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    assert_eq!(err.exit_code(), 10);
+    assert_eq!(
+        err.to_string(),
+        "storage s3://no-such-bucket/immich: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"
+    );
+    let report = rt.block_on(storecheck::run(&store));
+    assert!(!report.ok);
+    let access = &report.checks[0];
+    assert_eq!(access.status, Status::Fail);
+    assert!(
+        access
+            .remedy
+            .as_deref()
+            .unwrap()
+            .contains("create the bucket"),
+        "{access:?}"
+    );
+    assert_eq!(status_of(&report, "write"), Status::Skipped);
+    assert_eq!(storecheck::failure_error(&report).exit_code(), 10);
+}
+
+/// `init` runs every check and creates the repository; it tells a server that ignores conditional
+/// writes (warning) from one that rejects them (failure, remedy: conditional_create = false), and
+/// with that setting the store works.
+#[test]
+fn s3_init_checks_the_store() {
+    let server = S3Server::start(&["photos"]);
+    let storage = s3_storage(&server, "photos", "immich");
+    let rt = runtime();
+    let store = Store::open(&storage).unwrap();
+
+    let report = rt.block_on(storecheck::run(&store));
+    assert!(report.ok, "{report:#?}");
+    for c in [
+        "access",
+        "write",
+        "read",
+        "list",
+        "conditional-create",
+        "delete",
+        "repository",
+    ] {
+        assert_eq!(status_of(&report, c), Status::Ok, "{report:#?}");
+    }
+    assert!(report.created);
+    // The probe is gone; only the marker remains.
+    assert_eq!(
+        server.keys("photos", ""),
+        vec!["immich/immich-backup.json".to_string()]
+    );
+    let again = rt.block_on(storecheck::run(&store));
+    assert!(again.ok && !again.created);
+    assert_eq!(again.repository, report.repository);
+
+    server
+        .behaviour
+        .ignore_if_none_match
+        .store(true, Ordering::SeqCst);
+    let r = rt.block_on(storecheck::run(&store));
+    assert!(r.ok, "{r:#?}");
+    assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
+    server
+        .behaviour
+        .ignore_if_none_match
+        .store(false, Ordering::SeqCst);
+
+    server
+        .behaviour
+        .reject_if_none_match
+        .store(true, Ordering::SeqCst);
+    let r = rt.block_on(storecheck::run(&store));
+    assert!(!r.ok);
+    let write = r.checks.iter().find(|c| c.check == "write").unwrap();
+    assert_eq!(write.status, Status::Fail, "{r:#?}");
+    let mut fallback = storage.clone();
+    fallback.conditional_create = false;
+    let store2 = Store::open(&fallback).unwrap();
+    let r = rt.block_on(storecheck::run(&store2));
+    assert!(r.ok, "{r:#?}");
+    assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
+    // Check-then-write still never overwrites.
+    assert!(rt
+        .block_on(store2.put_new("x", Bytes::from_static(b"1")))
+        .unwrap());
+    assert!(!rt
+        .block_on(store2.put_new("x", Bytes::from_static(b"2")))
+        .unwrap());
+    assert_eq!(&rt.block_on(store2.get_bytes("x")).unwrap()[..], b"1");
+}
+
+/// A store that keeps failing: the backup fails after its retries, naming the object and the
+/// reason, with exit code 10; no snapshot becomes visible.
+#[test]
+fn s3_failing_upload_names_the_object() {
+    let server = S3Server::start(&["photos"]);
+    let source = Source::new(200);
+    let cfg = source.config(s3_storage(&server, "photos", "immich"));
+    let rt = runtime();
+    server
+        .behaviour
+        .fail_data_puts
+        .store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let err = backup(&rt, &cfg).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "retries took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.exit_code(), 10, "{err}");
+    let text = err.to_string();
+    match &err {
+        Error::StorageObject { object, message } => {
+            assert!(object.starts_with("data/"), "{text}");
+            assert!(
+                message.contains("SlowDown") || message.contains("503"),
+                "{text}"
+            );
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    assert!(!text.contains('\n'), "{text}");
+    assert!(!text.contains(SECRET_KEY));
+    let store = Store::open(&cfg.storage).unwrap();
+    assert!(rt.block_on(snapshot::list(&store)).unwrap().is_empty());
+}
+
+/// Kill the backup (SIGKILL) while a multipart upload is in flight: no snapshot is visible; the next
+/// run completes and uploads only the content that was missing.
+#[test]
+fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
+    let server = S3Server::start(&["photos"]);
+    let source = Source::new(500);
+    let mut storage = s3_storage(&server, "photos", "immich");
+    storage.concurrency = 4;
+    let cfg = source.config(storage);
+    let config = source.config_file(&cfg, "config.toml");
+    let env = [("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", SECRET_KEY)];
+    let rt = runtime();
+    let store = Store::open(&cfg.storage).unwrap();
+
+    server
+        .behaviour
+        .stall_data_parts
+        .store(true, Ordering::SeqCst);
+    let mut child = cli_command(&config, &["backup"], &env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while server.behaviour.stalled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no part upload reached the server"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup ended before uploading parts"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the small files in flight land, then kill it in the middle of the multipart upload.
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    server
+        .behaviour
+        .stall_data_parts
+        .store(false, Ordering::SeqCst);
+
+    assert!(rt.block_on(snapshot::list(&store)).unwrap().is_empty());
+    let ids = rt.block_on(snapshot::list_ids(&store)).unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(ids.values().all(|complete| !complete));
+    let out = cli(&config, &["snapshots"], &env);
+    assert!(texts(&out).0.contains("0 snapshot(s)"), "{:?}", texts(&out));
+    let before: BTreeSet<String> = server.keys("photos", "immich/data").into_iter().collect();
+    assert!(!before.is_empty(), "nothing was stored before the kill");
+
+    server.clear_log();
+    let out = cli(&config, &["--json", "backup"], &env);
+    let (stdout, stderr) = texts(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let after: BTreeSet<String> = server.keys("photos", "immich/data").into_iter().collect();
+    let written: BTreeSet<String> = server
+        .seen()
+        .iter()
+        .filter(|s| {
+            (s.is_put_object() || s.is_complete()) && s.target.contains("/data/") && s.status == 200
+        })
+        .map(|s| {
+            s.target
+                .split('?')
+                .next()
+                .unwrap()
+                .trim_start_matches("/photos/")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        written.is_disjoint(&before),
+        "uploaded again: {:?}",
+        written.intersection(&before).collect::<Vec<_>>()
+    );
+    assert_eq!(after.len(), before.len() + written.len());
+    assert!(written.iter().any(|k| k.contains("/data/")) || !written.is_empty());
+    assert_eq!(
+        report["files_new"].as_u64().unwrap() as usize,
+        written.len()
+    );
+    assert_eq!(report["files"].as_u64().unwrap() as usize, source.originals);
+    let complete = rt.block_on(snapshot::list(&store)).unwrap();
+    assert_eq!(complete.len(), 1);
+    assert_eq!(complete[0].id, report["snapshot"].as_str().unwrap());
+}
+
+/// Azure Blob through Azurite: full round trip, then a wrong account key.
+#[test]
+fn azure_backup_restore_round_trip() {
+    let azurite = Azurite::start();
+    azurite.create_container("immich");
+    let source = Source::new(800);
+    let storage = quick(StorageConfig {
+        url: "az://immich/nightly".into(),
+        endpoint: azurite.endpoint(),
+        allow_http: true,
+        account_name: support::azurite::ACCOUNT.into(),
+        account_key: support::azurite::KEY.into(),
+        ..StorageConfig::default()
+    });
+    let cfg = source.config(storage);
+    let rt = runtime();
+    let store = Store::open(&cfg.storage).unwrap();
+    let init = rt.block_on(storecheck::run(&store));
+    assert!(init.ok, "{init:#?}");
+    assert!(
+        init.checks.iter().all(|c| c.status == Status::Ok),
+        "{init:#?}"
+    );
+    let report = backup(&rt, &cfg).expect("backup to Azure");
+    assert_eq!(report.files as usize, source.originals);
+    restore_and_verify(&rt, &source, &cfg);
+    let again = backup(&rt, &cfg).unwrap();
+    assert_eq!(again.files_new, 0);
+}
+
+#[test]
+fn azure_wrong_key_is_a_storage_error() {
+    let azurite = Azurite::start();
+    azurite.create_container("immich");
+    let work = tempfile::tempdir().unwrap();
+    let upload = work.path().join("ul");
+    std::fs::create_dir_all(upload.join("library")).unwrap();
+    // A well-formed key that is not the account's.
+    let wrong =
+        "QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5";
+    let config = work.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[immich]\nupload_location = {:?}\n[storage]\nurl = \"az://immich/nightly\"\nendpoint = {:?}\nallow_http = true\naccount_name = \"devstoreaccount1\"\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            upload.display().to_string(),
+            azurite.endpoint(),
+            immich_backup::crypto::generate_key().recipient,
+            work.path().join("cache").display().to_string()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("IMMICH_BACKUP__STORAGE__ACCOUNT_KEY", wrong),
+        ("IMMICH_BACKUP_LOG", "debug"),
+    ];
+    for args in [&["backup"][..], &["init"]] {
+        let out = cli(&config, args, &env);
+        let (stdout, stderr) = texts(&out);
+        assert_eq!(out.status.code(), Some(10), "{args:?}: {stdout}\n{stderr}");
+        assert!(!stdout.contains(wrong) && !stderr.contains(wrong));
+        assert!(!stdout.contains(support::azurite::KEY) && !stderr.contains(support::azurite::KEY));
+        let errors = error_lines(&stderr);
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(
+            errors[0].contains("denied (Authentication")
+                || errors[0].contains("denied (AuthorizationFailure)")
+                || errors[0].contains("failed check(s): access"),
+            "{}",
+            errors[0]
+        );
+    }
+}
+
+/// GCS through object_store's real client and the local XML-API server: init, full round trip
+/// (single and multipart uploads, create-only writes, paged listings, ranged reads), and a wrong
+/// bearer token.
+#[test]
+fn gcs_backup_restore_round_trip() {
+    let gcs = FakeGcs::start(&["immich-gcs"], "");
+    let source = Source::new(800);
+    let sa = gcs.service_account_file(source.work.path());
+    let storage = quick(StorageConfig {
+        url: "gs://immich-gcs/nightly".into(),
+        service_account: sa.display().to_string(),
+        allow_http: true,
+        ..StorageConfig::default()
+    });
+    let cfg = source.config(storage);
+    let rt = runtime();
+    let store = Store::open(&cfg.storage).unwrap();
+    let init = rt.block_on(storecheck::run(&store));
+    assert!(init.ok, "{init:#?}");
+    assert!(
+        init.checks.iter().all(|c| c.status == Status::Ok),
+        "{init:#?}"
+    );
+    let report = backup(&rt, &cfg).expect("backup to GCS");
+    assert_eq!(report.files as usize, source.originals);
+    let seen = gcs.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.starts_with("POST ") && s.contains("?uploads")),
+        "no multipart upload"
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| s.starts_with("PUT ") && s.contains("partNumber="))
+            .count()
+            > 2
+    );
+    restore_and_verify(&rt, &source, &cfg);
+    let again = backup(&rt, &cfg).unwrap();
+    assert_eq!(again.files_new, 0);
+    // The second backup listed the stored content over several pages.
+    assert!(
+        gcs.seen()
+            .iter()
+            .any(|s| s.starts_with("GET ") && s.contains("continuation-token=")),
+        "listing was not paged"
+    );
+    assert!(gcs
+        .keys("immich-gcs")
+        .iter()
+        .all(|k| k.starts_with("nightly/")));
+}
+
+#[test]
+fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
+    let gcs = FakeGcs::start(&["immich-gcs"], "right-token-0123456789");
+    let rt = runtime();
+    let mut storage = quick(StorageConfig {
+        url: "gs://immich-gcs/nightly".into(),
+        endpoint: gcs.base_url(),
+        allow_http: true,
+        ..StorageConfig::default()
+    });
+    storage
+        .options
+        .insert("bearer_token".into(), "wrong-token-9876543210".into());
+    let store = Store::open(&storage).unwrap();
+    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    assert_eq!(err.exit_code(), 10);
+    let text = err.to_string();
+    assert!(text.contains("denied (AuthenticationRequired)"), "{text}");
+    assert!(!text.contains("wrong-token-9876543210") && !text.contains("right-token"));
+
+    storage
+        .options
+        .insert("bearer_token".into(), "right-token-0123456789".into());
+    storage.url = "gs://no-such-bucket/x".into();
+    let store = Store::open(&storage).unwrap();
+    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "storage gs://no-such-bucket/x: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"
+    );
+}
+
+/// Unknown schemes and options are configuration errors (exit 2) that name the problem.
+#[test]
+fn bad_urls_and_options_are_config_errors() {
+    for (url, want) in [
+        ("ftp://host/x", "unknown scheme"),
+        (
+            "https://example.com/bucket",
+            "plain http(s) stores are not supported",
+        ),
+        ("not a url", "use file:///path, s3://bucket/prefix"),
+    ] {
+        let s = StorageConfig {
+            url: url.into(),
+            ..StorageConfig::default()
+        };
+        let err = Store::open(&s).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains(want), "{url}: {err}");
+    }
+    let mut s = StorageConfig {
+        url: "s3://b/p".into(),
+        ..StorageConfig::default()
+    };
+    s.options.insert("no_such_option".into(), "1".into());
+    let err = Store::open(&s).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"no_such_option\" is not an S3 option"),
+        "{err}"
+    );
+    let s = StorageConfig {
+        url: "s3://b/p".into(),
+        access_key_id: "AKIA".into(),
+        ..StorageConfig::default()
+    };
+    assert!(Store::open(&s)
+        .unwrap_err()
+        .to_string()
+        .contains("go together"));
+}
