@@ -19,6 +19,10 @@ pub struct Config {
     pub storage: StorageConfig,
     pub encryption: EncryptionConfig,
     pub backup: BackupConfig,
+    pub retention: crate::retention::RetentionConfig,
+    pub schedule: crate::schedule::ScheduleConfig,
+    pub lock: crate::lock::LockConfig,
+    pub agent: crate::agent::AgentConfig,
 }
 
 /// `[immich]`: where the Immich files are.
@@ -262,6 +266,10 @@ impl Config {
                 "[storage] concurrency must be at least 1".into(),
             ));
         }
+        self.retention.validate()?;
+        self.schedule.validate()?;
+        self.lock.validate()?;
+        self.agent.validate()?;
         Ok(())
     }
 

@@ -94,8 +94,12 @@ pub enum Error {
 /// What to do about an I/O error, when there is something to say.
 fn io_remedy(e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
-        Some(libc::ENOSPC) => " (the disk is full: free space or choose another target, then run again)",
-        Some(libc::EACCES) | Some(libc::EPERM) => " (permission denied: run as a user that may write there)",
+        Some(libc::ENOSPC) => {
+            " (the disk is full: free space or choose another target, then run again)"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            " (permission denied: run as a user that may write there)"
+        }
         Some(libc::EROFS) => " (read-only file system)",
         _ => "",
     }

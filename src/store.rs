@@ -337,3 +337,53 @@ pub async fn count_objects(store: &Store, dir: &str) -> Result<(u64, u64)> {
     }
     Ok((n, bytes))
 }
+
+/// Helpers for the agent's lock and prune (kept apart from the data path above).
+impl Store {
+    /// Create an object whose key is unique to the caller (a lock object): a create-only put where
+    /// the store supports it, else a plain put, which cannot overwrite anything under a unique name.
+    /// `Ok(false)` when the key exists.
+    pub async fn put_unique(&self, key: &str, data: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let path = self.path(key);
+        match self
+            .inner
+            .put_opts(&path, PutPayload::from(data.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::NotImplemented { .. }) => {
+                tracing::debug!(
+                    key,
+                    "the store has no create-only put; writing the lock with a plain put"
+                );
+                self.inner
+                    .put(&path, PutPayload::from(data))
+                    .await
+                    .map_err(|e| self.error(key, e))?;
+                Ok(true)
+            }
+            Err(e) => Err(self.error(key, e)),
+        }
+    }
+
+    /// Every object under `dir` with its size and last-modified time.
+    pub async fn list_with_time(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(String, u64, chrono::DateTime<chrono::Utc>)>> {
+        let base = self.path(dir);
+        self.inner
+            .list(Some(&base))
+            .map(|item| {
+                item.map(|meta| (self.key_of(&meta.location), meta.size, meta.last_modified))
+                    .map_err(|e| self.error(dir, e))
+            })
+            .try_collect()
+            .await
+    }
+}
