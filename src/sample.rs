@@ -68,10 +68,10 @@ const PG_CLIENT_ENV: [&str; 14] = [
     "PGDATESTYLE",
     "PGTARGETSESSIONATTRS",
 ];
-/// Mode-independent start of the mtimes the sample library gets (2021-01-01T00:00:00Z).
+/// The earliest mtime in the sample library (2021-01-01T00:00:00Z); each entry gets a later one.
 const SAMPLE_MTIME_BASE: i64 = 1_609_459_200;
 
-/// A throwaway PostgreSQL cluster made with initdb, listening on 127.0.0.1:<free port> with trust
+/// A throwaway PostgreSQL cluster made with initdb, listening on `127.0.0.1:<free port>` with trust
 /// auth, superuser `postgres`. Stopped (`pg_ctl stop -m immediate`) and its directory removed on Drop.
 pub struct PgCluster {
     /// TCP port on 127.0.0.1.
@@ -102,6 +102,14 @@ impl PgCluster {
     /// As root, `initdb` and `pg_ctl` run as the `postgres` OS user on a directory it owns; `base`
     /// must then be traversable by that user. Waits until `pg_isready` accepts connections.
     pub fn start(base: Option<&Path>) -> Result<PgCluster> {
+        Self::start_with_ports(base, free_port)
+    }
+
+    /// [`PgCluster::start`] with the ports to try coming from `pick_port`.
+    fn start_with_ports(
+        base: Option<&Path>,
+        pick_port: impl FnMut() -> Result<u16>,
+    ) -> Result<PgCluster> {
         let bin_dir = find_pg_bin_dir()
             .with_context(|| format!("no PostgreSQL server binaries found (set {PG_BIN_ENV})"))?;
         check_server_binaries(&bin_dir)?;
@@ -119,7 +127,7 @@ impl PgCluster {
             _dir: dir,
         };
         cluster.initdb()?;
-        cluster.launch_on_free_port()?;
+        cluster.launch(pick_port)?;
         cluster.wait_ready()?;
         Ok(cluster)
     }
@@ -249,15 +257,42 @@ impl PgCluster {
             "-N",
         ];
         self.server_tool("initdb", &args, &opts)
-            .with_context(|| format!("initdb of {}", data.display()))
+            .with_context(|| format!("initdb of {}{}", data.display(), self.traversal_hint()))
     }
 
-    /// `pg_ctl start` on a port nobody listens on; tries again on another port when a parallel
+    /// When the server user cannot reach the cluster directory, say which folder stops it.
+    fn traversal_hint(&self) -> String {
+        let Some(user) = &self.server_user else {
+            return String::new();
+        };
+        let blocked = self.socket_dir.ancestors().skip(1).find(|dir| {
+            use std::os::unix::fs::MetadataExt;
+            let Ok(meta) = fs::metadata(dir) else {
+                return false;
+            };
+            let needed = match (meta.uid() == user.uid, meta.gid() == user.gid) {
+                (true, _) => 0o100,
+                (false, true) => 0o010,
+                _ => 0o001,
+            };
+            meta.mode() & needed == 0
+        });
+        match blocked {
+            Some(dir) => format!(
+                " (hint: OS user {} may not traverse {}: make it mode 0755 or pick another base)",
+                user.name,
+                dir.display()
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// `pg_ctl start` on a port from `pick_port`; tries again on the next port when a parallel
     /// process took it between our probe and the server's bind.
-    fn launch_on_free_port(&mut self) -> Result<()> {
+    fn launch(&mut self, mut pick_port: impl FnMut() -> Result<u16>) -> Result<()> {
         let mut attempt = 1;
         loop {
-            self.port = free_port()?;
+            self.port = pick_port()?;
             let _ = fs::remove_file(&self.log_path);
             match self.pg_ctl_start() {
                 Ok(()) => {
@@ -1259,4 +1294,50 @@ fn set_mtime_nofollow(path: &Path, secs: i64) -> Result<()> {
 fn path_to_cstring(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .with_context(|| format!("path contains NUL: {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_moves_on_when_the_port_is_taken() {
+        let taken = std::net::TcpListener::bind((PG_HOST, 0)).unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut picks = 0;
+        let cluster = PgCluster::start_with_ports(None, || {
+            picks += 1;
+            if picks == 1 {
+                Ok(taken_port)
+            } else {
+                free_port()
+            }
+        })
+        .unwrap();
+        assert_eq!(picks, 2);
+        assert_ne!(cluster.port, taken_port);
+        assert_eq!(cluster.psql("postgres", "select 42").unwrap(), "42\n");
+    }
+
+    #[test]
+    fn newest_debian_version_wins() {
+        let root = tempfile::tempdir().unwrap();
+        for (version, has_initdb) in [("9.6", true), ("15", true), ("16", false), ("13", true)] {
+            let bin = root.path().join(version).join("bin");
+            fs::create_dir_all(&bin).unwrap();
+            if has_initdb {
+                fs::write(bin.join("initdb"), "").unwrap();
+            }
+        }
+        fs::create_dir_all(root.path().join("not-a-version/bin")).unwrap();
+        let found = newest_debian_pg_bin(root.path()).unwrap();
+        assert_eq!(found, root.path().join("15/bin"));
+        assert_eq!(newest_debian_pg_bin(&root.path().join("missing")), None);
+    }
+
+    #[test]
+    fn tail_keeps_char_boundaries() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("abc", 10), "abc");
+    }
 }

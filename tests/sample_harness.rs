@@ -101,6 +101,30 @@ fn parallel_clusters_get_their_own_ports_and_dirs() {
 }
 
 #[test]
+fn start_under_a_private_base_fails_with_a_hint_as_root() {
+    let base = tempfile::tempdir().unwrap();
+    fs::set_permissions(base.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let result = PgCluster::start(Some(base.path()));
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        // Not root: the server runs as us, so a private base is fine.
+        assert!(result.unwrap().psql("postgres", "select 1").is_ok());
+        return;
+    }
+    let err = format!("{:#}", result.unwrap_err());
+    eprintln!("{err}");
+    assert!(err.contains("initdb"), "{err}");
+    assert!(
+        err.contains(&format!("may not traverse {}", base.path().display())),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(base.path()).unwrap().count(),
+        0,
+        "cluster dir left behind"
+    );
+}
+
+#[test]
 fn immich_like_db_has_tables_extensions_and_rows() {
     let cluster = start_cluster();
     let t = Instant::now();
