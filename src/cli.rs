@@ -5,14 +5,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use immich_backup::agent;
 use immich_backup::backup::{self, BackupReport};
 use immich_backup::config::Config;
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
+use immich_backup::lock;
 use immich_backup::progress::Progress;
+use immich_backup::prune;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
+use immich_backup::schedule;
 use immich_backup::store::Store;
-use immich_backup::{agent, db, demo, lock, prune, schedule, snapshot};
+use immich_backup::{db, demo, snapshot};
 
 #[derive(Parser)]
 #[command(

@@ -237,6 +237,10 @@ impl Config {
 
     /// Checks that need no I/O.
     pub fn validate(&self) -> Result<()> {
+        self.retention.validate()?;
+        self.schedule.validate()?;
+        self.lock.validate()?;
+        self.agent.validate()?;
         if self.immich.folders.is_empty() {
             return Err(Error::Config(
                 "[immich] folders is empty; list the originals folders (library, upload, profile)"
@@ -266,10 +270,6 @@ impl Config {
                 "[storage] concurrency must be at least 1".into(),
             ));
         }
-        self.retention.validate()?;
-        self.schedule.validate()?;
-        self.lock.validate()?;
-        self.agent.validate()?;
         Ok(())
     }
 

@@ -234,7 +234,7 @@ async fn write(store: &Store, info: &LockInfo) -> Result<String> {
     let body = Bytes::from(serde_json::to_vec_pretty(info).expect("lock serialises"));
     loop {
         let key = new_key(info.time);
-        if store.put_unique(&key, body.clone()).await? {
+        if store.put_new(&key, body.clone()).await? {
             held_insert(&key);
             return Ok(key);
         }

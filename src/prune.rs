@@ -4,8 +4,8 @@
 //!   deletes the expired ones: first the manifest (the snapshot stops being visible), then the rest
 //!   of its folder.
 //! - **prune** removes what no snapshot needs any more: folders without a manifest (forgotten
-//!   snapshots whose deletion was interrupted, and interrupted backups) whose newest object is older
-//!   than `[lock] stale_secs`, and every content object that no remaining snapshot references.
+//!   snapshots whose deletion was interrupted, and interrupted backups) whose backup started more
+//!   than `[lock] stale_secs` ago, and every content object that no remaining snapshot references.
 //!
 //! Both read only plaintext: the snapshot list, `summary.json` (times) and `refs.txt.gz` (the content
 //! addresses a snapshot uses, written by the backup before its manifest). Both take the exclusive
@@ -74,8 +74,6 @@ pub struct PruneReport {
 struct Folder {
     /// It has a manifest.
     complete: bool,
-    /// Last-modified time of its newest object.
-    newest: DateTime<Utc>,
     objects: Vec<(String, u64)>,
 }
 
@@ -265,9 +263,11 @@ async fn prune_locked(
         ..Default::default()
     };
 
-    // Snapshot folders: complete ones (with a manifest) and the rest, with their newest object.
+    // Snapshot folders: complete ones (with a manifest) and the rest.
     let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-    for (key, size, modified) in store.list_with_time(snapshot::SNAPSHOTS_DIR).await? {
+    let mut listing = std::pin::pin!(store.list(snapshot::SNAPSHOTS_DIR));
+    while let Some(item) = listing.next().await {
+        let (key, size) = item?;
         let mut parts = key.split('/').skip(1);
         let (Some(id), Some(name)) = (parts.next(), parts.next()) else {
             continue;
@@ -280,33 +280,26 @@ async fn prune_locked(
         }
         let f = folders.entry(id.to_string()).or_insert(Folder {
             complete: false,
-            newest: DateTime::<Utc>::MIN_UTC,
             objects: Vec::new(),
         });
         f.complete |= name == snapshot::MANIFEST_OBJECT;
-        f.newest = f.newest.max(modified);
         f.objects.push((key, size));
     }
 
     // Every reference of every complete snapshot, and of recent incomplete ones.
     let mut referenced: HashSet<ContentId> = HashSet::new();
     let mut stale_folders = Vec::new();
-    for (
-        id,
-        Folder {
-            complete,
-            newest,
-            objects,
-        },
-    ) in folders
-    {
+    for (id, Folder { complete, objects }) in folders {
         if complete {
             read_refs(store, &id, &mut referenced).await?;
             report.snapshots += 1;
             continue;
         }
-        let age = now.signed_duration_since(newest);
-        if age.num_seconds() >= lock_cfg.stale_secs as i64 {
+        // Its age: the start of the backup that wrote it (ids begin with that time).
+        let old = id_time(&id).is_none_or(|started| {
+            now.signed_duration_since(started).num_seconds() >= lock_cfg.stale_secs as i64
+        });
+        if old {
             stale_folders.push((id, objects));
         } else {
             // Maybe a backup still writing (its lock would have stopped us, but be generous).

@@ -656,7 +656,7 @@ async fn restore_files(
         }
     }
     // Deepest folders first, so a read-only folder is finished after its contents.
-    dirs.sort_by_key(|b| std::cmp::Reverse(b.0.components().count()));
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (dest, e) in &dirs {
         std::fs::create_dir_all(dest).at(dest)?;
         std::fs::set_permissions(dest, std::fs::Permissions::from_mode(e.mode)).at(dest)?;
