@@ -937,3 +937,27 @@ async fn agent_reports_a_failed_backup() {
     assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(wait_timeout(&mut agent, Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn config_example_shows_the_agent_defaults() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let cfg = Config::load(Some(&example)).unwrap();
+    let defaults = Config::default();
+    assert_eq!(cfg.retention, defaults.retention);
+    assert_eq!(cfg.schedule, defaults.schedule);
+    assert_eq!(cfg.lock, defaults.lock);
+    assert_eq!(cfg.agent, defaults.agent);
+    assert_eq!(
+        (
+            defaults.retention.keep_daily,
+            defaults.retention.keep_weekly,
+            defaults.retention.keep_monthly
+        ),
+        (7, 4, 6)
+    );
+    assert_eq!(defaults.schedule.cron, "@daily");
+    assert!(
+        defaults.agent.listen.is_empty(),
+        "the endpoint is off by default"
+    );
+}
