@@ -493,19 +493,25 @@ fn print_restore(r: &RestoreReport, json: bool) {
 
 /// `run`: the agent, stopped by the first SIGTERM/SIGINT (a second one exits at once).
 async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first, so a signal during start-up already means "stop cleanly".
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let (mut term, mut int) =
+        signals.map_err(|e| Error::Other(format!("cannot handle signals: {e}")))?;
     let cfg = Config::load(config)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         tracing::info!("signal received: stopping (a second signal exits at once)");
         token.cancel();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
         std::process::exit(exit::INTERRUPTED);
     });
