@@ -25,6 +25,7 @@ use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::dump::{self, HashingWriter};
 use crate::error::{Error, Result};
+use crate::lock::{Lock, LockKind};
 use crate::progress::Progress;
 use crate::snapshot::{
     self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, ObjectRef, Skipped, Summary, Totals,
@@ -68,6 +69,29 @@ pub async fn run(
     let root = cfg.immich.upload_location.clone();
     check_upload_location(&root, &cfg.immich.folders)?;
     let marker = snapshot::open_or_init(store).await?;
+    // A shared lock from before the content listing until after the manifest: prune (exclusive)
+    // never deletes content this backup has seen and may reference.
+    let lock = Lock::acquire(store, LockKind::Shared, "backup", &cfg.lock).await?;
+    let result = tokio::select! {
+        r = run_locked(cfg, db, store, recipients, progress, started, marker, &lock) => r,
+        e = lock.lost() => Err(e),
+    };
+    lock.release().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_locked(
+    cfg: &Config,
+    db: &dyn Database,
+    store: &Store,
+    recipients: Recipients,
+    progress: Progress,
+    started: Instant,
+    marker: snapshot::RepoMarker,
+    lock: &Lock,
+) -> Result<BackupReport> {
+    let root = cfg.immich.upload_location.clone();
     let recipients = Arc::new(recipients);
     let key = recipients.content_key();
     let time = Utc::now();
@@ -147,6 +171,7 @@ pub async fn run(
         totals: files.totals.clone(),
         skipped: files.skipped.clone(),
     };
+    lock.confirm().await?;
     commit(store, &recipients, &summary, &manifest).await?;
     files.cache.commit()?;
 

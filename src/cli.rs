@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use immich_backup::agent;
 use immich_backup::backup::{self, BackupReport};
 use immich_backup::config::Config;
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
+use immich_backup::lock;
 use immich_backup::progress::Progress;
+use immich_backup::prune;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
+use immich_backup::schedule;
 use immich_backup::store::Store;
 use immich_backup::{db, demo, snapshot, storecheck};
 
@@ -72,6 +76,32 @@ enum Command {
         #[arg(long)]
         stop_server: bool,
     },
+    /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
+    /// Needs no identity.
+    Forget {
+        /// Show what would be kept (and which rule keeps it) and what would go; change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+        /// Prune afterwards (remove content no remaining snapshot references).
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Remove content no snapshot references and leftovers of interrupted backups. Needs no
+    /// identity.
+    Prune {
+        /// Show what would be removed; change nothing.
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Remove stale locks (left by runs that died), or with --remove-all every lock.
+    Unlock {
+        /// Also remove live locks: only when you are sure no other immich-backup uses the store.
+        #[arg(long)]
+        remove_all: bool,
+    },
+    /// The agent: back up on [schedule], apply [retention] and prune after each backup, serve
+    /// /healthz and /metrics on [agent] listen. Stops cleanly (exit 0) on SIGTERM/SIGINT.
+    Run,
     /// Self-contained demonstration: throwaway Postgres and sample library → backup to a local folder
     /// → restore into a second cluster and folder → verify.
     Demo {
@@ -110,11 +140,20 @@ pub fn main() -> i32 {
     };
     let json = cli.json;
     let code = runtime.block_on(async move {
-        tokio::select! {
+        if let Command::Run = cli.command {
+            // The agent handles signals itself: it stops cleanly and exits 0.
+            return run_agent(cli.config.as_deref()).await;
+        }
+        let r = tokio::select! {
             r = run(cli) => r,
             _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
             _ = terminate() => Err(Error::Interrupted),
+        };
+        if matches!(r, Err(Error::Interrupted)) {
+            // Remove the lock of the abandoned run.
+            lock::settle(std::time::Duration::from_secs(2)).await;
         }
+        r
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match code {
@@ -184,6 +223,29 @@ async fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(cli.config.as_deref())?;
             snapshots(&cfg, cli.json).await
         }
+        Command::Forget { dry_run, prune } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            forget(&cfg, dry_run, prune, cli.json).await
+        }
+        Command::Prune { dry_run } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let store = Store::open(&cfg.storage)?;
+            let report = prune::prune(&store, &cfg.lock, dry_run).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print_prune(&report);
+            }
+            Ok(exit::OK)
+        }
+        Command::Unlock { remove_all } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            unlock(&cfg, remove_all, cli.json).await
+        }
+        Command::Run => unreachable!("handled before"),
         Command::Restore {
             snapshot,
             identity,
@@ -443,6 +505,141 @@ fn print_restore(r: &RestoreReport, json: bool) {
         }
     }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+/// `run`: the agent, stopped by the first SIGTERM/SIGINT (a second one exits at once).
+async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first, so a signal during start-up already means "stop cleanly".
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let (mut term, mut int) =
+        signals.map_err(|e| Error::Other(format!("cannot handle signals: {e}")))?;
+    let cfg = Config::load(config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received: stopping (a second signal exits at once)");
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        std::process::exit(exit::INTERRUPTED);
+    });
+    agent::run(cfg, Arc::new(schedule::SystemClock), shutdown).await?;
+    Ok(exit::OK)
+}
+
+async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {
+    let store = Store::open(&cfg.storage)?;
+    let tz = prune::retention_timezone(cfg)?;
+    let report = prune::forget(&store, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
+        return Ok(exit::OK);
+    }
+    println!("policy: {}", report.policy);
+    println!("{:<28} {:<20} {:<6} REASONS", "ID", "TIME (UTC)", "ACTION");
+    for d in &report.decisions {
+        println!(
+            "{:<28} {:<20} {:<6} {}",
+            d.id,
+            d.time.format("%Y-%m-%d %H:%M:%S"),
+            if d.keep { "keep" } else { "remove" },
+            d.reasons_text()
+        );
+    }
+    println!(
+        "{} snapshot(s) kept, {} {}",
+        report.kept,
+        report.removed.len(),
+        if report.dry_run {
+            "would be removed (dry run: nothing changed)"
+        } else {
+            "removed"
+        }
+    );
+    if let Some(p) = &report.prune {
+        print_prune(p);
+    } else if !report.removed.is_empty() && !report.dry_run {
+        println!(
+            "run `immich-backup prune` (or forget --prune) to free the space of their content"
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn print_prune(p: &prune::PruneReport) {
+    let verb = if p.dry_run { "would remove" } else { "removed" };
+    println!(
+        "prune: {} snapshot(s) reference {} content object(s); {verb} {} unreferenced content object(s) ({}) and {} incomplete snapshot folder(s)",
+        p.snapshots,
+        p.content_referenced,
+        p.content_removed,
+        human(p.content_bytes_removed),
+        p.incomplete_removed.len()
+    );
+    if !p.incomplete_kept.is_empty() {
+        println!(
+            "  kept {} recent incomplete folder(s) (a backup may still be writing them): {}",
+            p.incomplete_kept.len(),
+            p.incomplete_kept.join(", ")
+        );
+    }
+    println!(
+        "  store {}: {} objects, {}{}",
+        if p.dry_run { "afterwards" } else { "now" },
+        p.store_objects,
+        human(p.store_bytes),
+        if p.dry_run {
+            " (dry run: nothing changed)"
+        } else {
+            ""
+        }
+    );
+}
+
+async fn unlock(cfg: &Config, remove_all: bool, json: bool) -> Result<i32> {
+    let store = Store::open(&cfg.storage)?;
+    snapshot::require_marker(&store).await?;
+    let (removed, kept) = lock::unlock(&store, &cfg.lock, remove_all).await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"removed": removed, "remaining": kept})
+        );
+        return Ok(exit::OK);
+    }
+    for l in &removed {
+        println!(
+            "removed {}{}",
+            l.key,
+            l.stale
+                .as_ref()
+                .map(|r| format!(" (stale: {r})"))
+                .unwrap_or_default()
+        );
+    }
+    for l in &kept {
+        if let Some(i) = &l.info {
+            println!(
+                "kept live lock {}: {:?} `{}` by pid {} on {}, refreshed {} (use --remove-all only if that run is gone)",
+                l.key, i.kind, i.operation, i.pid, i.host, i.time
+            );
+        }
+    }
+    if removed.is_empty() && kept.is_empty() {
+        println!("no locks");
+    }
+    Ok(exit::OK)
 }
 
 fn human(bytes: u64) -> String {

@@ -20,6 +20,10 @@ pub struct Config {
     pub storage: StorageConfig,
     pub encryption: EncryptionConfig,
     pub backup: BackupConfig,
+    pub retention: crate::retention::RetentionConfig,
+    pub schedule: crate::schedule::ScheduleConfig,
+    pub lock: crate::lock::LockConfig,
+    pub agent: crate::agent::AgentConfig,
 }
 
 /// `[immich]`: where the Immich files are.
@@ -332,6 +336,10 @@ impl Config {
 
     /// Checks that need no I/O.
     pub fn validate(&self) -> Result<()> {
+        self.retention.validate()?;
+        self.schedule.validate()?;
+        self.lock.validate()?;
+        self.agent.validate()?;
         if self.immich.folders.is_empty() {
             return Err(Error::Config(
                 "[immich] folders is empty; list the originals folders (library, upload, profile)"

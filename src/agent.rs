@@ -1,0 +1,403 @@
+//! `immich-backup run`: the long-running agent (the Immich compose stack's backup sidecar).
+//!
+//! It backs up on `[schedule]`, and after each successful backup applies `[retention]` and prunes
+//! (forget --prune), all with only the public recipients. It serves `/healthz` and `/metrics` when
+//! `[agent] listen` is set, and calls healthchecks.io-style ping URLs on start, success and failure.
+//!
+//! Shutdown: on SIGTERM/SIGINT ([`run`]'s `shutdown` token) it takes no new work; a running backup
+//! is abandoned where it is — its manifest is written last, so nothing partial becomes visible, and
+//! the next backup reuses what was uploaded — its lock is removed, and `run` returns within a few
+//! seconds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::backup::{self, BackupReport};
+use crate::config::Config;
+use crate::crypto::Recipients;
+use crate::db;
+use crate::error::{Error, Result};
+use crate::health::{self, AgentState, Failure, Shared, Success};
+use crate::progress::Progress;
+use crate::prune;
+use crate::schedule::{Clock, Planner, Schedule};
+use crate::snapshot::{self, Summary};
+use crate::store::Store;
+
+/// How long shutdown waits for lock removal and the last pings.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address of the health endpoint (`0.0.0.0:9090`, `:9090`); empty: off.
+    pub listen: String,
+    /// Seconds after a scheduled time by which its backup must have succeeded before `/healthz`
+    /// reports it overdue; 0: one schedule interval.
+    pub grace_secs: u64,
+    /// healthchecks.io-style base URL: `<url>/start` when a backup starts, `<url>` on success,
+    /// `<url>/fail` on failure. Empty: no pings.
+    pub ping_url: String,
+    /// Override the start / success / failure URLs individually.
+    pub ping_start_url: String,
+    pub ping_success_url: String,
+    pub ping_failure_url: String,
+    /// Seconds a ping may take.
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: String::new(),
+            grace_secs: 0,
+            ping_url: String::new(),
+            ping_start_url: String::new(),
+            ping_success_url: String::new(),
+            ping_failure_url: String::new(),
+            ping_timeout_secs: 10,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !self.listen.is_empty() {
+            health::parse_listen(&self.listen)?;
+        }
+        for (key, url) in [
+            ("ping_url", &self.ping_url),
+            ("ping_start_url", &self.ping_start_url),
+            ("ping_success_url", &self.ping_success_url),
+            ("ping_failure_url", &self.ping_failure_url),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => {
+                    return Err(Error::Config(format!(
+                        "[agent] {key} must be an http:// or https:// URL"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn grace(&self) -> Option<Duration> {
+        (self.grace_secs > 0).then(|| Duration::from_secs(self.grace_secs))
+    }
+}
+
+/// Calls the ping URLs; failures are logged, never fatal.
+struct Pinger {
+    client: Option<reqwest::Client>,
+    start: Option<String>,
+    success: Option<String>,
+    failure: Option<String>,
+}
+
+impl Pinger {
+    fn new(cfg: &AgentConfig) -> Result<Pinger> {
+        let base = cfg.ping_url.trim_end_matches('/');
+        let pick = |own: &str, suffix: &str| -> Option<String> {
+            if !own.is_empty() {
+                Some(own.to_string())
+            } else if !base.is_empty() {
+                Some(format!("{base}{suffix}"))
+            } else {
+                None
+            }
+        };
+        let start = pick(&cfg.ping_start_url, "/start");
+        let success = pick(&cfg.ping_success_url, "");
+        let failure = pick(&cfg.ping_failure_url, "/fail");
+        let client = if start.is_some() || success.is_some() || failure.is_some() {
+            Some(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(cfg.ping_timeout_secs.max(1)))
+                    .user_agent(concat!("immich-backup/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| Error::Config(format!("[agent] ping: {e}")))?,
+            )
+        } else {
+            None
+        };
+        Ok(Pinger {
+            client,
+            start,
+            success,
+            failure,
+        })
+    }
+
+    async fn ping(&self, url: &Option<String>, body: String) {
+        let (Some(client), Some(url)) = (&self.client, url) else {
+            return;
+        };
+        // The URL is a secret (its path is the check's key): log only where it goes.
+        let shown = url::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        match client.post(url).body(body).send().await {
+            Ok(r) if r.status().is_success() => tracing::debug!(host = %shown, "pinged"),
+            Ok(r) => {
+                tracing::warn!(host = %shown, status = %r.status(), "ping answered with an error")
+            }
+            Err(e) => tracing::warn!(host = %shown, error = %e.without_url(), "ping failed"),
+        }
+    }
+}
+
+fn load_recipients(cfg: &Config) -> Result<Recipients> {
+    let file = (!cfg.encryption.recipients_file.is_empty())
+        .then(|| std::path::PathBuf::from(&cfg.encryption.recipients_file));
+    Recipients::load(&cfg.encryption.recipients, file.as_deref())
+}
+
+/// Fill the state from what the store holds (so a restarted agent reports the right health).
+async fn load_store_state(store: &Store, shared: &Shared) -> Result<()> {
+    let ids = snapshot::list_ids(store).await?;
+    let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
+    let latest = match complete.last() {
+        Some(id) => store
+            .get_bytes(&snapshot::snapshot_key(id, snapshot::SUMMARY_OBJECT))
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Summary>(&b).ok()),
+        None => None,
+    };
+    let (objects, bytes) = prune::store_usage(store).await?;
+    shared.update(|s| {
+        s.snapshots = complete.len() as u64;
+        s.store_objects = objects;
+        s.store_bytes = bytes;
+        if let Some(sum) = latest {
+            s.last_success = Some(Success {
+                snapshot: sum.id,
+                time: sum.time,
+                duration_secs: None,
+                files: sum.files,
+                bytes: sum.bytes,
+                skipped: sum.skipped,
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken) -> Result<()> {
+    let schedule = Schedule::from_config(&cfg.schedule)?;
+    let tz = prune::retention_timezone(&cfg)?;
+    load_recipients(&cfg)?; // fail at start-up, not at the first backup
+    let store = Store::open(&cfg.storage)?;
+    let database = db::connect(&cfg.database)?;
+    let pinger = Pinger::new(&cfg.agent)?;
+    let shared = Arc::new(Shared {
+        state: std::sync::Mutex::new(AgentState::new(clock.now())),
+        schedule: schedule.clone(),
+        grace: cfg.agent.grace(),
+    });
+    if let Err(e) = load_store_state(&store, &shared).await {
+        tracing::warn!(error = %e, "could not read the store at start-up");
+    }
+    let server = if cfg.agent.listen.is_empty() {
+        None
+    } else {
+        Some(health::start(&cfg.agent.listen, shared.clone(), shutdown.clone()).await?)
+    };
+    tracing::info!(
+        schedule = schedule.expr(),
+        timezone = %schedule.tz(),
+        backup_on_start = cfg.schedule.backup_on_start,
+        retention = %cfg.retention.describe(tz),
+        store = store.url(),
+        "agent started"
+    );
+
+    let mut planner = Planner::new(schedule, cfg.schedule.backup_on_start);
+    loop {
+        let Some(next) = planner.next(clock.as_ref()) else {
+            tracing::warn!("the schedule has no further run; waiting for a signal");
+            shutdown.cancelled().await;
+            break;
+        };
+        shared.update(|s| s.next_run = Some(next));
+        tracing::info!(next = %next, "next backup");
+        if !wait_until(clock.as_ref(), next, &shutdown).await {
+            break;
+        }
+        shared.update(|s| {
+            s.running_since = Some(clock.now());
+            s.next_run = None;
+        });
+        let job = run_once(
+            &cfg,
+            database.as_ref(),
+            &store,
+            tz,
+            &pinger,
+            &shared,
+            clock.as_ref(),
+        );
+        let finished = tokio::select! {
+            _ = job => true,
+            _ = shutdown.cancelled() => false,
+        };
+        shared.update(|s| s.running_since = None);
+        if !finished {
+            tracing::warn!("shutting down: the running backup was abandoned; nothing partial is visible, the next run resumes");
+            break;
+        }
+    }
+    tracing::info!("agent stopping");
+    crate::lock::settle(SHUTDOWN_GRACE).await;
+    if let Some((_, task)) = server {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+    Ok(())
+}
+
+/// Sleep until `clock` reaches `at`, in steps (a suspended machine or a changed clock is noticed);
+/// false when shut down meanwhile.
+async fn wait_until(
+    clock: &dyn Clock,
+    at: chrono::DateTime<Utc>,
+    shutdown: &CancellationToken,
+) -> bool {
+    loop {
+        let left = at.signed_duration_since(clock.now());
+        if left <= chrono::Duration::zero() {
+            return !shutdown.is_cancelled();
+        }
+        let step = left
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(30));
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(step) => {}
+        }
+    }
+}
+
+/// One scheduled job: ping, back up, record, apply retention and prune, ping.
+async fn run_once(
+    cfg: &Config,
+    database: &dyn db::Database,
+    store: &Store,
+    tz: chrono_tz::Tz,
+    pinger: &Pinger,
+    shared: &Shared,
+    clock: &dyn Clock,
+) {
+    pinger.ping(&pinger.start, String::new()).await;
+    let started = Instant::now();
+    let result = match load_recipients(cfg) {
+        Ok(r) => backup::run(cfg, database, store, r, Progress::hidden()).await,
+        Err(e) => Err(e),
+    };
+    let report: BackupReport = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "backup failed");
+            shared.update(|s| {
+                s.failures_total += 1;
+                s.last_failure = Some(Failure {
+                    time: clock.now(),
+                    error: e.to_string(),
+                });
+            });
+            pinger
+                .ping(
+                    &pinger.failure,
+                    format!("immich-backup: backup failed: {e}\n"),
+                )
+                .await;
+            return;
+        }
+    };
+    let summary_time = store
+        .get_bytes(&snapshot::snapshot_key(
+            &report.snapshot,
+            snapshot::SUMMARY_OBJECT,
+        ))
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
+        .map(|s| s.time)
+        .or_else(|| prune::id_time(&report.snapshot))
+        .unwrap_or_else(|| clock.now());
+    shared.update(|s| {
+        s.successes_total += 1;
+        s.last_failure = None;
+        s.last_success = Some(Success {
+            snapshot: report.snapshot.clone(),
+            time: summary_time,
+            duration_secs: Some(started.elapsed().as_secs_f64()),
+            files: report.files,
+            bytes: report.bytes_total,
+            skipped: report.skipped.len() as u64,
+        });
+    });
+    tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "scheduled backup done");
+
+    // Retention and prune; a failure here does not undo the backup.
+    match prune::forget(store, &cfg.retention, tz, &cfg.lock, false, true).await {
+        Ok(f) => {
+            let p = f.prune.as_ref();
+            tracing::info!(
+                kept = f.kept,
+                forgotten = f.removed.len(),
+                content_removed = p.map(|p| p.content_removed).unwrap_or(0),
+                bytes_removed = p.map(|p| p.bytes_removed).unwrap_or(0),
+                "retention applied"
+            );
+            shared.update(|s| {
+                s.snapshots = f.kept as u64;
+                if let Some(p) = p {
+                    s.store_objects = p.store_objects;
+                    s.store_bytes = p.store_bytes;
+                }
+            });
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "retention/prune failed; the backup itself is fine");
+            shared.update(|s| s.prune_failures_total += 1);
+            if let Ok((objects, bytes)) = prune::store_usage(store).await {
+                shared.update(|s| {
+                    s.store_objects = objects;
+                    s.store_bytes = bytes;
+                });
+            }
+        }
+    }
+
+    let body = format!(
+        "immich-backup: snapshot {} — {} files ({} new), {} bytes stored, {:.1}s{}\n",
+        report.snapshot,
+        report.files,
+        report.files_new,
+        report.bytes_stored,
+        report.duration_secs,
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; {} file(s) could not be read", report.skipped.len())
+        }
+    );
+    if report.skipped.is_empty() {
+        pinger.ping(&pinger.success, body).await;
+    } else {
+        pinger.ping(&pinger.failure, body).await;
+    }
+}
