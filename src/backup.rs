@@ -373,7 +373,7 @@ async fn store_files(
             Outcome::Skipped(s) => {
                 if cfg.backup.on_unreadable == OnUnreadable::Fail {
                     return Err(Error::Other(format!(
-                        "cannot read {}: {}; fix the permissions, or set [backup] on_unreadable = \"warn\"",
+                        "cannot back up {}: {}; fix or remove it, or set [backup] on_unreadable = \"warn\"",
                         s.path, s.error
                     )));
                 }

@@ -382,13 +382,13 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
         return Ok(exit::OK);
     }
     println!(
-        "{:<28} {:<20} {:<16} {:>9} {:>10} {:>10}",
+        "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}",
         "ID", "TIME (UTC)", "HOST", "FILES", "SIZE", "DUMP"
     );
     for s in &list {
         match &s.summary {
             Some(m) => println!(
-                "{:<28} {:<20} {:<16} {:>9} {:>10} {:>10}{}",
+                "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}{}",
                 s.id,
                 m.time.format("%Y-%m-%d %H:%M:%S"),
                 m.host,
@@ -401,7 +401,7 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
                     String::new()
                 }
             ),
-            None => println!("{:<28} (no summary)", s.id),
+            None => println!("{:<29} (no summary)", s.id),
         }
     }
     println!("{} snapshot(s)", list.len());

@@ -227,6 +227,7 @@ impl CacheWriter {
     pub fn create(dest: &Path) -> Result<CacheWriter> {
         let dir = dest.parent().expect("cache file has a folder");
         std::fs::create_dir_all(dir).at(dir)?;
+        remove_stale_temps(dest);
         let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
         let out = BufWriter::new(File::create(&tmp).at(&tmp)?);
         Ok(CacheWriter {
@@ -265,6 +266,36 @@ impl CacheWriter {
     /// Drop the new cache (the backup failed).
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Remove the temporary caches that killed runs left beside `dest` (`<name>.tmp<pid>` of a process
+/// that no longer runs).
+fn remove_stale_temps(dest: &Path) {
+    let (Some(dir), Some(stem)) = (dest.parent(), dest.file_stem().and_then(|s| s.to_str())) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(stem))
+            .and_then(|r| r.strip_prefix(".tmp"))
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 

@@ -364,6 +364,7 @@ async fn check_files(
             extras.len()
         )));
     }
+    let shown = target.display().to_string();
     let target = target.to_path_buf();
     let key = *key;
     let m = manifest.clone();
@@ -389,16 +390,11 @@ async fn check_files(
     .await?;
     if let Some(first) = differing.first() {
         return Err(not_fresh_files(format!(
-            "{} already holds {} file(s) that differ from the snapshot (first: {first})",
-            target_display(manifest, first),
+            "{shown} already holds {} file(s) that differ from the snapshot (first: {first})",
             differing.len()
         )));
     }
     Ok(present)
-}
-
-fn target_display(_m: &Manifest, _p: &str) -> String {
-    "the target".into()
 }
 
 fn not_fresh_files(reason: String) -> Error {

@@ -376,7 +376,7 @@ impl Store {
             },
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: key.to_string(),
-                hint: "the store is incomplete or was pruned; try another snapshot, or run `check`"
+                hint: "the store is incomplete or was pruned; try another snapshot, and run a new backup to store it again"
                     .into(),
             },
             object_store::Error::Unauthenticated { .. }

@@ -1,0 +1,925 @@
+//! Integration tests of issue 2 (core): backup → restore against real throwaway PostgreSQL clusters and
+//! a folder store, through the library API and through the real `immich-backup` binary.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use age::secrecy::{ExposeSecret, SecretString};
+use common::*;
+use immich_backup::crypto::{self, Identities};
+use immich_backup::demo;
+use immich_backup::error::exit;
+use immich_backup::sample::{
+    self, asset_original_path, PgCluster, GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS,
+};
+use immich_backup::snapshot::EntryKind;
+
+fn folders() -> Vec<String> {
+    ORIGINAL_FOLDERS.iter().map(|f| f.to_string()).collect()
+}
+
+fn start_cluster() -> PgCluster {
+    PgCluster::start(None).expect("start a PostgreSQL cluster")
+}
+
+fn path_arg(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// Every path under the original folders of `root` (the folders themselves included), relative.
+fn original_paths(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for f in ORIGINAL_FOLDERS {
+        for e in walkdir::WalkDir::new(root.join(f)) {
+            let e = e.unwrap();
+            out.insert(
+                e.path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    out
+}
+
+/// Regular files under the original folders of `root`: relative path → bytes.
+fn original_files(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for f in ORIGINAL_FOLDERS {
+        for e in walkdir::WalkDir::new(root.join(f)) {
+            let e = e.unwrap();
+            if e.file_type().is_file() {
+                let rel = e.path().strip_prefix(root).unwrap().to_string_lossy();
+                out.insert(rel.into_owned(), fs::read(e.path()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Row count of one table, straight from the server.
+fn count_rows(cluster: &PgCluster, table: &str) -> u64 {
+    cluster
+        .psql(DB, &format!("select count(*) from {table}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The error the CLI printed must be exactly one line (logging off) and name `what`.
+fn assert_one_line_error(run: &Run, what: &str) {
+    let stderr = run.stderr.trim_end();
+    eprintln!("exit {}: {stderr}", run.code);
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "expected a one-line error, got:\n{stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains(what),
+        "error does not name {what:?}: {stderr}"
+    );
+}
+
+/// Logging off, so stderr holds only what the CLI itself says.
+const QUIET: (&str, &str) = ("IMMICH_BACKUP_LOG", "off");
+
+fn restore_args<'a>(identity: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--json", "restore"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--identity", path_arg(identity)]);
+    args
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 1. backup → restore into a fresh install
+
+#[test]
+fn backup_then_restore_into_fresh_install_is_identical() {
+    let src = Source::new(ASSETS);
+    let config = src.write_config("config.toml");
+
+    // Backup through the binary.
+    let run = cli(Some(&config), &["--json", "backup"], &[]);
+    run.expect_code(exit::OK);
+    let rep = run.json();
+    let id = rep["snapshot"].as_str().unwrap().to_string();
+
+    // Only the originals are in the snapshot: report counts, file list, stored objects.
+    assert_eq!(rep["files"], src.lib.original_files as u64, "{rep}");
+    assert_eq!(rep["bytes_total"], src.lib.original_bytes, "{rep}");
+    assert_eq!(rep["symlinks"], src.lib.symlinks as u64, "{rep}");
+    assert_eq!(rep["skipped"].as_array().unwrap().len(), 0, "{rep}");
+    let list = file_list(&src.store, &src.identity, &id);
+    let listed: BTreeSet<String> = list.iter().map(|e| e.path.clone()).collect();
+    assert_eq!(listed, original_paths(&src.upload));
+    for e in &list {
+        assert!(
+            !GENERATED_FOLDERS
+                .iter()
+                .any(|g| e.path == *g || e.path.starts_with(&format!("{g}/"))),
+            "generated path {} was backed up",
+            e.path
+        );
+    }
+    let link = list
+        .iter()
+        .find(|e| e.path == "library/admin/2024/latest.jpg")
+        .expect("the symlink is listed");
+    assert_eq!(link.kind, EntryKind::Symlink);
+    assert_eq!(link.target.as_deref(), Some("IMG_0001.jpg"));
+    let objects = data_objects(&src.store);
+    let recipients = [src.recipient.clone()];
+    for g in GENERATED_FOLDERS {
+        for e in walkdir::WalkDir::new(src.upload.join(g)) {
+            let e = e.unwrap();
+            if e.file_type().is_file() && e.file_name() != MARKER_FILE {
+                let key = object_key(&recipients, &fs::read(e.path()).unwrap());
+                assert!(
+                    !objects.contains_key(&key),
+                    "{} was stored",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    for (path, bytes) in original_files(&src.upload) {
+        assert!(
+            objects.contains_key(&object_key(&recipients, &bytes)),
+            "{path} not stored"
+        );
+    }
+    // The snapshot's row counts are the source's.
+    let m = manifest(&src.store, &src.identity, &id);
+    for table in ["asset", "\"user\"", "album", "kysely_migrations"] {
+        let key = format!("public.{}", table.trim_matches('"'));
+        assert_eq!(
+            m.database.row_counts.get(&key),
+            Some(&count_rows(&src.cluster, table)),
+            "{key}"
+        );
+    }
+
+    // Restore through the binary into a new cluster and an empty folder.
+    let fresh = start_cluster();
+    let target = src.work.path().join("restored");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["latest"]),
+        &[],
+    );
+    run.expect_code(exit::OK);
+    let r = run.json();
+    assert_eq!(r["snapshot"], id.as_str());
+    assert_eq!(r["dry_run"], false);
+    assert_eq!(r["files"], src.lib.original_files as u64);
+    assert_eq!(r["files_restored"], src.lib.original_files as u64);
+    assert_eq!(r["files_already_present"], 0);
+    assert_eq!(r["rows_match"], true, "{r}");
+    let checks = r["row_checks"].as_array().unwrap();
+    assert_eq!(checks.len(), m.database.row_counts.len(), "{r}");
+    for c in checks {
+        assert!(c["expected"].is_u64(), "{c}");
+        assert_eq!(c["expected"], c["actual"], "{c}");
+    }
+
+    // The database and the files are identical.
+    assert!(
+        src.dump() == fresh.canonical_dump(DB).unwrap(),
+        "pg_dump differs"
+    );
+    assert_eq!(
+        count_rows(&fresh, "asset"),
+        count_rows(&src.cluster, "asset")
+    );
+    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+    assert_eq!(diff.compared, listed.len());
+
+    // Immich's six folders exist with their marker; the generated ones hold nothing else.
+    for f in ORIGINAL_FOLDERS.iter().chain(GENERATED_FOLDERS.iter()) {
+        assert!(target.join(f).join(MARKER_FILE).is_file(), "{f}/.immich");
+    }
+    for g in GENERATED_FOLDERS {
+        let names: Vec<_> = fs::read_dir(target.join(g))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [MARKER_FILE], "{g}");
+    }
+    assert!(partial_files(&target).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 2. incremental
+
+#[test]
+fn second_backup_stores_only_the_new_photo_and_the_cache_is_only_an_optimisation() {
+    let src = Source::new(ASSETS);
+    let config = src.write_config("config.toml");
+    let recipients = [src.recipient.clone()];
+
+    let first = cli(Some(&config), &["--json", "backup"], &[]);
+    let first = first.expect_code(exit::OK).json();
+    let before = data_objects(&src.store);
+    // Every distinct content stored once.
+    let files = original_files(&src.upload);
+    let distinct: BTreeSet<String> = files.values().map(|b| object_key(&recipients, b)).collect();
+    assert_eq!(before.keys().cloned().collect::<BTreeSet<_>>(), distinct);
+    assert_eq!(first["files_new"], distinct.len() as u64, "{first}");
+    assert_eq!(
+        first["files_deduplicated"],
+        (files.len() - distinct.len()) as u64,
+        "{first}"
+    );
+    assert_eq!(first["files_unchanged"], 0);
+
+    // Add one photo.
+    let size = 300_000usize;
+    let photo =
+        sample::add_photo(&src.upload, "library/admin/2025/IMG_9001.jpg", size, 9001).unwrap();
+    let photo_key = object_key(&recipients, &fs::read(&photo).unwrap());
+    let second = cli(Some(&config), &["--json", "backup"], &[]);
+    let second = second.expect_code(exit::OK).json();
+    let after = data_objects(&src.store);
+    assert_eq!(after.len(), before.len() + 1);
+    let new: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert_eq!(new, [&photo_key]);
+    assert_eq!(second["files"], files.len() as u64 + 1);
+    assert_eq!(second["files_new"], 1, "{second}");
+    // Everything else came from the metadata cache, unread.
+    assert_eq!(second["files_unchanged"], files.len() as u64, "{second}");
+    assert_eq!(second["bytes_read"], size as u64, "{second}");
+    let stored = second["bytes_stored"].as_u64().unwrap();
+    assert_eq!(stored, after[&photo_key], "report vs object size");
+    // age: a header of a few hundred bytes, a 16-byte nonce, a 16-byte tag per 64 KiB chunk.
+    let chunks = size.div_ceil(64 * 1024) as u64;
+    assert!(
+        stored > size as u64 && stored <= size as u64 + 16 * chunks + 16 + 512,
+        "stored {stored} for a {size}-byte photo"
+    );
+
+    // Third backup without the local cache: everything is read again, nothing is uploaded.
+    fs::remove_dir_all(&src.cache).unwrap();
+    let third = cli(Some(&config), &["--json", "backup"], &[]);
+    let third = third.expect_code(exit::OK).json();
+    assert_eq!(third["files_new"], 0, "{third}");
+    assert_eq!(third["files_unchanged"], 0, "{third}");
+    assert_eq!(third["files_deduplicated"], third["files"], "{third}");
+    assert_eq!(third["bytes_stored"], 0, "{third}");
+    assert_eq!(third["bytes_read"], third["bytes_total"], "{third}");
+    assert_eq!(data_objects(&src.store), after);
+
+    // Three complete snapshots, listed without the identity.
+    let snaps = cli(Some(&config), &["--json", "snapshots"], &[]);
+    let snaps = snaps.expect_code(exit::OK).json();
+    let ids: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [&first, &second, &third].map(|r| r["snapshot"].as_str().unwrap())
+    );
+    assert_eq!(snaps[1]["summary"]["bytes_added"], stored);
+    assert_eq!(snaps[2]["summary"]["bytes_added"], 0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 3. fresh-install checks
+
+/// Copy `rel` from `from` to `to` as an interrupted restore would have left it (mode and mtime too).
+fn copy_as_restored(from: &Path, to: &Path, rel: &str) {
+    let (src, dst) = (from.join(rel), to.join(rel));
+    fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    fs::copy(&src, &dst).unwrap();
+    let meta = fs::metadata(&src).unwrap();
+    fs::set_permissions(&dst, meta.permissions()).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&dst)
+        .unwrap()
+        .set_modified(meta.modified().unwrap())
+        .unwrap();
+}
+
+#[test]
+fn restore_refuses_a_used_target_writes_nothing_and_resumes() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let fresh = start_cluster();
+
+    // --dry-run on a fresh target: fine, and nothing is written.
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &[],
+    );
+    let plan = run.expect_code(exit::OK).json();
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["files"], src.lib.original_files as u64);
+    assert_eq!(plan["files_already_present"], 0);
+    assert!(!target.exists(), "dry run created the target");
+    assert!(!database_exists(&fresh, DB), "dry run created the database");
+
+    // A target holding a different file at a snapshot path, or a file the snapshot lacks: refused.
+    let changed = asset_original_path(1);
+    for (name, rel, seed) in [
+        ("different", changed.as_str(), 1u64),
+        ("extra", "library/admin/2024/not in the snapshot.jpg", 2),
+    ] {
+        let folder = src.work.path().join(name);
+        sample::add_photo(&folder, rel, 1_000, seed).unwrap();
+        let state = tree_state(&folder);
+        let args = restore_args(&src.identity, &["--target", path_arg(&folder)]);
+        let run = cli(Some(&rconfig), &args, &[QUIET]);
+        run.expect_code(exit::NOT_FRESH);
+        assert_one_line_error(&run, rel);
+        assert_eq!(tree_state(&folder), state, "{name}: the folder changed");
+        assert!(
+            !database_exists(&fresh, DB),
+            "{name}: the database was written"
+        );
+    }
+
+    // A resumed restore: the target already holds some files exactly as a restore writes them.
+    let big = "library/admin/2022/VID_0003.mov";
+    for rel in [big, "library/admin/Été 2024/café ☕.jpg", changed.as_str()] {
+        copy_as_restored(&src.upload, &target, rel);
+    }
+    let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["files_already_present"], 3, "{r}");
+    assert_eq!(
+        r["files_restored"],
+        src.lib.original_files as u64 - 3,
+        "{r}"
+    );
+    assert_eq!(r["rows_match"], true, "{r}");
+    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+    let restored_dump = fresh.canonical_dump(DB).unwrap();
+    assert!(src.dump() == restored_dump, "pg_dump differs");
+
+    // Restoring again into the same (now used) database: refused, naming the tables; nothing written.
+    let again = src.work.path().join("again");
+    let args = restore_args(&src.identity, &["--target", path_arg(&again)]);
+    let run = cli(Some(&rconfig), &args, &[QUIET]);
+    run.expect_code(exit::NOT_FRESH);
+    assert_one_line_error(&run, "kysely_migrations");
+    assert!(run.stderr.contains("asset"), "{}", run.stderr);
+    assert!(!again.exists(), "the refused restore created the target");
+    assert!(
+        fresh.canonical_dump(DB).unwrap() == restored_dump,
+        "the refused restore changed the database"
+    );
+    // The --json error is machine-readable too.
+    let err = run.json();
+    assert_eq!(err["exit_code"], exit::NOT_FRESH);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 4. wrong identity, tampered and missing objects
+
+#[test]
+fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() {
+    let src = Source::new(ASSETS);
+    let id = src.backup_lib().snapshot;
+    let fresh = start_cluster();
+    let recipients = [src.recipient.clone()];
+    let m = manifest(&src.store, &src.identity, &id);
+
+    // Another identity.
+    let other = src.work.path().join("other-identity.txt");
+    cli(None, &["keygen", "-o", path_arg(&other)], &[]).expect_code(exit::OK);
+    let target = src.work.path().join("t-wrong-key");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(Some(&rconfig), &restore_args(&other, &[]), &[QUIET]);
+    run.expect_code(exit::WRONG_KEY);
+    assert_one_line_error(&run, &format!("snapshots/{id}/manifest.json.age"));
+    assert!(!target.exists());
+    assert!(!database_exists(&fresh, DB));
+
+    // The dump object tampered with, then truncated: refused before anything is written.
+    let dump_path = src.store.join(&m.dump.key);
+    let dump_orig = fs::read(&dump_path).unwrap();
+    for how in ["flipped byte", "truncated"] {
+        if how == "truncated" {
+            fs::write(&dump_path, &dump_orig[..dump_orig.len() / 2]).unwrap();
+        } else {
+            flip_middle_byte(&dump_path);
+        }
+        let target = src.work.path().join("t-dump");
+        let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
+        let run = cli(Some(&rconfig), &args, &[QUIET]);
+        run.expect_code(exit::INTEGRITY);
+        assert_one_line_error(&run, &m.dump.key);
+        assert!(!target.exists(), "{how}");
+        assert!(!database_exists(&fresh, DB), "{how}");
+        fs::write(&dump_path, &dump_orig).unwrap();
+    }
+
+    // A content object bigger than one age chunk, tampered with in the middle.
+    let pano = "library/admin/2023/PANO_0001.jpg";
+    let pano_key = object_key(&recipients, &fs::read(src.upload.join(pano)).unwrap());
+    let pano_obj = src.store.join(&pano_key);
+    assert!(fs::metadata(&pano_obj).unwrap().len() > 64 * 1024);
+    flip_middle_byte(&pano_obj);
+    let target = src.work.path().join("t-tampered");
+    let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
+    let run = cli(Some(&rconfig), &args, &[QUIET]);
+    run.expect_code(exit::INTEGRITY);
+    assert_one_line_error(&run, &pano_key);
+    assert!(
+        fs::symlink_metadata(target.join(pano)).is_err(),
+        "the tampered file is at its final path"
+    );
+    assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
+    assert!(
+        !target.join("thumbs").join(MARKER_FILE).exists(),
+        "a failed restore looks complete to Immich"
+    );
+
+    // A missing content object (the database, restored above, is recreated first).
+    fresh
+        .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
+        .unwrap();
+    let vid = "library/admin/2023/VID_0002.mp4";
+    let vid_key = object_key(&recipients, &fs::read(src.upload.join(vid)).unwrap());
+    fs::remove_file(src.store.join(&vid_key)).unwrap();
+    let target = src.work.path().join("t-missing");
+    let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
+    let run = cli(Some(&rconfig), &args, &[QUIET]);
+    run.expect_code(exit::INTEGRITY);
+    assert_one_line_error(&run, &vid_key);
+    assert!(fs::symlink_metadata(target.join(vid)).is_err());
+    assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 5. an interrupted backup
+
+#[test]
+fn killed_backup_leaves_no_snapshot_and_the_next_run_reuses_its_uploads() {
+    let src = Source::new(ASSETS);
+    // More files, so the backup is still running when it is seen uploading.
+    for i in 0..40u64 {
+        let rel = format!("upload/bulk/IMG_{i:04}.jpg");
+        sample::add_photo(&src.upload, &rel, 256 * 1024, 10_000 + i).unwrap();
+    }
+    let config = src.write_config("config.toml");
+
+    let mut child = command(Some(&config), &["backup"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while data_objects(&src.store).len() < 3 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the backup ended ({status}) before it could be killed");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup never stored anything"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    let at_kill = data_objects(&src.store);
+    let files = original_files(&src.upload);
+    eprintln!(
+        "killed with {} of {} files' objects stored",
+        at_kill.len(),
+        files.len()
+    );
+    assert!(at_kill.len() < files.len());
+
+    // No visible snapshot.
+    assert_eq!(manifests(&src.store), Vec::<PathBuf>::new());
+    let snaps = cli(Some(&config), &["--json", "snapshots"], &[]);
+    assert_eq!(snaps.expect_code(exit::OK).json(), serde_json::json!([]));
+    let run = cli(
+        Some(&config),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &[],
+    );
+    run.expect_code(exit::USAGE);
+
+    // The next backup completes and reuses what was uploaded.
+    let run = cli(Some(&config), &["--json", "backup"], &[]);
+    let r = run.expect_code(exit::OK).json();
+    let total = r["files"].as_u64().unwrap();
+    let new = r["files_new"].as_u64().unwrap();
+    assert_eq!(total, files.len() as u64);
+    assert!(new < total, "{r}");
+    assert!(
+        r["files_deduplicated"].as_u64().unwrap() >= at_kill.len() as u64,
+        "{r}"
+    );
+    let after = data_objects(&src.store);
+    assert_eq!(after.len() as u64, at_kill.len() as u64 + new, "{r}");
+    for (k, size) in &at_kill {
+        assert_eq!(after.get(k), Some(size), "{k} changed");
+    }
+    assert_eq!(manifests(&src.store).len(), 1);
+    let snaps = cli(Some(&config), &["--json", "snapshots"], &[]);
+    let snaps = snaps.expect_code(exit::OK).json();
+    assert_eq!(snaps.as_array().unwrap().len(), 1);
+    assert_eq!(snaps[0]["id"], r["snapshot"]);
+
+    // Every object the snapshot references (those the killed run wrote included) decrypts to its file.
+    let id = r["snapshot"].as_str().unwrap();
+    let ids = Identities::load(&src.identity).unwrap();
+    let mut checked = 0;
+    for e in file_list(&src.store, &src.identity, id) {
+        let Some(content) = e.content else { continue };
+        let sealed = fs::read(src.store.join(content.key())).unwrap();
+        let mut plain = Vec::new();
+        ids.decrypt(&sealed[..], &content.key())
+            .unwrap()
+            .read_to_end(&mut plain)
+            .unwrap_or_else(|err| panic!("{}: {err}", e.path));
+        assert!(
+            plain == files[&e.path],
+            "{} restores different bytes",
+            e.path
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, files.len());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 6. identities
+
+fn age_keygen_text(id: &age::x25519::Identity) -> String {
+    format!(
+        "# created: 2025-06-01T10:00:00+02:00\n# public key: {}\n{}\n",
+        id.to_public(),
+        id.to_string().expose_secret()
+    )
+}
+
+#[test]
+fn keygen_age_keygen_and_passphrase_protected_identities() {
+    let work = tempdir();
+
+    // keygen: a 0600 identity file and its recipient.
+    let key_file = work.path().join("keygen.txt");
+    let run = cli(None, &["--json", "keygen", "-o", path_arg(&key_file)], &[]);
+    let out = run.expect_code(exit::OK).json();
+    let keygen_recipient = out["recipient"].as_str().unwrap().to_string();
+    assert!(keygen_recipient.starts_with("age1"), "{out}");
+    let mode = fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = fs::read(&key_file).unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("AGE-SECRET-KEY-1"));
+    assert_eq!(
+        crypto::recipient_of_identity_file(&key_file).unwrap(),
+        Some(keygen_recipient.clone())
+    );
+    // ... never overwritten.
+    let run = cli(None, &["keygen", "-o", path_arg(&key_file)], &[QUIET]);
+    assert_ne!(run.code, exit::OK);
+    assert_eq!(run.code, exit::USAGE, "{}", run.stderr);
+    assert_one_line_error(&run, "already exists");
+    assert_eq!(fs::read(&key_file).unwrap(), text);
+    assert_eq!(
+        fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // An identity file in age-keygen's format holding two keys (`age-keygen >> keys.txt` twice);
+    // the snapshot is encrypted to the second.
+    let decoy = age::x25519::Identity::generate();
+    let keygen_style = age::x25519::Identity::generate();
+    let keys_file = work.path().join("keys.txt");
+    fs::write(
+        &keys_file,
+        age_keygen_text(&decoy) + &age_keygen_text(&keygen_style),
+    )
+    .unwrap();
+    fs::set_permissions(&keys_file, fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A passphrase-protected identity file, as `age -p` makes it.
+    let passphrase = "correct horse battery staple";
+    let protected_id = age::x25519::Identity::generate();
+    let encryptor = age::Encryptor::with_user_passphrase(SecretString::from(passphrase));
+    let mut sealed = Vec::new();
+    let mut w = encryptor.wrap_output(&mut sealed).unwrap();
+    w.write_all(age_keygen_text(&protected_id).as_bytes())
+        .unwrap();
+    w.finish().unwrap();
+    let protected_file = work.path().join("protected.age");
+    fs::write(&protected_file, &sealed).unwrap();
+
+    // A backup to the three public keys (not to the source's own identity).
+    let src = Source::new(ASSETS);
+    let mut toml = src.toml();
+    toml.recipients = vec![
+        keygen_recipient,
+        keygen_style.to_public().to_string(),
+        protected_id.to_public().to_string(),
+    ];
+    toml.identity = None;
+    let config = toml.write(&src.work.path().join("config.toml"));
+    cli(Some(&config), &["--json", "backup"], &[]).expect_code(exit::OK);
+
+    let fresh = start_cluster();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    // The keygen and age-keygen identities decrypt it (a dry run decrypts manifest, file list and dump).
+    for identity in [&key_file, &keys_file] {
+        let run = cli(Some(&rconfig), &restore_args(identity, &["--dry-run"]), &[]);
+        let plan = run.expect_code(exit::OK).json();
+        assert_eq!(plan["dry_run"], true, "{}", identity.display());
+    }
+    // The source's identity is not a recipient.
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &[QUIET],
+    );
+    run.expect_code(exit::WRONG_KEY);
+
+    // The protected identity: a wrong passphrase is a wrong key; the right one restores.
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&protected_file, &["--dry-run"]),
+        &[QUIET, ("IMMICH_BACKUP_PASSPHRASE", "not the passphrase")],
+    );
+    assert_eq!(
+        run.code,
+        exit::WRONG_KEY,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(!target.exists());
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&protected_file, &[]),
+        &[("IMMICH_BACKUP_PASSPHRASE", passphrase)],
+    );
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["rows_match"], true, "{r}");
+    assert!(
+        src.dump() == fresh.canonical_dump(DB).unwrap(),
+        "pg_dump differs"
+    );
+    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 7 and 8: a small install (empty Immich database, a few files) for config and policy tests
+
+/// A cluster with an empty `immich` database, a small UPLOAD_LOCATION, a store and a key.
+struct Small {
+    cluster: PgCluster,
+    upload: PathBuf,
+    toml: ConfigToml,
+    identity: PathBuf,
+    work: tempfile::TempDir,
+}
+
+impl Small {
+    fn new() -> Small {
+        let work = tempdir();
+        let cluster = start_cluster();
+        cluster
+            .psql("postgres", &format!("CREATE DATABASE {DB}"))
+            .unwrap();
+        cluster
+            .psql(
+                DB,
+                "CREATE TABLE asset (id int); INSERT INTO asset VALUES (1), (2);",
+            )
+            .unwrap();
+        let upload = work.path().join("upload");
+        for f in ORIGINAL_FOLDERS {
+            let marker = upload.join(f).join(MARKER_FILE);
+            fs::create_dir_all(marker.parent().unwrap()).unwrap();
+            fs::write(marker, f).unwrap();
+        }
+        sample::add_photo(&upload, "library/admin/2024/IMG_0001.jpg", 70_000, 1).unwrap();
+        sample::add_photo(&upload, "upload/u1/aa/IMG_0002.jpg", 3_000, 2).unwrap();
+        let store = work.path().join("store");
+        fs::create_dir_all(&store).unwrap();
+        let identity = work.path().join("identity.txt");
+        let key = crypto::generate_key();
+        crypto::write_identity_file(&identity, &key).unwrap();
+        let toml = ConfigToml {
+            port: cluster.port,
+            bin_dir: cluster.bin_dir.clone(),
+            upload_location: upload.clone(),
+            store,
+            cache: work.path().join("cache"),
+            recipients: vec![key.recipient],
+            identity: Some(identity.clone()),
+            backup_extra: String::new(),
+            extra: String::new(),
+        };
+        Small {
+            cluster,
+            upload,
+            toml,
+            identity,
+            work,
+        }
+    }
+
+    fn write(&self, name: &str) -> PathBuf {
+        self.toml.write(&self.work.path().join(name))
+    }
+
+    fn snapshots(&self, config: &Path) -> Vec<serde_json::Value> {
+        let run = cli(Some(config), &["--json", "snapshots"], &[]);
+        run.expect_code(exit::OK).json().as_array().unwrap().clone()
+    }
+}
+
+#[test]
+fn config_env_override_and_bad_keys() {
+    let mut small = Small::new();
+    let real_port = small.cluster.port.to_string();
+    // The file names a port nobody listens on.
+    small.toml.port = 1;
+    let config = small.write("config.toml");
+
+    let run = cli(Some(&config), &["--json", "backup"], &[QUIET]);
+    run.expect_code(exit::DATABASE);
+    assert_eq!(run.json()["exit_code"], exit::DATABASE);
+    assert_eq!(manifests(&small.toml.store), Vec::<PathBuf>::new());
+
+    // IMMICH_BACKUP__DATABASE__PORT overrides it.
+    let env = [("IMMICH_BACKUP__DATABASE__PORT", real_port.as_str())];
+    let run = cli(Some(&config), &["--json", "backup"], &env);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["files"], 5, "{r}");
+    assert_eq!(r["row_counts"]["public.asset"], 2, "{r}");
+    // ... also when the config comes from IMMICH_BACKUP_CONFIG.
+    let mut cmd = command(None, &["--json", "snapshots"]);
+    cmd.env("IMMICH_BACKUP_CONFIG", &config);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["id"], r["snapshot"]);
+
+    // Bad keys and values: exit 2 with a one-line message naming the problem.
+    let base = small.toml.text();
+    let cases = [
+        (
+            "unknown key",
+            base.replace("port = 1\n", "prot = 1\n"),
+            "prot",
+            vec![],
+        ),
+        (
+            "unknown section",
+            format!("{base}\n[databse]\nport = 5432\n"),
+            "databse",
+            vec![],
+        ),
+        (
+            "wrong type",
+            base.replace("port = 1\n", "port = \"fifty\"\n"),
+            "port",
+            vec![],
+        ),
+        (
+            "bad enum value",
+            base.replace("mode = \"local\"", "mode = \"lokal\""),
+            "lokal",
+            vec![],
+        ),
+        (
+            "unknown key in the environment",
+            base.clone(),
+            "prot",
+            vec![("IMMICH_BACKUP__DATABASE__PROT", "5432")],
+        ),
+    ];
+    for (what, text, needle, env) in cases {
+        let path = small.work.path().join("bad.toml");
+        fs::write(&path, text).unwrap();
+        let mut env = env;
+        env.push(QUIET);
+        let run = cli(Some(&path), &["snapshots"], &env);
+        assert_eq!(
+            run.code,
+            exit::USAGE,
+            "{what}: stdout:\n{}\nstderr:\n{}",
+            run.stdout,
+            run.stderr
+        );
+        assert_one_line_error(&run, needle);
+    }
+    // A missing config file too.
+    let missing = small.work.path().join("missing.toml");
+    let run = cli(Some(&missing), &["snapshots"], &[QUIET]);
+    run.expect_code(exit::USAGE);
+    assert_one_line_error(&run, "missing.toml");
+}
+
+fn mkfifo(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path and a mode.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o644) };
+    assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn unreadable_files_are_recorded_as_skipped_or_fail_the_backup() {
+    let small = Small::new();
+    // Tests run as root in CI, where permission bits do not stop reads; a FIFO is unreadable for a
+    // backup whoever runs it (not a regular file, and reading it would block).
+    let fifo = "library/admin/2024/stuck.fifo";
+    mkfifo(&small.upload.join(fifo));
+    let mut unreadable = vec![fifo.to_string()];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let locked = "upload/u1/aa/locked.jpg";
+        let p = sample::add_photo(&small.upload, locked, 1_000, 3).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o000)).unwrap();
+        unreadable.push(locked.to_string());
+    }
+    unreadable.sort();
+
+    // Default policy (warn): the snapshot is made, records the files, and the exit code says partial.
+    let config = small.write("config.toml");
+    let run = cli(Some(&config), &["--json", "backup"], &[]);
+    let r = run.expect_code(exit::PARTIAL).json();
+    let mut skipped: Vec<String> = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap().to_string())
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped, unreadable, "{r}");
+    assert!(
+        r["skipped"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{r}"
+    );
+    assert_eq!(r["files"], 5, "{r}");
+    let snaps = small.snapshots(&config);
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["summary"]["skipped"], unreadable.len() as u64);
+    let id = r["snapshot"].as_str().unwrap();
+    let m = manifest(&small.toml.store, &small.identity, id);
+    let mut recorded: Vec<String> = m.skipped.iter().map(|s| s.path.clone()).collect();
+    recorded.sort();
+    assert_eq!(recorded, unreadable);
+    assert!(file_list(&small.toml.store, &small.identity, id)
+        .iter()
+        .all(|e| e.path != fifo));
+    // The human output warns too.
+    let run = cli(Some(&config), &["backup"], &[QUIET]);
+    run.expect_code(exit::PARTIAL);
+    assert!(run.stdout.contains("could not be read"), "{}", run.stdout);
+    assert!(run.stdout.contains(fifo), "{}", run.stdout);
+
+    // on_unreadable = "fail": the backup fails, names the file, and makes no snapshot.
+    let mut toml = small.toml;
+    toml.backup_extra = "on_unreadable = \"fail\"\n".into();
+    let strict = toml.write(&small.work.path().join("strict.toml"));
+    let before = manifests(&toml.store);
+    let run = cli(Some(&strict), &["backup"], &[QUIET]);
+    assert_ne!(run.code, exit::OK);
+    assert_ne!(run.code, exit::PARTIAL);
+    assert_one_line_error(&run, &unreadable[0]);
+    assert_eq!(manifests(&toml.store), before);
+    let run = cli(Some(&strict), &["--json", "snapshots"], &[]);
+    assert_eq!(
+        run.expect_code(exit::OK).json().as_array().unwrap().len(),
+        2
+    );
+}
