@@ -87,12 +87,28 @@ pub fn retention_timezone(cfg: &Config) -> Result<Tz> {
     retention::parse_timezone(name, "[retention] timezone")
 }
 
-/// The time in a snapshot id (`YYYYMMDDTHHMMSSZ-…`).
+/// The time in a snapshot id (`YYYYMMDDTHHMMSS.mmmZ-…`, or whole seconds as older ids had).
 pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
     let stamp = id.split('-').next()?;
-    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ")
+    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ")
+        .or_else(|_| NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ"))
         .ok()
         .map(|t| t.and_utc())
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn id_time_reads_new_and_old_ids() {
+        let now = chrono::Utc::now();
+        let id = crate::snapshot::new_snapshot_id(now);
+        let t = id_time(&id).expect("parses a fresh id");
+        assert_eq!(t.timestamp_millis(), now.timestamp_millis());
+        let old = id_time("20261125T035314Z-67811777").expect("parses an old id");
+        assert_eq!(old.to_rfc3339(), "2026-11-25T03:53:14+00:00");
+    }
 }
 
 /// Complete snapshots with their times (from `summary.json`, else from the id), oldest first.
