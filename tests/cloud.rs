@@ -643,3 +643,18 @@ fn bad_urls_and_options_are_config_errors() {
         .to_string()
         .contains("go together"));
 }
+
+/// config.example.toml shows every key with its default.
+#[test]
+fn config_example_shows_the_defaults() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let cfg = immich_backup::config::Config::load(Some(&path)).unwrap();
+    assert_eq!(
+        format!("{:?}", cfg.storage),
+        format!("{:?}", StorageConfig::default())
+    );
+    assert_eq!(
+        format!("{cfg:?}"),
+        format!("{:?}", immich_backup::config::Config::default())
+    );
+}
