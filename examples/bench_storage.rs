@@ -93,7 +93,7 @@ fn config(
     std::fs::write(
         path,
         format!(
-            "[immich]\nupload_location = {:?}\n[database]\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             cluster.port,
             cluster.bin_dir.display().to_string(),

@@ -144,7 +144,7 @@ fn s3_wrong_secret_is_one_documented_line_without_secrets() {
     std::fs::write(
         &config,
         format!(
-            "[immich]\nupload_location = {:?}\n[storage]\nurl = \"s3://photos/immich\"\nendpoint = {:?}\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = {:?}\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\n[storage]\nurl = \"s3://photos/immich\"\nendpoint = {:?}\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = {:?}\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             server.endpoint(),
             ACCESS_KEY,
@@ -488,7 +488,7 @@ fn azure_wrong_key_is_a_storage_error() {
     std::fs::write(
         &config,
         format!(
-            "[immich]\nupload_location = {:?}\n[storage]\nurl = \"az://immich/nightly\"\nendpoint = {:?}\nallow_http = true\naccount_name = \"devstoreaccount1\"\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\n[storage]\nurl = \"az://immich/nightly\"\nendpoint = {:?}\nallow_http = true\naccount_name = \"devstoreaccount1\"\nretry_timeout_secs = 2\nmax_retries = 1\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             azurite.endpoint(),
             immich_backup::crypto::generate_key().recipient,
