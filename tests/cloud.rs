@@ -58,9 +58,11 @@ fn s3_backup_restore_round_trip_with_multipart_object() {
         "parts per object: {parts:?}"
     );
     assert!(seen.iter().any(|s| s.is_complete() && s.status == 200));
+    // Never more parts in flight than `concurrency` (that several go at once is shown by
+    // s3_parallel_multipart_uploads_stay_bounded, where timing cannot hide it).
     let max_parallel = server.behaviour.parts_max.load(Ordering::SeqCst);
     assert!(
-        (2..=cfg.storage.concurrency).contains(&max_parallel),
+        (1..=cfg.storage.concurrency).contains(&max_parallel),
         "parts in flight at once: {max_parallel}"
     );
     // Everything stored is under the prefix; the manifest is there.
