@@ -5,8 +5,8 @@
 #
 #   bash bench/storage.sh [SIZE_MB=512] [CONCURRENCY=8]
 #
-# Needs the PostgreSQL server binaries (as for `immich-backup demo`) and `age` (installed from
-# Debian when missing and running as root). Builds in release mode into $CARGO_TARGET_DIR (default
+# Needs the PostgreSQL server binaries (as for `immich-backup demo`), `age` and GNU `time`
+# (installed from Debian when missing and running as root). Builds in release mode into $CARGO_TARGET_DIR (default
 # target/). Everything it makes lives in a temporary folder that is removed at the end.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,12 +14,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SIZE_MB=${1:-512}
 CONCURRENCY=${2:-8}
 
-if ! command -v age >/dev/null; then
+# age for the reference pipeline, GNU time for peak memory.
+if ! command -v age >/dev/null || [[ ! -x /usr/bin/time ]]; then
     if [[ $(id -u) -eq 0 ]]; then
-        echo "bench: installing age from Debian" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age </dev/null
+        echo "bench: installing age and time from Debian" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq age time </dev/null
     else
-        echo "bench: needs age (apt-get install age)" >&2
+        echo "bench: needs age and GNU time (apt-get install age time)" >&2
         exit 1
     fi
 fi

@@ -24,35 +24,33 @@ use immich_backup::sample::{self, PgCluster};
 struct Run {
     name: String,
     secs: f64,
-    max_rss_kib: i64,
+    max_rss_kib: u64,
     ok: bool,
     note: String,
 }
 
-/// Run `cmd`, wait for it with wait4 to get its own peak RSS.
-fn measure(name: &str, cmd: &mut Command) -> Run {
+/// Run `program args…` under GNU time, which reports the peak RSS of the process (for a shell
+/// pipeline: of its largest process). Measuring with wait4 from here would not do: a child spawned
+/// by this (large) process starts with this process's high-water mark.
+fn measure(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)], scratch: &Path) -> Run {
+    let rss_file = scratch.join("rss.txt");
     let start = Instant::now();
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    // Drain the pipes on threads so the child never blocks on a full pipe.
-    let mut child = child;
-    let out = child.stdout.take().unwrap();
-    let err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let t_err = std::thread::spawn(move || std::io::read_to_string(err).unwrap_or_default());
-    let mut status = 0;
-    // SAFETY: plain wait4 on our own child; rusage is a plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4");
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(&rss_file)
+        .arg(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run /usr/bin/time (Debian package `time`)");
     let secs = start.elapsed().as_secs_f64();
-    let stdout = t_out.join().unwrap();
-    let stderr = t_err.join().unwrap();
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let max_rss_kib = std::fs::read_to_string(&rss_file)
+        .ok()
+        .and_then(|t| t.lines().last().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or(0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ok = out.status.success();
     let mut note = String::new();
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&stdout) {
         if let Some(n) = v.get("files_new") {
@@ -69,7 +67,7 @@ fn measure(name: &str, cmd: &mut Command) -> Run {
     Run {
         name: name.into(),
         secs,
-        max_rss_kib: usage.ru_maxrss,
+        max_rss_kib,
         ok,
         note,
     }
@@ -95,7 +93,7 @@ fn config(
     std::fs::write(
         path,
         format!(
-            "[immich]\nupload_location = {:?}\n[database]\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             cluster.port,
             cluster.bin_dir.display().to_string(),
@@ -184,30 +182,38 @@ fn main() {
 
     let mut runs = Vec::new();
     let tar_out = w.join("tar.age");
+    let pipeline = format!(
+        "tar -C '{}' -cf - library upload profile | age -r '{}' -o '{}'",
+        upload.display(),
+        key.recipient,
+        tar_out.display()
+    );
     runs.push(measure(
         "tar | age (originals only)",
-        Command::new("sh").arg("-c").arg(format!(
-            "tar -C '{}' -cf - library upload profile | age -r '{}' -o '{}'",
-            upload.display(),
-            key.recipient,
-            tar_out.display()
-        )),
+        Path::new("/bin/sh"),
+        &["-c", &pipeline],
+        &[],
+        w,
     ));
-    let backup = |name: &str, cfg: &Path| {
-        measure(
+    let env = [
+        ("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", s3::SECRET_KEY),
+        ("IMMICH_BACKUP_LOG", "warn"),
+    ];
+    for (name, cfg) in [
+        ("immich-backup → file:// (first run)", &file_cfg),
+        ("immich-backup → file:// (unchanged)", &file_cfg),
+        ("immich-backup → local S3 (first run)", &s3_cfg),
+        ("immich-backup → local S3 (unchanged)", &s3_cfg),
+    ] {
+        let cfg = cfg.display().to_string();
+        runs.push(measure(
             name,
-            Command::new(&bin)
-                .arg("--config")
-                .arg(cfg)
-                .args(["--no-progress", "--json", "backup"])
-                .env("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", s3::SECRET_KEY)
-                .env("IMMICH_BACKUP_LOG", "warn"),
-        )
-    };
-    runs.push(backup("immich-backup → file:// (first run)", &file_cfg));
-    runs.push(backup("immich-backup → file:// (unchanged)", &file_cfg));
-    runs.push(backup("immich-backup → local S3 (first run)", &s3_cfg));
-    runs.push(backup("immich-backup → local S3 (unchanged)", &s3_cfg));
+            &bin,
+            &["--config", &cfg, "--no-progress", "--json", "backup"],
+            &env,
+            w,
+        ));
+    }
 
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())

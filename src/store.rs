@@ -242,13 +242,16 @@ impl Store {
         if !cfg.storage_class.is_empty() {
             attributes.insert(Attribute::StorageClass, cfg.storage_class.clone().into());
         }
-        let bucket = match url.host_str() {
-            Some(h) if url.scheme() != "https" => h.split('@').next().unwrap_or(h).to_string(),
-            _ => url
-                .path_segments()
+        // For messages: az://CONTAINER@ACCOUNT…, s3://BUCKET/…, https://HOST/BUCKET/….
+        let bucket = if !url.username().is_empty() {
+            url.username().to_string()
+        } else if url.scheme() == "https" {
+            url.path_segments()
                 .and_then(|mut s| s.next())
                 .unwrap_or_default()
-                .to_string(),
+                .to_string()
+        } else {
+            url.host_str().unwrap_or_default().to_string()
         };
         Ok(Store {
             inner,

@@ -142,9 +142,14 @@ pub async fn run(store: &Store) -> InitReport {
             Ok(items) => Ok((
                 Status::Ok,
                 format!(
-                    "{} {:?} reachable, credentials accepted ({} object(s) under snapshots/)",
+                    "{} {:?} reachable{} ({} object(s) under snapshots/)",
                     store.backend().bucket_word(),
                     store.bucket(),
+                    if store.backend() == Backend::Local {
+                        ""
+                    } else {
+                        ", credentials accepted"
+                    },
                     items.len()
                 ),
             )),

@@ -448,6 +448,7 @@ fn manifest(s: &Setup) -> Manifest {
         let store = Store::open(&StorageConfig {
             url: format!("file://{}", s.path().join("store").display()),
             concurrency: 4,
+            ..StorageConfig::default()
         })
         .unwrap();
         let ids = Identities::load(&s.identity()).unwrap();

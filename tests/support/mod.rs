@@ -109,7 +109,7 @@ impl Source {
     pub fn config_file(&self, cfg: &Config, name: &str) -> PathBuf {
         let s = &cfg.storage;
         let text = format!(
-            "[immich]\nupload_location = {:?}\n\n[database]\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
+            "[immich]\nupload_location = {:?}\n\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
              [storage]\nurl = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = {}\naccess_key_id = {:?}\n\
              account_name = {:?}\nservice_account = {:?}\nconcurrency = {}\nretry_timeout_secs = {}\nmax_retries = {}\n\n\
              [encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n\n[backup]\ncache_dir = {:?}\n",
