@@ -316,17 +316,28 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let mut env = config::Environment::with_prefix("IMMICH_BACKUP")
+        // No try_parsing: it would turn a secret such as "0123" into the number 123. The
+        // deserializer converts strings to the numbers and booleans a key needs; the list keys
+        // are split here instead.
+        let env = config::Environment::with_prefix("IMMICH_BACKUP")
             .prefix_separator("__")
-            .separator("__")
-            .list_separator(",");
+            .separator("__");
+        builder = builder.add_source(env);
         for key in LIST_KEYS {
-            env = env.with_list_parse_key(key);
+            let var = format!("IMMICH_BACKUP__{}", key.replace('.', "__").to_uppercase());
+            if let Ok(value) = std::env::var(&var) {
+                let items: Vec<String> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                builder = builder
+                    .set_override(key, items)
+                    .map_err(|e| Error::Config(format!("{var}: {e}")))?;
+            }
         }
-        let built = builder
-            .add_source(env.try_parsing(true))
-            .build()
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
         let cfg: Config = built
             .try_deserialize()
             .map_err(|e| Error::Config(format!("{e} (see config.example.toml for every key)")))?;
@@ -389,5 +400,36 @@ impl Config {
             return PathBuf::from(h).join(".cache").join("immich-backup");
         }
         std::env::temp_dir().join("immich-backup-cache")
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    /// Environment values keep their text (a secret "0123" is not the number 123) and still fill
+    /// numeric, boolean and list keys. (nextest runs each test in its own process.)
+    #[test]
+    fn environment_overrides_keep_text_and_convert_types() {
+        let vars = [
+            ("IMMICH_BACKUP__DATABASE__PASSWORD", "0123"),
+            ("IMMICH_BACKUP__DATABASE__PORT", "5433"),
+            ("IMMICH_BACKUP__STORAGE__ALLOW_HTTP", "true"),
+            ("IMMICH_BACKUP__IMMICH__FOLDERS", "library,upload"),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let cfg = Config::load(None).expect("loads from the environment");
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        assert_eq!(cfg.database.password, "0123");
+        assert_eq!(cfg.database.port, 5433);
+        assert!(cfg.storage.allow_http);
+        assert_eq!(
+            cfg.immich.folders,
+            vec!["library".to_string(), "upload".to_string()]
+        );
     }
 }
