@@ -139,7 +139,7 @@ async fn run_locked(
     let summary = Summary {
         id: id.clone(),
         time,
-        host: hostname(),
+        host: crate::lock::hostname(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         files: files.totals.files,
         bytes: files.totals.bytes,
@@ -253,17 +253,6 @@ async fn list_content(store: &Store) -> Result<Known> {
         .await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
     Ok(Known::new(ids))
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The files phase's result.
