@@ -5,15 +5,16 @@
 //! [`collect`](crate::collect) walks the originals and stores new content concurrently; the file list,
 //! the plaintext refs and the local cache are written as the results arrive, in walk order.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -25,6 +26,7 @@ use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::dump::{self, HashingWriter};
 use crate::error::{Error, Result};
+use crate::localstore::{self, Owner, Verdict};
 use crate::lock::{Lock, LockKind};
 use crate::progress::Progress;
 use crate::snapshot::{
@@ -98,42 +100,69 @@ async fn run_locked(
     let id = snapshot::new_snapshot_id(time);
     tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
 
-    // Database first. The content listing runs meanwhile.
+    // Content a killed run left staged, then this run's staging (local stores).
+    recover_staging(store, cfg).await?;
+    store.begin_staging().await?;
+
+    // Database first: the files are walked only once the dump holds its snapshot of the Immich
+    // database (Immich's documented order: every asset the dump knows has its file walked after).
+    // The dump then goes on beside the files; the server facts and the content listing are
+    // gathered meanwhile.
     db.wait_ready().await?;
-    let (version, version_num) = db::server_version(db).await?;
-    let extensions = db::extensions(db, &cfg.database.database).await?;
-    let image = db.image().await;
+    let facts = async {
+        let version = db::server_version(db).await?;
+        let extensions = db::extensions(db, &cfg.database.database).await?;
+        Ok::<_, Error>((version, extensions, db.image().await))
+    };
     progress.phase("database", None);
     let dump_key = snapshot::snapshot_key(&id, snapshot::DUMP_OBJECT);
-    let p = progress.clone();
-    let dump_fut = dump::dump_to_store(
-        db,
-        store,
-        recipients.clone(),
-        &dump_key,
-        &cfg.database.database,
-        cfg.backup.compression_level,
-        move |n| p.inc(n),
-    );
-    let (dumped, known) = tokio::join!(dump_fut, list_content(store));
-    let dumped = dumped?;
-    let known = Arc::new(known?);
-    tracing::info!(
-        sql_bytes = dumped.sql_bytes,
-        stored = dumped.object.size,
-        tables = dumped.row_counts.len(),
-        "database dumped"
-    );
-
-    // Then the files.
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let files_started = Arc::new(AtomicBool::new(false));
+    let (p, files_on) = (progress.clone(), files_started.clone());
+    let dump_fut = async {
+        let dumped = dump::dump_to_store(
+            db,
+            store,
+            recipients.clone(),
+            &dump_key,
+            &cfg.database.database,
+            cfg.backup.compression_level,
+            dump::DumpEvents {
+                on_bytes: move |n| {
+                    if !files_on.load(Ordering::Relaxed) {
+                        p.inc(n)
+                    }
+                },
+                snapshot_taken: taken_tx,
+            },
+        )
+        .await?;
+        tracing::info!(
+            sql_bytes = dumped.sql_bytes,
+            stored = dumped.object.size,
+            tables = dumped.row_counts.len(),
+            "database dumped"
+        );
+        Ok::<_, Error>(dumped)
+    };
     let cache_path = collect::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
-    let storer = Arc::new(FileStorer {
-        store: store.clone(),
-        recipients: recipients.clone(),
-        key,
-        known,
-    });
-    let files = store_files(cfg, &id, store, storer, &cache_path, &progress).await?;
+    let files_fut = async {
+        let known = Arc::new(list_content(store).await?);
+        // Sent once the dump is inside the Immich database; dropped when the dump ended (or failed)
+        // without saying so: either way the files may go now.
+        let _ = taken_rx.await;
+        files_started.store(true, Ordering::Relaxed);
+        let storer = Arc::new(FileStorer {
+            store: store.clone(),
+            recipients: recipients.clone(),
+            key,
+            known,
+            buffers: Default::default(),
+        });
+        store_files(cfg, &id, store, storer, &cache_path, &progress).await
+    };
+    let (facts, dumped, files) = tokio::try_join!(facts, dump_fut, files_fut)?;
+    let ((version, version_num), extensions, image) = facts;
     progress.finish();
 
     let summary = Summary {
@@ -220,6 +249,10 @@ async fn commit(
     summary: &Summary,
     manifest: &Manifest,
 ) -> Result<()> {
+    // Everything the manifest references must be durable, and the content visible, first.
+    let published = store.publish().await?;
+    store.sync().await?;
+    tracing::debug!(published, "content published");
     let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
     store
         .put_new(
@@ -244,13 +277,39 @@ async fn commit(
     Ok(())
 }
 
+/// Staging folders of other runs in a local store: a run that died on this host since the last
+/// boot is adopted (its objects published), one whose bytes cannot be trusted is removed.
+async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
+    let others = store.other_staging().await?;
+    if others.is_empty() {
+        return Ok(());
+    }
+    let locks = crate::lock::list(store, cfg.lock.stale()).await?;
+    let me = Owner::this_process();
+    for (name, owner, fresh) in others {
+        let host_live = owner.as_ref().is_some_and(|o| {
+            locks
+                .iter()
+                .any(|l| l.stale.is_none() && l.info.as_ref().is_some_and(|i| i.host == o.host))
+        });
+        match localstore::verdict(owner.as_ref(), &me, host_live, fresh) {
+            Verdict::Leave => {}
+            Verdict::Adopt => {
+                let n = store.adopt_staging(&name).await?;
+                tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
+            }
+            Verdict::Discard => {
+                store.discard_staging(&name).await?;
+                tracing::info!(staging = %name, "removed the staged uploads of a backup interrupted by a restart (they may not have reached the disk)");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every content address in the store.
 async fn list_content(store: &Store) -> Result<Known> {
-    let ids: Vec<ContentId> = store
-        .list(snapshot::DATA_DIR)
-        .try_filter_map(|(k, _)| async move { Ok(ContentId::from_key(&k)) })
-        .try_collect()
-        .await?;
+    let ids: Vec<ContentId> = store.content_ids().await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
     Ok(Known::new(ids))
 }
@@ -282,6 +341,7 @@ async fn process(
     item: Walked,
     cached: Option<ContentId>,
     storer: Arc<FileStorer>,
+    workers: Arc<tokio::sync::Semaphore>,
 ) -> Result<Outcome> {
     let found = match item {
         Walked::Unreadable { path, error } => return Ok(Outcome::Skipped(Skipped { path, error })),
@@ -303,6 +363,10 @@ async fn process(
             stored: Some(Stored::Unchanged),
         });
     }
+    let _worker = workers
+        .acquire_owned()
+        .await
+        .map_err(|e| Error::Other(format!("file worker: {e}")))?;
     let (found, res) = tokio::task::spawn_blocking(move || {
         let res = storer.store_file(&found);
         (found, res)
@@ -337,25 +401,31 @@ async fn store_files(
 ) -> Result<FilesDone> {
     let root: PathBuf = cfg.immich.upload_location.clone();
     progress.phase("files", Some(0));
-    spawn_scanner(root.clone(), cfg.immich.folders.clone(), progress.clone());
-    let (tx, mut rx) = mpsc::channel::<Walked>(1024);
+    if progress.is_visible() {
+        spawn_scanner(root.clone(), cfg.immich.folders.clone(), progress.clone());
+    }
+    let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
     let folders = cfg.immich.folders.clone();
     let walk_root = root.clone();
     tokio::task::spawn_blocking(move || collect::walk(&walk_root, &folders, tx));
 
     let mut cache = CacheReader::open(cache_path);
-    let items = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    // `concurrency` files are read and stored at once; results are taken in walk order from a
+    // wider window, so one large video does not stall the workers behind it.
+    let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
+    let items =
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
     let mut outcomes = items
         .map(|item| {
             let cached = match &item {
                 Walked::Found(f) if f.entry.kind == EntryKind::File => cache.lookup(f),
                 _ => None,
             };
-            process(item, cached, storer.clone())
+            process(item, cached, storer.clone(), workers.clone())
         })
-        .buffered(cfg.storage.concurrency);
+        .buffered(cfg.storage.concurrency * WINDOW_PER_WORKER);
 
-    let list = ListWriter::start(store, id, cache_path, storer.recipients.clone())?;
+    let mut list = ListWriter::start(store, id, cache_path, storer.recipients.clone())?;
     let mut done = Counts::default();
     while let Some(outcome) = outcomes.next().await {
         match outcome? {
@@ -375,7 +445,7 @@ async fn store_files(
                 stored,
             } => {
                 tally(&mut done, &entry, stored, progress);
-                list.send(ListItem::Entry(entry, found)).await?;
+                list.push(entry, found).await?;
             }
         }
     }
@@ -392,6 +462,9 @@ async fn store_files(
         bytes_stored: done.bytes_stored,
     })
 }
+
+/// Files walked ahead of the oldest one still being stored, per worker.
+const WINDOW_PER_WORKER: usize = 16;
 
 /// Running totals of the files phase.
 #[derive(Default)]
@@ -412,8 +485,10 @@ fn tally(done: &mut Counts, entry: &Entry, stored: Option<Stored>, progress: &Pr
         EntryKind::File => {
             done.totals.files += 1;
             done.totals.bytes += entry.size;
-            progress.inc(entry.size);
-            progress.message(format!("{} files", done.totals.files));
+            if progress.is_visible() {
+                progress.inc(entry.size);
+                progress.message(format!("{} files", done.totals.files));
+            }
         }
     }
     match stored {
@@ -451,13 +526,20 @@ fn spawn_scanner(root: PathBuf, folders: Vec<String>, progress: Progress) {
 }
 
 enum ListItem {
-    Entry(Entry, Box<Found>),
+    Entries(Vec<(Entry, Box<Found>)>),
     Done,
 }
+
+/// Bytes gathered before each call into a gzip encoder.
+const GZ_INPUT_BUFFER: usize = 64 * 1024;
+
+/// Entries sent to the list writer at once.
+const LIST_BATCH: usize = 256;
 
 /// Writes the file list, the refs and the new cache on a blocking thread, in walk order.
 struct ListWriter {
     tx: mpsc::Sender<ListItem>,
+    pending: Vec<(Entry, Box<Found>)>,
     handle: tokio::task::JoinHandle<Result<(ObjectRef, CacheWriter)>>,
 }
 
@@ -472,11 +554,15 @@ impl ListWriter {
         let files = store.writer(&files_key);
         let refs = store.writer(&snapshot::snapshot_key(id, snapshot::REFS_OBJECT));
         let cache = CacheWriter::create(cache_path)?;
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(16);
         let handle = tokio::task::spawn_blocking(move || {
             write_lists(rx, files, files_key, refs, cache, recipients)
         });
-        Ok(ListWriter { tx, handle })
+        Ok(ListWriter {
+            tx,
+            pending: Vec::with_capacity(LIST_BATCH),
+            handle,
+        })
     }
 
     async fn send(&self, item: ListItem) -> Result<()> {
@@ -486,7 +572,19 @@ impl ListWriter {
         Ok(())
     }
 
-    async fn finish(self) -> Result<(ObjectRef, CacheWriter)> {
+    /// Add the next entry (in walk order).
+    async fn push(&mut self, entry: Entry, found: Box<Found>) -> Result<()> {
+        self.pending.push((entry, found));
+        if self.pending.len() >= LIST_BATCH {
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(LIST_BATCH));
+            self.send(ListItem::Entries(batch)).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(ObjectRef, CacheWriter)> {
+        let batch = std::mem::take(&mut self.pending);
+        self.send(ListItem::Entries(batch)).await?;
         self.send(ListItem::Done).await?;
         self.handle
             .await
@@ -504,20 +602,25 @@ fn write_lists(
 ) -> Result<(ObjectRef, CacheWriter)> {
     let io_err = |e: std::io::Error| crate::store::error_from_io(&files_key, e);
     let sealed = recipients.encrypt(files).map_err(io_err)?;
-    let mut list = GzEncoder::new(HashingWriter::new(sealed), Compression::fast());
-    let mut refs = GzEncoder::new(refs, Compression::fast());
+    // serde_json and writeln! write in small pieces: buffer them before the compressor.
+    let gz = |w| BufWriter::with_capacity(GZ_INPUT_BUFFER, GzEncoder::new(w, Compression::fast()));
+    let mut list = gz(HashingWriter::new(sealed));
+    let mut refs =
+        BufWriter::with_capacity(GZ_INPUT_BUFFER, GzEncoder::new(refs, Compression::fast()));
     let mut last_ref: Option<ContentId> = None;
     loop {
         match rx.blocking_recv() {
-            Some(ListItem::Entry(entry, found)) => {
-                serde_json::to_writer(&mut list, &entry).map_err(|e| io_err(e.into()))?;
-                list.write_all(b"\n").map_err(io_err)?;
-                if let Some(id) = entry.content {
-                    if last_ref != Some(id) {
-                        writeln!(refs, "{id}").map_err(io_err)?;
-                        last_ref = Some(id);
+            Some(ListItem::Entries(batch)) => {
+                for (entry, found) in batch {
+                    serde_json::to_writer(&mut list, &entry).map_err(|e| io_err(e.into()))?;
+                    list.write_all(b"\n").map_err(io_err)?;
+                    if let Some(id) = entry.content {
+                        if last_ref != Some(id) {
+                            writeln!(refs, "{id}").map_err(io_err)?;
+                            last_ref = Some(id);
+                        }
+                        cache.add(&found, id)?;
                     }
-                    cache.add(&found, id)?;
                 }
             }
             Some(ListItem::Done) => break,
@@ -528,8 +631,10 @@ fn write_lists(
             }
         }
     }
-    let (sealed, sha256, size) = list.finish().map_err(io_err)?.into_parts();
+    let unbuffer = |w: BufWriter<_>| w.into_inner().map_err(|e| io_err(e.into_error()));
+    let (sealed, sha256, size) = unbuffer(list)?.finish().map_err(io_err)?.into_parts();
     sealed.finish().map_err(io_err)?.finish()?;
+    let refs = refs.into_inner().map_err(|e| io_err(e.into_error()))?;
     refs.finish().map_err(io_err)?.finish()?;
     Ok((
         ObjectRef {

@@ -20,10 +20,37 @@ use tokio::sync::mpsc;
 use crate::crypto::Recipients;
 use crate::error::{Error, IoContext, Result};
 use crate::snapshot::{ContentId, Entry, EntryKind};
-use crate::store::Store;
+use crate::store::{ObjectWriter, Store};
 
 /// Files up to this size are read once into memory; larger ones are hashed, then streamed.
 pub const SMALL_FILE: u64 = 4 * 1024 * 1024;
+/// Read size for large files.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Buffers for small files, reused: a fresh allocation per file would fault in (and zero) new
+/// pages every time, which cost more than the encryption. At most one per worker is kept.
+#[derive(Default)]
+pub struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut kept = self.0.lock().expect("not poisoned");
+        if kept.len() < MAX_KEPT_BUFFERS {
+            kept.push(buf);
+        }
+    }
+}
+
+/// Small-file buffers kept for reuse (each up to [`SMALL_FILE`]).
+const MAX_KEPT_BUFFERS: usize = 8;
 
 /// One thing found by the walk, with the metadata the cache compares.
 #[derive(Debug, Clone)]
@@ -45,39 +72,84 @@ pub enum Walked {
     },
 }
 
-/// Walk `folders` under `root` in sorted order, sending what it finds. Runs on a blocking thread.
-pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Walked>) {
+/// Items the walk sends at once (one wake-up of the consumer per batch, not per file).
+pub const WALK_BATCH: usize = 256;
+
+/// Walk `folders` under `root` in sorted order, sending what it finds in batches. Runs on a
+/// blocking thread.
+///
+/// Each folder's entries are read, sorted by name and `stat`ed relative to the open folder
+/// (`fstatat` through `DirEntry::metadata`), so no path is resolved again from the root: a folder
+/// is listed before its contents, exactly the order the cache is merged in ([`walk_order`]).
+pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Vec<Walked>>) {
     let mut folders: Vec<&String> = folders.iter().collect();
     folders.sort();
     folders.dedup();
+    let mut out = Batch {
+        tx,
+        items: Vec::with_capacity(WALK_BATCH),
+    };
     for folder in folders {
         let top = root.join(folder);
         if !top.exists() {
             tracing::warn!(folder = %top.display(), "originals folder does not exist; nothing to back up there");
             continue;
         }
-        for item in walkdir::WalkDir::new(&top)
-            .follow_links(false)
-            .sort_by_file_name()
-        {
-            let walked = match item {
-                Ok(e) => describe(root, e.path()),
-                Err(e) => Walked::Unreadable {
-                    path: e
-                        .path()
-                        .map(|p| rel_path(root, p).unwrap_or_else(|| p.display().to_string()))
-                        .unwrap_or_default(),
-                    error: e
-                        .io_error()
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| e.to_string()),
-                },
-            };
-            if tx.blocking_send(walked).is_err() {
-                return; // the backup stopped
-            }
+        let walked = describe(root, &top, std::fs::symlink_metadata(&top));
+        let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
+        if !out.push(walked) || (is_dir && !walk_dir(root, &top, &mut out)) {
+            return; // the backup stopped
         }
     }
+    out.flush();
+}
+
+/// Batches what the walk found; `false` once the receiver is gone.
+struct Batch {
+    tx: mpsc::Sender<Vec<Walked>>,
+    items: Vec<Walked>,
+}
+
+impl Batch {
+    fn push(&mut self, w: Walked) -> bool {
+        self.items.push(w);
+        self.items.len() < WALK_BATCH || self.flush()
+    }
+
+    fn flush(&mut self) -> bool {
+        let items = std::mem::replace(&mut self.items, Vec::with_capacity(WALK_BATCH));
+        items.is_empty() || self.tx.blocking_send(items).is_ok()
+    }
+}
+
+/// The contents of folder `dir`, depth first in name order; `false` when the walk must stop.
+fn walk_dir(root: &Path, dir: &Path, out: &mut Batch) -> bool {
+    let unreadable = |path: &Path, e: io::Error| Walked::Unreadable {
+        path: rel_path(root, path).unwrap_or_else(|| path.display().to_string()),
+        error: e.to_string(),
+    };
+    let mut entries = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(listing) => {
+            for e in listing {
+                match e {
+                    Ok(e) => entries.push(e),
+                    Err(e) => return out.push(unreadable(dir, e)),
+                }
+            }
+        }
+        Err(e) => return out.push(unreadable(dir, e)),
+    }
+    entries.sort_unstable_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let walked = describe(root, &path, e.metadata());
+        let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
+        if !out.push(walked) || (is_dir && !walk_dir(root, &path, out)) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Path relative to `root`, `/`-separated, if it is valid UTF-8.
@@ -87,14 +159,15 @@ fn rel_path(root: &Path, p: &Path) -> Option<String> {
     parts.map(|p| p.join("/"))
 }
 
-fn describe(root: &Path, p: &Path) -> Walked {
+/// What the walk records for `p`, given its (not followed) metadata.
+fn describe(root: &Path, p: &Path, meta: io::Result<std::fs::Metadata>) -> Walked {
     let Some(path) = rel_path(root, p) else {
         return Walked::Unreadable {
             path: p.to_string_lossy().into_owned(),
             error: "file name is not valid UTF-8; rename it so it can be recorded".into(),
         };
     };
-    let meta = match std::fs::symlink_metadata(p) {
+    let meta = match meta {
         Ok(m) => m,
         Err(e) => {
             return Walked::Unreadable {
@@ -364,6 +437,7 @@ pub struct FileStorer {
     pub recipients: Arc<Recipients>,
     pub key: [u8; 32],
     pub known: Arc<Known>,
+    pub buffers: Buffers,
 }
 
 impl FileStorer {
@@ -375,37 +449,105 @@ impl FileStorer {
         let src = |e: io::Error| StoreFileError::Source(e.to_string());
         let mut file = File::open(&found.abs).map_err(src)?;
         if found.entry.size <= SMALL_FILE {
-            let mut data = Vec::with_capacity(found.entry.size as usize);
-            file.read_to_end(&mut data).map_err(src)?;
-            let id = ContentId(*blake3::keyed_hash(&self.key, &data).as_bytes());
-            let read = data.len() as u64;
-            if !self.known.claim(&id) {
-                return Ok((id, Stored::Deduplicated { read }));
+            let mut data = self.buffers.take();
+            let result = self.store_small(&mut file, &mut data, found.entry.size);
+            self.buffers.give(data);
+            return result;
+        }
+        if self.known.is_empty() {
+            if let Some(writer) = self.store.unnamed_writer() {
+                return self.store_in_one_pass(file, writer, found.entry.size);
             }
-            return self
-                .upload(&id, &data[..], read)
-                .map(|stored| (id, Stored::Uploaded { read, stored }));
         }
         let (id, read) = self.hash_stream(&mut file).map_err(src)?;
         if !self.known.claim(&id) {
             return Ok((id, Stored::Deduplicated { read }));
         }
         let file = File::open(&found.abs).map_err(src)?;
-        let stored = self.upload(&id, file, read)?;
+        let stored = self.upload(&id, Source::File(file), read)?;
         Ok((id, Stored::Uploaded { read, stored }))
     }
 
+    /// A small file: read into `data` once, hashed, encrypted from memory.
+    fn store_small(
+        &self,
+        file: &mut File,
+        data: &mut Vec<u8>,
+        size: u64,
+    ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
+        data.clear();
+        data.reserve(size as usize);
+        file.read_to_end(data)
+            .map_err(|e| StoreFileError::Source(e.to_string()))?;
+        let id = ContentId(*blake3::keyed_hash(&self.key, data).as_bytes());
+        let read = data.len() as u64;
+        if !self.known.claim(&id) {
+            return Ok((id, Stored::Deduplicated { read }));
+        }
+        self.upload(&id, Source::Memory(data), read)
+            .map(|stored| (id, Stored::Uploaded { read, stored }))
+    }
+
+    /// The first backup into a local store: encrypt while hashing and name the object at the end,
+    /// reading the file once instead of twice (hash, then encrypt). With content already stored this
+    /// would encrypt what is then dropped, so it is used only while the store holds none.
+    fn store_in_one_pass(
+        &self,
+        mut file: File,
+        writer: ObjectWriter,
+        expect_len: u64,
+    ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
+        let store_err = |e: io::Error| {
+            StoreFileError::Store(crate::store::error_from_io(crate::snapshot::DATA_DIR, e))
+        };
+        let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
+        let (id, read) = copy_hashed(&self.key, &mut file, &mut sealed, crate::snapshot::DATA_DIR)?;
+        if read != expect_len {
+            return Err(changed_meanwhile());
+        }
+        if !self.known.claim(&id) {
+            return Ok((id, Stored::Deduplicated { read })); // dropping the writer abandons it
+        }
+        let stored = sealed
+            .finish()
+            .map_err(|e| crate::store::error_from_io(&id.key(), e))
+            .and_then(|mut w| {
+                w.name(&id.key());
+                w.finish()
+            });
+        match stored {
+            Ok(stored) => Ok((id, Stored::Uploaded { read, stored })),
+            Err(e) => {
+                self.known.release(&id);
+                Err(StoreFileError::Store(e))
+            }
+        }
+    }
+
     fn hash_stream(&self, r: &mut impl Read) -> io::Result<(ContentId, u64)> {
+        // Large reads let BLAKE3 hash many chunks at once (SIMD); io::copy would pass 8 KiB.
         let mut h = blake3::Hasher::new_keyed(&self.key);
-        let n = io::copy(r, &mut h)?;
+        let mut buf = vec![0u8; READ_BUFFER];
+        let mut n = 0u64;
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok((ContentId(*h.finalize().as_bytes()), n))
     }
 
-    /// Encrypt `src` into `data/…`, checking it still hashes to `id` before completing the object.
+    /// Encrypt `src` into `data/…`, then complete the object.
     fn upload(
         &self,
         id: &ContentId,
-        src: impl Read,
+        src: Source<'_>,
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
         let result = self.try_upload(id, src, expect_len);
@@ -418,7 +560,7 @@ impl FileStorer {
     fn try_upload(
         &self,
         id: &ContentId,
-        mut src: impl Read,
+        src: Source<'_>,
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
         let key = id.key();
@@ -427,29 +569,59 @@ impl FileStorer {
             .recipients
             .encrypt(self.store.writer(&key))
             .map_err(store_err)?;
-        let mut hasher = blake3::Hasher::new_keyed(&self.key);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut len = 0u64;
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(StoreFileError::Source(e.to_string())),
-            };
-            hasher.update(&buf[..n]);
-            sealed.write_all(&buf[..n]).map_err(store_err)?;
-            len += n as u64;
-        }
-        if len != expect_len || ContentId(*hasher.finalize().as_bytes()) != *id {
-            // Dropping the writer abandons the object.
-            return Err(StoreFileError::Source(
-                "file changed while it was being backed up; run the backup again".into(),
-            ));
+        let unchanged = match src {
+            // Hashed from these very bytes: nothing can have changed.
+            Source::Memory(data) => {
+                sealed.write_all(data).map_err(store_err)?;
+                true
+            }
+            Source::File(mut file) => {
+                let (hashed, len) = copy_hashed(&self.key, &mut file, &mut sealed, &key)?;
+                len == expect_len && hashed == *id
+            }
+        };
+        if !unchanged {
+            return Err(changed_meanwhile()); // dropping the writer abandons the object
         }
         let writer = sealed.finish().map_err(store_err)?;
         writer.finish().map_err(StoreFileError::Store)
     }
+}
+
+/// Copy `src` into `dst` (the object `object`), hashing it on the way: (keyed hash, length).
+fn copy_hashed(
+    key: &[u8; 32],
+    src: &mut impl Read,
+    dst: &mut impl Write,
+    object: &str,
+) -> std::result::Result<(ContentId, u64), StoreFileError> {
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut len = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(StoreFileError::Source(e.to_string())),
+        };
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])
+            .map_err(|e| StoreFileError::Store(crate::store::error_from_io(object, e)))?;
+        len += n as u64;
+    }
+    Ok((ContentId(*hasher.finalize().as_bytes()), len))
+}
+
+fn changed_meanwhile() -> StoreFileError {
+    StoreFileError::Source("file changed while it was being backed up; run the backup again".into())
+}
+
+/// What [`FileStorer::upload`] encrypts: a small file already read (and hashed), or a large one
+/// read again, which is hashed again on the way to prove it did not change.
+enum Source<'a> {
+    Memory(&'a [u8]),
+    File(File),
 }
 
 /// Where the cache for this store, content key and source lives.

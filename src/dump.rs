@@ -30,15 +30,24 @@ pub struct DumpOutcome {
     pub sql_bytes: u64,
 }
 
+/// What the dump reports while it runs.
+pub struct DumpEvents<F> {
+    /// Called with each number of SQL bytes read.
+    pub on_bytes: F,
+    /// Sent once the dump has reached the Immich database ([`RowCounter::reached_database`]);
+    /// dropped without a message if it never does.
+    pub snapshot_taken: tokio::sync::oneshot::Sender<()>,
+}
+
 /// Dump every database to `key`, encrypted; `database` names the Immich one whose rows are counted.
-pub async fn dump_to_store(
+pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
     db: &dyn Database,
     store: &Store,
     recipients: Arc<Recipients>,
     key: &str,
     database: &str,
     level: u32,
-    on_bytes: impl Fn(u64) + Send + 'static,
+    events: DumpEvents<F>,
 ) -> Result<DumpOutcome> {
     let DumpRun { stdout, done } = db.dump_all().await?;
     let writer = store.writer(key);
@@ -46,7 +55,7 @@ pub async fn dump_to_store(
     let object = key.to_string();
     let pipe = tokio::task::spawn_blocking(move || {
         let input = SyncIoBridge::new(stdout);
-        stream_dump(input, writer, &recipients, &database, level, on_bytes)
+        stream_dump(input, writer, &recipients, &database, level, events)
             .map_err(|e| crate::store::error_from_io(&object, e))
     });
     let (piped, exited) = tokio::join!(pipe, done);
@@ -88,14 +97,19 @@ struct Piped {
     sql_bytes: u64,
 }
 
-fn stream_dump(
+fn stream_dump<F: Fn(u64)>(
     mut input: impl Read,
     writer: ObjectWriter,
     recipients: &Recipients,
     database: &str,
     level: u32,
-    on_bytes: impl Fn(u64),
+    events: DumpEvents<F>,
 ) -> io::Result<Piped> {
+    let DumpEvents {
+        on_bytes,
+        snapshot_taken,
+    } = events;
+    let mut snapshot_taken = Some(snapshot_taken);
     let sealed = recipients.encrypt(writer)?;
     let mut gz = GzEncoder::new(HashingWriter::new(sealed), Compression::new(level));
     let mut counter = RowCounter::new(database);
@@ -109,6 +123,11 @@ fn stream_dump(
             Err(e) => return Err(e),
         };
         counter.feed(&buf[..n]);
+        if counter.reached_database() {
+            if let Some(tx) = snapshot_taken.take() {
+                let _ = tx.send(());
+            }
+        }
         gz.write_all(&buf[..n])?;
         sql_bytes += n as u64;
         on_bytes(n as u64);
@@ -166,6 +185,7 @@ pub struct RowCounter {
     copying: Option<String>,
     line: Vec<u8>,
     counts: BTreeMap<String, u64>,
+    reached: bool,
 }
 
 /// The longest line prefix kept for parsing; longer lines are only counted.
@@ -179,6 +199,7 @@ impl RowCounter {
             copying: None,
             line: Vec::new(),
             counts: BTreeMap::new(),
+            reached: false,
         }
     }
 
@@ -219,7 +240,9 @@ impl RowCounter {
             return;
         };
         if let Some(rest) = text.strip_prefix("\\connect ") {
-            self.current_db = Some(connect_target(rest));
+            let db = connect_target(rest);
+            self.reached |= db == self.database;
+            self.current_db = Some(db);
         } else if let Some(rest) = text.strip_prefix("COPY ") {
             if text.ends_with("FROM stdin;") {
                 let table = unquote_ident(
@@ -236,6 +259,13 @@ impl RowCounter {
                 self.copying = Some(table);
             }
         }
+    }
+
+    /// Whether the dump has reached the configured database. Its `\connect` line comes from
+    /// `pg_dump`, which writes nothing before it has taken its snapshot: from here on, the dump's
+    /// view of that database is fixed.
+    pub fn reached_database(&self) -> bool {
+        self.reached
     }
 
     /// The counts of the configured database.
@@ -289,9 +319,17 @@ mod tests {
 COPY public.empty (a) FROM stdin;\n\\.\nSELECT 1;\n";
         // Feed in awkward pieces to exercise the line joining.
         let mut c = RowCounter::new("immich");
-        for chunk in dump.chunks(5) {
+        let at = dump.windows(10).position(|w| w == b"\\connect -").unwrap();
+        let mut reached_at = None;
+        for (i, chunk) in dump.chunks(5).enumerate() {
             c.feed(chunk);
+            if c.reached_database() && reached_at.is_none() {
+                reached_at = Some(i * 5);
+            }
         }
+        // The files may start once the Immich database's `\connect` line has gone by, not before.
+        let reached_at = reached_at.expect("the immich database was reached");
+        assert!(reached_at > at, "{reached_at} > {at}");
         let counts = c.finish();
         assert_eq!(counts.get("public.user"), Some(&2));
         assert_eq!(counts.get("public.empty"), Some(&0));

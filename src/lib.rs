@@ -18,6 +18,7 @@ pub mod demo;
 pub mod dump;
 pub mod error;
 pub mod health;
+pub mod localstore;
 pub mod lock;
 pub mod progress;
 pub mod prune;

@@ -174,7 +174,8 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process with this pid exists on this host.
+pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };

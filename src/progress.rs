@@ -33,6 +33,11 @@ impl Progress {
         Progress { bar: None }
     }
 
+    /// Whether anything is drawn (work done only for the bar can be skipped otherwise).
+    pub fn is_visible(&self) -> bool {
+        self.bar.is_some()
+    }
+
     /// Start a phase: a label and, if known, the byte total.
     pub fn phase(&self, label: &str, total: Option<u64>) {
         if let Some(b) = &self.bar {

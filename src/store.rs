@@ -32,6 +32,8 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 pub use crate::cloud::Backend;
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
+use crate::localstore::{LocalDir, LocalWriter};
+use crate::snapshot::ContentId;
 
 /// Size of one multipart part, and the largest object sent in a single request.
 /// (S3 allows 10,000 parts: objects up to 80 GiB.)
@@ -51,6 +53,8 @@ pub struct Store {
     attributes: Attributes,
     conditional: bool,
     part_slots: Arc<Semaphore>,
+    /// The local-folder fast path ([`crate::localstore`]), for `file://` stores.
+    local: Option<Arc<LocalDir>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -263,6 +267,7 @@ impl Store {
             attributes,
             conditional: cfg.conditional_create,
             part_slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            local: None,
         })
     }
 
@@ -292,6 +297,7 @@ impl Store {
             attributes: Attributes::new(),
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
+            local: Some(Arc::new(LocalDir::new(dir))),
         })
     }
 
@@ -307,6 +313,7 @@ impl Store {
             attributes: Attributes::new(),
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
+            local: None,
         }
     }
 
@@ -435,8 +442,31 @@ impl Store {
         }
     }
 
+    /// Our error for an I/O error on `key` of a local store.
+    fn local_error(&self, key: &str, e: io::Error) -> Error {
+        if e.kind() == io::ErrorKind::NotFound {
+            return self.error(
+                key,
+                object_store::Error::NotFound {
+                    path: key.to_string(),
+                    source: Box::new(e),
+                },
+            );
+        }
+        Error::StorageObject {
+            object: key.to_string(),
+            message: e.to_string(),
+        }
+    }
+
     /// Read a whole small object.
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes> {
+        if let Some(local) = &self.local {
+            return match tokio::fs::read(local.path(key)).await {
+                Ok(b) => Ok(Bytes::from(b)),
+                Err(e) => Err(self.local_error(key, e)),
+            };
+        }
         let res = self
             .inner
             .get(&self.path(key))
@@ -481,18 +511,117 @@ impl Store {
             buf: Vec::new(),
             upload: None,
             written: 0,
+            local: self.local.as_ref().map(|l| l.create(key)),
         }
     }
 
+    /// A writer for a content object that is named only once complete ([`ObjectWriter::name`]):
+    /// local stores during a backup only, so a new file is read once, hashed as it is encrypted.
+    pub fn unnamed_writer(&self) -> Option<ObjectWriter> {
+        let local = self.local.as_ref()?.create_unnamed()?;
+        Some(ObjectWriter {
+            store: self.clone(),
+            key: format!("{}/(new)", crate::snapshot::DATA_DIR),
+            handle: Handle::current(),
+            buf: Vec::new(),
+            upload: None,
+            written: 0,
+            local: Some(local),
+        })
+    }
+
     /// A synchronous streaming reader of `key`, to be used on a blocking thread.
-    pub async fn reader(&self, key: &str) -> Result<impl Read + Send + 'static> {
+    pub async fn reader(&self, key: &str) -> Result<Box<dyn Read + Send + 'static>> {
+        if let Some(local) = &self.local {
+            return match std::fs::File::open(local.path(key)) {
+                Ok(f) => Ok(Box::new(f)),
+                Err(e) => Err(self.local_error(key, e)),
+            };
+        }
         let res = self
             .inner
             .get(&self.path(key))
             .await
             .map_err(|e| self.error(key, e))?;
         let stream = res.into_stream().map_err(io::Error::other);
-        Ok(SyncIoBridge::new(StreamReader::new(stream)))
+        Ok(Box::new(SyncIoBridge::new(StreamReader::new(stream))))
+    }
+
+    /// Every content address in `data/` (a local store reads only folder names).
+    pub async fn content_ids(&self) -> Result<Vec<ContentId>> {
+        if let Some(local) = self.local.clone() {
+            return tokio::task::spawn_blocking(move || local.content_ids())
+                .await
+                .map_err(|e| Error::Other(format!("listing: {e}")))?
+                .map_err(|e| self.local_error(crate::snapshot::DATA_DIR, e));
+        }
+        self.list(crate::snapshot::DATA_DIR)
+            .try_filter_map(|(k, _)| async move { Ok(ContentId::from_key(&k)) })
+            .try_collect()
+            .await
+    }
+
+    /// Run blocking work on the local folder, mapping its I/O error to one on `what`.
+    async fn on_local<T: Send + 'static>(
+        &self,
+        what: &str,
+        work: impl FnOnce(&LocalDir) -> io::Result<T> + Send + 'static,
+    ) -> Result<Option<T>> {
+        let Some(local) = self.local.clone() else {
+            return Ok(None);
+        };
+        let out = tokio::task::spawn_blocking(move || work(&local))
+            .await
+            .map_err(|e| Error::Other(format!("{what}: {e}")))?;
+        out.map(Some).map_err(|e| self.local_error(what, e))
+    }
+
+    /// A backup starts: content it writes to a local store is staged until [`Store::publish`].
+    pub async fn begin_staging(&self) -> Result<()> {
+        self.on_local(crate::localstore::STAGING_DIR, |l| l.begin_staging())
+            .await
+            .map(|_| ())
+    }
+
+    /// Make everything written so far durable (a local store's file system is synced; cloud
+    /// stores acknowledge each object only once it is durable).
+    pub async fn sync(&self) -> Result<()> {
+        self.on_local("", |l| l.sync()).await.map(|_| ())
+    }
+
+    /// Make this run's staged content durable and visible in `data/`; returns how many were new.
+    pub async fn publish(&self) -> Result<u64> {
+        let n = self
+            .on_local(crate::localstore::STAGING_DIR, |l| l.publish())
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// The staging folders of other runs (local stores), with their owners.
+    pub async fn other_staging(
+        &self,
+    ) -> Result<Vec<(String, Option<crate::localstore::Owner>, bool)>> {
+        let found = self
+            .on_local(crate::localstore::STAGING_DIR, |l| l.other_staging())
+            .await?;
+        Ok(found.unwrap_or_default())
+    }
+
+    /// Publish the staging folder `name` of a run that died; returns how many objects were new.
+    pub async fn adopt_staging(&self, name: &str) -> Result<u64> {
+        let name = name.to_string();
+        let n = self
+            .on_local(crate::localstore::STAGING_DIR, move |l| l.adopt(&name))
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Remove the staging folder `name` of a run whose bytes cannot be trusted.
+    pub async fn discard_staging(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.on_local(crate::localstore::STAGING_DIR, move |l| l.discard(&name))
+            .await
+            .map(|_| ())
     }
 
     /// Keys of the objects directly under the prefix (not in `data/`, `snapshots/`, …).
@@ -545,9 +674,19 @@ pub struct ObjectWriter {
     buf: Vec<u8>,
     upload: Option<Multipart>,
     written: u64,
+    /// A local store's file (or why it could not be created).
+    local: Option<io::Result<LocalWriter>>,
 }
 
 impl ObjectWriter {
+    /// The local file, or the error that prevented creating it.
+    fn local_file(&mut self) -> Option<io::Result<&mut LocalWriter>> {
+        match self.local.as_mut()? {
+            Ok(w) => Some(Ok(w)),
+            Err(e) => Some(Err(io::Error::new(e.kind(), e.to_string()))),
+        }
+    }
+
     fn fail(&self, e: object_store::Error) -> io::Error {
         io::Error::other(self.store.error(&self.key, e))
     }
@@ -602,10 +741,25 @@ impl ObjectWriter {
         Ok(())
     }
 
+    /// Name an object made by [`Store::unnamed_writer`].
+    pub fn name(&mut self, key: &str) {
+        self.key = key.to_string();
+        if let Some(Ok(w)) = self.local.as_mut() {
+            w.name(key);
+        }
+    }
+
     /// Complete the object. Returns the number of bytes stored; 0 when an object with this key
     /// already existed (content addresses make that the same content).
     pub fn finish(mut self) -> Result<u64> {
         let written = self.written;
+        if let Some(local) = self.local.take() {
+            let key = self.key.clone();
+            return match local.and_then(LocalWriter::finish) {
+                Ok(created) => Ok(if created { written } else { 0 }),
+                Err(e) => Err(self.store.local_error(&key, e)),
+            };
+        }
         if self.upload.is_none() {
             let data = Bytes::from(std::mem::take(&mut self.buf));
             let created = self.handle.block_on(self.store.put_new(&self.key, data))?;
@@ -646,6 +800,11 @@ impl ObjectWriter {
 
 impl Write for ObjectWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(file) = self.local_file() {
+            let n = file?.write(data)?;
+            self.written += n as u64;
+            return Ok(n);
+        }
         if self.buf.capacity() == 0 && self.upload.is_some() {
             self.buf.reserve_exact(PART_SIZE);
         }

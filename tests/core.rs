@@ -493,7 +493,13 @@ fn killed_backup_leaves_no_snapshot_and_the_next_run_reuses_its_uploads() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
-    while data_objects(&src.store).len() < 3 {
+    // Content is staged until the snapshot commits (docs/FORMAT.md): count both places.
+    let stored = |store: &Path| {
+        let mut all = data_objects(store);
+        all.extend(staged_objects(store));
+        all
+    };
+    while stored(&src.store).len() < 3 {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("the backup ended ({status}) before it could be killed");
         }
@@ -509,7 +515,11 @@ fn killed_backup_leaves_no_snapshot_and_the_next_run_reuses_its_uploads() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
-    let at_kill = data_objects(&src.store);
+    let at_kill = stored(&src.store);
+    assert!(
+        data_objects(&src.store).is_empty(),
+        "nothing is published before the commit"
+    );
     let files = original_files(&src.upload);
     eprintln!(
         "killed with {} of {} files' objects stored",

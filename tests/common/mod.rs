@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -300,6 +301,26 @@ pub fn data_objects(store: &Path) -> BTreeMap<String, u64> {
                 .to_string_lossy()
                 .into_owned();
             out.insert(key, e.metadata().unwrap().len());
+        }
+    }
+    out
+}
+
+/// Content objects a running (or killed) backup has written to its staging folders
+/// (`staging/<run>/<aa>/<64 hex>`), under the `data/…` key they will be published as: key → size.
+pub fn staged_objects(store: &Path) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(runs) = fs::read_dir(store.join("staging")) else {
+        return out;
+    };
+    for run in runs.flatten() {
+        for e in walkdir::WalkDir::new(run.path()).into_iter().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if let Ok(meta) = e.metadata() {
+                    out.insert(format!("{DATA_DIR}/{}/{name}", &name[..2]), meta.len());
+                }
+            }
         }
     }
     out
