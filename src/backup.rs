@@ -152,6 +152,7 @@ async fn run_locked(
         // without saying so: either way the files may go now.
         let _ = taken_rx.await;
         files_started.store(true, Ordering::Relaxed);
+        tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
         let storer = Arc::new(FileStorer {
             store: store.clone(),
             recipients: recipients.clone(),
@@ -200,6 +201,7 @@ async fn run_locked(
         totals: files.totals.clone(),
         skipped: files.skipped.clone(),
     };
+    tracing::debug!(files = files.totals.files, "files stored");
     lock.confirm().await?;
     commit(store, &recipients, &summary, &manifest).await?;
     files.cache.commit()?;

@@ -541,8 +541,8 @@ impl LocalWriter {
     }
 }
 
-/// Ask the kernel to start writing the file out now, so the commit's sync has little left to do.
-fn start_writeback(file: &File) {
+/// Ask the kernel to start writing the file out now, so a later sync has little left to do.
+pub fn start_writeback(file: &File) {
     // SAFETY: sync_file_range on a descriptor we own; failure only loses the head start.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);

@@ -198,22 +198,31 @@ async fn restore(
     // Checks, before anything is written.
     db.wait_ready().await?;
     report.server_version = check_database(db, &manifest).await?;
-    let present = check_files(store, &identities, &manifest, &key, &opts.target).await?;
+    let (present, dump_ok) = tokio::join!(
+        check_files(store, &identities, &manifest, &key, &opts.target),
+        verify_dump(store, &identities, &manifest)
+    );
+    let present = present?;
+    dump_ok?;
     report.files_already_present = present.len() as u64;
-    verify_dump(store, &identities, &manifest).await?;
     if opts.dry_run {
         report.duration_secs = started.elapsed().as_secs_f64();
         return Ok(report);
     }
 
-    // The database, then the files.
+    // The database and the files, side by side (psql works while the files are decrypted). Both
+    // run to the end even when one fails, so neither is cut off half-way.
     *writing = true;
-    opts.progress.phase("database", Some(manifest.dump.size));
-    report.benign_psql_errors =
-        replay_dump(db, store, &identities, &manifest, &opts.progress).await?;
-    opts.progress.phase("files", Some(manifest.totals.bytes));
-    report.files_restored =
-        restore_files(store, identities, &manifest, key, &opts, present).await?;
+    opts.progress.phase(
+        "restoring",
+        Some(manifest.dump.size + manifest.totals.bytes),
+    );
+    let (replayed, restored) = tokio::join!(
+        replay_dump(db, store, &identities, &manifest, &opts.progress),
+        restore_files(store, identities.clone(), &manifest, key, &opts, present)
+    );
+    report.benign_psql_errors = replayed?;
+    report.files_restored = restored?;
     create_immich_folders(&opts.target)?;
     opts.progress.finish();
 
@@ -826,6 +835,7 @@ fn restore_file(
         out.set_permissions(std::fs::Permissions::from_mode(entry.mode))
             .at(&tmp)?;
         out.set_modified(mtime(entry.mtime_ns)).at(&tmp)?;
+        crate::localstore::start_writeback(&out);
         drop(out);
         std::fs::rename(&tmp, dest).at(dest)
     })();

@@ -533,8 +533,10 @@ impl Store {
     /// A synchronous streaming reader of `key`, to be used on a blocking thread.
     pub async fn reader(&self, key: &str) -> Result<Box<dyn Read + Send + 'static>> {
         if let Some(local) = &self.local {
+            // Buffered: age parses the header in small reads (its chunks, larger than the
+            // buffer, pass straight through).
             return match std::fs::File::open(local.path(key)) {
-                Ok(f) => Ok(Box::new(f)),
+                Ok(f) => Ok(Box::new(io::BufReader::with_capacity(64 * 1024, f))),
                 Err(e) => Err(self.local_error(key, e)),
             };
         }
