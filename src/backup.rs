@@ -108,7 +108,16 @@ async fn run_locked(
     // database (Immich's documented order: every asset the dump knows has its file walked after).
     // The dump then goes on beside the files; the server facts and the content listing are
     // gathered meanwhile.
-    db.wait_ready().await?;
+    if db.ready_waits() {
+        db.wait_ready().await?;
+    }
+    let checked = async {
+        if db.ready_waits() {
+            Ok(())
+        } else {
+            db.wait_ready().await
+        }
+    };
     let facts = async {
         let version = db::server_version(db).await?;
         let extensions = db::extensions(db, &cfg.database.database).await?;
@@ -162,7 +171,12 @@ async fn run_locked(
         });
         store_files(cfg, &id, store, storer, &cache_path, &progress).await
     };
-    let (facts, dumped, files) = tokio::try_join!(facts, dump_fut, files_fut)?;
+    let (checked, done) = tokio::join!(checked, async {
+        tokio::try_join!(facts, dump_fut, files_fut)
+    });
+    // An unreachable database is best told by the check, whatever the dump said.
+    checked?;
+    let (facts, dumped, files) = done?;
     let ((version, version_num), extensions, image) = facts;
     progress.finish();
 
@@ -313,7 +327,7 @@ async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
 async fn list_content(store: &Store) -> Result<Known> {
     let ids: Vec<ContentId> = store.content_ids().await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
-    Ok(Known::new(ids))
+    Ok(Known::new(ids, store))
 }
 
 /// The files phase's result.

@@ -373,31 +373,53 @@ fn remove_stale_temps(dest: &Path) {
 }
 
 /// The content addresses the store holds, plus what this run has added.
+///
+/// What this run added is remembered in memory, unless the store stages this run's content in a
+/// local folder: then only the objects being written are kept here, and a finished one is looked up
+/// in the staging folder, so memory does not grow with the number of new files (a first backup of a
+/// million photos).
 pub struct Known {
     listed: Vec<ContentId>,
     added: Mutex<HashSet<ContentId>>,
+    staged: Option<Store>,
 }
 
 impl Known {
     /// From a listing of `data/`.
-    pub fn new(mut listed: Vec<ContentId>) -> Known {
+    pub fn new(mut listed: Vec<ContentId>, store: &Store) -> Known {
         listed.sort_unstable();
         listed.dedup();
         Known {
             listed,
             added: Mutex::new(HashSet::new()),
+            staged: store.is_staging().then(|| store.clone()),
         }
+    }
+
+    fn is_staged(&self, id: &ContentId) -> bool {
+        self.staged.as_ref().is_some_and(|s| s.is_staged(id))
     }
 
     pub fn contains(&self, id: &ContentId) -> bool {
         self.listed.binary_search(id).is_ok()
             || self.added.lock().expect("not poisoned").contains(id)
+            || self.is_staged(id)
     }
 
     /// Claim `id` for upload; false when it is stored or another task is storing it.
     fn claim(&self, id: &ContentId) -> bool {
-        self.listed.binary_search(id).is_err()
-            && self.added.lock().expect("not poisoned").insert(*id)
+        if self.listed.binary_search(id).is_ok() {
+            return false;
+        }
+        let mut added = self.added.lock().expect("not poisoned");
+        !added.contains(id) && !self.is_staged(id) && added.insert(*id)
+    }
+
+    /// `id` is stored now.
+    fn stored(&self, id: &ContentId) {
+        if self.staged.is_some() {
+            self.added.lock().expect("not poisoned").remove(id);
+        }
     }
 
     fn release(&self, id: &ContentId) {
@@ -516,7 +538,10 @@ impl FileStorer {
                 w.finish()
             });
         match stored {
-            Ok(stored) => Ok((id, Stored::Uploaded { read, stored })),
+            Ok(stored) => {
+                self.known.stored(&id);
+                Ok((id, Stored::Uploaded { read, stored }))
+            }
             Err(e) => {
                 self.known.release(&id);
                 Err(StoreFileError::Store(e))
@@ -551,8 +576,9 @@ impl FileStorer {
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
         let result = self.try_upload(id, src, expect_len);
-        if result.is_err() {
-            self.known.release(id);
+        match result {
+            Ok(_) => self.known.stored(id),
+            Err(_) => self.known.release(id),
         }
         result
     }

@@ -164,6 +164,17 @@ impl LocalDir {
         Ok(name)
     }
 
+    /// Whether a backup is staging into this store.
+    pub fn is_staging(&self) -> bool {
+        self.staging.lock().expect("not poisoned").is_some()
+    }
+
+    /// Whether content object `id` is complete in this run's staging folder.
+    pub fn is_staged(&self, id: &ContentId) -> bool {
+        let staging = self.staging.lock().expect("not poisoned").clone();
+        staging.is_some_and(|dir| staged_path(&dir, &id.key()).exists())
+    }
+
     /// A writer for `key`: staged when it is content and a backup is staging, otherwise written to
     /// a temporary name and linked into place.
     pub fn create(&self, key: &str) -> io::Result<LocalWriter> {

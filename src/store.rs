@@ -585,6 +585,16 @@ impl Store {
             .map(|_| ())
     }
 
+    /// Whether this run stages its content (a local store during a backup).
+    pub fn is_staging(&self) -> bool {
+        self.local.as_ref().is_some_and(|l| l.is_staging())
+    }
+
+    /// Whether this run has staged content object `id` (always false when not staging).
+    pub fn is_staged(&self, id: &ContentId) -> bool {
+        self.local.as_ref().is_some_and(|l| l.is_staged(id))
+    }
+
     /// Make everything written so far durable (a local store's file system is synced; cloud
     /// stores acknowledge each object only once it is durable).
     pub async fn sync(&self) -> Result<()> {

@@ -181,4 +181,8 @@ impl Database for LocalDatabase {
     async fn wait_ready(&self) -> Result<()> {
         self.query("postgres", "SELECT 1").await.map(|_| ())
     }
+
+    fn ready_waits(&self) -> bool {
+        false
+    }
 }

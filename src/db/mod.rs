@@ -52,6 +52,11 @@ pub trait Database: Send + Sync {
     async fn wait_ready(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether [`Database::wait_ready`] may wait for a server that is starting; when it only checks
+    /// once, a backup runs the check beside the dump and reports the check's error first.
+    fn ready_waits(&self) -> bool {
+        true
+    }
     /// The Postgres server's container image (name and id), when the transport knows it.
     async fn image(&self) -> Option<String> {
         None
