@@ -106,8 +106,7 @@ async fn run_locked(
 
     // Database first: the files are walked only once the dump holds its snapshot of the Immich
     // database (Immich's documented order: every asset the dump knows has its file walked after).
-    // The dump then goes on beside the files; the server facts and the content listing are
-    // gathered meanwhile.
+    // The dump then goes on beside the files; the content listing is gathered meanwhile.
     if db.ready_waits() {
         db.wait_ready().await?;
     }
@@ -169,14 +168,16 @@ async fn run_locked(
             known,
             buffers: Default::default(),
         });
-        store_files(cfg, &id, store, storer, &cache_path, &progress).await
+        // The server facts are asked now, off the dump's way to its snapshot.
+        tokio::try_join!(
+            facts,
+            store_files(cfg, &id, store, storer, &cache_path, &progress)
+        )
     };
-    let (checked, done) = tokio::join!(checked, async {
-        tokio::try_join!(facts, dump_fut, files_fut)
-    });
+    let (checked, done) = tokio::join!(checked, async { tokio::try_join!(dump_fut, files_fut) });
     // An unreachable database is best told by the check, whatever the dump said.
     checked?;
-    let (facts, dumped, files) = done?;
+    let (dumped, (facts, files)) = done?;
     let ((version, version_num), extensions, image) = facts;
     progress.finish();
 
@@ -267,7 +268,6 @@ async fn commit(
 ) -> Result<()> {
     // Everything the manifest references must be durable, and the content visible, first.
     let published = store.publish().await?;
-    store.sync().await?;
     tracing::debug!(published, "content published");
     let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
     store

@@ -248,8 +248,10 @@ impl LocalDir {
     }
 
     /// Publish this run's staged objects (sync, move into `data/`, sync); returns how many were new.
+    /// Everything written before is durable afterwards, staged or not.
     pub fn publish(&self) -> io::Result<u64> {
         let Some(dir) = self.staging.lock().expect("not poisoned").take() else {
+            self.sync()?;
             return Ok(0);
         };
         self.sync()?;

@@ -595,13 +595,8 @@ impl Store {
         self.local.as_ref().is_some_and(|l| l.is_staged(id))
     }
 
-    /// Make everything written so far durable (a local store's file system is synced; cloud
-    /// stores acknowledge each object only once it is durable).
-    pub async fn sync(&self) -> Result<()> {
-        self.on_local("", |l| l.sync()).await.map(|_| ())
-    }
-
-    /// Make this run's staged content durable and visible in `data/`; returns how many were new.
+    /// Make this run's staged content durable and visible in `data/`, and everything written before
+    /// durable; returns how many objects were new.
     pub async fn publish(&self) -> Result<u64> {
         let n = self
             .on_local(crate::localstore::STAGING_DIR, |l| l.publish())
