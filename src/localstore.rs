@@ -286,10 +286,14 @@ impl LocalDir {
         Ok(new)
     }
 
-    /// Staging folders other than this run's, with their owners (`None`: unreadable owner file) and
-    /// whether the folder changed in the last minute.
+    /// Staging folders of other runs, with their owners (`None`: unreadable owner file) and whether
+    /// the folder changed in the last minute.
+    ///
+    /// Called before a backup begins staging: a folder this process still holds is an earlier
+    /// run's that failed (the agent runs backup after backup in one process), and counts as
+    /// another's from now on.
     pub fn other_staging(&self) -> io::Result<Vec<(String, Option<Owner>, bool)>> {
-        let ours = self.staging.lock().expect("not poisoned").clone();
+        self.staging.lock().expect("not poisoned").take();
         let base = self.root.join(STAGING_DIR);
         let entries = match fs::read_dir(&base) {
             Ok(e) => e,
@@ -299,7 +303,7 @@ impl LocalDir {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry?;
-            if Some(entry.path()) == ours || !entry.file_type()?.is_dir() {
+            if !entry.file_type()?.is_dir() {
                 continue;
             }
             let owner = fs::read(entry.path().join(OWNER_FILE))
@@ -329,11 +333,7 @@ impl LocalDir {
 
     /// Remove a staging folder whose bytes cannot be trusted.
     pub fn discard(&self, name: &str) -> io::Result<()> {
-        let dir = self.root.join(STAGING_DIR).join(name);
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_folder(&self.root.join(STAGING_DIR).join(name))
     }
 
     /// Every content address under `data/`, from the folder names alone (no per-object `stat`).
@@ -391,12 +391,11 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
 
 /// Give the unnamed file `file` the name `to` (create-only: `Ok(false)` when `to` exists).
 fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
-    let from =
-        CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
-    let to_c = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    for attempt in 0..2 {
+    let from = c_path(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    let to_c = c_path(to)?;
+    create_only(to, || {
         // SAFETY: valid NUL-terminated paths; the descriptor is open.
-        let rc = unsafe {
+        unsafe {
             libc::linkat(
                 libc::AT_FDCWD,
                 from.as_ptr(),
@@ -404,8 +403,19 @@ fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
                 to_c.as_ptr(),
                 libc::AT_SYMLINK_FOLLOW,
             )
-        };
-        if rc == 0 {
+        }
+    })
+}
+
+fn c_path(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Run `call`, a system call that creates `to` and fails with `EEXIST` when it exists: `Ok(false)`
+/// then. When `to`'s folder is missing it is created and the call made once more.
+fn create_only(to: &Path, call: impl Fn() -> libc::c_int) -> io::Result<bool> {
+    for attempt in 0..2 {
+        if call() == 0 {
             return Ok(true);
         }
         let e = io::Error::last_os_error();
@@ -442,11 +452,10 @@ fn remove_folder(dir: &Path) -> io::Result<()> {
 /// Move `from` to `to` unless `to` exists: `Ok(false)` then, and `from` is left. Creates `to`'s
 /// folder. Uses `renameat2(RENAME_NOREPLACE)`, or a hard link where the file system lacks it.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
-    let (f, t) = (c(from)?, c(to)?);
-    for attempt in 0..2 {
+    let (f, t) = (c_path(from)?, c_path(to)?);
+    let renamed = create_only(to, || {
         // SAFETY: both are valid NUL-terminated paths.
-        let rc = unsafe {
+        unsafe {
             libc::renameat2(
                 libc::AT_FDCWD,
                 f.as_ptr(),
@@ -454,21 +463,19 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
                 t.as_ptr(),
                 libc::RENAME_NOREPLACE,
             )
-        };
-        if rc == 0 {
-            return Ok(true);
         }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EEXIST) => return Ok(false),
-            Some(libc::ENOENT) if attempt == 0 && from.exists() => {
-                fs::create_dir_all(to.parent().expect("objects have a folder"))?;
-            }
-            Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP) => return link_noreplace(from, to),
-            _ => return Err(e),
+    });
+    match renamed {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)
+            ) =>
+        {
+            link_noreplace(from, to)
         }
+        other => other,
     }
-    Err(io::Error::other(format!("cannot create {}", to.display())))
 }
 
 /// Hard-link `from` to `to` (create-only), then remove `from`.
@@ -660,6 +667,20 @@ mod tests {
             b"hashed while written"
         );
         assert!(store.other_staging().unwrap().is_empty());
+
+        // In one process (the agent): a run that failed before publishing, then the next run.
+        store.begin_staging().unwrap();
+        let mut w = store.create(&key(5)).unwrap();
+        w.write_all(b"from the failed run").unwrap();
+        assert!(w.finish().unwrap());
+        let others = store.other_staging().unwrap();
+        assert_eq!(others.len(), 1, "the failed run's folder is another's now");
+        assert_eq!(
+            verdict(others[0].1.as_ref(), &me, false, true),
+            Verdict::Adopt
+        );
+        assert_eq!(store.adopt(&others[0].0).unwrap(), 1);
+        assert!(store.content_ids().unwrap().contains(&ContentId([5; 32])));
     }
 
     #[test]

@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use age::secrecy::{ExposeSecret, SecretString};
 use common::*;
-use immich_backup::crypto::{self, Identities};
+use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::demo;
 use immich_backup::error::exit;
 use immich_backup::sample::{
     self, asset_original_path, PgCluster, GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS,
 };
-use immich_backup::snapshot::EntryKind;
+use immich_backup::snapshot::{ContentId, EntryKind};
 
 fn folders() -> Vec<String> {
     ORIGINAL_FOLDERS.iter().map(|f| f.to_string()).collect()
@@ -581,6 +581,53 @@ fn killed_backup_leaves_no_snapshot_and_the_next_run_reuses_its_uploads() {
         checked += 1;
     }
     assert_eq!(checked, files.len());
+}
+
+#[test]
+fn staged_uploads_of_an_earlier_boot_are_dropped_and_uploaded_again() {
+    // A power cut cannot be made to happen here, so its leftover is written by hand: a staging
+    // folder whose owner ran on this host under another boot id, holding an object for a real
+    // photo whose bytes never reached the disk (here: garbage under the photo's address).
+    let src = Source::new(ASSETS);
+    let config = src.write_config("config.toml");
+    cli(Some(&config), &["init"], &[]).expect_code(exit::OK);
+    let files = original_files(&src.upload);
+    let (rel, content) = files.iter().next().unwrap();
+    let recipients = Recipients::load(std::slice::from_ref(&src.recipient), None).unwrap();
+    let id = ContentId(*blake3::keyed_hash(&recipients.content_key(), content).as_bytes());
+    let hex = id.to_string();
+    let run = src.store.join("staging/20260101T000000.000Z-deadbeef");
+    fs::create_dir_all(run.join(&hex[..2])).unwrap();
+    fs::write(run.join(&hex[..2]).join(&hex), b"lost in the power cut").unwrap();
+    let owner = serde_json::json!({
+        "host": immich_backup::lock::hostname(),
+        "boot_id": "00000000-0000-0000-0000-000000000000",
+        "pid": 1,
+        "started": "2026-01-01T00:00:00Z",
+    });
+    fs::write(run.join("owner.json"), owner.to_string()).unwrap();
+
+    let r = cli(Some(&config), &["--json", "backup"], &[]);
+    let r = r.expect_code(exit::OK).json();
+    assert!(!run.exists(), "the untrusted staging folder is removed");
+    let distinct: BTreeSet<&Vec<u8>> = files.values().collect();
+    assert_eq!(
+        r["files_new"].as_u64().unwrap(),
+        distinct.len() as u64,
+        "{r}"
+    );
+    let sealed = fs::read(src.store.join(id.key())).unwrap();
+    let mut plain = Vec::new();
+    Identities::load(&src.identity)
+        .unwrap()
+        .decrypt(&sealed[..], &id.key())
+        .unwrap()
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert!(
+        &plain == content,
+        "{rel} is stored from the file, not the leftover"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
