@@ -104,81 +104,18 @@ async fn run_locked(
     recover_staging(store, cfg).await?;
     store.begin_staging().await?;
 
-    // Database first: the files are walked only once the dump holds its snapshot of the Immich
-    // database (Immich's documented order: every asset the dump knows has its file walked after).
-    // The dump then goes on beside the files; the content listing is gathered meanwhile.
-    if db.ready_waits() {
-        db.wait_ready().await?;
-    }
-    let checked = async {
-        if db.ready_waits() {
-            Ok(())
-        } else {
-            db.wait_ready().await
-        }
-    };
-    let facts = async {
-        let version = db::server_version(db).await?;
-        let extensions = db::extensions(db, &cfg.database.database).await?;
-        Ok::<_, Error>((version, extensions, db.image().await))
-    };
-    progress.phase("database", None);
-    let dump_key = snapshot::snapshot_key(&id, snapshot::DUMP_OBJECT);
-    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
-    let files_started = Arc::new(AtomicBool::new(false));
-    let (p, files_on) = (progress.clone(), files_started.clone());
-    let dump_fut = async {
-        let dumped = dump::dump_to_store(
-            db,
-            store,
-            recipients.clone(),
-            &dump_key,
-            &cfg.database.database,
-            cfg.backup.compression_level,
-            dump::DumpEvents {
-                on_bytes: move |n| {
-                    if !files_on.load(Ordering::Relaxed) {
-                        p.inc(n)
-                    }
-                },
-                snapshot_taken: taken_tx,
-            },
-        )
-        .await?;
-        tracing::info!(
-            sql_bytes = dumped.sql_bytes,
-            stored = dumped.object.size,
-            tables = dumped.row_counts.len(),
-            "database dumped"
-        );
-        Ok::<_, Error>(dumped)
-    };
     let cache_path = collect::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
-    let files_fut = async {
-        let known = Arc::new(list_content(store).await?);
-        // Sent once the dump is inside the Immich database; dropped when the dump ended (or failed)
-        // without saying so: either way the files may go now.
-        let _ = taken_rx.await;
-        files_started.store(true, Ordering::Relaxed);
-        tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
-        let storer = Arc::new(FileStorer {
-            store: store.clone(),
-            recipients: recipients.clone(),
-            key,
-            known,
-            buffers: Default::default(),
-        });
-        // The server facts are asked now, off the dump's way to its snapshot.
-        tokio::try_join!(
-            facts,
-            store_files(cfg, &id, store, storer, &cache_path, &progress)
-        )
+    let run = Run {
+        cfg,
+        db,
+        store,
+        recipients: &recipients,
+        key,
+        id: &id,
+        cache_path: &cache_path,
+        progress: &progress,
     };
-    let (checked, done) = tokio::join!(checked, async { tokio::try_join!(dump_fut, files_fut) });
-    // An unreachable database is best told by the check, whatever the dump said.
-    checked?;
-    let (dumped, (facts, files)) = done?;
-    let ((version, version_num), extensions, image) = facts;
+    let (dumped, facts, files) = dump_then_files(run).await?;
     progress.finish();
 
     let summary = Summary {
@@ -205,11 +142,11 @@ async fn run_locked(
             mode: format!("{:?}", cfg.database.mode).to_lowercase(),
             database: cfg.database.database.clone(),
             username: cfg.database.username.clone(),
-            server_version: version,
-            server_version_num: version_num,
-            extensions,
+            server_version: facts.version,
+            server_version_num: facts.version_num,
+            extensions: facts.extensions,
             row_counts: dumped.row_counts.clone(),
-            image,
+            image: facts.image,
         },
         dump: dumped.object.clone(),
         files: files.list.clone(),
@@ -241,6 +178,117 @@ async fn run_locked(
     };
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
+}
+
+/// What one backup run works with.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    cfg: &'a Config,
+    db: &'a dyn Database,
+    store: &'a Store,
+    recipients: &'a Arc<Recipients>,
+    key: [u8; 32],
+    id: &'a str,
+    cache_path: &'a std::path::Path,
+    progress: &'a Progress,
+}
+
+/// The database server's facts the manifest records.
+struct ServerFacts {
+    version: String,
+    version_num: i64,
+    extensions: Vec<snapshot::Extension>,
+    image: Option<String>,
+}
+
+/// Database first: the files are walked only once the dump holds its snapshot of the Immich
+/// database (Immich's documented order: every asset the dump knows has its file walked after). The
+/// dump then goes on beside the files; the content listing is gathered meanwhile, and the server
+/// facts are asked once the dump has its snapshot, off its way there.
+async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts, FilesDone)> {
+    let Run { cfg, db, store, .. } = run;
+    if db.ready_waits() {
+        db.wait_ready().await?;
+    }
+    let checked = async {
+        if db.ready_waits() {
+            Ok(())
+        } else {
+            db.wait_ready().await
+        }
+    };
+    run.progress.phase("database", None);
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let files_started = Arc::new(AtomicBool::new(false));
+    let (p, files_on) = (run.progress.clone(), files_started.clone());
+    let events = dump::DumpEvents {
+        on_bytes: move |n| {
+            if !files_on.load(Ordering::Relaxed) {
+                p.inc(n)
+            }
+        },
+        snapshot_taken: taken_tx,
+    };
+    let files_fut = async {
+        let known = Arc::new(list_content(store).await?);
+        // Sent once the dump is inside the Immich database; dropped when the dump ended (or failed)
+        // without saying so: either way the files may go now.
+        let _ = taken_rx.await;
+        files_started.store(true, Ordering::Relaxed);
+        tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
+        let storer = Arc::new(FileStorer {
+            store: store.clone(),
+            recipients: run.recipients.clone(),
+            key: run.key,
+            known,
+            buffers: Default::default(),
+        });
+        let files = store_files(cfg, run.id, store, storer, run.cache_path, run.progress);
+        tokio::try_join!(server_facts(db, &cfg.database.database), files)
+    };
+    let (checked, done) = tokio::join!(checked, async {
+        tokio::try_join!(dump_database(run, events), files_fut)
+    });
+    // An unreachable database is best told by the check, whatever the dump said.
+    checked?;
+    let (dumped, (facts, files)) = done?;
+    Ok((dumped, facts, files))
+}
+
+/// The dump, streamed to the store.
+async fn dump_database<F: Fn(u64) + Send + 'static>(
+    run: Run<'_>,
+    events: dump::DumpEvents<F>,
+) -> Result<dump::DumpOutcome> {
+    let key = snapshot::snapshot_key(run.id, snapshot::DUMP_OBJECT);
+    let dumped = dump::dump_to_store(
+        run.db,
+        run.store,
+        run.recipients.clone(),
+        &key,
+        &run.cfg.database.database,
+        run.cfg.backup.compression_level,
+        events,
+    )
+    .await?;
+    tracing::info!(
+        sql_bytes = dumped.sql_bytes,
+        stored = dumped.object.size,
+        tables = dumped.row_counts.len(),
+        "database dumped"
+    );
+    Ok(dumped)
+}
+
+async fn server_facts(db: &dyn Database, database: &str) -> Result<ServerFacts> {
+    let (version, version_num) = db::server_version(db).await?;
+    let extensions = db::extensions(db, database).await?;
+    Ok(ServerFacts {
+        version,
+        version_num,
+        extensions,
+        image: db.image().await,
+    })
 }
 
 fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<()> {
