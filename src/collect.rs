@@ -7,12 +7,12 @@
 //! uploaded again. Symlinks are recorded, never followed; generated folders are never visited.
 
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -378,9 +378,15 @@ fn remove_stale_temps(dest: &Path) {
 /// local folder: then only the objects being written are kept here, and a finished one is looked up
 /// in the staging folder, so memory does not grow with the number of new files (a first backup of a
 /// million photos).
+///
+/// A file whose content another worker is storing waits for that upload: should it fail (its file
+/// changed, or could not be read), this one stores the content itself, so no entry ever names
+/// content that was not stored.
 pub struct Known {
     listed: Vec<ContentId>,
-    added: Mutex<HashSet<ContentId>>,
+    /// This run's content: `false` while it is being stored, `true` once stored.
+    added: Mutex<HashMap<ContentId, bool>>,
+    changed: Condvar,
     staged: Option<Store>,
 }
 
@@ -391,7 +397,8 @@ impl Known {
         listed.dedup();
         Known {
             listed,
-            added: Mutex::new(HashSet::new()),
+            added: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
             staged: store.is_staging().then(|| store.clone()),
         }
     }
@@ -400,30 +407,56 @@ impl Known {
         self.staged.as_ref().is_some_and(|s| s.is_staged(id))
     }
 
+    fn added(&self) -> std::sync::MutexGuard<'_, HashMap<ContentId, bool>> {
+        self.added.lock().expect("not poisoned")
+    }
+
+    /// Whether the store holds `id` (content still being stored does not count).
     pub fn contains(&self, id: &ContentId) -> bool {
         self.listed.binary_search(id).is_ok()
-            || self.added.lock().expect("not poisoned").contains(id)
+            || self.added().get(id) == Some(&true)
             || self.is_staged(id)
     }
 
-    /// Claim `id` for upload; false when it is stored or another task is storing it.
-    fn claim(&self, id: &ContentId) -> bool {
+    /// Claim `id` for upload; `None` when it is stored. While another worker is storing it, this
+    /// waits for the outcome. Dropping the claim without [`Claim::stored`] releases it.
+    fn claim(&self, id: &ContentId) -> Option<Claim<'_>> {
         if self.listed.binary_search(id).is_ok() {
-            return false;
+            return None;
         }
-        let mut added = self.added.lock().expect("not poisoned");
-        !added.contains(id) && !self.is_staged(id) && added.insert(*id)
+        let mut added = self.added();
+        loop {
+            match added.get(id) {
+                Some(true) => return None,
+                Some(false) => added = self.changed.wait(added).expect("not poisoned"),
+                None if self.is_staged(id) => return None,
+                None => {
+                    added.insert(*id, false);
+                    return Some(Claim {
+                        known: self,
+                        id: *id,
+                        stored: false,
+                    });
+                }
+            }
+        }
     }
 
     /// `id` is stored now.
     fn stored(&self, id: &ContentId) {
+        let mut added = self.added();
         if self.staged.is_some() {
-            self.added.lock().expect("not poisoned").remove(id);
+            added.remove(id); // the staging folder has it
+        } else {
+            added.insert(*id, true);
         }
+        self.changed.notify_all();
     }
 
+    /// Storing `id` failed: the next file with this content stores it.
     fn release(&self, id: &ContentId) {
-        self.added.lock().expect("not poisoned").remove(id);
+        self.added().remove(id);
+        self.changed.notify_all();
     }
 
     pub fn len(&self) -> usize {
@@ -432,6 +465,28 @@ impl Known {
 
     pub fn is_empty(&self) -> bool {
         self.listed.is_empty()
+    }
+}
+
+/// The right, and the duty, to store one content object: released unless marked stored.
+struct Claim<'a> {
+    known: &'a Known,
+    id: ContentId,
+    stored: bool,
+}
+
+impl Claim<'_> {
+    fn stored(mut self) {
+        self.stored = true;
+        self.known.stored(&self.id);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if !self.stored {
+            self.known.release(&self.id);
+        }
     }
 }
 
@@ -482,11 +537,11 @@ impl FileStorer {
             }
         }
         let (id, read) = self.hash_stream(&mut file).map_err(src)?;
-        if !self.known.claim(&id) {
+        let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read }));
-        }
+        };
         let file = File::open(&found.abs).map_err(src)?;
-        let stored = self.upload(&id, Source::File(file), read)?;
+        let stored = self.upload(claim, Source::File(file), read)?;
         Ok((id, Stored::Uploaded { read, stored }))
     }
 
@@ -503,10 +558,10 @@ impl FileStorer {
             .map_err(|e| StoreFileError::Source(e.to_string()))?;
         let id = ContentId(*blake3::keyed_hash(&self.key, data).as_bytes());
         let read = data.len() as u64;
-        if !self.known.claim(&id) {
+        let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read }));
-        }
-        self.upload(&id, Source::Memory(data), read)
+        };
+        self.upload(claim, Source::Memory(data), read)
             .map(|stored| (id, Stored::Uploaded { read, stored }))
     }
 
@@ -527,26 +582,19 @@ impl FileStorer {
         if read != expect_len {
             return Err(changed_meanwhile());
         }
-        if !self.known.claim(&id) {
+        let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read })); // dropping the writer abandons it
-        }
+        };
         let stored = sealed
             .finish()
             .map_err(|e| crate::store::error_from_io(&id.key(), e))
             .and_then(|mut w| {
                 w.name(&id.key());
                 w.finish()
-            });
-        match stored {
-            Ok(stored) => {
-                self.known.stored(&id);
-                Ok((id, Stored::Uploaded { read, stored }))
-            }
-            Err(e) => {
-                self.known.release(&id);
-                Err(StoreFileError::Store(e))
-            }
-        }
+            })
+            .map_err(StoreFileError::Store)?;
+        claim.stored();
+        Ok((id, Stored::Uploaded { read, stored }))
     }
 
     fn hash_stream(&self, r: &mut impl Read) -> io::Result<(ContentId, u64)> {
@@ -571,16 +619,13 @@ impl FileStorer {
     /// Encrypt `src` into `data/…`, then complete the object.
     fn upload(
         &self,
-        id: &ContentId,
+        claim: Claim<'_>,
         src: Source<'_>,
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
-        let result = self.try_upload(id, src, expect_len);
-        match result {
-            Ok(_) => self.known.stored(id),
-            Err(_) => self.known.release(id),
-        }
-        result
+        let stored = self.try_upload(&claim.id, src, expect_len)?;
+        claim.stored();
+        Ok(stored)
     }
 
     fn try_upload(
@@ -667,6 +712,35 @@ pub fn cache_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_whose_content_is_being_stored_waits_and_takes_over_a_failed_upload() {
+        let store = Store::from_object_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+            "memory:///",
+        );
+        let known = Known::new(vec![ContentId([1; 32])], &store);
+        assert!(known.claim(&ContentId([1; 32])).is_none(), "listed");
+        let id = ContentId([2; 32]);
+        for fails in [true, false] {
+            let first = known.claim(&id).expect("nobody stores it yet");
+            assert!(!known.contains(&id), "being stored is not stored");
+            std::thread::scope(|s| {
+                let second = s.spawn(|| known.claim(&id).map(|c| c.id));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                assert!(!second.is_finished(), "it waits for the first upload");
+                if fails {
+                    drop(first); // the upload failed: released
+                    assert_eq!(second.join().unwrap(), Some(id), "so it stores it itself");
+                } else {
+                    first.stored();
+                    assert_eq!(second.join().unwrap(), None, "stored: nothing to do");
+                }
+            });
+        }
+        assert!(known.contains(&id));
+    }
 
     #[test]
     fn walk_order_is_component_wise() {
