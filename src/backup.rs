@@ -1,8 +1,8 @@
 //! Backup: database first, then files (Immich's documented order), then the snapshot's records, and
 //! last the manifest that makes the snapshot visible.
 //!
-//! source → compress → encrypt → store: [`dump`](crate::dump) streams `pg_dumpall` into the store;
-//! [`collect`](crate::collect) walks the originals and stores new content concurrently; the file list,
+//! source → compress → encrypt → store: [`dump`] streams `pg_dumpall` into the store;
+//! [`collect`] walks the originals and stores new content concurrently; the file list,
 //! the plaintext refs and the local cache are written as the results arrive, in walk order.
 
 use std::io::{BufWriter, Write};

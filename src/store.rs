@@ -6,6 +6,10 @@
 //! only when complete. [`ObjectWriter`] and [`Store::reader`] are synchronous adapters for the
 //! encryption threads, so a whole object never sits in memory.
 //!
+//! A `file://` store bypasses object_store on the data path: objects are plain files, staged per
+//! backup and synced once per snapshot ([`crate::localstore`]); listings, locks and small objects
+//! still go through object_store's `LocalFileSystem`.
+//!
 //! Memory stays bounded: a writer buffers at most one part ([`PART_SIZE`]); each object has at most
 //! [`PARTS_IN_FLIGHT`] parts uploading, and the whole store at most `[storage] concurrency` parts
 //! (they wait for a slot), so peak upload memory is about (writers + concurrency) × `PART_SIZE`.
