@@ -144,12 +144,23 @@ identity_file = "$ID"
 cache_dir = "$WORK/$1-cache"
 TOML
 }
-# Deleting thousands of files just before a measurement slows the file creations that follow (ext4
-# looks for recently deleted inodes), so what a measurement replaces goes to a trash folder first,
-# emptied between scenarios.
+# Deleting thousands of files just before a measurement slows the file creations that follow: ext4
+# without a journal (the file system RESULTS.md was measured on) skips, and checks one by one,
+# inodes freed in the last minute (six while their inode table is unwritten) when it allocates new
+# ones, so a store of 1,600 objects written right after a large deletion spent half its time in
+# the inode allocator. So what a measurement replaces goes to a trash folder, emptied between
+# scenarios, after which the run syncs and waits for the freed inodes to age; a previous run's
+# deletions are waited out the same way.
 TRASHED=0
 trash() { for d in "$@"; do [ -e "$d" ] && { mkdir -p "$WORK/trash"; TRASHED=$((TRASHED + 1)); mv "$d" "$WORK/trash/$TRASHED"; }; done; return 0; }
-empty_trash() { rm -rf "$WORK/trash"; }
+DELETED=$WORK/.deleted   # its mtime: when this script last deleted many files
+empty_trash() { if [ -e "$WORK/trash" ]; then rm -rf "$WORK/trash"; touch "$DELETED"; fi; }
+settle_deletes() { # wait until 65 s after the last large deletion, with the inode tables written
+  [ -e "$DELETED" ] || return 0
+  sync
+  local left=$(( $(stat -c %Y "$DELETED") + 65 - $(date +%s) ))
+  if [ "$left" -gt 0 ]; then log "waiting ${left} s for freed inodes to age (see the comment in bench/run.sh)"; sleep "$left"; fi
+}
 fresh_store() { trash "$WORK/$1-store" "$WORK/$1-cache"; mkdir -p "$WORK/$1-store"; "$IB" -c "$WORK/$1.toml" init >/dev/null; }
 ours() { echo "'$IB' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
 base() { echo "'$BASE' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
@@ -169,6 +180,7 @@ if has 1 || has 4; then
   gen_once "$UL" library --scale "$SCALE"
   config s1 "$UL" "$small_PORT"
   log "scenario 1: first backup of $(du -sc --apparent-size -BM "$UL"/library "$UL"/upload "$UL"/profile | tail -1 | cut -f1) (library upload profile)"
+  settle_deletes
   TAR=$WORK/s1.tar.age
   for rep in $(seq "$REPS"); do
     run_anchor() { trash "$TAR"; measure "1 first backup" "tar | age" anchor \
@@ -197,6 +209,7 @@ if has 4; then
   config s4 "$WORK/restored" "$restore_PORT"
   sed -i "s#url = .*#url = \"file://$WORK/s1-store\"#" "$WORK/s4.toml"
   log "scenario 4: restore of the files of scenario 1"
+  settle_deletes
   for rep in $(seq "$REPS"); do
     run_anchor() { trash "$WORK/untarred"; mkdir -p "$WORK/untarred"
       measure "4 file restore" "age -d | tar -x" anchor "age -d -i '$ID' '$TAR' | tar -x -C '$WORK/untarred'"; }
@@ -217,7 +230,7 @@ if has 4; then
   diff -r "$UL/library" "$WORK/restored/library" >/dev/null || { echo "restored files differ!" >&2; exit 1; }
   trash "$WORK/restored" "$WORK/untarred"; empty_trash
 fi
-[ "$KEEP" = 1 ] || rm -rf "$WORK/s1-store" "$WORK/s1-cache" "$WORK/s1.tar.age"
+[ "$KEEP" = 1 ] || { trash "$WORK/s1-store" "$WORK/s1-cache" "$WORK/s1.tar.age"; empty_trash; }
 
 # --- 2: no-change backup of many small files ---------------------------------------------------
 if has 2; then
@@ -225,6 +238,7 @@ if has 2; then
   gen_once "$SM" small --files "$SMALL_FILES"
   config s2 "$SM" "$small_PORT"
   log "scenario 2: no-change backup of $SMALL_FILES small files"
+  settle_deletes
   fresh_store s2
   "$IB" --no-progress -c "$WORK/s2.toml" backup >/dev/null 2>&1
   if command -v restic >/dev/null; then
@@ -238,7 +252,7 @@ if has 2; then
     if [ $((rep % 2)) = 1 ]; then run_anchor; run_ours; else run_ours; run_anchor; fi
     if [ -n "$BASE" ]; then measure "2 no-change backup" "immich-backup (baseline build)" other "$(base s2 backup)"; fi
   done
-  [ "$KEEP" = 1 ] || rm -rf "$WORK/s2-store" "$WORK/restic2"
+  [ "$KEEP" = 1 ] || { trash "$WORK/s2-store" "$WORK/restic2"; empty_trash; }
 fi
 
 # --- 3: database dump --------------------------------------------------------------------------
@@ -250,6 +264,7 @@ if has 3; then
   DUMPALL="'$PG_BIN_DIR/pg_dumpall' --clean --if-exists -h 127.0.0.1 -p $big_PORT -U postgres"
   bytes=$(eval "$DUMPALL" | wc -c)
   log "scenario 3: database dump ($((bytes / 1048576)) MiB of pg_dumpall output)"
+  settle_deletes
   for rep in $(seq "$REPS"); do
     run_anchor() {
       measure "3 database dump" "pg_dumpall > /dev/null" anchor "$DUMPALL > /dev/null"
@@ -260,7 +275,7 @@ if has 3; then
       fresh_store s3; measure "3 database dump" "immich-backup (baseline build)" other "$(base s3 backup)"
     fi
   done
-  empty_trash; [ "$KEEP" = 1 ] || rm -rf "$WORK/s3-store"
+  [ "$KEEP" = 1 ] || trash "$WORK/s3-store"; empty_trash
 fi
 
 # --- 5: memory ---------------------------------------------------------------------------------
@@ -269,6 +284,7 @@ if has 5; then
   gen_once "$BIG" big --gib "$BIG_GIB"
   config s5a "$BIG" "$small_PORT"
   log "scenario 5: one $BIG_GIB GiB file"
+  settle_deletes
   fresh_store s5a
   measure "5 memory, ${BIG_GIB} GiB file" "immich-backup backup" ours "$(ours s5a backup)"
   measure "5 memory, ${BIG_GIB} GiB file" "tar | age" anchor "tar -cf - -C '$BIG' library upload profile | age -r $RCPT > /dev/null"
@@ -284,6 +300,7 @@ if has 5; then
   gen_once "$HUGE" small --files "$HUGE_FILES"
   config s5b "$HUGE" "$small_PORT"
   log "scenario 5: $HUGE_FILES small files"
+  settle_deletes
   fresh_store s5b
   measure "5 memory, $HUGE_FILES files" "immich-backup backup (first)" ours "$(ours s5b backup)"
   measure "5 memory, $HUGE_FILES files" "immich-backup backup (no change)" ours "$(ours s5b backup)"
@@ -293,6 +310,7 @@ if has 5; then
   measure "5 memory, $HUGE_FILES files" "immich-backup restore" ours "$(ours s5c restore latest --target "'$WORK/restored5'")"
   rm -rf "$WORK/restored5"
   [ "$KEEP" = 1 ] || rm -rf "$WORK/s5b-store"
+  touch "$DELETED"
 fi
 
 python3 "$REPO/bench/summarize.py" "$RESULTS" --scale "$SCALE" --reps "$REPS" | tee "$WORK/summary.md"

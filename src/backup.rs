@@ -25,6 +25,7 @@ use crate::config::{Config, OnUnreadable};
 use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::dump::{self, HashingWriter};
+use crate::early;
 use crate::error::{Error, Result};
 use crate::localstore::{self, Owner, Verdict};
 use crate::lock::{Lock, LockKind};
@@ -48,6 +49,8 @@ pub struct BackupReport {
     pub files_deduplicated: u64,
     /// Files skipped by the metadata cache (not read).
     pub files_unchanged: u64,
+    /// Files (new or deduplicated) read while the dump was still starting, and unchanged since.
+    pub files_read_ahead: u64,
     pub bytes_total: u64,
     pub bytes_read: u64,
     /// Bytes written to the store for file contents (after encryption).
@@ -167,6 +170,7 @@ async fn run_locked(
         files_new: files.files_new,
         files_deduplicated: files.files_dedup,
         files_unchanged: files.files_unchanged,
+        files_read_ahead: files.files_read_ahead,
         bytes_total: files.totals.bytes,
         bytes_read: files.bytes_read,
         bytes_stored: files.bytes_stored,
@@ -201,22 +205,16 @@ struct ServerFacts {
     image: Option<String>,
 }
 
-/// Database first: the files are walked only once the dump holds its snapshot of the Immich
-/// database (Immich's documented order: every asset the dump knows has its file walked after). The
-/// dump then goes on beside the files; the content listing is gathered meanwhile, and the server
-/// facts are asked once the dump has its snapshot, off its way there.
+/// Database first: the snapshot's walk starts only once the dump holds its snapshot of the Immich
+/// database (Immich's documented order: every asset the dump knows has its file walked after);
+/// until then files are read ahead (early.rs). The dump then goes on beside the files. The server's
+/// facts are asked beside the dump in one query, which is also the check that a local server
+/// answers: its error, if any, is the one told.
 async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts, FilesDone)> {
     let Run { cfg, db, store, .. } = run;
     if db.ready_waits() {
         db.wait_ready().await?;
     }
-    let checked = async {
-        if db.ready_waits() {
-            Ok(())
-        } else {
-            db.wait_ready().await
-        }
-    };
     run.progress.phase("database", None);
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
     let files_started = Arc::new(AtomicBool::new(false));
@@ -231,11 +229,6 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
     };
     let files_fut = async {
         let known = Arc::new(list_content(store).await?);
-        // Sent once the dump is inside the Immich database; dropped when the dump ended (or failed)
-        // without saying so: either way the files may go now.
-        let _ = taken_rx.await;
-        files_started.store(true, Ordering::Relaxed);
-        tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
         let storer = Arc::new(FileStorer {
             store: store.clone(),
             recipients: run.recipients.clone(),
@@ -243,16 +236,39 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
             known,
             buffers: Default::default(),
         });
-        let files = store_files(cfg, run.id, store, storer, run.cache_path, run.progress);
-        tokio::try_join!(server_facts(db, &cfg.database.database), files)
+        let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
+        let ahead = early::start(
+            cfg.immich.upload_location.clone(),
+            cfg.immich.folders.clone(),
+            run.cache_path.to_path_buf(),
+            storer.clone(),
+            workers.clone(),
+            cfg.storage.concurrency * WINDOW_PER_WORKER,
+        );
+        // Sent once the dump is inside the Immich database; dropped when the dump ended (or failed)
+        // without saying so: either way the files may go now.
+        let _ = taken_rx.await;
+        let early = ahead.stop().await;
+        files_started.store(true, Ordering::Relaxed);
+        tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
+        store_files(run, storer, workers, early).await
     };
-    let (checked, done) = tokio::join!(checked, async {
-        tokio::try_join!(dump_database(run, events), files_fut)
-    });
-    // An unreachable database is best told by the check, whatever the dump said.
-    checked?;
-    let (dumped, (facts, files)) = done?;
-    Ok((dumped, facts, files))
+    let facts = server_facts(db, &cfg.database.database);
+    let work = async { tokio::try_join!(dump_database(run, events), files_fut) };
+    tokio::pin!(facts, work);
+    tokio::select! {
+        facts = &mut facts => {
+            let facts = facts?; // a failed check stops everything at once
+            let (dumped, files) = work.await?;
+            Ok((dumped, facts, files))
+        }
+        done = &mut work => {
+            // An unreachable database is best told by the check, whatever the dump said.
+            let facts = facts.await?;
+            let (dumped, files) = done?;
+            Ok((dumped, facts, files))
+        }
+    }
 }
 
 /// The dump, streamed to the store.
@@ -281,8 +297,7 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
 }
 
 async fn server_facts(db: &dyn Database, database: &str) -> Result<ServerFacts> {
-    let (version, version_num) = db::server_version(db).await?;
-    let extensions = db::extensions(db, database).await?;
+    let ((version, version_num), extensions) = db::server_facts(db, database).await?;
     Ok(ServerFacts {
         version,
         version_num,
@@ -387,6 +402,7 @@ struct FilesDone {
     files_new: u64,
     files_dedup: u64,
     files_unchanged: u64,
+    files_read_ahead: u64,
     bytes_read: u64,
     bytes_stored: u64,
 }
@@ -397,13 +413,30 @@ enum Outcome {
         entry: Entry,
         found: Box<Found>,
         stored: Option<Stored>,
+        /// Its content was read ahead of the dump's snapshot.
+        ahead: bool,
     },
     Skipped(Skipped),
+}
+
+impl Outcome {
+    /// `found`, with content `id` that `stored` says how it got.
+    fn stored(found: Found, id: ContentId, stored: Stored, ahead: bool) -> Outcome {
+        let mut entry = found.entry.clone();
+        entry.content = Some(id);
+        Outcome::Entry {
+            entry,
+            found: Box::new(found),
+            stored: Some(stored),
+            ahead,
+        }
+    }
 }
 
 async fn process(
     item: Walked,
     cached: Option<ContentId>,
+    early: Option<early::Pending>,
     storer: Arc<FileStorer>,
     workers: Arc<tokio::sync::Semaphore>,
 ) -> Result<Outcome> {
@@ -416,37 +449,21 @@ async fn process(
             entry: found.entry.clone(),
             found: Box::new(found),
             stored: None,
+            ahead: false,
         });
     }
     if let Some(id) = cached.filter(|id| storer.known.contains(id)) {
-        let mut entry = found.entry.clone();
-        entry.content = Some(id);
-        return Ok(Outcome::Entry {
-            entry,
-            found: Box::new(found),
-            stored: Some(Stored::Unchanged),
-        });
+        return Ok(Outcome::stored(found, id, Stored::Unchanged, false));
     }
-    let _worker = workers
-        .acquire_owned()
-        .await
-        .map_err(|e| Error::Other(format!("file worker: {e}")))?;
-    let (found, res) = tokio::task::spawn_blocking(move || {
-        let res = storer.store_file(&found);
-        (found, res)
-    })
-    .await
-    .map_err(|e| Error::Other(format!("file worker: {e}")))?;
-    match res {
-        Ok((id, stored)) => {
-            let mut entry = found.entry.clone();
-            entry.content = Some(id);
-            Ok(Outcome::Entry {
-                entry,
-                found: Box::new(found),
-                stored: Some(stored),
-            })
+    if let Some(early) = early {
+        // Read before the dump's snapshot, and unchanged since (early.rs).
+        if let Ok(Some((id, stored))) = early.await {
+            return Ok(Outcome::stored(found, id, stored, true));
         }
+    }
+    let (found, res) = storer.store_on_worker(found, &workers, ()).await?;
+    match res {
+        Ok((id, stored)) => Ok(Outcome::stored(found, id, stored, false)),
         Err(StoreFileError::Source(error)) => Ok(Outcome::Skipped(Skipped {
             path: found.entry.path.clone(),
             error,
@@ -455,14 +472,22 @@ async fn process(
     }
 }
 
+/// The snapshot's walk: every file is taken from the metadata cache, from what was read ahead
+/// (`early`), or read and stored now.
 async fn store_files(
-    cfg: &Config,
-    id: &str,
-    store: &Store,
+    run: Run<'_>,
     storer: Arc<FileStorer>,
-    cache_path: &std::path::Path,
-    progress: &Progress,
+    workers: Arc<tokio::sync::Semaphore>,
+    mut early: early::Early,
 ) -> Result<FilesDone> {
+    let Run {
+        cfg,
+        id,
+        store,
+        cache_path,
+        progress,
+        ..
+    } = run;
     let root: PathBuf = cfg.immich.upload_location.clone();
     progress.phase("files", Some(0));
     if progress.is_visible() {
@@ -476,16 +501,18 @@ async fn store_files(
     let mut cache = CacheReader::open(cache_path);
     // `concurrency` files are read and stored at once; results are taken in walk order from a
     // wider window, so one large video does not stall the workers behind it.
-    let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
     let items =
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
     let mut outcomes = items
         .map(|item| {
-            let cached = match &item {
-                Walked::Found(f) if f.entry.kind == EntryKind::File => cache.lookup(f),
-                _ => None,
+            let (cached, ahead) = match &item {
+                Walked::Found(f) if f.entry.kind == EntryKind::File => (
+                    cache.lookup(f),
+                    (!early.is_empty()).then(|| early.take(f)).flatten(),
+                ),
+                _ => (None, None),
             };
-            process(item, cached, storer.clone(), workers.clone())
+            process(item, cached, ahead, storer.clone(), workers.clone())
         })
         .buffered(cfg.storage.concurrency * WINDOW_PER_WORKER);
 
@@ -507,12 +534,17 @@ async fn store_files(
                 entry,
                 found,
                 stored,
+                ahead,
             } => {
+                done.files_read_ahead += u64::from(ahead);
                 tally(&mut done, &entry, stored, progress);
                 list.push(entry, found).await?;
             }
         }
     }
+    drop(outcomes);
+    // Nothing may still be written for the read-ahead when the content is published.
+    early.finish().await;
     let (list, cache) = list.finish().await?;
     Ok(FilesDone {
         list,
@@ -522,6 +554,7 @@ async fn store_files(
         files_new: done.files_new,
         files_dedup: done.files_dedup,
         files_unchanged: done.files_unchanged,
+        files_read_ahead: done.files_read_ahead,
         bytes_read: done.bytes_read,
         bytes_stored: done.bytes_stored,
     })
@@ -538,6 +571,7 @@ struct Counts {
     files_new: u64,
     files_dedup: u64,
     files_unchanged: u64,
+    files_read_ahead: u64,
     bytes_read: u64,
     bytes_stored: u64,
 }

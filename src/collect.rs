@@ -59,6 +59,40 @@ pub struct Found {
     pub abs: PathBuf,
     pub ino: u64,
     pub ctime_ns: i64,
+    /// When the walk read this metadata (nanoseconds since the epoch).
+    pub walked_ns: i64,
+}
+
+/// How long before the walk a file's last change must be for its metadata to stand for its content.
+///
+/// A file changed again within the same timestamp tick as the walk could keep its size, mtime and
+/// ctime while its bytes differ ("racily clean", as git calls it). Ticks are a few milliseconds on
+/// Linux file systems but 2 s on FAT/exFAT, and a network file system's clock may be a little off
+/// ours: a file changed less than this before it was walked is read again next time.
+pub const SETTLE_NS: i64 = 5_000_000_000;
+
+impl Found {
+    /// Whether the file's last change was long enough before the walk that, as long as its
+    /// metadata stays the same, its content is the content read after this walk.
+    pub fn settled(&self) -> bool {
+        self.ctime_ns < self.walked_ns - SETTLE_NS
+    }
+
+    /// Whether `other` is the same file with the same metadata.
+    pub fn same_metadata(&self, other: &Found) -> bool {
+        self.entry.size == other.entry.size
+            && self.entry.mtime_ns == other.entry.mtime_ns
+            && self.ctime_ns == other.ctime_ns
+            && self.ino == other.ino
+    }
+}
+
+/// Now, in nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// What the walk yields.
@@ -161,6 +195,8 @@ fn rel_path(root: &Path, p: &Path) -> Option<String> {
 
 /// What the walk records for `p`, given its (not followed) metadata.
 fn describe(root: &Path, p: &Path, meta: io::Result<std::fs::Metadata>) -> Walked {
+    // Taken after the metadata was read.
+    let walked_ns = now_ns();
     let Some(path) = rel_path(root, p) else {
         return Walked::Unreadable {
             path: p.to_string_lossy().into_owned(),
@@ -221,6 +257,7 @@ fn describe(root: &Path, p: &Path, meta: io::Result<std::fs::Metadata>) -> Walke
         abs: p.to_path_buf(),
         ino: meta.ino(),
         ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        walked_ns,
     })
 }
 
@@ -310,7 +347,12 @@ impl CacheWriter {
         })
     }
 
+    /// Remember `found`'s content for the next backup, unless it changed too recently for its
+    /// metadata to prove it unchanged next time ([`Found::settled`]).
     pub fn add(&mut self, found: &Found, content: ContentId) -> Result<()> {
+        if !found.settled() {
+            return Ok(());
+        }
         let line = CacheLine {
             path: found.entry.path.clone(),
             size: found.entry.size,
@@ -517,7 +559,34 @@ pub struct FileStorer {
     pub buffers: Buffers,
 }
 
+/// What storing one file on a worker gave: the file, and its content or why it was not stored.
+pub type Worked = (
+    Found,
+    std::result::Result<(ContentId, Stored), StoreFileError>,
+);
+
 impl FileStorer {
+    /// Store `found` on a blocking thread once one of `workers` is free; `guard` is held until the
+    /// thread is done with the file (even if the caller stops waiting).
+    pub async fn store_on_worker(
+        self: Arc<Self>,
+        found: Found,
+        workers: &tokio::sync::Semaphore,
+        guard: impl Send + 'static,
+    ) -> Result<Worked> {
+        let _worker = workers
+            .acquire()
+            .await
+            .map_err(|e| Error::Other(format!("file worker: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            let res = self.store_file(&found);
+            (found, res)
+        })
+        .await
+        .map_err(|e| Error::Other(format!("file worker: {e}")))
+    }
+
     /// Hash `found` and upload it unless the store has it. Runs on a blocking thread.
     pub fn store_file(
         &self,

@@ -13,9 +13,10 @@ use std::path::Path;
 use std::str::FromStr;
 
 use age::secrecy::{ExposeSecret, SecretString};
-use age::{Decryptor, Encryptor, Identity, Recipient};
+use age::{Decryptor, Identity};
 
 use crate::error::{Error, IoContext, Result};
+use crate::seal::{Sealer, Wrapper};
 
 /// Context string for deriving the content-address key (BLAKE3 `derive_key`).
 pub const CONTENT_KEY_CONTEXT: &str = "immich-backup 2026-11 content address key v1";
@@ -25,7 +26,7 @@ pub const PASSPHRASE_ENV: &str = "IMMICH_BACKUP_PASSPHRASE";
 
 /// The public half: what backup encrypts to.
 pub struct Recipients {
-    recipients: Vec<Box<dyn Recipient + Send + Sync>>,
+    recipients: Vec<Wrapper>,
     canonical: Vec<String>,
 }
 
@@ -86,30 +87,24 @@ impl Recipients {
         &self.canonical
     }
 
-    /// Wrap `out` so that what is written to it is encrypted to every recipient.
-    pub fn encrypt<W: Write>(&self, out: W) -> io::Result<age::stream::StreamWriter<W>> {
-        let encryptor = Encryptor::with_recipients(
-            self.recipients.iter().map(|r| r.as_ref() as &dyn Recipient),
-        )
-        .map_err(io::Error::other)?;
-        encryptor.wrap_output(out)
+    /// Wrap `out` so that what is written to it is encrypted to every recipient (an age file).
+    pub fn encrypt<W: Write>(&self, out: W) -> io::Result<Sealer<W>> {
+        Sealer::new(out, &self.recipients)
     }
 }
 
-fn parse_recipient(
-    line: &str,
-) -> std::result::Result<(Box<dyn Recipient + Send + Sync>, String), String> {
+fn parse_recipient(line: &str) -> std::result::Result<(Wrapper, String), String> {
     if line.starts_with("age1") {
         let r = age::x25519::Recipient::from_str(line)
             .map_err(|e| format!("invalid age recipient: {e}"))?;
         let canonical = r.to_string();
-        return Ok((Box::new(r), canonical));
+        return Ok((Wrapper::x25519(&canonical)?, canonical));
     }
     if line.starts_with("ssh-") {
         let r = age::ssh::Recipient::from_str(line)
             .map_err(|e| format!("invalid SSH recipient: {e:?}"))?;
         let canonical = r.to_string();
-        return Ok((Box::new(r), canonical));
+        return Ok((Wrapper::Age(Box::new(r)), canonical));
     }
     if line.starts_with("AGE-SECRET-KEY-") {
         return Err(

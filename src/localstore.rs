@@ -30,10 +30,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::directio::{Direct, DirectWriter};
 use crate::snapshot::{ContentId, DATA_DIR};
 
 /// Folder (under the store root) holding the staging folders of running backups.
@@ -123,16 +124,20 @@ pub struct LocalDir {
     seq: AtomicU64,
     /// Whether the file system takes `O_TMPFILE` (until it says it does not).
     tmpfile: AtomicBool,
+    /// Staged content is written with `O_DIRECT` (until the file system refuses it).
+    direct: Arc<Direct>,
 }
 
 impl LocalDir {
-    pub fn new(root: &Path) -> LocalDir {
+    /// A store at `root`; `direct_io` writes staged content with `O_DIRECT` (directio.rs).
+    pub fn new(root: &Path, direct_io: bool) -> LocalDir {
         LocalDir {
             root: root.to_path_buf(),
             staging: Mutex::new(None),
             seq: AtomicU64::new(0),
             // Unnamed files are named through /proc/self/fd.
             tmpfile: AtomicBool::new(Path::new("/proc/self/fd").is_dir()),
+            direct: Direct::new(direct_io),
         }
     }
 
@@ -201,17 +206,17 @@ impl LocalDir {
         let folder = dest.parent().expect("objects have a folder");
         if mode == Finish::Stage && self.tmpfile.load(Ordering::Relaxed) {
             // An unnamed file: nothing to clean up if the run dies, and no rename at the end.
-            let opened = match open_tmpfile(folder) {
+            let opened = match self.open_tmpfile(folder) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir_all(folder)?;
-                    open_tmpfile(folder)
+                    self.open_tmpfile(folder)
                 }
                 other => other,
             };
             match opened {
-                Ok(file) => {
+                Ok(out) => {
                     return Ok(LocalWriter {
-                        file: Some(file),
+                        out: Some(out),
                         tmp: None,
                         dest,
                         mode,
@@ -230,11 +235,23 @@ impl LocalDir {
             other => other?,
         };
         Ok(LocalWriter {
-            file: Some(file),
+            out: Some(Out::Plain(file)),
             tmp: Some(tmp),
             dest,
             mode,
         })
+    }
+
+    /// An unnamed file in `folder` (`O_TMPFILE`), written directly where the file system allows.
+    fn open_tmpfile(&self, folder: &Path) -> io::Result<Out> {
+        if self.direct.enabled() {
+            match open_tmpfile(folder, libc::O_DIRECT) {
+                Ok(file) => return Ok(Out::Direct(DirectWriter::new(file, self.direct.clone()))),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct.disable(),
+                Err(e) => return Err(e),
+            }
+        }
+        open_tmpfile(folder, 0).map(Out::Plain)
     }
 
     /// Make everything written to the store's file system so far durable.
@@ -265,24 +282,47 @@ impl LocalDir {
         let mut new = 0;
         for shard in fs::read_dir(dir)? {
             let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue; // owner.json
-            }
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let name = entry.file_name();
-                let Some(id) = name.to_str().and_then(|n| n.parse::<ContentId>().ok()) else {
-                    continue; // an incomplete object
-                };
-                let dest = self.path(&id.key());
-                match rename_noreplace(&entry.path(), &dest) {
-                    Ok(true) => new += 1,
-                    Ok(false) => remove_if_exists(&entry.path())?, // stored already
-                    Err(e) => return Err(e),
-                }
-            }
+            if shard.file_type()?.is_dir() {
+                new += self.move_shard(&shard.path(), &shard.file_name())?;
+            } // else owner.json
         }
         remove_folder(dir)?;
+        Ok(new)
+    }
+
+    /// Move the complete objects of staging shard `shard` (`<run>/<aa>`) into `data/<aa>`: the
+    /// whole folder in one rename where `data/<aa>` does not exist yet (a first backup) and the
+    /// shard holds nothing else, otherwise object by object, never replacing one.
+    fn move_shard(&self, shard: &Path, name: &std::ffi::OsStr) -> io::Result<u64> {
+        let prefix = name.to_str().filter(|n| n.len() == 2);
+        let mut objects = Vec::new();
+        let mut only_objects = prefix.is_some();
+        for entry in fs::read_dir(shard)? {
+            let entry = entry?;
+            let file_name = entry.file_name();
+            let id = file_name
+                .to_str()
+                .filter(|n| prefix.is_some_and(|p| n.starts_with(p)))
+                .and_then(|n| n.parse::<ContentId>().ok());
+            match id {
+                Some(id) => objects.push((id, entry.path())),
+                None => only_objects = false, // an incomplete object
+            }
+        }
+        if only_objects && !objects.is_empty() {
+            let dest = self.root.join(DATA_DIR).join(name);
+            if rename_dir_noreplace(shard, &dest)? {
+                return Ok(objects.len() as u64);
+            }
+        }
+        let mut new = 0;
+        for (id, path) in objects {
+            match rename_noreplace(&path, &self.path(&id.key())) {
+                Ok(true) => new += 1,
+                Ok(false) => remove_if_exists(&path)?, // stored already
+                Err(e) => return Err(e),
+            }
+        }
         Ok(new)
     }
 
@@ -372,13 +412,13 @@ fn staged_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(name.get(..2).unwrap_or("xx")).join(name)
 }
 
-/// An unnamed file in `folder` (`O_TMPFILE`), given a name later with [`link_fd`].
-fn open_tmpfile(folder: &Path) -> io::Result<File> {
+/// An unnamed file in `folder` (`O_TMPFILE` plus `flags`), given a name later with [`link_fd`].
+fn open_tmpfile(folder: &Path, flags: libc::c_int) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .write(true)
         .mode(0o644)
-        .custom_flags(libc::O_TMPFILE)
+        .custom_flags(libc::O_TMPFILE | flags)
         .open(folder)
 }
 
@@ -452,8 +492,27 @@ fn remove_folder(dir: &Path) -> io::Result<()> {
 /// Move `from` to `to` unless `to` exists: `Ok(false)` then, and `from` is left. Creates `to`'s
 /// folder. Uses `renameat2(RENAME_NOREPLACE)`, or a hard link where the file system lacks it.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    match renameat2_noreplace(from, to) {
+        Err(e) if noreplace_unsupported(&e) => link_noreplace(from, to),
+        other => other,
+    }
+}
+
+/// Rename folder `from` to `to` unless `to` exists; `Ok(false)` then, or where the file system
+/// cannot rename without replacing (the caller moves the contents one by one).
+fn rename_dir_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    match renameat2_noreplace(from, to) {
+        Err(e) if noreplace_unsupported(&e) || e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            Ok(false)
+        }
+        other => other,
+    }
+}
+
+/// `renameat2(from, to, RENAME_NOREPLACE)`: `Ok(false)` when `to` exists; creates `to`'s folder.
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
     let (f, t) = (c_path(from)?, c_path(to)?);
-    let renamed = create_only(to, || {
+    create_only(to, || {
         // SAFETY: both are valid NUL-terminated paths.
         unsafe {
             libc::renameat2(
@@ -464,18 +523,14 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
                 libc::RENAME_NOREPLACE,
             )
         }
-    });
-    match renamed {
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)
-            ) =>
-        {
-            link_noreplace(from, to)
-        }
-        other => other,
-    }
+    })
+}
+
+fn noreplace_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)
+    )
 }
 
 /// Hard-link `from` to `to` (create-only), then remove `from`.
@@ -504,9 +559,15 @@ enum Finish {
     SyncThenLink,
 }
 
+/// Where a [`LocalWriter`]'s bytes go.
+enum Out {
+    Plain(File),
+    Direct(DirectWriter),
+}
+
 /// One object being written to a temporary file. Dropping it unfinished removes the file.
 pub struct LocalWriter {
-    file: Option<File>,
+    out: Option<Out>,
     /// The temporary name; `None` for an unnamed (`O_TMPFILE`) file.
     tmp: Option<PathBuf>,
     dest: PathBuf,
@@ -531,7 +592,10 @@ impl LocalWriter {
 
     /// Complete the object; `Ok(false)` when one with this key already existed (left as it was).
     pub fn finish(mut self) -> io::Result<bool> {
-        let file = self.file.take().expect("finish runs once");
+        let file = match self.out.take().expect("finish runs once") {
+            Out::Plain(file) => file,
+            Out::Direct(w) => w.finish()?,
+        };
         if self.mode == Finish::SyncThenLink {
             file.sync_all()?;
         } else {
@@ -571,11 +635,10 @@ pub fn start_writeback(file: &File) {
 
 impl Write for LocalWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.file.as_mut().expect("not finished").write(data)
-    }
-
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.as_mut().expect("not finished").write_all(data)
+        match self.out.as_mut().expect("not finished") {
+            Out::Plain(f) => f.write(data),
+            Out::Direct(w) => w.write(data),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -585,7 +648,7 @@ impl Write for LocalWriter {
 
 impl Drop for LocalWriter {
     fn drop(&mut self) {
-        if let (Some(_), Some(tmp)) = (self.file.take(), &self.tmp) {
+        if let (Some(_), Some(tmp)) = (self.out.take(), &self.tmp) {
             let _ = fs::remove_file(tmp);
         }
     }
@@ -602,7 +665,7 @@ mod tests {
     #[test]
     fn staged_objects_appear_in_data_only_when_published_and_never_replace() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDir::new(dir.path());
+        let store = LocalDir::new(dir.path(), true);
         // An object already stored.
         let mut w = store.create(&key(1)).unwrap();
         w.write_all(b"first").unwrap();
@@ -640,7 +703,7 @@ mod tests {
     fn unnamed_objects_and_a_dead_runs_staging_folder_are_published() {
         let dir = tempfile::tempdir().unwrap();
         // A run that stages two objects (one named at the end, one abandoned), then dies.
-        let dead = LocalDir::new(dir.path());
+        let dead = LocalDir::new(dir.path(), true);
         dead.begin_staging().unwrap();
         let mut w = dead.create_unnamed().unwrap().unwrap();
         w.write_all(b"hashed while written").unwrap();
@@ -651,7 +714,7 @@ mod tests {
         drop(w);
         drop(dead);
 
-        let store = LocalDir::new(dir.path());
+        let store = LocalDir::new(dir.path(), true);
         assert!(store.content_ids().unwrap().is_empty());
         let others = store.other_staging().unwrap();
         assert_eq!(others.len(), 1);
@@ -718,7 +781,7 @@ mod tests {
     #[test]
     fn other_objects_are_linked_create_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDir::new(dir.path());
+        let store = LocalDir::new(dir.path(), true);
         for (body, created) in [(&b"one"[..], true), (b"two", false)] {
             let mut w = store.create("snapshots/x/files").unwrap();
             w.write_all(body).unwrap();

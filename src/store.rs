@@ -229,7 +229,7 @@ impl Store {
                         "[storage] storage_class applies to cloud stores only".into(),
                     ));
                 }
-                let mut store = Self::open_local(&dir, shown)?;
+                let mut store = Self::open_local(&dir, shown, cfg.direct_io)?;
                 store.part_slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
                 return Ok(store);
             }
@@ -275,7 +275,7 @@ impl Store {
         })
     }
 
-    fn open_local(dir: &std::path::Path, shown: String) -> Result<Store> {
+    fn open_local(dir: &std::path::Path, shown: String, direct_io: bool) -> Result<Store> {
         if !dir.is_dir() {
             return Err(Error::Storage {
                 url: shown,
@@ -301,7 +301,7 @@ impl Store {
             attributes: Attributes::new(),
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
-            local: Some(Arc::new(LocalDir::new(dir))),
+            local: Some(Arc::new(LocalDir::new(dir, direct_io))),
         })
     }
 

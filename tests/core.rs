@@ -232,6 +232,8 @@ fn second_backup_stores_only_the_new_photo_and_the_cache_is_only_an_optimisation
     let src = Source::new(ASSETS);
     let config = src.write_config("config.toml");
     let recipients = [src.recipient.clone()];
+    // Files changed within seconds of a backup are read again by the next one: these must not be.
+    wait_until_settled();
 
     let first = cli(Some(&config), &["--json", "backup"], &[]);
     let first = first.expect_code(exit::OK).json();
@@ -979,4 +981,63 @@ fn unreadable_files_are_recorded_as_skipped_or_fail_the_backup() {
         run.expect_code(exit::OK).json().as_array().unwrap().len(),
         2
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 7. the storage format: plain age files
+
+/// `age -d -i identity object`: the reference `age` command (Debian's `age` package; .ci/run
+/// installs it).
+fn age_decrypt(identity: &Path, object: &Path) -> Vec<u8> {
+    let out = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(identity)
+        .arg(object)
+        .output()
+        .expect("the `age` command (apt-get install age) decrypts objects in this test");
+    assert!(
+        out.status.success(),
+        "age -d {}: {}",
+        object.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn every_object_is_a_plain_age_file_the_age_command_decrypts() {
+    let src = Source::new(ASSETS);
+    let config = src.write_config("config.toml");
+    let rep = cli(Some(&config), &["--json", "backup"], &[]);
+    let id = rep.expect_code(exit::OK).json()["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let recipients = [src.recipient.clone()];
+    // Each photo's object decrypts to the photo.
+    for (path, bytes) in original_files(&src.upload) {
+        let object = src.store.join(object_key(&recipients, &bytes));
+        assert!(age_decrypt(&src.identity, &object) == bytes, "{path}");
+    }
+    // The dump is a gzip stream of pg_dumpall's output; the file list is gzipped JSON lines.
+    let snap = src.store.join("snapshots").join(&id);
+    let mut sql = String::new();
+    flate2::read::GzDecoder::new(&age_decrypt(&src.identity, &snap.join("dump.sql.gz.age"))[..])
+        .read_to_string(&mut sql)
+        .unwrap();
+    assert!(
+        sql.contains("PostgreSQL database cluster dump"),
+        "{sql:.200}"
+    );
+    assert!(sql.contains(&format!("\\connect {DB}")));
+    let mut list = String::new();
+    flate2::read::GzDecoder::new(&age_decrypt(&src.identity, &snap.join("files.jsonl.gz.age"))[..])
+        .read_to_string(&mut list)
+        .unwrap();
+    assert_eq!(list.lines().count(), original_paths(&src.upload).len());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&age_decrypt(&src.identity, &snap.join("manifest.json.age")))
+            .unwrap();
+    assert_eq!(manifest["id"], id.as_str());
 }

@@ -82,17 +82,48 @@ pub fn connect(cfg: &DatabaseConfig) -> Result<Box<dyn Database>> {
 
 /// Server version string and number (`SHOW server_version`, `server_version_num`).
 pub async fn server_version(db: &dyn Database) -> Result<(String, i64)> {
-    let out = db
-        .query("postgres", "SHOW server_version; SHOW server_version_num;")
-        .await?;
-    let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+    let out = db.query("postgres", VERSION_SQL).await?;
+    parse_version(&mut out.lines())
+}
+
+const VERSION_SQL: &str = "SHOW server_version; SHOW server_version_num;";
+const EXTENSIONS_SQL: &str =
+    "SELECT extname || '|' || extversion FROM pg_extension ORDER BY extname";
+
+/// The first two non-empty lines of `lines`: the answers to [`VERSION_SQL`].
+fn parse_version<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<(String, i64)> {
+    let mut lines = lines.map(str::trim).filter(|l| !l.is_empty());
     let version = lines.next().unwrap_or_default().to_string();
-    let num = lines.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+    let num = lines.next();
+    let parsed = num.and_then(|n| n.parse().ok()).ok_or_else(|| {
         Error::Database(format!(
-            "unexpected answer to SHOW server_version_num: {out:?}"
+            "unexpected answer to SHOW server_version_num: {num:?}"
         ))
     })?;
-    Ok((version, num))
+    Ok((version, parsed))
+}
+
+fn parse_extensions<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<Extension> {
+    lines
+        .filter_map(|l| l.split_once('|'))
+        .map(|(n, v)| Extension {
+            name: n.to_string(),
+            version: v.to_string(),
+        })
+        .collect()
+}
+
+/// Server version and the installed extensions of database `name`, in one query (one connection).
+pub async fn server_facts(
+    db: &dyn Database,
+    name: &str,
+) -> Result<((String, i64), Vec<Extension>)> {
+    let out = db
+        .query(name, &format!("{VERSION_SQL} {EXTENSIONS_SQL};"))
+        .await?;
+    let mut lines = out.lines();
+    let version = parse_version(&mut lines)?;
+    Ok((version, parse_extensions(lines)))
 }
 
 /// Does database `name` exist?
@@ -102,24 +133,6 @@ pub async fn database_exists(db: &dyn Database, name: &str) -> Result<bool> {
         quote_literal(name)
     );
     Ok(db.query("postgres", &sql).await?.trim() == "1")
-}
-
-/// Installed extensions of database `name`.
-pub async fn extensions(db: &dyn Database, name: &str) -> Result<Vec<Extension>> {
-    let out = db
-        .query(
-            name,
-            "SELECT extname || '|' || extversion FROM pg_extension ORDER BY extname",
-        )
-        .await?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_once('|'))
-        .map(|(n, v)| Extension {
-            name: n.to_string(),
-            version: v.to_string(),
-        })
-        .collect())
 }
 
 /// Extensions the server can install (`pg_available_extensions`).

@@ -41,6 +41,14 @@ pub fn rt() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Sleep until every file written so far has settled: changed long enough before a backup's walk
+/// for the metadata cache (and the read-ahead) to let its metadata stand for its content
+/// (`collect::SETTLE_NS`).
+pub fn wait_until_settled() {
+    let settle = std::time::Duration::from_nanos(immich_backup::collect::SETTLE_NS as u64);
+    std::thread::sleep(settle + std::time::Duration::from_millis(500));
+}
+
 /// A new temporary folder (removed on drop).
 pub fn tempdir() -> TempDir {
     tempfile::Builder::new()

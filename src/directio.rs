@@ -1,0 +1,242 @@
+//! Writing a local store's content objects with `O_DIRECT`: the bytes go from our buffer to the
+//! disk without a copy into the page cache.
+//!
+//! A backup writes hundreds of gigabytes that nobody reads back soon. Written through the page cache
+//! they cost a copy per byte (on some virtual machines the largest single cost of a first backup),
+//! then evict what the Immich server had cached, then must be written back before the commit's sync
+//! anyway. Written directly, in aligned blocks of [`BLOCK`] bytes, they skip all three. The last
+//! partial block of each object goes through the page cache as usual (`O_DIRECT` is switched off on
+//! the descriptor for it), and the commit's `syncfs` makes everything durable exactly as before.
+//!
+//! Where the file system refuses `O_DIRECT` (at open, or with `EINVAL` on a write that needs another
+//! alignment), the writer carries on through the page cache and the store stops asking for it.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Bytes per direct write: large enough that the device is kept busy by few calls.
+pub const BLOCK: usize = 1024 * 1024;
+/// Alignment of buffer, offset and length of each direct write (the largest logical block size in
+/// common use).
+pub const ALIGN: usize = 4096;
+/// Blocks kept for reuse (one per writer at a time; a fresh one faults in new pages).
+const KEPT: usize = 16;
+
+/// What the writers of one store share: whether direct writes work there, and spare blocks.
+#[derive(Debug)]
+pub struct Direct {
+    enabled: AtomicBool,
+    spare: Mutex<Vec<Block>>,
+}
+
+impl Direct {
+    pub fn new(enabled: bool) -> Arc<Direct> {
+        Arc::new(Direct {
+            enabled: AtomicBool::new(enabled),
+            spare: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether new files should be opened with `O_DIRECT`.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The file system refused direct writes: use the page cache from now on.
+    pub fn disable(&self) {
+        if self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::debug!(
+                "the store's file system refuses O_DIRECT; writing through the page cache"
+            );
+        }
+    }
+
+    fn take(&self) -> Block {
+        self.spare
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .unwrap_or_else(Block::new)
+    }
+
+    fn give(&self, block: Block) {
+        let mut spare = self.spare.lock().expect("not poisoned");
+        if spare.len() < KEPT {
+            spare.push(block);
+        }
+    }
+}
+
+/// A buffer of [`BLOCK`] bytes starting at an [`ALIGN`]ed address.
+#[derive(Debug)]
+struct Block {
+    raw: Vec<u8>,
+    start: usize,
+}
+
+impl Block {
+    fn new() -> Block {
+        let raw = vec![0u8; BLOCK + ALIGN];
+        let start = raw.as_ptr().align_offset(ALIGN);
+        Block { raw, start }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + BLOCK]
+    }
+}
+
+/// A file opened with `O_DIRECT`, written through an aligned block.
+pub struct DirectWriter {
+    file: Option<File>,
+    block: Option<Block>,
+    filled: usize,
+    /// `O_DIRECT` is still set on the descriptor.
+    direct: bool,
+    shared: Arc<Direct>,
+}
+
+impl DirectWriter {
+    /// Write to `file`, which was opened with `O_DIRECT`.
+    pub fn new(file: File, shared: Arc<Direct>) -> DirectWriter {
+        DirectWriter {
+            file: Some(file),
+            block: Some(shared.take()),
+            filled: 0,
+            direct: true,
+            shared,
+        }
+    }
+
+    /// Write what is buffered and hand back the file (without `O_DIRECT`).
+    pub fn finish(mut self) -> io::Result<File> {
+        let aligned = self.filled / ALIGN * ALIGN;
+        let mut block = self.block.take().expect("finish runs once");
+        let result = (|| {
+            let data = block.bytes();
+            self.write_out(&data[..aligned])?;
+            self.buffered()?;
+            self.write_out(&data[aligned..self.filled])
+        })();
+        self.shared.give(block);
+        result?;
+        let file = self.file.take().expect("finish runs once");
+        Ok(file)
+    }
+
+    /// Switch the descriptor to the page cache (for a partial block, or when direct writes fail).
+    fn buffered(&mut self) -> io::Result<()> {
+        if !self.direct {
+            return Ok(());
+        }
+        let fd = self.file().as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.direct = false;
+        Ok(())
+    }
+
+    /// Write all of `data`; a direct write the file system refuses is made through the page cache.
+    fn write_out(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.file().write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.shared.disable();
+                    self.buffered()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("not finished")
+    }
+
+    fn flush_block(&mut self) -> io::Result<()> {
+        let mut block = self.block.take().expect("not finished");
+        let result = self.write_out(&block.bytes()[..self.filled]);
+        self.block = Some(block);
+        self.filled = 0;
+        result
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            self.shared.give(block);
+        }
+    }
+}
+
+impl Write for DirectWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let filled = self.filled;
+        let block = self.block.as_mut().expect("not finished").bytes();
+        let n = data.len().min(BLOCK - filled);
+        block[filled..filled + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        if self.filled == BLOCK {
+            self.flush_block()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    #[test]
+    fn odd_writes_land_exactly_through_aligned_direct_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Direct::new(true);
+        let data: Vec<u8> = (0..3 * BLOCK + BLOCK / 2 + 123)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        for (name, flags) in [("direct", libc::O_DIRECT), ("plain", 0)] {
+            let path = dir.path().join(name);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(flags)
+                .open(&path)
+                .unwrap();
+            let mut w = DirectWriter::new(file, shared.clone());
+            for piece in data.chunks(65_552) {
+                w.write_all(piece).unwrap();
+            }
+            let file = w.finish().unwrap();
+            // The descriptor is back to the page cache for whatever comes next.
+            // SAFETY: F_GETFL on an open descriptor.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            assert_eq!(flags & libc::O_DIRECT, 0);
+            drop(file);
+            let mut back = Vec::new();
+            std::fs::File::open(&path)
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
+            assert!(back == data, "{name}: {} bytes back", back.len());
+        }
+        assert!(shared.enabled(), "this file system takes direct writes");
+        assert!(shared.spare.lock().unwrap().len() <= KEPT);
+    }
+}
