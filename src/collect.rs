@@ -594,18 +594,18 @@ impl FileStorer {
     ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
         let src = |e: io::Error| StoreFileError::Source(e.to_string());
         let mut file = File::open(&found.abs).map_err(src)?;
+        if self.known.is_empty() {
+            if let Some(writer) = self.store.unnamed_writer() {
+                return self.store_in_one_pass(file, writer, found.entry.size);
+            }
+        }
         if found.entry.size <= SMALL_FILE {
             let mut data = self.buffers.take();
             let result = self.store_small(&mut file, &mut data, found.entry.size);
             self.buffers.give(data);
             return result;
         }
-        if self.known.is_empty() {
-            if let Some(writer) = self.store.unnamed_writer() {
-                return self.store_in_one_pass(file, writer, found.entry.size);
-            }
-        }
-        let (id, read) = self.hash_stream(&mut file).map_err(src)?;
+        let (id, read) = self.hash_stream(&mut file)?;
         let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read }));
         };
@@ -635,8 +635,9 @@ impl FileStorer {
     }
 
     /// The first backup into a local store: encrypt while hashing and name the object at the end,
-    /// reading the file once instead of twice (hash, then encrypt). With content already stored this
-    /// would encrypt what is then dropped, so it is used only while the store holds none.
+    /// reading the file once, in pieces, instead of twice (hash, then encrypt) or whole into memory.
+    /// With content already stored this would encrypt what is then dropped, so it is used only
+    /// while the store holds none.
     fn store_in_one_pass(
         &self,
         mut file: File,
@@ -647,7 +648,7 @@ impl FileStorer {
             StoreFileError::Store(crate::store::error_from_io(crate::snapshot::DATA_DIR, e))
         };
         let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
-        let (id, read) = copy_hashed(&self.key, &mut file, &mut sealed, crate::snapshot::DATA_DIR)?;
+        let (id, read) = self.copy_hashed(&mut file, &mut sealed, crate::snapshot::DATA_DIR)?;
         if read != expect_len {
             return Err(changed_meanwhile());
         }
@@ -666,23 +667,28 @@ impl FileStorer {
         Ok((id, Stored::Uploaded { read, stored }))
     }
 
-    fn hash_stream(&self, r: &mut impl Read) -> io::Result<(ContentId, u64)> {
-        // Large reads let BLAKE3 hash many chunks at once (SIMD); io::copy would pass 8 KiB.
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        let mut buf = vec![0u8; READ_BUFFER];
-        let mut n = 0u64;
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => {
-                    h.update(&buf[..k]);
-                    n += k as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+    fn hash_stream(
+        &self,
+        r: &mut impl Read,
+    ) -> std::result::Result<(ContentId, u64), StoreFileError> {
+        self.copy_hashed(r, &mut io::sink(), crate::snapshot::DATA_DIR)
+    }
+
+    /// Copy `src` into `dst` (the object `object`) through a reused buffer, hashing it on the way:
+    /// (keyed hash, length).
+    fn copy_hashed(
+        &self,
+        src: &mut impl Read,
+        dst: &mut impl Write,
+        object: &str,
+    ) -> std::result::Result<(ContentId, u64), StoreFileError> {
+        let mut buf = self.buffers.take();
+        if buf.len() < READ_BUFFER {
+            buf.resize(READ_BUFFER, 0);
         }
-        Ok((ContentId(*h.finalize().as_bytes()), n))
+        let result = copy_hashed(&self.key, src, dst, object, &mut buf[..READ_BUFFER]);
+        self.buffers.give(buf);
+        result
     }
 
     /// Encrypt `src` into `data/…`, then complete the object.
@@ -716,7 +722,7 @@ impl FileStorer {
                 true
             }
             Source::File(mut file) => {
-                let (hashed, len) = copy_hashed(&self.key, &mut file, &mut sealed, &key)?;
+                let (hashed, len) = self.copy_hashed(&mut file, &mut sealed, &key)?;
                 len == expect_len && hashed == *id
             }
         };
@@ -728,18 +734,19 @@ impl FileStorer {
     }
 }
 
-/// Copy `src` into `dst` (the object `object`), hashing it on the way: (keyed hash, length).
+/// Copy `src` into `dst` (the object `object`) through `buf`, hashing it on the way (large reads
+/// let BLAKE3 hash many chunks at once): (keyed hash, length).
 fn copy_hashed(
     key: &[u8; 32],
     src: &mut impl Read,
     dst: &mut impl Write,
     object: &str,
+    buf: &mut [u8],
 ) -> std::result::Result<(ContentId, u64), StoreFileError> {
     let mut hasher = blake3::Hasher::new_keyed(key);
-    let mut buf = vec![0u8; READ_BUFFER];
     let mut len = 0u64;
     loop {
-        let n = match src.read(&mut buf) {
+        let n = match src.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

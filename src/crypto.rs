@@ -13,10 +13,11 @@ use std::path::Path;
 use std::str::FromStr;
 
 use age::secrecy::{ExposeSecret, SecretString};
-use age::{Decryptor, Identity};
+use age::Identity;
 
 use crate::error::{Error, IoContext, Result};
 use crate::seal::{Sealer, Wrapper};
+use crate::unseal::{self, Opened, X25519Identity};
 
 /// Context string for deriving the content-address key (BLAKE3 `derive_key`).
 pub const CONTENT_KEY_CONTEXT: &str = "immich-backup 2026-11 content address key v1";
@@ -161,7 +162,15 @@ impl Identities {
                 id.with_callbacks(PassphrasePrompt),
             ))))]
         } else {
-            age::IdentityFile::from_buffer(BufReader::new(io::Cursor::new(data)))
+            // X25519 keys are unwrapped with AWS-LC first (unseal.rs); the age crate's identities
+            // (which also check the whole file) come after.
+            let fast = std::str::from_utf8(&data)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(X25519Identity::parse)
+                .map(|i| Box::new(i) as Box<dyn Identity + Send + Sync>)
+                .collect::<Vec<_>>();
+            let parsed = age::IdentityFile::from_buffer(BufReader::new(io::Cursor::new(data)))
                 .map_err(|e| bad(&e))?
                 .into_identities()
                 .map_err(|e| bad(&e))?
@@ -169,8 +178,8 @@ impl Identities {
                 .map(|i| {
                     Box::new(SyncIdentity(std::sync::Mutex::new(i)))
                         as Box<dyn Identity + Send + Sync>
-                })
-                .collect()
+                });
+            fast.into_iter().chain(parsed).collect()
         };
         if identities.is_empty() {
             return Err(bad(&"no identity found in the file"));
@@ -178,12 +187,13 @@ impl Identities {
         Ok(Identities { identities, origin })
     }
 
-    /// Decrypt the age stream `input`; `object` names it in errors.
-    pub fn decrypt<R: Read>(&self, input: R, object: &str) -> Result<age::stream::StreamReader<R>> {
-        let decryptor = Decryptor::new(input).map_err(|e| decrypt_error(object, e))?;
-        decryptor
-            .decrypt(self.identities.iter().map(|i| i.as_ref() as &dyn Identity))
-            .map_err(|e| decrypt_error(object, e))
+    /// Decrypt the age file `input` (unseal.rs); `object` names it in errors.
+    pub fn decrypt<R: Read>(&self, input: R, object: &str) -> Result<Opened<BufReader<R>>> {
+        unseal::open(
+            input,
+            self.identities.iter().map(|i| i.as_ref() as &dyn Identity),
+        )
+        .map_err(|e| decrypt_error(object, e))
     }
 }
 

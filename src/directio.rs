@@ -89,6 +89,52 @@ impl Block {
     }
 }
 
+/// Open `path` with `options`, adding `O_DIRECT` where `shared` allows and the file system takes it.
+/// (`options` must not carry other custom flags.)
+pub fn open(
+    shared: &Arc<Direct>,
+    path: &std::path::Path,
+    options: &std::fs::OpenOptions,
+) -> io::Result<DirectWriter> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if shared.enabled() {
+        match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => shared.disable(),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut w = DirectWriter::new(options.open(path)?, shared.clone());
+    w.direct = false;
+    Ok(w)
+}
+
+/// Whether direct writes suit the file system holding `path`: not on network or FUSE file
+/// systems, where each would wait for a round trip and caching is the server's business anyway.
+pub fn suits(path: &std::path::Path) -> bool {
+    // statfs(2) magic numbers.
+    const REMOTE: [i64; 8] = [
+        0x6969,      // NFS
+        0x517B,      // SMB
+        0xFF53_4D42, // CIFS
+        0xFE53_4D42, // SMB2
+        0x6573_5546, // FUSE
+        0x0102_1997, // 9P
+        0x00C3_6400, // Ceph
+        0x5346_414F, // AFS
+    ];
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+    else {
+        return false;
+    };
+    // SAFETY: statfs with a valid path and a zeroed struct it fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    !REMOTE.contains(&(st.f_type as i64))
+}
+
 /// A file opened with `O_DIRECT`, written through an aligned block.
 pub struct DirectWriter {
     file: Option<File>,

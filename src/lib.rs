@@ -32,5 +32,6 @@ pub mod seal;
 pub mod snapshot;
 pub mod store;
 pub mod storecheck;
+pub mod unseal;
 
 pub use error::{Error, Result};

@@ -137,7 +137,7 @@ impl LocalDir {
             seq: AtomicU64::new(0),
             // Unnamed files are named through /proc/self/fd.
             tmpfile: AtomicBool::new(Path::new("/proc/self/fd").is_dir()),
-            direct: Direct::new(direct_io),
+            direct: Direct::new(direct_io && crate::directio::suits(root)),
         }
     }
 

@@ -25,6 +25,7 @@ use tokio_util::io::SyncIoBridge;
 use crate::collect::walk_order;
 use crate::crypto::{read_error, Identities};
 use crate::db::{self, Database, ReplayRun};
+use crate::directio::{self, Direct};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
@@ -670,6 +671,7 @@ async fn restore_files(
     });
     let target = opts.target.clone();
     std::fs::create_dir_all(&target).at(&target)?;
+    let direct = Direct::new(directio::suits(&target));
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
     let mut links: Vec<(PathBuf, Entry)> = Vec::new();
     let made = Arc::new(std::sync::Mutex::new(HashSet::<PathBuf>::new()));
@@ -700,6 +702,7 @@ async fn restore_files(
                 let made = made.clone();
                 let target = opts.target.clone();
                 let progress = opts.progress.clone();
+                let direct = direct.clone();
                 async move {
                     let (dest, entry) = job?;
                     let reader = store
@@ -715,7 +718,7 @@ async fn restore_files(
                         .await?;
                     tokio::task::spawn_blocking(move || {
                         ensure_parent(&target, &dest, &made)?;
-                        restore_file(reader, &identities, &key, &dest, &entry)?;
+                        restore_file(reader, &identities, &key, &dest, &entry, &direct)?;
                         progress.inc(entry.size);
                         Ok::<_, Error>(())
                     })
@@ -792,13 +795,20 @@ fn ensure_parent(
     Ok(())
 }
 
-/// Decrypt one content object into a temporary file beside `dest`, verify it, and move it into place.
+thread_local! {
+    /// Each restore worker's read buffer (a fresh one per file would fault in new pages).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+}
+
+/// Decrypt one content object into a temporary file beside `dest` (written directly, past the page
+/// cache, where the file system allows: directio.rs), verify it, and move it into place.
 fn restore_file(
     reader: impl Read,
     identities: &Identities,
     key: &[u8; 32],
     dest: &Path,
     entry: &Entry,
+    direct: &Arc<Direct>,
 ) -> Result<()> {
     let id = entry.content.expect("checked by the caller");
     let object = id.key();
@@ -806,25 +816,21 @@ fn restore_file(
     let tmp = dest.with_file_name(format!(".{name}.immich-backup-partial"));
     let result = (|| {
         let mut plain = identities.decrypt(reader, &object)?;
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .at(&tmp)?;
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true).mode(0o600);
+        let mut out = directio::open(direct, &tmp, &options).at(&tmp)?;
         let mut hasher = blake3::Hasher::new_keyed(key);
-        let mut buf = vec![0u8; 256 * 1024];
         let mut len = 0u64;
-        loop {
-            let n = plain.read(&mut buf).map_err(|e| read_error(&object, e))?;
+        READ_BUFFER.with_borrow_mut(|buf| loop {
+            let n = plain.read(buf).map_err(|e| read_error(&object, e))?;
             if n == 0 {
-                break;
+                return Ok::<_, Error>(());
             }
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n]).at(&tmp)?;
             len += n as u64;
-        }
+        })?;
+        let out = out.finish().at(&tmp)?;
         if len != entry.size || ContentId(*hasher.finalize().as_bytes()) != id {
             return Err(Error::Corrupt {
                 object: object.clone(),

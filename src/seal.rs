@@ -33,8 +33,8 @@ pub const CHUNK: usize = 64 * 1024;
 pub const TAG: usize = 16;
 const FILE_KEY_BYTES: usize = 16;
 const NONCE_BYTES: usize = 16;
-const X25519_TAG: &str = "X25519";
-const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
+pub const X25519_TAG: &str = "X25519";
+pub const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
 
 /// One recipient, as the header wraps the file key for it.
 pub enum Wrapper {
