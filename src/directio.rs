@@ -89,15 +89,17 @@ impl Block {
     }
 }
 
-/// Open `path` with `options`, adding `O_DIRECT` where `shared` allows and the file system takes it.
-/// (`options` must not carry other custom flags.)
+/// Open `path` with `options` for `len` bytes, adding `O_DIRECT` where `shared` allows, the file
+/// system takes it, and the file fills at least one aligned block. (`options` must not carry other
+/// custom flags.)
 pub fn open(
     shared: &Arc<Direct>,
     path: &std::path::Path,
     options: &std::fs::OpenOptions,
+    len: u64,
 ) -> io::Result<DirectWriter> {
     use std::os::unix::fs::OpenOptionsExt;
-    if shared.enabled() {
+    if shared.enabled() && len >= ALIGN as u64 {
         match options.clone().custom_flags(libc::O_DIRECT).open(path) {
             Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => shared.disable(),

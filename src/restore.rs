@@ -818,7 +818,7 @@ fn restore_file(
         let mut plain = identities.decrypt(reader, &object)?;
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true).mode(0o600);
-        let mut out = directio::open(direct, &tmp, &options).at(&tmp)?;
+        let mut out = directio::open(direct, &tmp, &options, entry.size).at(&tmp)?;
         let mut hasher = blake3::Hasher::new_keyed(key);
         let mut len = 0u64;
         READ_BUFFER.with_borrow_mut(|buf| loop {
