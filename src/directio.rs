@@ -106,9 +106,39 @@ pub fn open(
             Err(e) => return Err(e),
         }
     }
-    let mut w = DirectWriter::new(options.open(path)?, shared.clone());
-    w.direct = false;
-    Ok(w)
+    Ok(DirectWriter::plain(options.open(path)?, shared.clone()))
+}
+
+/// An unnamed file (`O_TMPFILE`) in `folder`, created with `mode`, for `len` bytes: written directly
+/// as [`open`] says. Fails as `O_TMPFILE` does where the file system lacks it (see
+/// `localstore::tmpfile_unsupported`); name it with `localstore::link_fd`.
+pub fn open_unnamed(
+    shared: &Arc<Direct>,
+    folder: &std::path::Path,
+    mode: u32,
+    len: u64,
+) -> io::Result<DirectWriter> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .mode(mode)
+            .custom_flags(libc::O_TMPFILE | flags)
+            .open(folder)
+    };
+    if shared.enabled() && len >= ALIGN as u64 {
+        match open(libc::O_DIRECT) {
+            Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
+            // EINVAL: no O_DIRECT here (or no O_TMPFILE, which the next call tells).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let file = open(0)?;
+                shared.disable();
+                return Ok(DirectWriter::plain(file, shared.clone()));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(DirectWriter::plain(open(0)?, shared.clone()))
 }
 
 /// Whether direct writes suit the file system holding `path`: not on network or FUSE file
@@ -157,6 +187,13 @@ impl DirectWriter {
             direct: true,
             shared,
         }
+    }
+
+    /// Write to `file`, opened without `O_DIRECT`, through the same block (few, large writes).
+    pub fn plain(file: File, shared: Arc<Direct>) -> DirectWriter {
+        let mut w = DirectWriter::new(file, shared);
+        w.direct = false;
+        w
     }
 
     /// Write what is buffered and hand back the file (without `O_DIRECT`).

@@ -244,14 +244,7 @@ impl LocalDir {
 
     /// An unnamed file in `folder` (`O_TMPFILE`), written directly where the file system allows.
     fn open_tmpfile(&self, folder: &Path) -> io::Result<Out> {
-        if self.direct.enabled() {
-            match open_tmpfile(folder, libc::O_DIRECT) {
-                Ok(file) => return Ok(Out::Direct(DirectWriter::new(file, self.direct.clone()))),
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct.disable(),
-                Err(e) => return Err(e),
-            }
-        }
-        open_tmpfile(folder, 0).map(Out::Plain)
+        crate::directio::open_unnamed(&self.direct, folder, 0o644, u64::MAX).map(Out::Direct)
     }
 
     /// Make everything written to the store's file system so far durable.
@@ -412,17 +405,8 @@ fn staged_path(dir: &Path, key: &str) -> PathBuf {
     dir.join(name.get(..2).unwrap_or("xx")).join(name)
 }
 
-/// An unnamed file in `folder` (`O_TMPFILE` plus `flags`), given a name later with [`link_fd`].
-fn open_tmpfile(folder: &Path, flags: libc::c_int) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .write(true)
-        .mode(0o644)
-        .custom_flags(libc::O_TMPFILE | flags)
-        .open(folder)
-}
-
-fn tmpfile_unsupported(e: &io::Error) -> bool {
+/// Whether `e`, from opening an `O_TMPFILE` file, says the file system cannot make unnamed files.
+pub fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOSYS)
@@ -430,7 +414,7 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
 }
 
 /// Give the unnamed file `file` the name `to` (create-only: `Ok(false)` when `to` exists).
-fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
+pub fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
     let from = c_path(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
     let to_c = c_path(to)?;
     create_only(to, || {

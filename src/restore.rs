@@ -25,7 +25,7 @@ use tokio_util::io::SyncIoBridge;
 use crate::collect::walk_order;
 use crate::crypto::{read_error, Identities};
 use crate::db::{self, Database, ReplayRun};
-use crate::directio::{self, Direct};
+use crate::directio::{self, Direct, DirectWriter};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
@@ -196,13 +196,16 @@ async fn restore(
     };
     tracing::info!(snapshot = %id, target = %opts.target.display(), database = db.describe(), "restore: checking the target");
 
-    // Checks, before anything is written.
-    db.wait_ready().await?;
-    report.server_version = check_database(db, &manifest).await?;
-    let (present, dump_ok) = tokio::join!(
+    // Checks, side by side, before anything is written; the database's verdict is told first.
+    if db.ready_waits() {
+        db.wait_ready().await?;
+    }
+    let (version, present, dump_ok) = tokio::join!(
+        check_database(db, &manifest),
         check_files(store, &identities, &manifest, &key, &opts.target),
         verify_dump(store, &identities, &manifest)
     );
+    report.server_version = version?;
     let present = present?;
     dump_ok?;
     report.files_already_present = present.len() as u64;
@@ -218,16 +221,22 @@ async fn restore(
         "restoring",
         Some(manifest.dump.size + manifest.totals.bytes),
     );
+    // The rows are counted as soon as the dump is in, while files may still be written.
+    let database = async {
+        let benign = replay_dump(db, store, &identities, &manifest, &opts.progress).await?;
+        Ok::<_, Error>((benign, compare_rows(db, &manifest).await?))
+    };
     let (replayed, restored) = tokio::join!(
-        replay_dump(db, store, &identities, &manifest, &opts.progress),
+        database,
         restore_files(store, identities.clone(), &manifest, key, &opts, present)
     );
-    report.benign_psql_errors = replayed?;
+    let (benign, row_checks) = replayed?;
+    report.benign_psql_errors = benign;
     report.files_restored = restored?;
     create_immich_folders(&opts.target)?;
     opts.progress.finish();
 
-    report.row_checks = compare_rows(db, &manifest).await?;
+    report.row_checks = row_checks;
     report.rows_match = report.row_checks.iter().all(|r| r.expected == r.actual);
     report.duration_secs = started.elapsed().as_secs_f64();
     Ok(report)
@@ -242,10 +251,16 @@ fn parse_key(manifest: &Manifest) -> Result<[u8; 32]> {
     Ok(key)
 }
 
-/// The target database must hold no tables, and the server must be able to take the dump.
+/// The target database must hold no tables, and the server must be able to take the dump. For a
+/// local server this is also the check that it answers.
 async fn check_database(db: &dyn Database, manifest: &Manifest) -> Result<String> {
     let name = &manifest.database.database;
-    let tables = db::existing_tables(db, name).await?;
+    let survey = db::survey(db, name).await?;
+    let tables = if survey.database_exists {
+        db::existing_tables(db, name).await?
+    } else {
+        Vec::new()
+    };
     if !tables.is_empty() {
         let shown: Vec<&str> = tables.iter().take(6).map(String::as_str).collect();
         return Err(Error::NotFresh {
@@ -253,7 +268,7 @@ async fn check_database(db: &dyn Database, manifest: &Manifest) -> Result<String
             remedy: "Restore only into a fresh install: stop Immich, recreate its database (e.g. `docker compose down -v`, then `docker compose create` and start only the database), and run restore again".into(),
         });
     }
-    let (version, num) = db::server_version(db).await?;
+    let (version, num) = (survey.version, survey.version_num);
     let (want, have) = (manifest.database.server_version_num / 10000, num / 10000);
     if have < want {
         return Err(Error::Database(format!(
@@ -261,7 +276,7 @@ async fn check_database(db: &dyn Database, manifest: &Manifest) -> Result<String
             manifest.database.server_version
         )));
     }
-    let available: HashSet<String> = db::available_extensions(db).await?.into_iter().collect();
+    let available: HashSet<String> = survey.available_extensions.into_iter().collect();
     if let Some(missing) = manifest
         .database
         .extensions
@@ -671,7 +686,7 @@ async fn restore_files(
     });
     let target = opts.target.clone();
     std::fs::create_dir_all(&target).at(&target)?;
-    let direct = Direct::new(directio::suits(&target));
+    let sink = Arc::new(FileSink::new(&target));
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
     let mut links: Vec<(PathBuf, Entry)> = Vec::new();
     let made = Arc::new(std::sync::Mutex::new(HashSet::<PathBuf>::new()));
@@ -702,7 +717,7 @@ async fn restore_files(
                 let made = made.clone();
                 let target = opts.target.clone();
                 let progress = opts.progress.clone();
-                let direct = direct.clone();
+                let sink = sink.clone();
                 async move {
                     let (dest, entry) = job?;
                     let reader = store
@@ -718,7 +733,7 @@ async fn restore_files(
                         .await?;
                     tokio::task::spawn_blocking(move || {
                         ensure_parent(&target, &dest, &made)?;
-                        restore_file(reader, &identities, &key, &dest, &entry, &direct)?;
+                        restore_file(reader, &identities, &key, &dest, &entry, &sink)?;
                         progress.inc(entry.size);
                         Ok::<_, Error>(())
                     })
@@ -795,30 +810,86 @@ fn ensure_parent(
     Ok(())
 }
 
+/// Where restored files are written: past the page cache where the file system allows
+/// (directio.rs), as unnamed files (`O_TMPFILE`) given their name only once verified, or where the
+/// file system cannot make those, under a hidden partial name renamed into place.
+pub struct FileSink {
+    direct: Arc<Direct>,
+    unnamed: std::sync::atomic::AtomicBool,
+}
+
+/// A file being restored: unnamed, or at its partial name.
+enum Partial {
+    Unnamed,
+    Named(PathBuf),
+}
+
+impl FileSink {
+    /// A sink for files under `target`.
+    pub fn new(target: &Path) -> FileSink {
+        FileSink {
+            direct: Direct::new(directio::suits(target)),
+            unnamed: std::sync::atomic::AtomicBool::new(Path::new("/proc/self/fd").is_dir()),
+        }
+    }
+
+    /// A new file that will become `dest`, for `len` bytes.
+    fn create(&self, dest: &Path, len: u64) -> Result<(DirectWriter, Partial)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let folder = dest.parent().expect("entries have a parent");
+        if self.unnamed.load(Relaxed) {
+            match directio::open_unnamed(&self.direct, folder, 0o600, len) {
+                Ok(w) => return Ok((w, Partial::Unnamed)),
+                Err(e) if crate::localstore::tmpfile_unsupported(&e) => {
+                    self.unnamed.store(false, Relaxed)
+                }
+                Err(e) => return Err(Error::io(dest, e)),
+            }
+        }
+        let name = dest.file_name().expect("a file name").to_string_lossy();
+        let tmp = dest.with_file_name(format!(".{name}.immich-backup-partial"));
+        let mut options = OpenOptions::new();
+        options.write(true).create(true).truncate(true).mode(0o600);
+        let w = directio::open(&self.direct, &tmp, &options, len).at(&tmp)?;
+        Ok((w, Partial::Named(tmp)))
+    }
+
+    /// Give the verified file its name `dest`.
+    fn publish(file: &File, partial: &Partial, dest: &Path) -> Result<()> {
+        match partial {
+            Partial::Named(tmp) => std::fs::rename(tmp, dest).at(dest),
+            Partial::Unnamed => match crate::localstore::link_fd(file, dest) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(Error::Other(format!(
+                    "{} appeared while it was being restored; is Immich running? Stop it and restore again",
+                    dest.display()
+                ))),
+                Err(e) => Err(Error::io(dest, e)),
+            },
+        }
+    }
+}
+
 thread_local! {
     /// Each restore worker's read buffer (a fresh one per file would fault in new pages).
     static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
 }
 
-/// Decrypt one content object into a temporary file beside `dest` (written directly, past the page
-/// cache, where the file system allows: directio.rs), verify it, and move it into place.
+/// Decrypt one content object into a new file ([`FileSink`]), verify it against its address, and
+/// only then give it its name `dest`.
 fn restore_file(
     reader: impl Read,
     identities: &Identities,
     key: &[u8; 32],
     dest: &Path,
     entry: &Entry,
-    direct: &Arc<Direct>,
+    sink: &FileSink,
 ) -> Result<()> {
     let id = entry.content.expect("checked by the caller");
     let object = id.key();
-    let name = dest.file_name().expect("a file name").to_string_lossy();
-    let tmp = dest.with_file_name(format!(".{name}.immich-backup-partial"));
+    let mut plain = identities.decrypt(reader, &object)?;
+    let (mut out, partial) = sink.create(dest, entry.size)?;
     let result = (|| {
-        let mut plain = identities.decrypt(reader, &object)?;
-        let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true).mode(0o600);
-        let mut out = directio::open(direct, &tmp, &options, entry.size).at(&tmp)?;
         let mut hasher = blake3::Hasher::new_keyed(key);
         let mut len = 0u64;
         READ_BUFFER.with_borrow_mut(|buf| loop {
@@ -827,10 +898,10 @@ fn restore_file(
                 return Ok::<_, Error>(());
             }
             hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).at(&tmp)?;
+            out.write_all(&buf[..n]).at(dest)?;
             len += n as u64;
         })?;
-        let out = out.finish().at(&tmp)?;
+        let out = out.finish().at(dest)?;
         if len != entry.size || ContentId(*hasher.finalize().as_bytes()) != id {
             return Err(Error::Corrupt {
                 object: object.clone(),
@@ -839,14 +910,13 @@ fn restore_file(
         }
         // Mode and time through the open file; durability comes from one sync at the end.
         out.set_permissions(std::fs::Permissions::from_mode(entry.mode))
-            .at(&tmp)?;
-        out.set_modified(mtime(entry.mtime_ns)).at(&tmp)?;
+            .at(dest)?;
+        out.set_modified(mtime(entry.mtime_ns)).at(dest)?;
         crate::localstore::start_writeback(&out);
-        drop(out);
-        std::fs::rename(&tmp, dest).at(dest)
+        FileSink::publish(&out, &partial, dest)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let (Err(_), Partial::Named(tmp)) = (&result, &partial) {
+        let _ = std::fs::remove_file(tmp);
     }
     result
 }

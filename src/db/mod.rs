@@ -80,12 +80,6 @@ pub fn connect(cfg: &DatabaseConfig) -> Result<Box<dyn Database>> {
     }
 }
 
-/// Server version string and number (`SHOW server_version`, `server_version_num`).
-pub async fn server_version(db: &dyn Database) -> Result<(String, i64)> {
-    let out = db.query("postgres", VERSION_SQL).await?;
-    parse_version(&mut out.lines())
-}
-
 const VERSION_SQL: &str = "SHOW server_version; SHOW server_version_num;";
 const EXTENSIONS_SQL: &str =
     "SELECT extname || '|' || extversion FROM pg_extension ORDER BY extname";
@@ -126,28 +120,36 @@ pub async fn server_facts(
     Ok((version, parse_extensions(lines)))
 }
 
-/// Does database `name` exist?
-pub async fn database_exists(db: &dyn Database, name: &str) -> Result<bool> {
-    let sql = format!(
-        "SELECT count(*) FROM pg_database WHERE datname = {}",
-        quote_literal(name)
-    );
-    Ok(db.query("postgres", &sql).await?.trim() == "1")
+/// What restore checks of a target server before it writes anything.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    pub version: String,
+    pub version_num: i64,
+    /// Whether database `name` exists.
+    pub database_exists: bool,
+    /// Extensions the server can install (`pg_available_extensions`).
+    pub available_extensions: Vec<String>,
 }
 
-/// Extensions the server can install (`pg_available_extensions`).
-pub async fn available_extensions(db: &dyn Database) -> Result<Vec<String>> {
-    let out = db
-        .query(
-            "postgres",
-            "SELECT name FROM pg_available_extensions ORDER BY name",
-        )
-        .await?;
-    Ok(out
-        .lines()
-        .map(|l| l.trim().to_string())
-        .filter(|l| !l.is_empty())
-        .collect())
+/// Version, whether database `name` exists, and the installable extensions, in one query (one
+/// connection, to `postgres`).
+pub async fn survey(db: &dyn Database, name: &str) -> Result<Survey> {
+    let sql = format!(
+        "{VERSION_SQL} SELECT count(*) FROM pg_database WHERE datname = {}; \
+         SELECT name FROM pg_available_extensions ORDER BY name;",
+        quote_literal(name)
+    );
+    let out = db.query("postgres", &sql).await?;
+    let mut lines = out.lines();
+    let (version, version_num) = parse_version(&mut lines)?;
+    let mut rest = lines.map(str::trim).filter(|l| !l.is_empty());
+    let database_exists = rest.next() == Some("1");
+    Ok(Survey {
+        version,
+        version_num,
+        database_exists,
+        available_extensions: rest.map(str::to_string).collect(),
+    })
 }
 
 /// Exact rows per user table of database `name` (`schema.table` → count).
@@ -189,12 +191,8 @@ pub const IMMICH_TABLES: [&str; 14] = [
     "person",
 ];
 
-/// Tables in database `name` outside the system schemas (Immich's first), or empty when the
-/// database does not exist or holds no table.
+/// Tables in (existing) database `name` outside the system schemas, Immich's first.
 pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String>> {
-    if !database_exists(db, name).await? {
-        return Ok(Vec::new());
-    }
     let sql = "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
         AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1";
