@@ -3,9 +3,10 @@
 //!
 //! Nothing is written until every check has passed: the snapshot decrypts, the target database holds
 //! no tables, the target server can take the dump, the target folders hold nothing that differs from the
-//! snapshot, and the dump object verifies against the manifest. Files are written to a temporary name,
-//! verified against their content address, and only then renamed into place, so an interrupted restore
-//! leaves nothing that looks restored; running it again resumes (identical files are kept).
+//! snapshot, and the dump object verifies against the manifest. Files are written as unnamed files
+//! (or under a hidden temporary name), verified against their content address, and only then given
+//! their name, so an interrupted restore leaves nothing that looks restored; running it again
+//! resumes (identical files are kept).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
