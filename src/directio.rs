@@ -168,6 +168,10 @@ pub fn suits(path: &std::path::Path) -> bool {
 }
 
 /// A file opened with `O_DIRECT`, written through an aligned block.
+///
+/// A direct write waits for the device. Many files written side by side keep both the CPU and the
+/// device busy, but a single large one would alternate between them; so once a file has passed
+/// [`PIPELINE_AFTER`] blocks, a helper thread writes each full block while the next one fills.
 pub struct DirectWriter {
     file: Option<File>,
     block: Option<Block>,
@@ -175,6 +179,127 @@ pub struct DirectWriter {
     /// `O_DIRECT` is still set on the descriptor.
     direct: bool,
     shared: Arc<Direct>,
+    /// Blocks written so far.
+    blocks: u64,
+    pipe: Option<Pipe>,
+}
+
+/// Blocks a file writes itself before a helper thread takes over its full blocks.
+pub const PIPELINE_AFTER: u64 = 8;
+
+/// The helper thread of a large file: full blocks go to it, written ones (or the error) come back.
+struct Pipe {
+    full: Option<std::sync::mpsc::SyncSender<Block>>,
+    written: std::sync::mpsc::Receiver<io::Result<Block>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: usize,
+}
+
+impl Pipe {
+    /// A thread writing blocks to (a duplicate of) `file`.
+    fn start(file: &File, direct: bool, shared: &Arc<Direct>) -> io::Result<Pipe> {
+        let mut file = file.try_clone()?; // the same open file: offset and flags are shared
+        let shared = shared.clone();
+        let (full, blocks) = std::sync::mpsc::sync_channel::<Block>(1);
+        let (done, written) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("direct-writer".into())
+            .spawn(move || {
+                let mut direct = direct;
+                for mut block in blocks {
+                    let result = write_all(&mut file, block.bytes(), &mut direct, &shared);
+                    let failed = result.is_err();
+                    if done.send(result.map(|()| block)).is_err() || failed {
+                        return; // after an error, nothing more is written
+                    }
+                }
+            })?;
+        Ok(Pipe {
+            full: Some(full),
+            written,
+            thread: Some(thread),
+            in_flight: 0,
+        })
+    }
+
+    /// Hand over a full block; returns an empty one (a written one once two are in flight).
+    fn send(&mut self, block: Block, shared: &Direct) -> io::Result<Block> {
+        let full = self.full.as_ref().expect("not stopped");
+        if full.send(block).is_err() {
+            return Err(self.stop(shared).err().unwrap_or_else(stopped));
+        }
+        self.in_flight += 1;
+        if self.in_flight < 2 {
+            return Ok(shared.take());
+        }
+        self.in_flight -= 1;
+        match self.written.recv() {
+            Ok(result) => result,
+            Err(_) => Err(self.stop(shared).err().unwrap_or_else(stopped)),
+        }
+    }
+
+    /// Wait until every block handed over is written; the first error, if any.
+    fn stop(&mut self, shared: &Direct) -> io::Result<()> {
+        drop(self.full.take());
+        let mut first = Ok(());
+        for result in self.written.iter() {
+            match result {
+                Ok(block) => shared.give(block),
+                Err(e) => {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() && first.is_ok() {
+                first = Err(stopped());
+            }
+        }
+        self.in_flight = 0;
+        first
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the direct writer thread stopped")
+}
+
+/// Write all of `data` to `file`; a direct write the file system refuses is made through the page
+/// cache (and `direct` cleared).
+fn write_all(
+    file: &mut File,
+    mut data: &[u8],
+    direct: &mut bool,
+    shared: &Direct,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match file.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if *direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                shared.disable();
+                set_buffered(file)?;
+                *direct = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Switch `file`'s open file description to the page cache.
+fn set_buffered(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl DirectWriter {
@@ -186,6 +311,8 @@ impl DirectWriter {
             filled: 0,
             direct: true,
             shared,
+            blocks: 0,
+            pipe: None,
         }
     }
 
@@ -198,67 +325,52 @@ impl DirectWriter {
 
     /// Write what is buffered and hand back the file (without `O_DIRECT`).
     pub fn finish(mut self) -> io::Result<File> {
+        if let Some(mut pipe) = self.pipe.take() {
+            pipe.stop(&self.shared)?;
+        }
         let aligned = self.filled / ALIGN * ALIGN;
         let mut block = self.block.take().expect("finish runs once");
+        let mut file = self.file.take().expect("finish runs once");
         let result = (|| {
             let data = block.bytes();
-            self.write_out(&data[..aligned])?;
-            self.buffered()?;
-            self.write_out(&data[aligned..self.filled])
+            write_all(&mut file, &data[..aligned], &mut self.direct, &self.shared)?;
+            set_buffered(&file)?;
+            self.direct = false;
+            write_all(
+                &mut file,
+                &data[aligned..self.filled],
+                &mut self.direct,
+                &self.shared,
+            )
         })();
         self.shared.give(block);
-        result?;
-        let file = self.file.take().expect("finish runs once");
-        Ok(file)
-    }
-
-    /// Switch the descriptor to the page cache (for a partial block, or when direct writes fail).
-    fn buffered(&mut self) -> io::Result<()> {
-        if !self.direct {
-            return Ok(());
-        }
-        let fd = self.file().as_raw_fd();
-        // SAFETY: fcntl on a descriptor we own.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.direct = false;
-        Ok(())
-    }
-
-    /// Write all of `data`; a direct write the file system refuses is made through the page cache.
-    fn write_out(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.file().write(data) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.shared.disable();
-                    self.buffered()?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    fn file(&mut self) -> &mut File {
-        self.file.as_mut().expect("not finished")
+        result.map(|()| file)
     }
 
     fn flush_block(&mut self) -> io::Result<()> {
-        let mut block = self.block.take().expect("not finished");
-        let result = self.write_out(&block.bytes()[..self.filled]);
-        self.block = Some(block);
+        let block = self.block.take().expect("not finished");
         self.filled = 0;
+        self.blocks += 1;
+        let file = self.file.as_mut().expect("not finished");
+        if self.pipe.is_none() && self.blocks > PIPELINE_AFTER {
+            self.pipe = Some(Pipe::start(file, self.direct, &self.shared)?);
+        }
+        if let Some(pipe) = self.pipe.as_mut() {
+            self.block = Some(pipe.send(block, &self.shared)?);
+            return Ok(());
+        }
+        let mut block = block;
+        let result = write_all(file, block.bytes(), &mut self.direct, &self.shared);
+        self.block = Some(block);
         result
     }
 }
 
 impl Drop for DirectWriter {
     fn drop(&mut self) {
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = pipe.stop(&self.shared); // abandoned: only wait for the thread
+        }
         if let Some(block) = self.block.take() {
             self.shared.give(block);
         }
@@ -293,7 +405,7 @@ mod tests {
     fn odd_writes_land_exactly_through_aligned_direct_blocks() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Direct::new(true);
-        let data: Vec<u8> = (0..3 * BLOCK + BLOCK / 2 + 123)
+        let data: Vec<u8> = (0..(PIPELINE_AFTER as usize + 5) * BLOCK + BLOCK / 2 + 123)
             .map(|i| (i * 31 % 253) as u8)
             .collect();
         for (name, flags) in [("direct", libc::O_DIRECT), ("plain", 0)] {

@@ -34,7 +34,7 @@ pub const TAG: usize = 16;
 const FILE_KEY_BYTES: usize = 16;
 const NONCE_BYTES: usize = 16;
 pub const X25519_TAG: &str = "X25519";
-pub const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
+const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
 
 /// One recipient, as the header wraps the file key for it.
 pub enum Wrapper {
@@ -83,15 +83,8 @@ fn x25519_stanza(public: &[u8; 32], file_key: &[u8; FILE_KEY_BYTES]) -> io::Resu
         .as_ref()
         .try_into()
         .map_err(|_| crypto_failed("X25519 public key"))?;
-    let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, public);
-    // AWS-LC refuses a low-order peer (an all-zero shared secret), as the age spec requires.
-    let wrap_key = agreement::agree(&secret, peer, (), |shared| {
-        let mut salt = [0u8; 64];
-        salt[..32].copy_from_slice(&share);
-        salt[32..].copy_from_slice(public);
-        Ok(hkdf_sha256(&salt, X25519_LABEL, shared))
-    })
-    .map_err(|_| crypto_failed("X25519 agreement (is the recipient a valid key?)"))?;
+    let wrap_key = x25519_wrap_key(&secret, public, &share, public)
+        .ok_or_else(|| crypto_failed("X25519 agreement (is the recipient a valid key?)"))?;
     let mut body = file_key.to_vec();
     seal_in_place(&wrap_key, [0; 12], &mut body)?;
     Ok(Stanza {
@@ -101,8 +94,29 @@ fn x25519_stanza(public: &[u8; 32], file_key: &[u8; FILE_KEY_BYTES]) -> io::Resu
     })
 }
 
+/// The key that wraps the file key in an X25519 stanza: HKDF-SHA256 of the shared secret of `secret`
+/// and `peer`, salted with the ephemeral share and the recipient's public key. `None` for a
+/// low-order peer (an all-zero shared secret, which AWS-LC refuses, as the age spec requires).
+/// `share` is the ephemeral public key, `recipient` the recipient's; `peer` is the other side's of
+/// the two (the recipient's when sealing, the share when opening).
+pub fn x25519_wrap_key(
+    secret: &agreement::PrivateKey,
+    peer: &[u8; 32],
+    share: &[u8; 32],
+    recipient: &[u8; 32],
+) -> Option<[u8; 32]> {
+    let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, peer);
+    agreement::agree(secret, peer, (), |shared| {
+        let mut salt = [0u8; 64];
+        salt[..32].copy_from_slice(share);
+        salt[32..].copy_from_slice(recipient);
+        Ok(hkdf_sha256(&salt, X25519_LABEL, shared))
+    })
+    .ok()
+}
+
 /// HKDF-SHA256 (extract with `salt`, expand with `info`) to 32 bytes.
-fn hkdf_sha256(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
+pub fn hkdf_sha256(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(ikm)
@@ -181,6 +195,15 @@ fn write_stanza(out: &mut Vec<u8>, stanza: &Stanza) {
     }
 }
 
+/// The STREAM nonce of chunk `counter`: the counter as 11 big-endian bytes, then 1 for the last
+/// chunk, 0 for the others.
+pub fn stream_nonce(counter: u64, last: bool) -> Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[3..11].copy_from_slice(&counter.to_be_bytes());
+    nonce[11] = u8::from(last);
+    Nonce::assume_unique_for_key(nonce)
+}
+
 /// Encrypts what is written to it into `out` as an age file; [`Sealer::finish`] seals the last
 /// chunk. Dropped unfinished, `out` holds a truncated file that no age implementation accepts.
 pub struct Sealer<W: Write> {
@@ -210,13 +233,10 @@ impl<W: Write> Sealer<W> {
 
     /// Seal the chunk in hand and write it out.
     fn seal_chunk(&mut self, last: bool) -> io::Result<()> {
-        let mut nonce = [0u8; 12];
-        nonce[3..11].copy_from_slice(&self.counter.to_be_bytes());
-        nonce[11] = u8::from(last);
         let tag = self
             .key
             .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
+                stream_nonce(self.counter, last),
                 Aad::empty(),
                 &mut self.chunk,
             )

@@ -19,10 +19,10 @@ use age::secrecy::ExposeSecret;
 use age::{DecryptError, Identity};
 use age_core::format::{FileKey, Stanza};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-use aws_lc_rs::{agreement, hkdf, hmac};
+use aws_lc_rs::{agreement, hmac};
 use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 
-use crate::seal::{CHUNK, TAG, X25519_LABEL, X25519_TAG};
+use crate::seal::{hkdf_sha256, stream_nonce, x25519_wrap_key, CHUNK, TAG, X25519_TAG};
 
 /// The longest header accepted (a damaged object must not make us read without end).
 pub const MAX_HEADER: usize = 64 * 1024;
@@ -150,16 +150,6 @@ fn unwrap_file_key<'a>(
     Err(DecryptError::NoMatchingKeys)
 }
 
-fn hkdf_sha256(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
-        .extract(ikm)
-        .expand(&[info], hkdf::HKDF_SHA256)
-        .and_then(|okm| okm.fill(&mut out))
-        .expect("32 bytes is a valid HKDF-SHA256 length");
-    out
-}
-
 /// An X25519 identity (`AGE-SECRET-KEY-1…`) that unwraps its stanzas with AWS-LC: the age crate's
 /// own takes three times as long per object, which was a tenth of a restore's time.
 pub struct X25519Identity {
@@ -193,14 +183,7 @@ impl Identity for X25519Identity {
             ([share], 32) => decode(share)?.try_into().ok()?,
             _ => return Some(Err(DecryptError::InvalidHeader)),
         };
-        let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, share);
-        let wrap_key = agreement::agree(&self.secret, peer, (), |shared| {
-            let mut salt = [0u8; 64];
-            salt[..32].copy_from_slice(&share);
-            salt[32..].copy_from_slice(&self.public);
-            Ok(hkdf_sha256(&salt, X25519_LABEL, shared))
-        })
-        .ok()?;
+        let wrap_key = x25519_wrap_key(&self.secret, &share, &share, &self.public)?;
         let key = UnboundKey::new(&CHACHA20_POLY1305, &wrap_key)
             .map(LessSafeKey::new)
             .ok()?;
@@ -256,13 +239,10 @@ impl<R: Read> Opened<R> {
                 "age payload is truncated",
             ));
         }
-        let mut nonce = [0u8; 12];
-        nonce[3..11].copy_from_slice(&self.counter.to_be_bytes());
-        nonce[11] = u8::from(last);
         let plain = self
             .key
             .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
+                stream_nonce(self.counter, last),
                 Aad::empty(),
                 &mut self.chunk[..sealed],
             )
