@@ -97,6 +97,7 @@ PIDS=()
 cleanup() {
   for fd in "${DBFDS[@]:-}"; do [ -n "$fd" ] && eval "exec $fd>&-" 2>/dev/null || true; done
   for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+  delete_trash
 }
 DBFDS=()
 trap cleanup EXIT
@@ -145,20 +146,25 @@ cache_dir = "$WORK/$1-cache"
 TOML
 }
 # Deleting thousands of files just before a measurement slows the file creations that follow: ext4
-# without a journal (the file system RESULTS.md was measured on) skips, and checks one by one,
-# inodes freed in the last minute (six while their inode table is unwritten) when it allocates new
-# ones, so a store of 1,600 objects written right after a large deletion spent half its time in
-# the inode allocator. So what a measurement replaces goes to a trash folder, emptied between
-# scenarios, after which the run syncs and waits for the freed inodes to age; a previous run's
-# deletions are waited out the same way.
+# without a journal (the file system RESULTS.md was measured on) checks, one by one, the inodes freed
+# in the last minute when it allocates new ones, and for six minutes where their inode table block is
+# dirty again, as new files in the same block make it. A store of 1,600 objects written after a large
+# deletion spent half its time in the inode allocator. So what a measurement replaces goes to a trash
+# folder, emptied when the run ends (or sooner when the disk runs short), and a scenario that follows
+# a large deletion (this run's or a previous run's) waits until the freed inodes have aged.
 TRASHED=0
 trash() { for d in "$@"; do [ -e "$d" ] && { mkdir -p "$WORK/trash"; TRASHED=$((TRASHED + 1)); mv "$d" "$WORK/trash/$TRASHED"; }; done; return 0; }
 DELETED=$WORK/.deleted   # its mtime: when this script last deleted many files
-empty_trash() { if [ -e "$WORK/trash" ]; then rm -rf "$WORK/trash"; touch "$DELETED"; fi; }
-settle_deletes() { # wait until 65 s after the last large deletion, with the inode tables written
+SETTLE_SECS=370
+delete_trash() { if [ -e "$WORK/trash" ]; then rm -rf "$WORK/trash"; touch "$DELETED"; fi; }
+empty_trash() { # only when the disk runs short (under 30 GB free)
+  local free_kb; free_kb=$(df -Pk "$WORK" | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((30 * 1024 * 1024)) ]; then delete_trash; fi
+}
+settle_deletes() { # wait until SETTLE_SECS after the last large deletion, with the inode tables written
   [ -e "$DELETED" ] || return 0
   sync
-  local left=$(( $(stat -c %Y "$DELETED") + 65 - $(date +%s) ))
+  local left=$(( $(stat -c %Y "$DELETED") + SETTLE_SECS - $(date +%s) ))
   if [ "$left" -gt 0 ]; then log "waiting ${left} s for freed inodes to age (see the comment in bench/run.sh)"; sleep "$left"; fi
 }
 fresh_store() { trash "$WORK/$1-store" "$WORK/$1-cache"; mkdir -p "$WORK/$1-store"; "$IB" -c "$WORK/$1.toml" init >/dev/null; }
@@ -242,7 +248,7 @@ if has 2; then
   fresh_store s2
   "$IB" --no-progress -c "$WORK/s2.toml" backup >/dev/null 2>&1
   if command -v restic >/dev/null; then
-    rm -rf "$WORK/restic2"; restic -q -r "$WORK/restic2" init >/dev/null
+    trash "$WORK/restic2"; restic -q -r "$WORK/restic2" init >/dev/null
     (cd "$SM" && restic -q -r "$WORK/restic2" backup library upload profile >/dev/null)
   fi
   for rep in $(seq "$REPS"); do
@@ -292,9 +298,9 @@ if has 5; then
   "$PG_BIN_DIR/psql" -X -q -h 127.0.0.1 -p "$restore5_PORT" -U postgres -d postgres -c 'DROP DATABASE immich' >/dev/null
   config s5r "$WORK/restored5" "$restore5_PORT"
   sed -i "s#url = .*#url = \"file://$WORK/s5a-store\"#" "$WORK/s5r.toml"
-  rm -rf "$WORK/restored5"
+  trash "$WORK/restored5"
   measure "5 memory, ${BIG_GIB} GiB file" "immich-backup restore" ours "$(ours s5r restore latest --target "'$WORK/restored5'")"
-  rm -rf "$WORK/restored5" "$WORK/s5a-store"
+  trash "$WORK/restored5" "$WORK/s5a-store"
 
   HUGE=$WORK/small-$HUGE_FILES
   gen_once "$HUGE" small --files "$HUGE_FILES"
@@ -308,9 +314,8 @@ if has 5; then
   config s5c "$WORK/restored5" "$restore5_PORT"
   sed -i "s#url = .*#url = \"file://$WORK/s5b-store\"#" "$WORK/s5c.toml"
   measure "5 memory, $HUGE_FILES files" "immich-backup restore" ours "$(ours s5c restore latest --target "'$WORK/restored5'")"
-  rm -rf "$WORK/restored5"
-  [ "$KEEP" = 1 ] || rm -rf "$WORK/s5b-store"
-  touch "$DELETED"
+  trash "$WORK/restored5"
+  [ "$KEEP" = 1 ] || trash "$WORK/s5b-store"
 fi
 
 python3 "$REPO/bench/summarize.py" "$RESULTS" --scale "$SCALE" --reps "$REPS" | tee "$WORK/summary.md"

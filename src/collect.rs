@@ -429,6 +429,8 @@ pub struct Known {
     /// This run's content: `false` while it is being stored, `true` once stored.
     added: Mutex<HashMap<ContentId, bool>>,
     changed: Condvar,
+    /// Workers waiting on `changed` (counted under the `added` lock): with none, no wake-up.
+    waiting: std::sync::atomic::AtomicUsize,
     staged: Option<Store>,
 }
 
@@ -441,6 +443,7 @@ impl Known {
             listed,
             added: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
+            waiting: Default::default(),
             staged: store.is_staging().then(|| store.clone()),
         }
     }
@@ -470,7 +473,13 @@ impl Known {
         loop {
             match added.get(id) {
                 Some(true) => return None,
-                Some(false) => added = self.changed.wait(added).expect("not poisoned"),
+                Some(false) => {
+                    self.waiting
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    added = self.changed.wait(added).expect("not poisoned");
+                    self.waiting
+                        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 None if self.is_staged(id) => return None,
                 None => {
                     added.insert(*id, false);
@@ -492,13 +501,22 @@ impl Known {
         } else {
             added.insert(*id, true);
         }
-        self.changed.notify_all();
+        self.wake(added);
+    }
+
+    /// Wake the workers waiting for an upload's outcome, if any (`added` is still locked).
+    fn wake(&self, added: std::sync::MutexGuard<'_, HashMap<ContentId, bool>>) {
+        if self.waiting.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            self.changed.notify_all();
+        }
+        drop(added);
     }
 
     /// Storing `id` failed: the next file with this content stores it.
     fn release(&self, id: &ContentId) {
-        self.added().remove(id);
-        self.changed.notify_all();
+        let mut added = self.added();
+        added.remove(id);
+        self.wake(added);
     }
 
     pub fn len(&self) -> usize {
