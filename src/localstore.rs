@@ -648,8 +648,15 @@ mod tests {
 
     #[test]
     fn staged_objects_appear_in_data_only_when_published_and_never_replace() {
+        for direct_io in [true, false] {
+            staged_objects_are_published_without_replacing(direct_io);
+        }
+    }
+
+    fn staged_objects_are_published_without_replacing(direct_io: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let store = LocalDir::new(dir.path(), true);
+        let store = LocalDir::new(dir.path(), direct_io);
+        assert_eq!(store.direct.enabled(), direct_io);
         // An object already stored.
         let mut w = store.create(&key(1)).unwrap();
         w.write_all(b"first").unwrap();
@@ -671,7 +678,16 @@ mod tests {
             1,
             "staged is not visible"
         );
-        assert_eq!(store.publish().unwrap(), 1);
+        // A large object, through direct writes and the helper thread where they are on.
+        let big: Vec<u8> = (0..20 * crate::directio::BLOCK + 77)
+            .map(|i| (i % 241) as u8)
+            .collect();
+        let mut w = store.create(&key(6)).unwrap();
+        w.write_all(&big).unwrap();
+        assert!(w.finish().unwrap());
+        assert_eq!(store.publish().unwrap(), 2);
+        assert_eq!(fs::read(store.path(&key(6))).unwrap(), big);
+        fs::remove_file(store.path(&key(6))).unwrap();
         let mut ids = store.content_ids().unwrap();
         ids.sort();
         assert_eq!(ids, vec![ContentId([1; 32]), ContentId([2; 32])]);
