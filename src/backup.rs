@@ -506,10 +506,9 @@ async fn store_files(
     let mut outcomes = items
         .map(|item| {
             let (cached, ahead) = match &item {
-                Walked::Found(f) if f.entry.kind == EntryKind::File => (
-                    cache.lookup(f),
-                    (!early.is_empty()).then(|| early.take(f)).flatten(),
-                ),
+                Walked::Found(f) if f.entry.kind == EntryKind::File => {
+                    (cache.lookup(f), early.take(f))
+                }
                 _ => (None, None),
             };
             process(item, cached, ahead, storer.clone(), workers.clone())

@@ -78,12 +78,14 @@ impl Found {
         self.ctime_ns < self.walked_ns - SETTLE_NS
     }
 
-    /// Whether `other` is the same file with the same metadata.
-    pub fn same_metadata(&self, other: &Found) -> bool {
-        self.entry.size == other.entry.size
-            && self.entry.mtime_ns == other.entry.mtime_ns
-            && self.ctime_ns == other.ctime_ns
-            && self.ino == other.ino
+    /// What says the file is unchanged while it stays the same: size, mtime, ctime, inode.
+    pub fn metadata(&self) -> (u64, i64, i64, u64) {
+        (
+            self.entry.size,
+            self.entry.mtime_ns,
+            self.ctime_ns,
+            self.ino,
+        )
     }
 }
 
@@ -310,11 +312,7 @@ impl CacheReader {
             match walk_order(&c.path, &found.entry.path) {
                 Ordering::Less => self.advance(),
                 Ordering::Equal => {
-                    let e = &found.entry;
-                    let hit = c.size == e.size
-                        && c.mtime_ns == e.mtime_ns
-                        && c.ctime_ns == found.ctime_ns
-                        && c.ino == found.ino;
+                    let hit = (c.size, c.mtime_ns, c.ctime_ns, c.ino) == found.metadata();
                     let id = c.content;
                     self.advance();
                     return hit.then_some(id);

@@ -1,5 +1,5 @@
-//! Writing a local store's content objects with `O_DIRECT`: the bytes go from our buffer to the
-//! disk without a copy into the page cache.
+//! Writing a local store's content objects, and the files a restore puts back, with `O_DIRECT`: the
+//! bytes go from our buffer to the disk without a copy into the page cache.
 //!
 //! A backup writes hundreds of gigabytes that nobody reads back soon. Written through the page cache
 //! they cost a copy per byte (on some virtual machines the largest single cost of a first backup),
@@ -89,47 +89,87 @@ impl Block {
     }
 }
 
-/// Open `path` with `options` for `len` bytes, adding `O_DIRECT` where `shared` allows, the file
-/// system takes it, and the file fills at least one aligned block. (`options` must not carry other
-/// custom flags.)
-pub fn open(
+/// How a store or a restore makes its new files: whether the file system takes direct writes and
+/// unnamed (`O_TMPFILE`) files, each until it says it does not.
+#[derive(Debug)]
+pub struct NewFiles {
+    direct: Arc<Direct>,
+    /// Unnamed files are given their name through /proc/self/fd (`localstore::link_fd`).
+    unnamed: AtomicBool,
+}
+
+impl NewFiles {
+    /// New files in a folder where direct writes are wanted (`direct`) and [`suits`] them.
+    pub fn new(direct: bool) -> NewFiles {
+        NewFiles {
+            direct: Direct::new(direct),
+            unnamed: AtomicBool::new(std::path::Path::new("/proc/self/fd").is_dir()),
+        }
+    }
+
+    /// Whether files are opened with `O_DIRECT` (as far as is known yet).
+    pub fn direct(&self) -> bool {
+        self.direct.enabled()
+    }
+
+    /// Open `path` with `options` (which must carry no custom flags) for `len` bytes.
+    pub fn open(
+        &self,
+        path: &std::path::Path,
+        options: &std::fs::OpenOptions,
+        len: u64,
+    ) -> io::Result<DirectWriter> {
+        open(&self.direct, path, options, 0, len)
+    }
+
+    /// An unnamed file in `folder`, created with `mode`, for `len` bytes, to be named with
+    /// `localstore::link_fd`; `None` where the file system cannot make them (then, or before).
+    pub fn unnamed(
+        &self,
+        folder: &std::path::Path,
+        mode: u32,
+        len: u64,
+    ) -> io::Result<Option<DirectWriter>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !self.unnamed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).mode(mode);
+        match open(&self.direct, folder, &options, libc::O_TMPFILE, len) {
+            Ok(w) => Ok(Some(w)),
+            Err(e) if tmpfile_unsupported(&e) => {
+                self.unnamed.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Whether `e`, from opening an `O_TMPFILE` file, says the file system cannot make unnamed files.
+fn tmpfile_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOSYS)
+    )
+}
+
+/// Open `path` with `options` plus the custom `flags` for `len` bytes, adding `O_DIRECT` where
+/// `shared` allows, the file system takes it, and the file fills at least one aligned block.
+fn open(
     shared: &Arc<Direct>,
     path: &std::path::Path,
     options: &std::fs::OpenOptions,
+    flags: libc::c_int,
     len: u64,
 ) -> io::Result<DirectWriter> {
     use std::os::unix::fs::OpenOptionsExt;
-    if shared.enabled() && len >= ALIGN as u64 {
-        match options.clone().custom_flags(libc::O_DIRECT).open(path) {
-            Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => shared.disable(),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(DirectWriter::plain(options.open(path)?, shared.clone()))
-}
-
-/// An unnamed file (`O_TMPFILE`) in `folder`, created with `mode`, for `len` bytes: written directly
-/// as [`open`] says. Fails as `O_TMPFILE` does where the file system lacks it (see
-/// `localstore::tmpfile_unsupported`); name it with `localstore::link_fd`.
-pub fn open_unnamed(
-    shared: &Arc<Direct>,
-    folder: &std::path::Path,
-    mode: u32,
-    len: u64,
-) -> io::Result<DirectWriter> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .mode(mode)
-            .custom_flags(libc::O_TMPFILE | flags)
-            .open(folder)
-    };
+    let open = |extra| options.clone().custom_flags(flags | extra).open(path);
     if shared.enabled() && len >= ALIGN as u64 {
         match open(libc::O_DIRECT) {
             Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
-            // EINVAL: no O_DIRECT here (or no O_TMPFILE, which the next call tells).
+            // EINVAL: no O_DIRECT here, if the same open without it works.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let file = open(0)?;
                 shared.disable();

@@ -54,12 +54,7 @@ pub fn start(
     window: usize,
 ) -> Ahead {
     let (stop, stopped) = oneshot::channel();
-    let window = u32::try_from(window.clamp(1, 1 << 16)).expect("clamped");
-    let early = Early {
-        files: HashMap::new(),
-        slots: Arc::new(Semaphore::new(window as usize)),
-        window,
-    };
+    let early = Early::new(window);
     let walk = Walk {
         root,
         folders,
@@ -81,30 +76,27 @@ impl Ahead {
         match self.task.await {
             Ok(early) => early,
             // Only a panic ends it otherwise: nothing read ahead, everything is read again.
-            Err(_) => Early {
-                files: HashMap::new(),
-                slots: Arc::new(Semaphore::new(1)),
-                window: 1,
-            },
+            Err(_) => Early::new(1),
         }
     }
 }
 
 impl Early {
+    /// Nothing read ahead yet; at most `window` files in flight.
+    fn new(window: usize) -> Early {
+        let window = u32::try_from(window.clamp(1, 1 << 16)).expect("clamped");
+        Early {
+            files: HashMap::new(),
+            slots: Arc::new(Semaphore::new(window as usize)),
+            window,
+        }
+    }
+
     /// The early result for `found`, if the file is unchanged since it was read ahead.
     pub fn take(&mut self, found: &Found) -> Option<Pending> {
         let (then, pending) = self.files.remove(&found.entry.path)?;
         // `then` was settled when it was walked (only settled files are read ahead).
-        found.same_metadata(&then).then_some(pending)
-    }
-
-    /// How many files were read ahead and not yet taken.
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        (found.metadata() == then.metadata()).then_some(pending)
     }
 
     /// Abandon what was not taken and wait until no worker writes for the read-ahead any more

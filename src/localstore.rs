@@ -29,12 +29,12 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::directio::{Direct, DirectWriter};
+use crate::directio::{DirectWriter, NewFiles};
 use crate::snapshot::{ContentId, DATA_DIR};
 
 /// Folder (under the store root) holding the staging folders of running backups.
@@ -122,10 +122,8 @@ pub struct LocalDir {
     /// The running backup's staging folder, once it has one.
     staging: Mutex<Option<PathBuf>>,
     seq: AtomicU64,
-    /// Whether the file system takes `O_TMPFILE` (until it says it does not).
-    tmpfile: AtomicBool,
-    /// Staged content is written with `O_DIRECT` (until the file system refuses it).
-    direct: Arc<Direct>,
+    /// How staged content is written: unnamed and with `O_DIRECT` where the file system allows.
+    files: NewFiles,
 }
 
 impl LocalDir {
@@ -135,9 +133,7 @@ impl LocalDir {
             root: root.to_path_buf(),
             staging: Mutex::new(None),
             seq: AtomicU64::new(0),
-            // Unnamed files are named through /proc/self/fd.
-            tmpfile: AtomicBool::new(Path::new("/proc/self/fd").is_dir()),
-            direct: Direct::new(direct_io && crate::directio::suits(root)),
+            files: NewFiles::new(direct_io && crate::directio::suits(root)),
         }
     }
 
@@ -204,26 +200,23 @@ impl LocalDir {
 
     fn open_writer(&self, dest: PathBuf, mode: Finish) -> io::Result<LocalWriter> {
         let folder = dest.parent().expect("objects have a folder");
-        if mode == Finish::Stage && self.tmpfile.load(Ordering::Relaxed) {
+        if mode == Finish::Stage {
             // An unnamed file: nothing to clean up if the run dies, and no rename at the end.
-            let opened = match self.open_tmpfile(folder) {
+            let unnamed = || self.files.unnamed(folder, 0o644, u64::MAX);
+            let opened = match unnamed() {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir_all(folder)?;
-                    self.open_tmpfile(folder)
+                    unnamed()
                 }
                 other => other,
             };
-            match opened {
-                Ok(out) => {
-                    return Ok(LocalWriter {
-                        out: Some(out),
-                        tmp: None,
-                        dest,
-                        mode,
-                    })
-                }
-                Err(e) if tmpfile_unsupported(&e) => self.tmpfile.store(false, Ordering::Relaxed),
-                Err(e) => return Err(e),
+            if let Some(w) = opened? {
+                return Ok(LocalWriter {
+                    out: Some(Out::Direct(w)),
+                    tmp: None,
+                    dest,
+                    mode,
+                });
             }
         }
         let tmp = self.temp_name(&dest);
@@ -240,11 +233,6 @@ impl LocalDir {
             dest,
             mode,
         })
-    }
-
-    /// An unnamed file in `folder` (`O_TMPFILE`), written directly where the file system allows.
-    fn open_tmpfile(&self, folder: &Path) -> io::Result<Out> {
-        crate::directio::open_unnamed(&self.direct, folder, 0o644, u64::MAX).map(Out::Direct)
     }
 
     /// Make everything written to the store's file system so far durable.
@@ -403,14 +391,6 @@ impl LocalDir {
 fn staged_path(dir: &Path, key: &str) -> PathBuf {
     let name = key.rsplit('/').next().unwrap_or(key);
     dir.join(name.get(..2).unwrap_or("xx")).join(name)
-}
-
-/// Whether `e`, from opening an `O_TMPFILE` file, says the file system cannot make unnamed files.
-pub fn tmpfile_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOSYS)
-    )
 }
 
 /// Give the unnamed file `file` the name `to` (create-only: `Ok(false)` when `to` exists).
@@ -656,7 +636,7 @@ mod tests {
     fn staged_objects_are_published_without_replacing(direct_io: bool) {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalDir::new(dir.path(), direct_io);
-        assert_eq!(store.direct.enabled(), direct_io);
+        assert_eq!(store.files.direct(), direct_io);
         // An object already stored.
         let mut w = store.create(&key(1)).unwrap();
         w.write_all(b"first").unwrap();

@@ -26,7 +26,7 @@ use tokio_util::io::SyncIoBridge;
 use crate::collect::walk_order;
 use crate::crypto::{read_error, Identities};
 use crate::db::{self, Database, ReplayRun};
-use crate::directio::{self, Direct, DirectWriter};
+use crate::directio::{self, DirectWriter, NewFiles};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
@@ -811,13 +811,10 @@ fn ensure_parent(
     Ok(())
 }
 
-/// Where restored files are written: past the page cache where the file system allows
-/// (directio.rs), as unnamed files (`O_TMPFILE`) given their name only once verified, or where the
-/// file system cannot make those, under a hidden partial name renamed into place.
-pub struct FileSink {
-    direct: Arc<Direct>,
-    unnamed: std::sync::atomic::AtomicBool,
-}
+/// Where restored files are written: past the page cache where the file system allows, as
+/// unnamed files (`O_TMPFILE`) given their name only once verified, or where the file system cannot
+/// make those, under a hidden partial name renamed into place (directio.rs).
+pub struct FileSink(NewFiles);
 
 /// A file being restored: unnamed, or at its partial name.
 enum Partial {
@@ -828,30 +825,20 @@ enum Partial {
 impl FileSink {
     /// A sink for files under `target`.
     pub fn new(target: &Path) -> FileSink {
-        FileSink {
-            direct: Direct::new(directio::suits(target)),
-            unnamed: std::sync::atomic::AtomicBool::new(Path::new("/proc/self/fd").is_dir()),
-        }
+        FileSink(NewFiles::new(directio::suits(target)))
     }
 
     /// A new file that will become `dest`, for `len` bytes.
     fn create(&self, dest: &Path, len: u64) -> Result<(DirectWriter, Partial)> {
-        use std::sync::atomic::Ordering::Relaxed;
         let folder = dest.parent().expect("entries have a parent");
-        if self.unnamed.load(Relaxed) {
-            match directio::open_unnamed(&self.direct, folder, 0o600, len) {
-                Ok(w) => return Ok((w, Partial::Unnamed)),
-                Err(e) if crate::localstore::tmpfile_unsupported(&e) => {
-                    self.unnamed.store(false, Relaxed)
-                }
-                Err(e) => return Err(Error::io(dest, e)),
-            }
+        if let Some(w) = self.0.unnamed(folder, 0o600, len).at(dest)? {
+            return Ok((w, Partial::Unnamed));
         }
         let name = dest.file_name().expect("a file name").to_string_lossy();
         let tmp = dest.with_file_name(format!(".{name}.immich-backup-partial"));
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true).mode(0o600);
-        let w = directio::open(&self.direct, &tmp, &options, len).at(&tmp)?;
+        let w = self.0.open(&tmp, &options, len).at(&tmp)?;
         Ok((w, Partial::Named(tmp)))
     }
 

@@ -31,8 +31,8 @@ use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 pub const CHUNK: usize = 64 * 1024;
 /// Poly1305 tag bytes after each chunk.
 pub const TAG: usize = 16;
-const FILE_KEY_BYTES: usize = 16;
-const NONCE_BYTES: usize = 16;
+pub const FILE_KEY_BYTES: usize = 16;
+pub const NONCE_BYTES: usize = 16;
 pub const X25519_TAG: &str = "X25519";
 const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
 
@@ -47,13 +47,10 @@ pub enum Wrapper {
 impl Wrapper {
     /// An X25519 recipient from its `age1…` text.
     pub fn x25519(text: &str) -> Result<Wrapper, String> {
-        use bech32::FromBase32;
-        let (hrp, data, variant) = bech32::decode(text).map_err(|e| e.to_string())?;
-        let bytes = Vec::<u8>::from_base32(&data).map_err(|e| e.to_string())?;
-        match (hrp.as_str(), variant, <[u8; 32]>::try_from(bytes)) {
-            ("age", bech32::Variant::Bech32, Ok(key)) => Ok(Wrapper::X25519(key)),
-            _ => Err("not an age X25519 recipient".into()),
-        }
+        decode_bech32(text, "age")
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .map(Wrapper::X25519)
+            .ok_or_else(|| "not an age X25519 recipient".into())
     }
 
     fn wrap(&self, file_key: &[u8; FILE_KEY_BYTES]) -> io::Result<Vec<Stanza>> {
@@ -136,10 +133,34 @@ fn seal_in_place(key: &[u8; 32], nonce: [u8; 12], data: &mut Vec<u8>) -> io::Res
     Ok(())
 }
 
-fn aead_key(key: &[u8; 32]) -> io::Result<LessSafeKey> {
+/// A ChaCha20-Poly1305 key.
+pub fn aead_key(key: &[u8; 32]) -> io::Result<LessSafeKey> {
     UnboundKey::new(&CHACHA20_POLY1305, key)
         .map(LessSafeKey::new)
         .map_err(|_| crypto_failed("ChaCha20-Poly1305 key"))
+}
+
+/// The key of the header's MAC: HKDF(file key, "header").
+pub fn header_mac_key(file_key: &[u8; FILE_KEY_BYTES]) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, &hkdf_sha256(&[], b"header", file_key))
+}
+
+/// The payload's key: HKDF(file key, payload nonce, "payload").
+pub fn payload_key(
+    file_key: &[u8; FILE_KEY_BYTES],
+    nonce: &[u8; NONCE_BYTES],
+) -> io::Result<LessSafeKey> {
+    aead_key(&hkdf_sha256(nonce, b"payload", file_key))
+}
+
+/// The bytes of a Bech32 string with human-readable part `hrp` (age's key encoding).
+pub fn decode_bech32(text: &str, hrp: &str) -> Option<Vec<u8>> {
+    use bech32::FromBase32;
+    let (found, data, variant) = bech32::decode(text).ok()?;
+    if found != hrp || variant != bech32::Variant::Bech32 {
+        return None;
+    }
+    Vec::<u8>::from_base32(&data).ok()
 }
 
 fn crypto_failed(what: &str) -> io::Error {
@@ -165,8 +186,7 @@ fn header(file_key: &[u8; FILE_KEY_BYTES], recipients: &[Wrapper]) -> io::Result
         }
     }
     out.extend_from_slice(b"---");
-    let mac_key = hkdf_sha256(&[], b"header", file_key);
-    let mac = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &mac_key), &out);
+    let mac = hmac::sign(&header_mac_key(file_key), &out);
     out.push(b' ');
     out.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(mac.as_ref()).as_bytes());
     out.push(b'\n');
@@ -222,7 +242,7 @@ impl<W: Write> Sealer<W> {
         out.write_all(&header(&file_key, recipients)?)?;
         let nonce: [u8; NONCE_BYTES] = random()?;
         out.write_all(&nonce)?;
-        let key = aead_key(&hkdf_sha256(&nonce, b"payload", &file_key))?;
+        let key = payload_key(&file_key, &nonce)?;
         Ok(Sealer {
             out,
             key,

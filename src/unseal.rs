@@ -18,11 +18,14 @@ use std::io::{self, BufRead, BufReader, Read};
 use age::secrecy::ExposeSecret;
 use age::{DecryptError, Identity};
 use age_core::format::{FileKey, Stanza};
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce};
 use aws_lc_rs::{agreement, hmac};
 use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 
-use crate::seal::{hkdf_sha256, stream_nonce, x25519_wrap_key, CHUNK, TAG, X25519_TAG};
+use crate::seal::{
+    aead_key, decode_bech32, header_mac_key, payload_key, stream_nonce, x25519_wrap_key, CHUNK,
+    NONCE_BYTES, TAG, X25519_TAG,
+};
 
 /// The longest header accepted (a damaged object must not make us read without end).
 pub const MAX_HEADER: usize = 64 * 1024;
@@ -37,16 +40,12 @@ pub fn open<'a, R: Read>(
     let header = read_header(&mut input)?;
     let (stanzas, mac) = parse_header(&header)?;
     let file_key = unwrap_file_key(&stanzas, identities)?;
-    let mac_key = hkdf_sha256(&[], b"header", &file_key);
-    let signed = &header[..header.len() - mac.len_encoded()];
-    hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &mac_key), signed, &mac.0)
-        .map_err(|_| DecryptError::InvalidMac)?;
-    let mut nonce = [0u8; 16];
+    // The MAC covers the header up to and including `---`.
+    let signed = &header[..header.len() - MAC_LINE_TAIL];
+    hmac::verify(&header_mac_key(&file_key), signed, &mac).map_err(|_| DecryptError::InvalidMac)?;
+    let mut nonce = [0u8; NONCE_BYTES];
     input.read_exact(&mut nonce)?;
-    let payload_key = hkdf_sha256(&nonce, b"payload", &file_key);
-    let key = UnboundKey::new(&CHACHA20_POLY1305, &payload_key)
-        .map(LessSafeKey::new)
-        .map_err(|_| DecryptError::DecryptionFailed)?;
+    let key = payload_key(&file_key, &nonce).map_err(|_| DecryptError::DecryptionFailed)?;
     Ok(Opened {
         input,
         key,
@@ -80,18 +79,11 @@ fn read_header(input: &mut impl BufRead) -> Result<Vec<u8>, DecryptError> {
     }
 }
 
-/// The 32-byte header MAC as written after `--- `.
-struct Mac([u8; 32]);
+/// Bytes after `---` on the MAC line: a space, the MAC in 43 base64 characters, a newline.
+const MAC_LINE_TAIL: usize = 1 + 43 + 1;
 
-impl Mac {
-    /// Bytes after `---` on the MAC line: a space, 43 base64 characters, a newline.
-    fn len_encoded(&self) -> usize {
-        1 + 43 + 1
-    }
-}
-
-/// The stanzas and the MAC of a complete header.
-fn parse_header(header: &[u8]) -> Result<(Vec<Stanza>, Mac), DecryptError> {
+/// The stanzas and the 32-byte MAC of a complete header.
+fn parse_header(header: &[u8]) -> Result<(Vec<Stanza>, [u8; 32]), DecryptError> {
     let bad = || DecryptError::InvalidHeader;
     let text = std::str::from_utf8(&header[VERSION_LINE.len()..]).map_err(|_| bad())?;
     let mut lines = text.split_terminator('\n').peekable();
@@ -102,7 +94,7 @@ fn parse_header(header: &[u8]) -> Result<(Vec<Stanza>, Mac), DecryptError> {
                 return Err(bad());
             }
             let mac = decode(encoded).ok_or_else(bad)?;
-            return Ok((stanzas, Mac(mac.try_into().map_err(|_| bad())?)));
+            return Ok((stanzas, mac.try_into().map_err(|_| bad())?));
         }
         let mut words = line.strip_prefix("-> ").ok_or_else(bad)?.split(' ');
         let tag = words.next().filter(|t| arbitrary(t)).ok_or_else(bad)?;
@@ -160,12 +152,8 @@ pub struct X25519Identity {
 impl X25519Identity {
     /// From an identity line as `age-keygen` writes it; `None` if it is not one.
     pub fn parse(line: &str) -> Option<X25519Identity> {
-        use bech32::FromBase32;
-        let (hrp, data, variant) = bech32::decode(line.trim()).ok()?;
-        if hrp != "age-secret-key-" || variant != bech32::Variant::Bech32 {
-            return None;
-        }
-        let bytes = age::secrecy::SecretBox::new(Box::new(Vec::<u8>::from_base32(&data).ok()?));
+        let bytes =
+            age::secrecy::SecretBox::new(Box::new(decode_bech32(line.trim(), "age-secret-key-")?));
         let secret =
             agreement::PrivateKey::from_private_key(&agreement::X25519, bytes.expose_secret())
                 .ok()?;
@@ -184,9 +172,7 @@ impl Identity for X25519Identity {
             _ => return Some(Err(DecryptError::InvalidHeader)),
         };
         let wrap_key = x25519_wrap_key(&self.secret, &share, &share, &self.public)?;
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &wrap_key)
-            .map(LessSafeKey::new)
-            .ok()?;
+        let key = aead_key(&wrap_key).ok()?;
         let mut body = stanza.body.clone();
         // Not ours if it does not authenticate.
         let file_key: [u8; 16] = key
@@ -378,12 +364,8 @@ mod tests {
         let id = age::x25519::Identity::generate();
         let fast = X25519Identity::parse(id.to_string().expose_secret()).unwrap();
         assert_eq!(
-            fast.public.to_vec(),
-            {
-                use bech32::FromBase32;
-                let (_, data, _) = bech32::decode(&id.to_public().to_string()).unwrap();
-                Vec::<u8>::from_base32(&data).unwrap()
-            },
+            Some(fast.public.to_vec()),
+            decode_bech32(&id.to_public().to_string(), "age"),
             "the same public key"
         );
         let plain = vec![7u8; CHUNK + 3];
