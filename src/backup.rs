@@ -30,6 +30,7 @@ use crate::error::{Error, Result};
 use crate::localstore::{self, Owner, Verdict};
 use crate::lock::{Lock, LockKind};
 use crate::progress::Progress;
+use crate::sign::{self, SignatureFile, SigningKey, Statement};
 use crate::snapshot::{
     self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, ObjectRef, Skipped, Summary, Totals,
 };
@@ -60,6 +61,8 @@ pub struct BackupReport {
     pub skipped: Vec<Skipped>,
     pub duration_secs: f64,
     pub row_counts: std::collections::BTreeMap<String, u64>,
+    /// The snapshot is signed (a signing key is configured).
+    pub signed: bool,
 }
 
 /// Run one backup into `store`.
@@ -73,12 +76,13 @@ pub async fn run(
     let started = Instant::now();
     let root = cfg.immich.upload_location.clone();
     check_upload_location(&root, &cfg.immich.folders)?;
+    let signing = signing_keys(cfg, &recipients)?;
     let marker = snapshot::open_or_init(store).await?;
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
     let lock = Lock::acquire(store, LockKind::Shared, "backup", &cfg.lock).await?;
     let result = tokio::select! {
-        r = run_locked(cfg, db, store, recipients, progress, started, marker, &lock) => r,
+        r = run_locked(cfg, db, store, recipients, &signing, progress, started, marker, &lock) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -91,6 +95,7 @@ async fn run_locked(
     db: &dyn Database,
     store: &Store,
     recipients: Recipients,
+    signing: &[SigningKey],
     progress: Progress,
     started: Instant,
     marker: snapshot::RepoMarker,
@@ -133,7 +138,7 @@ async fn run_locked(
         skipped: files.skipped.len() as u64,
     };
     let manifest = Manifest {
-        format: snapshot::FORMAT_VERSION,
+        format: snapshot::MANIFEST_FORMAT,
         id: id.clone(),
         time,
         host: summary.host.clone(),
@@ -158,7 +163,15 @@ async fn run_locked(
     };
     tracing::debug!(files = files.totals.files, "files stored");
     lock.confirm().await?;
-    commit(store, &recipients, &summary, &manifest).await?;
+    commit(
+        store,
+        &recipients,
+        signing,
+        &summary,
+        &manifest,
+        &files.refs_sha256,
+    )
+    .await?;
     files.cache.commit()?;
 
     let report = BackupReport {
@@ -179,6 +192,7 @@ async fn run_locked(
         skipped: files.skipped,
         duration_secs: started.elapsed().as_secs_f64(),
         row_counts: dumped.row_counts,
+        signed: !signing.is_empty(),
     };
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
@@ -322,23 +336,39 @@ fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<(
     Ok(())
 }
 
-/// Write the plaintext summary, then the encrypted manifest: the snapshot is now visible.
+/// The configured signing keys; without one, snapshots are unsigned and a restore of them needs
+/// `--allow-unsigned`, so every backup says so.
+fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>> {
+    let file = (!cfg.encryption.signing_key_file.is_empty())
+        .then(|| PathBuf::from(&cfg.encryption.signing_key_file));
+    let (keys, made_for) = sign::load_signing_keys(&cfg.encryption.signing_key, file.as_deref())?;
+    if keys.is_empty() {
+        tracing::warn!("no signing key: this snapshot is NOT signed, and restoring it will need --allow-unsigned. Make the key where the identity is kept (`immich-backup signing-key --identity FILE -o signing.key`) and set [encryption] signing_key_file");
+    }
+    for r in &made_for {
+        if !recipients.canonical().contains(r) {
+            tracing::warn!(recipient = %r, "the signing key was made for a recipient that is not in [encryption] recipients: a restore with that recipient's identity will not trust these snapshots");
+        }
+    }
+    Ok(keys)
+}
+
+/// Write the plaintext summary, the signature, then the encrypted manifest: the snapshot is now
+/// visible.
 async fn commit(
     store: &Store,
     recipients: &Recipients,
+    signing: &[SigningKey],
     summary: &Summary,
     manifest: &Manifest,
+    refs_sha256: &str,
 ) -> Result<()> {
     // Everything the manifest references must be durable, and the content visible, first.
     let published = store.publish().await?;
     tracing::debug!(published, "content published");
     let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
-    store
-        .put_new(
-            &snapshot::snapshot_key(&summary.id, snapshot::SUMMARY_OBJECT),
-            summary_json.into(),
-        )
-        .await?;
+    let summary_sha256 = sign::sha256_hex(&summary_json);
+    put_snapshot_object(store, &summary.id, snapshot::SUMMARY_OBJECT, summary_json).await?;
     let plain = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
     let mut sealed = recipients
         .encrypt(Vec::new())
@@ -347,8 +377,25 @@ async fn commit(
         .write_all(&plain)
         .map_err(|e| Error::Crypto(e.to_string()))?;
     let bytes = sealed.finish().map_err(|e| Error::Crypto(e.to_string()))?;
-    let key = snapshot::snapshot_key(&manifest.id, snapshot::MANIFEST_OBJECT);
-    if !store.put_new(&key, bytes.into()).await? {
+    if !signing.is_empty() {
+        let statement = Statement {
+            id: manifest.id.clone(),
+            time: manifest.time,
+            manifest_sha256: sign::sha256_hex(&bytes),
+            summary_sha256,
+            refs_sha256: refs_sha256.to_string(),
+        };
+        let file = SignatureFile::sign(&statement, signing);
+        let json = serde_json::to_vec_pretty(&file).expect("signature serialises");
+        put_snapshot_object(store, &manifest.id, snapshot::SIGNATURE_OBJECT, json).await?;
+    }
+    put_snapshot_object(store, &manifest.id, snapshot::MANIFEST_OBJECT, bytes).await
+}
+
+/// Create `snapshots/<id>/<name>`; it must not exist yet.
+async fn put_snapshot_object(store: &Store, id: &str, name: &str, body: Vec<u8>) -> Result<()> {
+    let key = snapshot::snapshot_key(id, name);
+    if !store.put_new(&key, body.into()).await? {
         return Err(Error::Other(format!(
             "{key} already exists; refusing to overwrite a snapshot"
         )));
@@ -396,6 +443,7 @@ async fn list_content(store: &Store) -> Result<Known> {
 /// The files phase's result.
 struct FilesDone {
     list: ObjectRef,
+    refs_sha256: String,
     cache: CacheWriter,
     totals: Totals,
     skipped: Vec<Skipped>,
@@ -544,9 +592,14 @@ async fn store_files(
     drop(outcomes);
     // Nothing may still be written for the read-ahead when the content is published.
     early.finish().await;
-    let (list, cache) = list.finish().await?;
+    let Lists {
+        files: list,
+        refs_sha256,
+        cache,
+    } = list.finish().await?;
     Ok(FilesDone {
         list,
+        refs_sha256,
         cache,
         totals: done.totals,
         skipped: done.skipped,
@@ -637,7 +690,7 @@ const LIST_BATCH: usize = 256;
 struct ListWriter {
     tx: mpsc::Sender<ListItem>,
     pending: Vec<(Entry, Box<Found>)>,
-    handle: tokio::task::JoinHandle<Result<(ObjectRef, CacheWriter)>>,
+    handle: tokio::task::JoinHandle<Result<Lists>>,
 }
 
 impl ListWriter {
@@ -679,7 +732,7 @@ impl ListWriter {
         Ok(())
     }
 
-    async fn finish(mut self) -> Result<(ObjectRef, CacheWriter)> {
+    async fn finish(mut self) -> Result<Lists> {
         let batch = std::mem::take(&mut self.pending);
         self.send(ListItem::Entries(batch)).await?;
         self.send(ListItem::Done).await?;
@@ -689,6 +742,13 @@ impl ListWriter {
     }
 }
 
+/// What the list writer wrote: the file list, the SHA-256 of the refs object, the new cache.
+struct Lists {
+    files: ObjectRef,
+    refs_sha256: String,
+    cache: CacheWriter,
+}
+
 fn write_lists(
     mut rx: mpsc::Receiver<ListItem>,
     files: ObjectWriter,
@@ -696,14 +756,17 @@ fn write_lists(
     refs: ObjectWriter,
     mut cache: CacheWriter,
     recipients: Arc<Recipients>,
-) -> Result<(ObjectRef, CacheWriter)> {
+) -> Result<Lists> {
     let io_err = |e: std::io::Error| crate::store::error_from_io(&files_key, e);
     let sealed = recipients.encrypt(files).map_err(io_err)?;
+    let header_mac = Some(hex::encode(sealed.header_mac()));
     // serde_json and writeln! write in small pieces: buffer them before the compressor.
     let gz = |w| BufWriter::with_capacity(GZ_INPUT_BUFFER, GzEncoder::new(w, Compression::fast()));
     let mut list = gz(HashingWriter::new(sealed));
-    let mut refs =
-        BufWriter::with_capacity(GZ_INPUT_BUFFER, GzEncoder::new(refs, Compression::fast()));
+    let mut refs = BufWriter::with_capacity(
+        GZ_INPUT_BUFFER,
+        GzEncoder::new(HashingWriter::new(refs), Compression::fast()),
+    );
     let mut last_ref: Option<ContentId> = None;
     loop {
         match rx.blocking_recv() {
@@ -732,13 +795,16 @@ fn write_lists(
     let (sealed, sha256, size) = unbuffer(list)?.finish().map_err(io_err)?.into_parts();
     sealed.finish().map_err(io_err)?.finish()?;
     let refs = refs.into_inner().map_err(|e| io_err(e.into_error()))?;
-    refs.finish().map_err(io_err)?.finish()?;
-    Ok((
-        ObjectRef {
+    let (refs, refs_sha256, _) = refs.finish().map_err(io_err)?.into_parts();
+    refs.finish()?;
+    Ok(Lists {
+        files: ObjectRef {
             key: files_key,
             size,
             sha256,
+            header_mac,
         },
+        refs_sha256,
         cache,
-    ))
+    })
 }

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use age::secrecy::{ExposeSecret, SecretString};
 use clap::{Parser, Subcommand};
 use immich_backup::agent;
 use immich_backup::backup::{self, BackupReport};
@@ -15,7 +16,9 @@ use immich_backup::progress::Progress;
 use immich_backup::prune;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::schedule;
+use immich_backup::sign;
 use immich_backup::store::Store;
+use immich_backup::trust::Trust;
 use immich_backup::{db, demo, snapshot, storecheck};
 
 #[derive(Parser)]
@@ -44,9 +47,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate an age identity file (mode 0600) and print its public key.
+    /// Generate an age identity file and the backup machine's signing key made from it (both mode
+    /// 0600), and print the public key.
     Keygen {
-        /// Where to write the identity; never overwritten.
+        /// Where to write the identity; never overwritten. Keep it off the backup machine.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// Where to write the signing key, for the backup machine ([encryption] signing_key_file);
+        /// default: beside the identity, `<name>.signing.key`.
+        #[arg(long)]
+        signing_key: Option<PathBuf>,
+    },
+    /// Make the backup machine's signing key: from an existing identity (age-keygen, `age -p`), so
+    /// that a restore with that identity trusts what the backup signs; or, with --new, a random one
+    /// whose verify key you give restore in [encryption] verify_keys (for SSH identities).
+    SigningKey {
+        /// The identity to make it from (on the machine that keeps it).
+        #[arg(
+            long,
+            short = 'i',
+            required_unless_present = "new",
+            conflicts_with = "new"
+        )]
+        identity: Option<PathBuf>,
+        /// A random signing key instead, not tied to any identity.
+        #[arg(long)]
+        new: bool,
+        /// Where to write it (mode 0600; never overwritten).
         #[arg(long, short = 'o')]
         output: PathBuf,
     },
@@ -75,6 +102,17 @@ enum Command {
         /// writing and start it again at the end, instead of refusing while it runs.
         #[arg(long)]
         stop_server: bool,
+        /// Also restore snapshots that carry no signature (stores written by immich-backup 0.1).
+        /// Anyone who can write to the store could have written such a snapshot.
+        #[arg(long)]
+        allow_unsigned: bool,
+        /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
+        /// made from the identity and [encryption] verify_keys. Repeatable.
+        #[arg(long = "verify-key", value_name = "KEY")]
+        verify_keys: Vec<String>,
+        /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
+        #[arg(long)]
+        keep_special_modes: bool,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
     /// Needs no identity.
@@ -201,7 +239,15 @@ fn init_logging(verbose: u8) {
 async fn run(cli: Cli) -> Result<i32> {
     let progress = Progress::new(!cli.no_progress && !cli.json);
     match cli.command {
-        Command::Keygen { output } => keygen(&output, cli.json),
+        Command::Keygen {
+            output,
+            signing_key,
+        } => keygen(&output, signing_key, cli.json),
+        Command::SigningKey {
+            identity,
+            new,
+            output,
+        } => signing_key(identity.as_deref(), new, &output, cli.json),
         Command::Demo { dir, assets } => demo::run(dir.as_deref(), assets, cli.json)
             .await
             .map(|_| exit::OK),
@@ -252,6 +298,9 @@ async fn run(cli: Cli) -> Result<i32> {
             target,
             dry_run,
             stop_server,
+            allow_unsigned,
+            verify_keys,
+            keep_special_modes,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let server = if stop_server {
@@ -259,8 +308,16 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 restore::ServerPolicy::Refuse
             };
-            let report =
-                run_restore(&cfg, snapshot, identity, target, dry_run, server, progress).await?;
+            let choices = RestoreChoices {
+                snapshot,
+                identity,
+                target,
+                dry_run,
+                allow_unsigned,
+                verify_keys,
+                keep_special_modes,
+            };
+            let report = run_restore(&cfg, choices, server, progress).await?;
             print_restore(&report, cli.json);
             Ok(if report.dry_run || report.rows_match {
                 exit::OK
@@ -271,19 +328,81 @@ async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn keygen(output: &std::path::Path, json: bool) -> Result<i32> {
+fn keygen(output: &std::path::Path, signing: Option<PathBuf>, json: bool) -> Result<i32> {
+    let signing_path = signing.unwrap_or_else(|| output.with_extension("signing.key"));
+    if signing_path == output {
+        return Err(Error::Usage(
+            "--signing-key must differ from the identity file".into(),
+        ));
+    }
+    if signing_path.exists() {
+        return Err(Error::Usage(format!(
+            "{} already exists; refusing to overwrite a signing key (choose another path with --signing-key)",
+            signing_path.display()
+        )));
+    }
     let key = crypto::generate_key();
     crypto::write_identity_file(output, &key)?;
+    sign::write_secret_file(
+        &signing_path,
+        &key.signing.file_text(Some(&key.recipient)),
+        "signing key",
+    )?;
+    let verify = key.signing.verify_key().to_string();
     if json {
         println!(
             "{}",
-            serde_json::json!({"identity_file": output, "recipient": key.recipient})
+            serde_json::json!({"identity_file": output, "recipient": key.recipient, "signing_key_file": signing_path, "verify_key": verify})
         );
     } else {
         println!("Public key: {}", key.recipient);
+        println!("Verify key: {verify}");
         eprintln!(
-            "Wrote the identity to {} (mode 0600). Keep it off the backed-up machine (a password manager, paper, a USB stick);\nput the public key in [encryption] recipients. Without the identity the backups cannot be restored.",
-            output.display()
+            "Wrote the identity to {} (mode 0600). Keep it off the backed-up machine (a password manager, paper, a USB stick);\n\
+             put the public key in [encryption] recipients. Without the identity the backups cannot be restored.\n\
+             Wrote the signing key to {} (mode 0600): copy it to the backup machine and set [encryption] signing_key_file.\n\
+             It signs every snapshot, so that a restore with the identity replays only what that machine wrote.",
+            output.display(),
+            signing_path.display()
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn signing_key(
+    identity: Option<&std::path::Path>,
+    new: bool,
+    output: &std::path::Path,
+    json: bool,
+) -> Result<i32> {
+    // Every identity of the file gets its key (an age-keygen file may hold several).
+    let keys = match identity {
+        Some(path) if !new => Identities::signing_keys_of(path)?,
+        _ => vec![sign::SigningKey::from_seed(rand::random::<[u8; 32]>())],
+    };
+    let text: String = keys
+        .iter()
+        .map(|k| k.file_text(None).expose_secret().to_string())
+        .collect();
+    sign::write_secret_file(output, &SecretString::from(text), "signing key")?;
+    let verify: Vec<String> = keys.iter().map(|k| k.verify_key().to_string()).collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"signing_key_file": output, "verify_keys": verify})
+        );
+    } else {
+        for v in &verify {
+            println!("Verify key: {v}");
+        }
+        eprintln!(
+            "Wrote the signing key to {} (mode 0600): put it on the backup machine and set [encryption] signing_key_file.{}",
+            output.display(),
+            if identity.is_some() && !new {
+                " A restore with the identity trusts what it signs."
+            } else {
+                " Give restore the verify key above ([encryption] verify_keys or --verify-key): it is not tied to an identity."
+            }
         );
     }
     Ok(exit::OK)
@@ -359,6 +478,9 @@ fn print_backup(r: &BackupReport, json: bool) {
         r.row_counts.values().sum::<u64>()
     );
     println!("  duration: {:.1}s", r.duration_secs);
+    if !r.signed {
+        println!("  WARNING: this snapshot is NOT signed (no [encryption] signing_key_file): restoring it will need --allow-unsigned");
+    }
     if !r.skipped.is_empty() {
         println!(
             "  WARNING: {} file(s) could not be read and are NOT in this snapshot:",
@@ -408,27 +530,46 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
-async fn run_restore(
-    cfg: &Config,
+/// What the restore command line chose.
+struct RestoreChoices {
     snapshot: String,
     identity: Option<PathBuf>,
     target: Option<PathBuf>,
     dry_run: bool,
+    allow_unsigned: bool,
+    verify_keys: Vec<String>,
+    keep_special_modes: bool,
+}
+
+async fn run_restore(
+    cfg: &Config,
+    choices: RestoreChoices,
     server: restore::ServerPolicy,
     progress: Progress,
 ) -> Result<RestoreReport> {
-    let identity = identity
+    let identity = choices.identity
         .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
         .ok_or_else(|| Error::Usage("restore needs the identity: pass --identity FILE or set [encryption] identity_file".into()))?;
+    let mut extra = cfg.encryption.verify_keys()?;
+    for k in &choices.verify_keys {
+        extra.push(
+            k.parse()
+                .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
+        );
+    }
     let identities = Arc::new(Identities::load(&identity)?);
     let store = Store::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let opts = RestoreOptions {
-        snapshot,
-        dry_run,
-        target: target.unwrap_or_else(|| cfg.immich.upload_location.clone()),
+        snapshot: choices.snapshot,
+        dry_run: choices.dry_run,
+        target: choices
+            .target
+            .unwrap_or_else(|| cfg.immich.upload_location.clone()),
         concurrency: cfg.storage.concurrency,
         progress,
+        trust: Trust::new(&identities, extra, choices.allow_unsigned),
+        keep_special_modes: choices.keep_special_modes,
     };
     restore::run_with(database.as_ref(), &store, identities, opts, server).await
 }
@@ -443,8 +584,14 @@ fn print_restore(r: &RestoreReport, json: bool) {
     }
     if r.dry_run {
         println!(
-            "dry run: snapshot {} (taken {} on {}) can be restored:",
-            r.snapshot, r.snapshot_time, r.source_host
+            "dry run: snapshot {} (taken {} on {}, {}) can be restored:",
+            r.snapshot,
+            r.snapshot_time,
+            r.source_host,
+            match &r.signed_by {
+                Some(k) => format!("signed by {k}"),
+                None => "NOT SIGNED".into(),
+            }
         );
         println!(
             "  database {} onto PostgreSQL {}: no tables yet, extensions available, dump verified",
@@ -463,8 +610,14 @@ fn print_restore(r: &RestoreReport, json: bool) {
         return;
     }
     println!(
-        "restored snapshot {} (taken {} on {})",
-        r.snapshot, r.snapshot_time, r.source_host
+        "restored snapshot {} (taken {} on {}), {}",
+        r.snapshot,
+        r.snapshot_time,
+        r.source_host,
+        match &r.signed_by {
+            Some(k) => format!("signed by {k}"),
+            None => "NOT SIGNED (--allow-unsigned)".into(),
+        }
     );
     println!(
         "  database {} replayed into PostgreSQL {}",

@@ -255,7 +255,7 @@ impl std::fmt::Debug for StorageConfig {
 }
 
 /// `[encryption]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct EncryptionConfig {
     /// age (`age1…`) or SSH (`ssh-ed25519 …`, `ssh-rsa …`) public keys.
@@ -264,6 +264,41 @@ pub struct EncryptionConfig {
     pub recipients_file: String,
     /// Only restore needs it: an age identity file (plain or passphrase-protected) or SSH private key.
     pub identity_file: String,
+    /// The backup machine's signing key file (`keygen` or `signing-key` writes it): snapshots are
+    /// signed with it, so a restore replays only what this machine wrote.
+    pub signing_key_file: String,
+    /// The signing key itself (`IMMICH-BACKUP-SIGNING-KEY-1…`), e.g. from
+    /// `IMMICH_BACKUP__ENCRYPTION__SIGNING_KEY`; never shown.
+    pub signing_key: String,
+    /// Restore: verification keys (`immich-verify1…`) trusted besides the one derived from the
+    /// identity (a signing key made with `signing-key --new`, another family member's identity).
+    pub verify_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for EncryptionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncryptionConfig")
+            .field("recipients", &self.recipients)
+            .field("recipients_file", &self.recipients_file)
+            .field("identity_file", &self.identity_file)
+            .field("signing_key_file", &self.signing_key_file)
+            .field("signing_key", &redacted(&self.signing_key))
+            .field("verify_keys", &self.verify_keys)
+            .finish()
+    }
+}
+
+impl EncryptionConfig {
+    /// The configured verification keys, parsed.
+    pub fn verify_keys(&self) -> Result<Vec<crate::sign::VerifyKey>> {
+        self.verify_keys
+            .iter()
+            .map(|k| {
+                k.parse()
+                    .map_err(|e| Error::Config(format!("[encryption] verify_keys: {e}")))
+            })
+            .collect()
+    }
 }
 
 /// What to do with a file that cannot be read during backup.
@@ -307,7 +342,11 @@ fn redacted(secret: &str) -> &'static str {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 2] = ["immich.folders", "encryption.recipients"];
+const LIST_KEYS: [&str; 3] = [
+    "immich.folders",
+    "encryption.recipients",
+    "encryption.verify_keys",
+];
 
 impl Config {
     /// Load `file` (if given) and apply environment overrides; then validate.

@@ -6,17 +6,17 @@
 //! known photo is stored; the backup machine can compute addresses without any secret; restore reads the
 //! key from the (encrypted) snapshot manifest. See docs/FORMAT.md.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
 
-use age::secrecy::{ExposeSecret, SecretString};
+use age::secrecy::{ExposeSecret, SecretBox, SecretString};
 use age::Identity;
 
 use crate::error::{Error, IoContext, Result};
 use crate::seal::{Sealer, Wrapper};
+use crate::sign::{SigningKey, VerifyKey};
 use crate::unseal::{self, Opened, X25519Identity};
 
 /// Context string for deriving the content-address key (BLAKE3 `derive_key`).
@@ -115,9 +115,11 @@ fn parse_recipient(line: &str) -> std::result::Result<(Wrapper, String), String>
     Err("unrecognised recipient".into())
 }
 
-/// The secret half: what restore decrypts with.
+/// The secret half: what restore decrypts with, and the verification keys it derives
+/// ([`crate::sign`]): a snapshot counts only if one of them signed it.
 pub struct Identities {
     identities: Vec<Box<dyn Identity + Send + Sync>>,
+    verify_keys: Vec<VerifyKey>,
     origin: String,
 }
 
@@ -127,64 +129,61 @@ impl std::fmt::Debug for Identities {
     }
 }
 
+/// An identity's secret, from which its signing key is derived ([`SigningKey::derive`]).
+/// (Only age X25519 identities: the age crate does not give SSH keys' secrets away.)
+struct Secret {
+    kind: &'static str,
+    material: SecretBox<Vec<u8>>,
+}
+
 impl Identities {
-    /// Load an identity file: `age-keygen` output, an `age -p` passphrase-protected identity file
-    /// (the passphrase comes from `IMMICH_BACKUP_PASSPHRASE` or a terminal prompt), or an SSH private key.
+    /// Load an identity file: `age-keygen` output, an `age -p` passphrase-protected identity file,
+    /// or an SSH private key (passphrase-protected or not). A passphrase comes from
+    /// `IMMICH_BACKUP_PASSPHRASE` or a terminal prompt, asked once, here.
     pub fn load(path: &Path) -> Result<Identities> {
         let origin = path.display().to_string();
         let mut data = Vec::new();
         File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| {
             Error::Config(format!("identity file {origin}: {e}; pass --identity FILE or set [encryption] identity_file"))
         })?;
-        let bad = |e: &dyn std::fmt::Display| Error::Config(format!("identity file {origin}: {e}"));
-        let identities: Vec<Box<dyn Identity + Send + Sync>> = if is_age_file(&data) {
-            let id = age::encrypted::Identity::from_buffer(
-                BufReader::new(io::Cursor::new(data)),
-                Some(origin.clone()),
-                PassphrasePrompt,
-                None,
-            )
-            .map_err(|e| bad(&e))?
-            .ok_or_else(|| bad(&"an age file, but not a passphrase-protected identity"))?;
-            vec![Box::new(SyncIdentity(std::sync::Mutex::new(Box::new(id))))]
-        } else if data.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY-----")
-            || data.starts_with(b"-----BEGIN RSA PRIVATE KEY-----")
-        {
-            let id = age::ssh::Identity::from_buffer(
-                BufReader::new(io::Cursor::new(data)),
-                Some(origin.clone()),
-            )
-            .map_err(|e| bad(&e))?;
-            if let age::ssh::Identity::Unsupported(k) = &id {
-                return Err(bad(&format!("unsupported SSH key type {k:?}")));
-            }
-            vec![Box::new(SyncIdentity(std::sync::Mutex::new(Box::new(
-                id.with_callbacks(PassphrasePrompt),
-            ))))]
-        } else {
-            // X25519 keys are unwrapped with AWS-LC first (unseal.rs); the age crate's identities
-            // (which also check the whole file) come after.
-            let fast = std::str::from_utf8(&data)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(X25519Identity::parse)
-                .map(|i| Box::new(i) as Box<dyn Identity + Send + Sync>)
-                .collect::<Vec<_>>();
-            let parsed = age::IdentityFile::from_buffer(BufReader::new(io::Cursor::new(data)))
-                .map_err(|e| bad(&e))?
-                .into_identities()
-                .map_err(|e| bad(&e))?
-                .into_iter()
-                .map(|i| {
-                    Box::new(SyncIdentity(std::sync::Mutex::new(i)))
-                        as Box<dyn Identity + Send + Sync>
-                });
-            fast.into_iter().chain(parsed).collect()
-        };
+        crate::sign::warn_if_readable_by_others(path, "identity");
+        let (identities, secrets) = parse_identities(data, &origin)?;
         if identities.is_empty() {
-            return Err(bad(&"no identity found in the file"));
+            return Err(Error::Config(format!(
+                "identity file {origin}: no identity found in the file"
+            )));
         }
-        Ok(Identities { identities, origin })
+        let verify_keys = secrets
+            .iter()
+            .map(|s| SigningKey::derive(s.kind, s.material.expose_secret()).verify_key())
+            .collect();
+        Ok(Identities {
+            identities,
+            verify_keys,
+            origin,
+        })
+    }
+
+    /// The verification keys of the signing keys derived from these identities.
+    pub fn verify_keys(&self) -> &[VerifyKey] {
+        &self.verify_keys
+    }
+
+    /// The signing keys derived from these identities (for `keygen` and `signing-key`).
+    pub fn signing_keys_of(path: &Path) -> Result<Vec<SigningKey>> {
+        let origin = path.display().to_string();
+        let data = std::fs::read(path)
+            .map_err(|e| Error::Config(format!("identity file {origin}: {e}")))?;
+        let (_, secrets) = parse_identities(data, &origin)?;
+        if secrets.is_empty() {
+            return Err(Error::Config(format!(
+                "identity file {origin}: no age X25519 identity to make a signing key from (for an SSH key, make a new signing key with `immich-backup signing-key --new` and trust its verify key in [encryption] verify_keys)"
+            )));
+        }
+        Ok(secrets
+            .iter()
+            .map(|s| SigningKey::derive(s.kind, s.material.expose_secret()))
+            .collect())
     }
 
     /// Decrypt the age file `input` (unseal.rs); `object` names it in errors.
@@ -195,6 +194,141 @@ impl Identities {
         )
         .map_err(|e| decrypt_error(object, e))
     }
+
+    /// Decrypt `input` and, when `header_mac` is given (the manifest pins it), check that the
+    /// object is the very one the backup wrote: its age header, and so its file key, are the same.
+    pub fn decrypt_pinned<R: Read>(
+        &self,
+        input: R,
+        object: &str,
+        header_mac: Option<&str>,
+    ) -> Result<Opened<BufReader<R>>> {
+        let opened = self.decrypt(input, object)?;
+        if let Some(want) = header_mac {
+            if hex::encode(opened.header_mac()) != want {
+                return Err(Error::Corrupt {
+                    object: object.to_string(),
+                    message:
+                        "it was replaced: its age header is not the one the signed manifest names"
+                            .into(),
+                });
+            }
+        }
+        Ok(opened)
+    }
+}
+
+type Parsed = (Vec<Box<dyn Identity + Send + Sync>>, Vec<Secret>);
+
+/// The identities in an identity file's bytes, and the secrets their signing keys come from.
+fn parse_identities(data: Vec<u8>, origin: &str) -> Result<Parsed> {
+    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("identity file {origin}: {e}"));
+    if is_age_file(&data) {
+        let plain = decrypt_passphrase_file(data, origin)?;
+        return parse_identities(plain, origin);
+    }
+    if data.starts_with(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        || data.starts_with(b"-----BEGIN RSA PRIVATE KEY-----")
+    {
+        let id = age::ssh::Identity::from_buffer(
+            BufReader::new(io::Cursor::new(data)),
+            Some(origin.to_string()),
+        )
+        .map_err(|e| bad(&e))?;
+        let key = match id {
+            age::ssh::Identity::Unencrypted(k) => k,
+            age::ssh::Identity::Encrypted(k) => {
+                let passphrase =
+                    passphrase(&format!("Passphrase of the SSH key {origin}"), origin)?;
+                k.decrypt(passphrase).map_err(|_| {
+                    Error::Config(format!(
+                        "identity file {origin}: wrong passphrase for the SSH key (check {PASSPHRASE_ENV})"
+                    ))
+                })?
+            }
+            age::ssh::Identity::Unsupported(k) => {
+                return Err(bad(&format!("unsupported SSH key type {k:?}")))
+            }
+        };
+        // SSH keys give no signing key of their own (the age crate keeps their secret to
+        // itself): trust a signing key made with `signing-key --new` through
+        // [encryption] verify_keys instead.
+        let id: Box<dyn Identity + Send + Sync> = Box::new(SyncIdentity(std::sync::Mutex::new(
+            Box::new(age::ssh::Identity::Unencrypted(key)),
+        )));
+        return Ok((vec![id], Vec::new()));
+    }
+    // X25519 keys are unwrapped with AWS-LC first (unseal.rs); the age crate's identities
+    // (which also check the whole file) come after.
+    let text = std::str::from_utf8(&data).unwrap_or_default();
+    let mut secrets = Vec::new();
+    let mut fast: Vec<Box<dyn Identity + Send + Sync>> = Vec::new();
+    for line in text.lines() {
+        if let Some(i) = X25519Identity::parse(line) {
+            fast.push(Box::new(i));
+        }
+        if let Some(bytes) = crate::seal::decode_bech32(line.trim(), "age-secret-key-") {
+            secrets.push(Secret {
+                kind: "age-x25519",
+                material: SecretBox::new(Box::new(bytes)),
+            });
+        }
+    }
+    let parsed = age::IdentityFile::from_buffer(BufReader::new(io::Cursor::new(data)))
+        .map_err(|e| bad(&e))?
+        .into_identities()
+        .map_err(|e| bad(&e))?
+        .into_iter()
+        .map(|i| {
+            Box::new(SyncIdentity(std::sync::Mutex::new(i))) as Box<dyn Identity + Send + Sync>
+        });
+    Ok((fast.into_iter().chain(parsed).collect(), secrets))
+}
+
+/// The plaintext of an `age -p` (scrypt) identity file, armored or not.
+fn decrypt_passphrase_file(data: Vec<u8>, origin: &str) -> Result<Vec<u8>> {
+    let bad = |e: &dyn std::fmt::Display| Error::Config(format!("identity file {origin}: {e}"));
+    let reader = age::armor::ArmoredReader::new(io::Cursor::new(data));
+    let decryptor = age::Decryptor::new(reader).map_err(|e| bad(&e))?;
+    if !decryptor.is_scrypt() {
+        return Err(bad(&"an age file, but not a passphrase-protected identity"));
+    }
+    let passphrase = passphrase(&format!("Passphrase of the identity file {origin}"), origin)?;
+    let identity = age::scrypt::Identity::new(passphrase);
+    let mut plain = Vec::new();
+    decryptor
+        .decrypt(std::iter::once(&identity as &dyn Identity))
+        .map_err(|e| match e {
+            age::DecryptError::DecryptionFailed
+            | age::DecryptError::KeyDecryptionFailed
+            | age::DecryptError::NoMatchingKeys => Error::WrongKey {
+                object: origin.to_string(),
+                message: format!("wrong passphrase (check {PASSPHRASE_ENV})"),
+            },
+            other => bad(&other),
+        })?
+        .read_to_end(&mut plain)
+        .map_err(|e| bad(&e))?;
+    Ok(plain)
+}
+
+/// A passphrase: from `IMMICH_BACKUP_PASSPHRASE`, else asked on the terminal.
+fn passphrase(prompt: &str, origin: &str) -> Result<SecretString> {
+    if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+        return Ok(SecretString::from(p));
+    }
+    if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(Error::Config(format!(
+            "identity file {origin} needs a passphrase: set {PASSPHRASE_ENV} or run on a terminal"
+        )));
+    }
+    rpassword::prompt_password(format!("{prompt}: "))
+        .map(SecretString::from)
+        .map_err(|e| {
+            Error::Config(format!(
+                "identity file {origin}: cannot read the passphrase: {e}"
+            ))
+        })
 }
 
 /// Map an age header error to the right kind: wrong key, or a damaged object.
@@ -263,34 +397,11 @@ impl Identity for SyncIdentity {
     }
 }
 
-/// Asks for the passphrase of a protected identity: from the environment, else on the terminal.
-#[derive(Clone, Copy)]
-struct PassphrasePrompt;
-
-impl age::Callbacks for PassphrasePrompt {
-    fn display_message(&self, message: &str) {
-        eprintln!("{message}");
-    }
-    fn confirm(&self, _: &str, _: &str, _: Option<&str>) -> Option<bool> {
-        None
-    }
-    fn request_public_string(&self, _: &str) -> Option<String> {
-        None
-    }
-    fn request_passphrase(&self, description: &str) -> Option<SecretString> {
-        if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
-            return Some(SecretString::from(p));
-        }
-        rpassword::prompt_password(format!("{description}: "))
-            .ok()
-            .map(SecretString::from)
-    }
-}
-
-/// A new identity as `age-keygen` writes it, and its recipient.
+/// A new identity as `age-keygen` writes it, its recipient, and the signing key derived from it.
 pub struct NewKey {
     pub file_text: SecretString,
     pub recipient: String,
+    pub signing: SigningKey,
 }
 
 /// Generate an X25519 identity in age-keygen's file format.
@@ -298,36 +409,25 @@ pub fn generate_key() -> NewKey {
     let identity = age::x25519::Identity::generate();
     let recipient = identity.to_public().to_string();
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let secret = identity.to_string();
+    let material =
+        crate::seal::decode_bech32(&secret.expose_secret().to_lowercase(), "age-secret-key-")
+            .expect("a fresh identity decodes");
+    let signing = SigningKey::derive("age-x25519", &material);
     let text = format!(
         "# created: {created}\n# public key: {recipient}\n{}\n",
-        identity.to_string().expose_secret()
+        secret.expose_secret()
     );
     NewKey {
         file_text: SecretString::from(text),
         recipient,
+        signing,
     }
 }
 
 /// Write a new identity file with mode 0600; never overwrites.
 pub fn write_identity_file(path: &Path, key: &NewKey) -> Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::Usage(format!(
-                    "{} already exists; refusing to overwrite an identity (choose another path)",
-                    path.display()
-                ))
-            } else {
-                Error::io(path, e)
-            }
-        })?;
-    f.write_all(key.file_text.expose_secret().as_bytes())
-        .at(path)?;
-    f.sync_all().at(path)
+    crate::sign::write_secret_file(path, &key.file_text, "identity")
 }
 
 /// Read an identity file's public key line (for `keygen -y`-like uses and tests).

@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::restore::{self, RestoreOptions};
 use crate::sample::{self, PgCluster};
+use crate::sign;
 use crate::store::Store;
+use crate::trust::Trust;
 
 fn sample_err(e: anyhow::Error) -> Error {
     Error::Other(format!("demo: {e:#}"))
@@ -140,13 +142,14 @@ fn config_toml(cfg: &Config, identity: &Path) -> String {
     format!(
         "# Written by `immich-backup demo`; see config.example.toml for every key.\n\
          [immich]\nupload_location = {:?}\n\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
-         [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n\n[backup]\ncache_dir = {:?}\n",
+         [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\nsigning_key_file = {:?}\n\n[backup]\ncache_dir = {:?}\n",
         cfg.immich.upload_location.display().to_string(),
         cfg.database.port,
         cfg.database.bin_dir,
         cfg.storage.url,
         cfg.encryption.recipients[0],
         identity.display().to_string(),
+        cfg.encryption.signing_key_file,
         cfg.backup.cache_dir,
     )
 }
@@ -187,21 +190,30 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     ));
 
     let identity = work.join("identity.txt");
+    let signing_key = work.join("signing.key");
     let key = crypto::generate_key();
     crypto::write_identity_file(&identity, &key)?;
+    sign::write_secret_file(
+        &signing_key,
+        &key.signing.file_text(Some(&key.recipient)),
+        "signing key",
+    )?;
     say(format!(
-        "2. keygen: identity {} (0600), recipient {}",
+        "2. keygen: identity {} (0600), recipient {}, signing key {} (verify key {})",
         identity.display(),
-        key.recipient
+        key.recipient,
+        signing_key.display(),
+        key.signing.verify_key()
     ));
 
-    let cfg = local_config(
+    let mut cfg = local_config(
         &cluster_a,
         &source,
         &store_dir,
         &key.recipient,
         &work.join("cache"),
     );
+    cfg.encryption.signing_key_file = signing_key.display().to_string();
     std::fs::write(work.join("config.toml"), config_toml(&cfg, &identity))
         .map_err(|e| Error::io(work.join("config.toml"), e))?;
     let store = Store::open(&cfg.storage)?;
@@ -237,10 +249,13 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
         target: target.clone(),
         concurrency: 8,
         progress: Progress::hidden(),
+        trust: Trust::new(&identities, Vec::new(), false),
+        keep_special_modes: false,
     };
     let restored = restore::run(database_b.as_ref(), &store, identities, opts).await?;
     say(format!(
-        "4. restore: into a fresh cluster on 127.0.0.1:{} and {}: {} files written, row counts {}",
+        "4. restore: snapshot signed by {} restored into a fresh cluster on 127.0.0.1:{} and {}: {} files written, row counts {}",
+        restored.signed_by.as_deref().unwrap_or("nobody (unsigned)"),
         cluster_b.port,
         target.display(),
         restored.files_restored,

@@ -64,6 +64,7 @@ pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
         (Ok(p), Ok(())) => {
             let size = p.gz_bytes;
             let sha256 = p.sha256.clone();
+            let header_mac = Some(hex::encode(p.header_mac));
             let writer = p.writer;
             tokio::task::spawn_blocking(move || writer.finish())
                 .await
@@ -73,6 +74,7 @@ pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
                     key: key.to_string(),
                     size,
                     sha256,
+                    header_mac,
                 },
                 row_counts: p.counter.finish(),
                 sql_bytes: p.sql_bytes,
@@ -95,6 +97,7 @@ struct Piped {
     sha256: String,
     gz_bytes: u64,
     sql_bytes: u64,
+    header_mac: [u8; 32],
 }
 
 fn stream_dump<F: Fn(u64)>(
@@ -111,6 +114,7 @@ fn stream_dump<F: Fn(u64)>(
     } = events;
     let mut snapshot_taken = Some(snapshot_taken);
     let sealed = recipients.encrypt(writer)?;
+    let header_mac = sealed.header_mac();
     let mut gz = GzEncoder::new(HashingWriter::new(sealed), Compression::new(level));
     let mut counter = RowCounter::new(database);
     let mut buf = vec![0u8; 256 * 1024];
@@ -141,6 +145,7 @@ fn stream_dump<F: Fn(u64)>(
         sha256,
         gz_bytes,
         sql_bytes,
+        header_mac,
     })
 }
 

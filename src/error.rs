@@ -62,8 +62,11 @@ pub enum Error {
     #[error("object {object} is missing from the store: {hint}")]
     Missing { object: String, hint: String },
 
-    #[error("object {object} is corrupted or tampered with: {message}; run the restore from another snapshot or re-run backup to store it again")]
+    #[error("object {object} is corrupted or tampered with: {message}; restore another snapshot, or run `immich-backup backup --repair` on the backup machine while the original file still exists")]
     Corrupt { object: String, message: String },
+
+    #[error("snapshot {snapshot} cannot be trusted: {message}. Restore another snapshot (`immich-backup snapshots`); if this store was written before immich-backup signed snapshots (0.1) and you trust it, pass --allow-unsigned; if it was signed with a key not made from this identity, pass --verify-key")]
+    Unauthentic { snapshot: String, message: String },
 
     #[error("database: {0}")]
     Database(String),
@@ -121,7 +124,9 @@ impl Error {
             Error::Storage { .. } | Error::StorageObject { .. } => exit::STORAGE,
             Error::Locked(_) => exit::LOCKED,
             Error::WrongKey { .. } => exit::WRONG_KEY,
-            Error::Missing { .. } | Error::Corrupt { .. } => exit::INTEGRITY,
+            Error::Missing { .. } | Error::Corrupt { .. } | Error::Unauthentic { .. } => {
+                exit::INTEGRITY
+            }
             Error::Database(_) => exit::DATABASE,
             Error::NotFresh { .. } => exit::NOT_FRESH,
             Error::Docker(_) => exit::DOCKER,

@@ -29,9 +29,11 @@ pub mod retention;
 pub mod sample;
 pub mod schedule;
 pub mod seal;
+pub mod sign;
 pub mod snapshot;
 pub mod store;
 pub mod storecheck;
+pub mod trust;
 pub mod unseal;
 
 pub use error::{Error, Result};

@@ -31,6 +31,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
 use crate::store::Store;
+use crate::trust::{self, Trust};
 
 /// The folders Immich expects under UPLOAD_LOCATION, each with a `.immich` marker.
 pub const IMMICH_FOLDERS: [&str; 6] = [
@@ -52,6 +53,11 @@ pub struct RestoreOptions {
     pub target: PathBuf,
     pub concurrency: usize,
     pub progress: Progress,
+    /// Which snapshots to believe (signed by a trusted key, or unsigned with `--allow-unsigned`).
+    pub trust: Trust,
+    /// Restore setuid, setgid and sticky bits as recorded (`--keep-special-modes`); by default
+    /// modes are masked to the permission bits, which is all Immich needs.
+    pub keep_special_modes: bool,
 }
 
 /// One table's rows: in the snapshot, and in the restored database.
@@ -66,6 +72,8 @@ pub struct RowCheck {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct RestoreReport {
     pub snapshot: String,
+    /// The verification key of the snapshot's trusted signature; `None`: unsigned (`--allow-unsigned`).
+    pub signed_by: Option<String>,
     pub dry_run: bool,
     pub snapshot_time: String,
     pub source_host: String,
@@ -85,7 +93,8 @@ pub struct RestoreReport {
     pub duration_secs: f64,
 }
 
-/// Read and decrypt a snapshot's manifest.
+/// Read and decrypt a snapshot's manifest, without checking its signature (tests and tools; a
+/// restore goes through [`crate::trust`]).
 pub async fn read_manifest(store: &Store, identities: &Identities, id: &str) -> Result<Manifest> {
     let key = snapshot::snapshot_key(id, snapshot::MANIFEST_OBJECT);
     let sealed = store.get_bytes(&key).await?;
@@ -179,11 +188,12 @@ async fn restore(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     snapshot::require_marker(store).await?;
-    let id = snapshot::resolve(store, &opts.snapshot).await?;
-    let manifest = read_manifest(store, &identities, &id).await?;
+    let opened = trust::resolve(store, &identities, &opts.trust, &opts.snapshot).await?;
+    let (id, manifest) = (opened.id, opened.manifest);
     let key = parse_key(&manifest)?;
     let mut report = RestoreReport {
         snapshot: id.clone(),
+        signed_by: opened.signed_by.map(|k| k.to_string()),
         dry_run: opts.dry_run,
         snapshot_time: manifest.time.to_rfc3339(),
         source_host: manifest.host.clone(),
@@ -328,7 +338,11 @@ fn for_each_entry(
     mut f: impl FnMut(Entry) -> Result<()>,
 ) -> Result<()> {
     let key = &manifest.files.key;
-    let hashing = HashingReader::new(identities.decrypt(reader, key)?);
+    let hashing = HashingReader::new(identities.decrypt_pinned(
+        reader,
+        key,
+        manifest.files.header_mac.as_deref(),
+    )?);
     let mut gz = BufReader::new(GzDecoder::new(hashing));
     let mut line = String::new();
     loop {
@@ -543,7 +557,11 @@ async fn verify_dump(
     let identities = identities.clone();
     let want = manifest.dump.clone();
     tokio::task::spawn_blocking(move || {
-        let mut plain = HashingReader::new(identities.decrypt(reader, &want.key)?);
+        let mut plain = HashingReader::new(identities.decrypt_pinned(
+            reader,
+            &want.key,
+            want.header_mac.as_deref(),
+        )?);
         io::copy(&mut plain, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
         let (len, sha) = (plain.len, plain.finish());
         if len != want.size || sha != want.sha256 {
@@ -585,9 +603,10 @@ async fn replay_dump(
     let ReplayRun { stdin, done } = db.replay().await?;
     let identities = identities.clone();
     let key = manifest.dump.key.clone();
+    let pin = manifest.dump.header_mac.clone();
     let p = progress.clone();
     let feed = tokio::task::spawn_blocking(move || -> Result<()> {
-        let plain = identities.decrypt(reader, &key)?;
+        let plain = identities.decrypt_pinned(reader, &key, pin.as_deref())?;
         let mut sql = BufReader::with_capacity(
             256 * 1024,
             GzDecoder::new(CountingReader {
@@ -687,7 +706,7 @@ async fn restore_files(
     });
     let target = opts.target.clone();
     std::fs::create_dir_all(&target).at(&target)?;
-    let sink = Arc::new(FileSink::new(&target));
+    let sink = Arc::new(FileSink::new(&target, opts.keep_special_modes));
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
     let mut links: Vec<(PathBuf, Entry)> = Vec::new();
     let made = Arc::new(std::sync::Mutex::new(HashSet::<PathBuf>::new()));
@@ -762,7 +781,8 @@ async fn restore_files(
     dirs.sort_by_key(|d| std::cmp::Reverse(d.0.components().count()));
     for (dest, e) in &dirs {
         std::fs::create_dir_all(dest).at(dest)?;
-        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(e.mode)).at(dest)?;
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(sink.mode(e.mode)))
+            .at(dest)?;
         set_mtime(dest, e.mtime_ns)?;
     }
     sync_target(&opts.target)?;
@@ -814,7 +834,11 @@ fn ensure_parent(
 /// Where restored files are written: past the page cache where the file system allows, as
 /// unnamed files (`O_TMPFILE`) given their name only once verified, or where the file system cannot
 /// make those, under a hidden partial name renamed into place (directio.rs).
-pub struct FileSink(NewFiles);
+pub struct FileSink {
+    files: NewFiles,
+    /// Keep setuid, setgid and sticky bits ([`RestoreOptions::keep_special_modes`]).
+    keep_special_modes: bool,
+}
 
 /// A file being restored: unnamed, or at its partial name.
 enum Partial {
@@ -824,21 +848,29 @@ enum Partial {
 
 impl FileSink {
     /// A sink for files under `target`.
-    pub fn new(target: &Path) -> FileSink {
-        FileSink(NewFiles::new(directio::suits(target)))
+    pub fn new(target: &Path, keep_special_modes: bool) -> FileSink {
+        FileSink {
+            files: NewFiles::new(directio::suits(target)),
+            keep_special_modes,
+        }
+    }
+
+    /// The mode to give a restored file or folder recorded with `mode`.
+    fn mode(&self, mode: u32) -> u32 {
+        restored_mode(mode, self.keep_special_modes)
     }
 
     /// A new file that will become `dest`, for `len` bytes.
     fn create(&self, dest: &Path, len: u64) -> Result<(DirectWriter, Partial)> {
         let folder = dest.parent().expect("entries have a parent");
-        if let Some(w) = self.0.unnamed(folder, 0o600, len).at(dest)? {
+        if let Some(w) = self.files.unnamed(folder, 0o600, len).at(dest)? {
             return Ok((w, Partial::Unnamed));
         }
         let name = dest.file_name().expect("a file name").to_string_lossy();
         let tmp = dest.with_file_name(format!(".{name}.immich-backup-partial"));
         let mut options = OpenOptions::new();
         options.write(true).create(true).truncate(true).mode(0o600);
-        let w = self.0.open(&tmp, &options, len).at(&tmp)?;
+        let w = self.files.open(&tmp, &options, len).at(&tmp)?;
         Ok((w, Partial::Named(tmp)))
     }
 
@@ -897,7 +929,7 @@ fn restore_file(
             });
         }
         // Mode and time through the open file; durability comes from one sync at the end.
-        out.set_permissions(std::fs::Permissions::from_mode(entry.mode))
+        out.set_permissions(std::fs::Permissions::from_mode(sink.mode(entry.mode)))
             .at(dest)?;
         out.set_modified(mtime(entry.mtime_ns)).at(dest)?;
         crate::localstore::start_writeback(&out);
@@ -907,6 +939,16 @@ fn restore_file(
         let _ = std::fs::remove_file(tmp);
     }
     result
+}
+
+/// The permission bits a restored entry gets: without `keep_special`, no setuid, setgid or sticky
+/// bit (Immich needs none, and a forged or damaged list must not make a setuid file).
+pub fn restored_mode(mode: u32, keep_special: bool) -> u32 {
+    if keep_special {
+        mode & 0o7777
+    } else {
+        mode & 0o777
+    }
 }
 
 fn mtime(mtime_ns: i64) -> std::time::SystemTime {

@@ -177,8 +177,11 @@ fn random<const N: usize>() -> io::Result<[u8; N]> {
     Ok(out)
 }
 
-/// The header for `file_key` and `recipients`, with its MAC.
-fn header(file_key: &[u8; FILE_KEY_BYTES], recipients: &[Wrapper]) -> io::Result<Vec<u8>> {
+/// The header for `file_key` and `recipients`, with its MAC; and the MAC.
+fn header(
+    file_key: &[u8; FILE_KEY_BYTES],
+    recipients: &[Wrapper],
+) -> io::Result<(Vec<u8>, [u8; 32])> {
     let mut out = b"age-encryption.org/v1\n".to_vec();
     for r in recipients {
         for stanza in r.wrap(file_key)? {
@@ -190,7 +193,8 @@ fn header(file_key: &[u8; FILE_KEY_BYTES], recipients: &[Wrapper]) -> io::Result
     out.push(b' ');
     out.extend_from_slice(BASE64_STANDARD_NO_PAD.encode(mac.as_ref()).as_bytes());
     out.push(b'\n');
-    Ok(out)
+    let mac: [u8; 32] = mac.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes");
+    Ok((out, mac))
 }
 
 /// `-> tag args…`, then the body in base64 wrapped at 64 columns, its last line always shorter.
@@ -233,13 +237,16 @@ pub struct Sealer<W: Write> {
     counter: u64,
     /// The chunk being filled, with room for its tag.
     chunk: Vec<u8>,
+    /// The header's MAC, which pins the file key (a manifest records it).
+    header_mac: [u8; 32],
 }
 
 impl<W: Write> Sealer<W> {
     /// Write the header and the payload nonce to `out`, ready for the plaintext.
     pub fn new(mut out: W, recipients: &[Wrapper]) -> io::Result<Sealer<W>> {
         let file_key: [u8; FILE_KEY_BYTES] = random()?;
-        out.write_all(&header(&file_key, recipients)?)?;
+        let (header, header_mac) = header(&file_key, recipients)?;
+        out.write_all(&header)?;
         let nonce: [u8; NONCE_BYTES] = random()?;
         out.write_all(&nonce)?;
         let key = payload_key(&file_key, &nonce)?;
@@ -248,7 +255,14 @@ impl<W: Write> Sealer<W> {
             key,
             counter: 0,
             chunk: Vec::with_capacity(CHUNK + TAG),
+            header_mac,
         })
+    }
+
+    /// The MAC of the header written: it names this object's file key (see
+    /// `Identities::decrypt_pinned`).
+    pub fn header_mac(&self) -> [u8; 32] {
+        self.header_mac
     }
 
     /// Seal the chunk in hand and write it out.

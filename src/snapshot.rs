@@ -15,8 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
-/// Version of the storage format described in docs/FORMAT.md.
+/// Version of the storage format described in docs/FORMAT.md (the repository marker's `format`).
 pub const FORMAT_VERSION: u32 = 1;
+/// Version of the manifests this program writes: 2 adds the age header MACs of the dump and the
+/// file list and comes with a signature (`signature.json`); 1 is the unsigned format of 0.1.
+pub const MANIFEST_FORMAT: u32 = 2;
 /// The plaintext repository marker at the top of the store.
 pub const REPO_MARKER: &str = "immich-backup.json";
 /// Prefix of content objects.
@@ -29,6 +32,8 @@ pub const FILES_OBJECT: &str = "files.jsonl.gz.age";
 pub const REFS_OBJECT: &str = "refs.txt.gz";
 pub const SUMMARY_OBJECT: &str = "summary.json";
 pub const MANIFEST_OBJECT: &str = "manifest.json.age";
+/// The signed statement (`sign.rs`), written just before the manifest.
+pub const SIGNATURE_OBJECT: &str = "signature.json";
 
 /// `immich-backup.json`: marks a store as ours; plaintext, holds no secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +158,10 @@ pub struct ObjectRef {
     pub size: u64,
     /// SHA-256 of the plaintext (what `age -d` outputs), hex.
     pub sha256: String,
+    /// The MAC on the object's age header, hex: it pins the object's file key, so a restore that
+    /// streams the object can tell at its first byte that it is the one the backup wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_mac: Option<String>,
 }
 
 /// Totals over the file list.

@@ -49,6 +49,7 @@ pub fn open<'a, R: Read>(
     Ok(Opened {
         input,
         key,
+        header_mac: mac,
         counter: 0,
         chunk: vec![0u8; CHUNK + TAG + 1],
         start: 0,
@@ -192,6 +193,8 @@ impl Identity for X25519Identity {
 pub struct Opened<R: Read> {
     input: R,
     key: LessSafeKey,
+    /// The header's MAC (authenticated under the file key, so it names the file key).
+    header_mac: [u8; 32],
     counter: u64,
     /// One sealed chunk, and one byte more to tell whether another follows.
     chunk: Vec<u8>,
@@ -204,6 +207,11 @@ pub struct Opened<R: Read> {
 }
 
 impl<R: Read> Opened<R> {
+    /// The MAC of the header: equal for two objects only if they have the same file key.
+    pub fn header_mac(&self) -> [u8; 32] {
+        self.header_mac
+    }
+
     /// Read, authenticate and decrypt the next chunk into `chunk[..end]`.
     fn next_chunk(&mut self) -> io::Result<()> {
         let mut filled = usize::from(self.carried);

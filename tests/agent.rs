@@ -29,6 +29,7 @@ use immich_backup::sample::{self, PgCluster, SampleLibrary};
 use immich_backup::schedule::{ManualClock, Planner, Schedule};
 use immich_backup::snapshot::{self, ContentId};
 use immich_backup::store::Store;
+use immich_backup::trust::Trust;
 use immich_backup::{db, lock};
 
 const BIN: &str = env!("CARGO_BIN_EXE_immich-backup");
@@ -73,6 +74,10 @@ impl Env {
             &key.recipient,
             &work.path().join("cache"),
         );
+        cfg.encryption.signing_key = {
+            use age::secrecy::ExposeSecret;
+            key.signing.to_text().expose_secret().to_string()
+        };
         cfg.lock.wait_secs = 120;
         cfg.lock.stale_secs = 60;
         let store = Store::open(&cfg.storage).unwrap();
@@ -93,12 +98,13 @@ impl Env {
         let c = &self.cfg;
         let text = format!(
             "[immich]\nupload_location = {:?}\n\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
-             [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\n\n[backup]\ncache_dir = {:?}\n\n{extra}\n",
+             [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\nsigning_key = {:?}\n\n[backup]\ncache_dir = {:?}\n\n{extra}\n",
             c.immich.upload_location.display().to_string(),
             c.database.port,
             c.database.bin_dir,
             c.storage.url,
             c.encryption.recipients[0],
+            c.encryption.signing_key,
             c.backup.cache_dir,
         );
         assert!(
@@ -162,6 +168,7 @@ async fn restore_and_compare(env: &Env, saved: &Saved) {
     cfg.encryption.identity_file = env.identity.display().to_string();
     let database = db::connect(&cfg.database).unwrap();
     let identities = Arc::new(Identities::load(&env.identity).unwrap());
+    let trust = Trust::new(&identities, Vec::new(), false);
     let report = restore::run(
         database.as_ref(),
         &env.store,
@@ -172,6 +179,8 @@ async fn restore_and_compare(env: &Env, saved: &Saved) {
             target: target.clone(),
             concurrency: 4,
             progress: Progress::hidden(),
+            trust,
+            keep_special_modes: false,
         },
     )
     .await

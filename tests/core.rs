@@ -696,9 +696,40 @@ fn keygen_age_keygen_and_passphrase_protected_identities() {
     let protected_file = work.path().join("protected.age");
     fs::write(&protected_file, &sealed).unwrap();
 
+    // The backup machine signs with the keys made from each identity (`signing-key`, on the
+    // machine that keeps it), so that a restore with any of them trusts the snapshot.
+    let mut signing = Vec::new();
+    for (i, identity) in [&key_file, &keys_file, &protected_file].iter().enumerate() {
+        let out = work.path().join(format!("signing-{i}.key"));
+        let args = [
+            "signing-key",
+            "--identity",
+            path_arg(identity),
+            "-o",
+            path_arg(&out),
+        ];
+        cli(
+            None,
+            &args,
+            &[("IMMICH_BACKUP_PASSPHRASE", "correct horse battery staple")],
+        )
+        .expect_code(exit::OK);
+        assert_eq!(
+            fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        for line in fs::read_to_string(&out).unwrap().lines() {
+            if line.starts_with("IMMICH-BACKUP-SIGNING-KEY-1") {
+                signing.push(line.to_string());
+            }
+        }
+    }
+    assert_eq!(signing.len(), 4, "keys.txt holds two identities");
+
     // A backup to the three public keys (not to the source's own identity).
     let src = Source::new(ASSETS);
     let mut toml = src.toml();
+    toml.signing_key = Some(signing.join(","));
     toml.recipients = vec![
         keygen_recipient,
         keygen_style.to_public().to_string(),
@@ -798,6 +829,7 @@ impl Small {
             upload_location: upload.clone(),
             store,
             cache: work.path().join("cache"),
+            signing_key: Some(signing_text(&key)),
             recipients: vec![key.recipient],
             identity: Some(identity.clone()),
             backup_extra: String::new(),

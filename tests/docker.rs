@@ -317,6 +317,7 @@ fn postgres_ids() -> (u32, u32) {
 struct Setup {
     dir: tempfile::TempDir,
     recipient: String,
+    signing_key: String,
 }
 
 impl Setup {
@@ -332,6 +333,10 @@ impl Setup {
         Setup {
             dir,
             recipient: key.recipient,
+            signing_key: {
+                use age::secrecy::ExposeSecret;
+                key.signing.to_text().expose_secret().to_string()
+            },
         }
     }
 
@@ -357,12 +362,13 @@ impl Setup {
         };
         let text = format!(
             "[immich]\nupload_location = {:?}\n\n[database]\ncontainer = {container:?}\n{server}{extra}\n\n\
-             [storage]\nurl = \"file://{}\"\n\n[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n\n\
+             [storage]\nurl = \"file://{}\"\n\n[encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\nsigning_key = {:?}\n\n\
              [backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             self.path().join("store").display(),
             self.recipient,
             self.identity().display().to_string(),
+            self.signing_key,
             self.path().join("cache").display().to_string(),
         );
         let path = self.path().join(format!("{name}.toml"));

@@ -67,6 +67,8 @@ pub struct Source {
     pub cache: PathBuf,
     pub identity: PathBuf,
     pub recipient: String,
+    /// The backup machine's signing key (made from the identity), as config text.
+    pub signing_key: String,
     pub lib: SampleLibrary,
     pub work: TempDir,
 }
@@ -91,6 +93,7 @@ impl Source {
             store,
             cache,
             identity,
+            signing_key: signing_text(&key),
             recipient: key.recipient,
             lib,
             work,
@@ -99,13 +102,15 @@ impl Source {
 
     /// The library config of this install (as the demo builds it).
     pub fn config(&self) -> Config {
-        demo::local_config(
+        let mut cfg = demo::local_config(
             &self.cluster,
             &self.upload,
             &self.store,
             &self.recipient,
             &self.cache,
-        )
+        );
+        cfg.encryption.signing_key = self.signing_key.clone();
+        cfg
     }
 
     /// The config file contents for the binary, pointing at this install.
@@ -118,6 +123,7 @@ impl Source {
             cache: self.cache.clone(),
             recipients: vec![self.recipient.clone()],
             identity: Some(self.identity.clone()),
+            signing_key: Some(self.signing_key.clone()),
             backup_extra: String::new(),
             extra: String::new(),
         }
@@ -154,6 +160,12 @@ impl Source {
     }
 }
 
+/// The signing key of a new key, as `[encryption] signing_key` takes it.
+pub fn signing_text(key: &crypto::NewKey) -> String {
+    use age::secrecy::ExposeSecret;
+    key.signing.to_text().expose_secret().to_string()
+}
+
 /// Run one backup of `cfg` through the library API.
 pub fn backup_with(cfg: &Config) -> BackupReport {
     rt().block_on(async {
@@ -181,6 +193,8 @@ pub struct ConfigToml {
     pub cache: PathBuf,
     pub recipients: Vec<String>,
     pub identity: Option<PathBuf>,
+    /// The backup machine's signing key (`[encryption] signing_key`), if any.
+    pub signing_key: Option<String>,
     /// Lines added to the `[backup]` table.
     pub backup_extra: String,
     /// Appended verbatim after every table.
@@ -200,12 +214,17 @@ impl ConfigToml {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         let cache = self.cache.display().to_string();
+        let signing = self
+            .signing_key
+            .as_ref()
+            .map(|k| format!("signing_key = {k:?}\n"))
+            .unwrap_or_default();
         format!(
             "[immich]\nupload_location = {upload:?}\n\n\
              [database]\nmode = \"local\"\nusername = \"postgres\"\ndatabase = \"{DB}\"\n\
              host = \"127.0.0.1\"\nport = {}\nbin_dir = {bin_dir:?}\n\n\
              [storage]\nurl = {url:?}\n\n\
-             [encryption]\nrecipients = [{}]\nidentity_file = {identity:?}\n\n\
+             [encryption]\nrecipients = [{}]\nidentity_file = {identity:?}\n{signing}\n\
              [backup]\ncache_dir = {cache:?}\n{}\n{}\n",
             self.port,
             recipients.join(", "),

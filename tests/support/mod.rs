@@ -20,6 +20,7 @@ use immich_backup::progress::Progress;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::sample::{self, PgCluster};
 use immich_backup::store::{Store, PART_SIZE};
+use immich_backup::trust::Trust;
 
 /// Size of the large original: more than two multipart parts.
 pub const BIG_FILE_SIZE: usize = 2 * PART_SIZE + PART_SIZE / 2 + 12_345;
@@ -62,6 +63,8 @@ pub struct Source {
     pub upload: PathBuf,
     pub identity: PathBuf,
     pub recipient: String,
+    /// The backup machine's signing key, as config text.
+    pub signing_key: String,
     pub originals: usize,
 }
 
@@ -86,6 +89,10 @@ impl Source {
             upload,
             identity,
             recipient: key.recipient.clone(),
+            signing_key: {
+                use age::secrecy::ExposeSecret;
+                key.signing.to_text().expose_secret().to_string()
+            },
             originals: lib.original_files + 1,
             work,
         }
@@ -101,6 +108,7 @@ impl Source {
             &self.work.path().join("cache"),
         );
         cfg.storage = storage;
+        cfg.encryption.signing_key = self.signing_key.clone();
         cfg
     }
 
@@ -112,7 +120,7 @@ impl Source {
             "[immich]\nupload_location = {:?}\n\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
              [storage]\nurl = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = {}\naccess_key_id = {:?}\n\
              account_name = {:?}\nservice_account = {:?}\nconcurrency = {}\nretry_timeout_secs = {}\nmax_retries = {}\n\n\
-             [encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\n\n[backup]\ncache_dir = {:?}\n",
+             [encryption]\nrecipients = [{:?}]\nidentity_file = {:?}\nsigning_key = {:?}\n\n[backup]\ncache_dir = {:?}\n",
             cfg.immich.upload_location.display().to_string(),
             cfg.database.port,
             cfg.database.bin_dir,
@@ -128,6 +136,7 @@ impl Source {
             s.max_retries,
             self.recipient,
             self.identity.display().to_string(),
+            self.signing_key,
             cfg.backup.cache_dir,
         );
         let path = self.work.path().join(name);
@@ -178,6 +187,8 @@ pub fn restore_and_verify(
                 target: target.clone(),
                 concurrency: 4,
                 progress: Progress::hidden(),
+                trust: Trust::new(&identities, Vec::new(), false),
+                keep_special_modes: false,
             };
             restore::run(database.as_ref(), &store, identities, opts).await
         })

@@ -1,0 +1,240 @@
+//! Which snapshots a restore believes: only those this repository's backup machine signed.
+//!
+//! A snapshot is *authentic* when its `signature.json` carries a valid signature by a trusted
+//! verification key (derived from the identity, or configured), over a statement that names this
+//! very snapshot folder and the SHA-256 of the manifest and summary objects as they are stored; and
+//! when the manifest, decrypted, names the same id and time. Everything else the restore reads is
+//! bound to the manifest: the dump and the file list by their SHA-256 and age header MAC, the files
+//! by their keyed content addresses. Copying an old snapshot under a newer id, editing any object,
+//! or writing a whole new snapshot with the public recipients all fail here.
+//!
+//! Stores written before snapshots were signed (manifest format 1) have no signatures: they are
+//! restored only with `--allow-unsigned`, loudly, since anyone with write access to the store could
+//! have written them. `latest` means the newest snapshot that is authentic: newer ones that are not
+//! are named and skipped.
+
+use std::collections::BTreeMap;
+
+use crate::crypto::{read_error, Identities};
+use crate::error::{Error, Result};
+use crate::sign::{self, SignatureFile, VerifyKey};
+use crate::snapshot::{self, Manifest};
+use crate::store::Store;
+
+/// What a restore trusts.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    /// Verification keys whose signatures count.
+    pub keys: Vec<VerifyKey>,
+    /// Accept snapshots without a signature (stores written before signing existed).
+    pub allow_unsigned: bool,
+}
+
+impl Trust {
+    /// The keys derived from `identities` plus `extra` ones.
+    pub fn new(identities: &Identities, extra: Vec<VerifyKey>, allow_unsigned: bool) -> Trust {
+        let mut keys = identities.verify_keys().to_vec();
+        for k in extra {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        Trust {
+            keys,
+            allow_unsigned,
+        }
+    }
+}
+
+/// A snapshot that passed [`open`], with its manifest.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub id: String,
+    pub manifest: Manifest,
+    /// The verification key of the signature that was trusted; `None`: unsigned, accepted with
+    /// `--allow-unsigned`.
+    pub signed_by: Option<VerifyKey>,
+}
+
+/// The manifest's key, for errors about the snapshot as a whole.
+fn manifest_key(id: &str) -> String {
+    snapshot::snapshot_key(id, snapshot::MANIFEST_OBJECT)
+}
+
+fn unauthentic(id: &str, message: String) -> Error {
+    Error::Unauthentic {
+        snapshot: id.to_string(),
+        message,
+    }
+}
+
+/// Read snapshot `id`, check that it is authentic, and decrypt its manifest.
+pub async fn open(
+    store: &Store,
+    identities: &Identities,
+    trust: &Trust,
+    id: &str,
+) -> Result<Opened> {
+    let sealed = store.get_bytes(&manifest_key(id)).await?;
+    // Decrypted first: a wrong identity is told as such, not as an untrusted snapshot.
+    let manifest = decrypt_manifest(identities, id, &sealed)?;
+    let signature = match store
+        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
+        .await
+    {
+        Ok(b) => Some(b),
+        Err(Error::Missing { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let statement = match signature {
+        Some(bytes) => {
+            let file: SignatureFile = serde_json::from_slice(&bytes)
+                .map_err(|e| unauthentic(id, format!("signature.json is malformed ({e})")))?;
+            let statement = file
+                .verify(&trust.keys)
+                .map_err(|why| unauthentic(id, why))?;
+            check_statement(store, id, &statement, &sealed).await?;
+            Some((statement, signer(&file, &trust.keys)))
+        }
+        None if trust.allow_unsigned => {
+            tracing::warn!(snapshot = %id, "snapshot is NOT signed: restoring it because of --allow-unsigned. Anyone who could write to the store could have written it");
+            None
+        }
+        None => {
+            return Err(unauthentic(
+                id,
+                "it has no signature (signature.json is missing)".into(),
+            ))
+        }
+    };
+    if manifest.id != id {
+        return Err(unauthentic(
+            id,
+            format!(
+                "its manifest belongs to snapshot {}: it was copied under another name",
+                manifest.id
+            ),
+        ));
+    }
+    if manifest.format > snapshot::MANIFEST_FORMAT {
+        return Err(Error::Usage(format!(
+            "snapshot {id} has manifest format {} but this immich-backup reads up to {}; upgrade immich-backup",
+            manifest.format,
+            snapshot::MANIFEST_FORMAT
+        )));
+    }
+    let signed_by = match statement {
+        Some((statement, signer)) => {
+            if manifest.time != statement.time {
+                return Err(unauthentic(
+                    id,
+                    "its manifest's time is not the signed one".into(),
+                ));
+            }
+            if manifest.dump.header_mac.is_none() || manifest.files.header_mac.is_none() {
+                return Err(unauthentic(
+                    id,
+                    "its signed manifest does not pin the dump and the file list".into(),
+                ));
+            }
+            signer
+        }
+        None => None,
+    };
+    Ok(Opened {
+        id: id.to_string(),
+        manifest,
+        signed_by,
+    })
+}
+
+/// The first trusted key that signed `file`.
+fn signer(file: &SignatureFile, trusted: &[VerifyKey]) -> Option<VerifyKey> {
+    file.signatures
+        .iter()
+        .filter_map(|s| s.key.parse::<VerifyKey>().ok())
+        .find(|k| trusted.contains(k))
+}
+
+/// The signed statement must name this folder and the objects as they are stored.
+async fn check_statement(
+    store: &Store,
+    id: &str,
+    statement: &sign::Statement,
+    sealed_manifest: &[u8],
+) -> Result<()> {
+    if statement.id != id {
+        return Err(unauthentic(
+            id,
+            format!(
+                "it carries the signature of snapshot {}: it was copied under another name",
+                statement.id
+            ),
+        ));
+    }
+    if sign::sha256_hex(sealed_manifest) != statement.manifest_sha256 {
+        return Err(unauthentic(id, "its manifest is not the signed one".into()));
+    }
+    let summary = store
+        .get_bytes(&snapshot::snapshot_key(id, snapshot::SUMMARY_OBJECT))
+        .await?;
+    if sign::sha256_hex(&summary) != statement.summary_sha256 {
+        return Err(unauthentic(
+            id,
+            "its summary.json is not the signed one".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn decrypt_manifest(identities: &Identities, id: &str, sealed: &[u8]) -> Result<Manifest> {
+    use std::io::Read;
+    let key = manifest_key(id);
+    let mut plain = Vec::new();
+    identities
+        .decrypt(sealed, &key)?
+        .read_to_end(&mut plain)
+        .map_err(|e| read_error(&key, e))?;
+    serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
+        object: key,
+        message: e.to_string(),
+    })
+}
+
+/// Resolve `wanted` (`latest`, an id or a unique prefix) to an authentic snapshot. For `latest`,
+/// newer snapshots that are not authentic (or whose manifest is damaged) are skipped, with a warning
+/// naming each.
+pub async fn resolve(
+    store: &Store,
+    identities: &Identities,
+    trust: &Trust,
+    wanted: &str,
+) -> Result<Opened> {
+    if wanted != "latest" {
+        let id = snapshot::resolve(store, wanted).await?;
+        return open(store, identities, trust, &id).await;
+    }
+    let ids: BTreeMap<String, bool> = snapshot::list_ids(store).await?;
+    let mut skipped: Vec<(String, Error)> = Vec::new();
+    for id in ids.iter().rev().filter(|(_, c)| **c).map(|(id, _)| id) {
+        match open(store, identities, trust, id).await {
+            Ok(o) => {
+                for (s, why) in &skipped {
+                    tracing::warn!(snapshot = %s, "skipped a newer snapshot that cannot be trusted: {why}");
+                }
+                return Ok(o);
+            }
+            Err(
+                e @ (Error::Unauthentic { .. } | Error::Corrupt { .. } | Error::Missing { .. }),
+            ) => skipped.push((id.clone(), e)),
+            Err(e) => return Err(e),
+        }
+    }
+    match skipped.into_iter().next() {
+        Some((_, newest)) => Err(newest),
+        None => Err(Error::Usage(format!(
+            "no complete snapshot in {}; run `immich-backup backup` first",
+            store.url()
+        ))),
+    }
+}
