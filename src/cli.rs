@@ -113,6 +113,10 @@ enum Command {
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
+        /// Do not take the store's shared lock (a store you may only read). A prune running
+        /// meanwhile could then delete what the restore still has to read.
+        #[arg(long)]
+        no_lock: bool,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
     /// Needs no identity.
@@ -301,6 +305,7 @@ async fn run(cli: Cli) -> Result<i32> {
             allow_unsigned,
             verify_keys,
             keep_special_modes,
+            no_lock,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let server = if stop_server {
@@ -316,13 +321,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 allow_unsigned,
                 verify_keys,
                 keep_special_modes,
+                no_lock,
             };
             let report = run_restore(&cfg, choices, server, progress).await?;
             print_restore(&report, cli.json);
-            Ok(if report.dry_run || report.rows_match {
-                exit::OK
-            } else {
+            Ok(if !report.dry_run && !report.rows_match {
                 exit::DATABASE
+            } else if !report.damaged.is_empty() {
+                exit::DAMAGED
+            } else {
+                exit::OK
             })
         }
     }
@@ -539,6 +547,7 @@ struct RestoreChoices {
     allow_unsigned: bool,
     verify_keys: Vec<String>,
     keep_special_modes: bool,
+    no_lock: bool,
 }
 
 async fn run_restore(
@@ -570,6 +579,7 @@ async fn run_restore(
         progress,
         trust: Trust::new(&identities, extra, choices.allow_unsigned),
         keep_special_modes: choices.keep_special_modes,
+        lock: (!choices.no_lock).then(|| cfg.lock.clone()),
     };
     restore::run_with(database.as_ref(), &store, identities, opts, server).await
 }
@@ -606,6 +616,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
             r.dirs,
             r.symlinks
         );
+        print_damaged(r);
         println!("nothing was written.");
         return;
     }
@@ -657,7 +668,46 @@ fn print_restore(r: &RestoreReport, json: bool) {
             );
         }
     }
+    print_damaged(r);
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+/// The files a restore could not put back, and what to do.
+fn print_damaged(r: &RestoreReport) {
+    if r.damaged.is_empty() {
+        return;
+    }
+    println!(
+        "  {} file(s) could NOT be restored (their content objects are damaged or missing; everything else is restored):",
+        r.damaged.len()
+    );
+    for d in r.damaged.iter().take(50) {
+        println!(
+            "    {} ({}): {}{}",
+            d.path,
+            d.object,
+            d.reason,
+            if d.also_in.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; also used by {} snapshot(s): {}",
+                    d.also_in.len(),
+                    d.also_in.join(", ")
+                )
+            }
+        );
+    }
+    if r.damaged.len() > 50 {
+        println!(
+            "    … and {} more (--json lists them all)",
+            r.damaged.len() - 50
+        );
+    }
+    println!("  while the originals still exist, `immich-backup backup --repair` on the backup machine stores them again; then run this restore again to add them");
 }
 
 /// `run`: the agent, stopped by the first SIGTERM/SIGINT (a second one exits at once).

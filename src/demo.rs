@@ -243,15 +243,11 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     cfg_b.encryption.identity_file = identity.display().to_string();
     let database_b = db::connect(&cfg_b.database)?;
     let identities = Arc::new(Identities::load(&identity)?);
-    let opts = RestoreOptions {
-        snapshot: "latest".into(),
-        dry_run: false,
-        target: target.clone(),
-        concurrency: 8,
-        progress: Progress::hidden(),
-        trust: Trust::new(&identities, Vec::new(), false),
-        keep_special_modes: false,
-    };
+    let opts = RestoreOptions::new(
+        "latest",
+        target.clone(),
+        Trust::new(&identities, Vec::new(), false),
+    );
     let restored = restore::run(database_b.as_ref(), &store, identities, opts).await?;
     say(format!(
         "4. restore: snapshot signed by {} restored into a fresh cluster on 127.0.0.1:{} and {}: {} files written, row counts {}",

@@ -119,7 +119,12 @@ impl NewFiles {
         options: &std::fs::OpenOptions,
         len: u64,
     ) -> io::Result<DirectWriter> {
-        open(&self.direct, path, options, 0, len)
+        use std::os::unix::fs::OpenOptionsExt;
+        open(
+            &self.direct,
+            |extra| options.clone().custom_flags(extra).open(path),
+            len,
+        )
     }
 
     /// An unnamed file in `folder`, created with `mode`, for `len` bytes, to be named with
@@ -131,12 +136,54 @@ impl NewFiles {
         len: u64,
     ) -> io::Result<Option<DirectWriter>> {
         use std::os::unix::fs::OpenOptionsExt;
+        self.unnamed_with(len, |extra| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .mode(mode)
+                .custom_flags(libc::O_TMPFILE | extra)
+                .open(folder)
+        })
+    }
+
+    /// An unnamed file in the open folder `dir` (see [`NewFiles::unnamed`]).
+    pub fn unnamed_in(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        mode: u32,
+        len: u64,
+    ) -> io::Result<Option<DirectWriter>> {
+        self.unnamed_with(len, |extra| {
+            openat(dir, ".", libc::O_WRONLY | libc::O_TMPFILE | extra, mode)
+        })
+    }
+
+    /// File `name` in the open folder `dir`, created (or emptied) with `mode`, for `len` bytes;
+    /// never through a symlink. (Not `O_EXCL`: a file system that refuses `O_DIRECT` may create
+    /// the file before it says so, and the open is then made again without it.)
+    pub fn create_in(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        mode: u32,
+        len: u64,
+    ) -> io::Result<DirectWriter> {
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW;
+        open(
+            &self.direct,
+            |extra| openat(dir, name, flags | extra, mode),
+            len,
+        )
+    }
+
+    fn unnamed_with(
+        &self,
+        len: u64,
+        opener: impl Fn(libc::c_int) -> io::Result<File>,
+    ) -> io::Result<Option<DirectWriter>> {
         if !self.unnamed.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).mode(mode);
-        match open(&self.direct, folder, &options, libc::O_TMPFILE, len) {
+        match open(&self.direct, opener, len) {
             Ok(w) => Ok(Some(w)),
             Err(e) if tmpfile_unsupported(&e) => {
                 self.unnamed.store(false, Ordering::Relaxed);
@@ -147,6 +194,19 @@ impl NewFiles {
     }
 }
 
+/// `openat(dir, name, flags | O_CLOEXEC, mode)` as a `File`.
+fn openat(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: impl rustix::path::Arg,
+    flags: libc::c_int,
+    mode: u32,
+) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::from_bits_retain(flags as _) | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::from_bits_truncate(mode as _))?;
+    Ok(File::from(fd))
+}
+
 /// Whether `e`, from opening an `O_TMPFILE` file, says the file system cannot make unnamed files.
 fn tmpfile_unsupported(e: &io::Error) -> bool {
     matches!(
@@ -155,30 +215,26 @@ fn tmpfile_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Open `path` with `options` plus the custom `flags` for `len` bytes, adding `O_DIRECT` where
-/// `shared` allows, the file system takes it, and the file fills at least one aligned block.
+/// Open a file with `opener` (given the extra flags to add) for `len` bytes, adding `O_DIRECT`
+/// where `shared` allows, the file system takes it, and the file fills at least one aligned block.
 fn open(
     shared: &Arc<Direct>,
-    path: &std::path::Path,
-    options: &std::fs::OpenOptions,
-    flags: libc::c_int,
+    opener: impl Fn(libc::c_int) -> io::Result<File>,
     len: u64,
 ) -> io::Result<DirectWriter> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let open = |extra| options.clone().custom_flags(flags | extra).open(path);
     if shared.enabled() && len >= ALIGN as u64 {
-        match open(libc::O_DIRECT) {
+        match opener(libc::O_DIRECT) {
             Ok(file) => return Ok(DirectWriter::new(file, shared.clone())),
             // EINVAL: no O_DIRECT here, if the same open without it works.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let file = open(0)?;
+                let file = opener(0)?;
                 shared.disable();
                 return Ok(DirectWriter::plain(file, shared.clone()));
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(DirectWriter::plain(open(0)?, shared.clone()))
+    Ok(DirectWriter::plain(opener(0)?, shared.clone()))
 }
 
 /// Whether direct writes suit the file system holding `path`: not on network or FUSE file

@@ -17,6 +17,9 @@ pub mod exit {
     pub const USAGE: i32 = 2;
     /// Backup finished, but some files could not be read; the snapshot says which.
     pub const PARTIAL: i32 = 3;
+    /// Restore finished, but some files could not be restored: their content objects are damaged
+    /// or missing (listed); everything else was restored.
+    pub const DAMAGED: i32 = 4;
     /// The store is unreachable, missing, or refuses our credentials.
     pub const STORAGE: i32 = 10;
     /// The store is locked by another run (see `unlock`).
@@ -62,7 +65,10 @@ pub enum Error {
     #[error("object {object} is missing from the store: {hint}")]
     Missing { object: String, hint: String },
 
-    #[error("object {object} is corrupted or tampered with: {message}; restore another snapshot, or run `immich-backup backup --repair` on the backup machine while the original file still exists")]
+    #[error(
+        "object {object} is corrupted or tampered with: {message}; {}",
+        corrupt_remedy(object)
+    )]
     Corrupt { object: String, message: String },
 
     #[error("snapshot {snapshot} cannot be trusted: {message}. Restore another snapshot (`immich-backup snapshots`); if this store was written before immich-backup signed snapshots (0.1) and you trust it, pass --allow-unsigned; if it was signed with a key not made from this identity, pass --verify-key")]
@@ -105,6 +111,16 @@ fn io_remedy(e: &std::io::Error) -> &'static str {
         }
         Some(libc::EROFS) => " (read-only file system)",
         _ => "",
+    }
+}
+
+/// What to do about a damaged object: content can be stored again from its original; a snapshot's
+/// own objects cannot.
+fn corrupt_remedy(object: &str) -> &'static str {
+    if object.starts_with("data/") {
+        "run `immich-backup backup --repair` on the backup machine while the original file still exists, or restore another snapshot"
+    } else {
+        "restore another snapshot (`immich-backup snapshots`)"
     }
 }
 

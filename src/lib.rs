@@ -17,6 +17,7 @@ pub mod db;
 pub mod demo;
 pub mod directio;
 pub mod dump;
+pub mod dumpcheck;
 pub mod early;
 pub mod error;
 pub mod health;
@@ -33,6 +34,7 @@ pub mod sign;
 pub mod snapshot;
 pub mod store;
 pub mod storecheck;
+pub mod target;
 pub mod trust;
 pub mod unseal;
 

@@ -173,15 +173,7 @@ async fn restore_and_compare(env: &Env, saved: &Saved) {
         database.as_ref(),
         &env.store,
         identities,
-        RestoreOptions {
-            snapshot: saved.snapshot.clone(),
-            dry_run: false,
-            target: target.clone(),
-            concurrency: 4,
-            progress: Progress::hidden(),
-            trust,
-            keep_special_modes: false,
-        },
+        RestoreOptions::new(&saved.snapshot, target.clone(), trust),
     )
     .await
     .unwrap_or_else(|e| panic!("restore {}: {e}", saved.snapshot));

@@ -439,41 +439,81 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
         fs::write(&dump_path, &dump_orig).unwrap();
     }
 
-    // A content object bigger than one age chunk, tampered with in the middle.
+    // A content object bigger than one age chunk, tampered with in the middle, and another one
+    // missing: every other file is restored, and the two are listed (exit 4).
     let pano = "library/admin/2023/PANO_0001.jpg";
     let pano_key = object_key(&recipients, &fs::read(src.upload.join(pano)).unwrap());
     let pano_obj = src.store.join(&pano_key);
     assert!(fs::metadata(&pano_obj).unwrap().len() > 64 * 1024);
     flip_middle_byte(&pano_obj);
-    let target = src.work.path().join("t-tampered");
-    let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
-    let run = cli(Some(&rconfig), &args, &[QUIET]);
-    run.expect_code(exit::INTEGRITY);
-    assert_one_line_error(&run, &pano_key);
-    assert!(
-        fs::symlink_metadata(target.join(pano)).is_err(),
-        "the tampered file is at its final path"
-    );
-    assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
-    assert!(
-        !target.join("thumbs").join(MARKER_FILE).exists(),
-        "a failed restore looks complete to Immich"
-    );
-
-    // A missing content object (the database, restored above, is recreated first).
-    fresh
-        .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
-        .unwrap();
     let vid = "library/admin/2023/VID_0002.mp4";
     let vid_key = object_key(&recipients, &fs::read(src.upload.join(vid)).unwrap());
     fs::remove_file(src.store.join(&vid_key)).unwrap();
-    let target = src.work.path().join("t-missing");
+    let target = src.work.path().join("t-damaged");
     let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
-    let run = cli(Some(&rconfig), &args, &[QUIET]);
-    run.expect_code(exit::INTEGRITY);
-    assert_one_line_error(&run, &vid_key);
-    assert!(fs::symlink_metadata(target.join(vid)).is_err());
+    let run = cli(Some(&rconfig), &args, &[]);
+    let r = run.expect_code(exit::DAMAGED).json();
+    let damaged = r["damaged"].as_array().unwrap();
+    let listed: Vec<(&str, &str)> = damaged
+        .iter()
+        .map(|d| (d["path"].as_str().unwrap(), d["object"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(pano, pano_key.as_str()), (vid, vid_key.as_str())],
+        "{r}"
+    );
+    assert!(
+        damaged[1]["reason"].as_str().unwrap().contains("missing"),
+        "{r}"
+    );
+    assert_eq!(damaged[0]["also_in"], serde_json::json!([id]), "{r}");
+    assert_eq!(
+        r["files_restored"],
+        src.lib.original_files as u64 - 2,
+        "{r}"
+    );
+    assert_eq!(r["rows_match"], true, "{r}");
+    for rel in [pano, vid] {
+        assert!(
+            fs::symlink_metadata(target.join(rel)).is_err(),
+            "{rel} was written"
+        );
+    }
     assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
+    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    assert_eq!(diff.differences.len(), 2, "{:?}", diff.differences);
+    assert!(
+        target.join("thumbs").join(MARKER_FILE).exists(),
+        "the markers are made whatever failed"
+    );
+    // The restore's state stays, so that a run after a repair finishes the files and skips the
+    // database it already restored.
+    assert!(target.join(".immich-backup-restore.json").exists());
+    fs::write(&pano_obj, {
+        let mut b = fs::read(&pano_obj).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+        b
+    })
+    .unwrap();
+    let vid_sealed = {
+        let out = std::process::Command::new("age")
+            .args(["-r", &src.recipient])
+            .arg(src.upload.join(vid))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    fs::write(src.store.join(&vid_key), vid_sealed).unwrap();
+    let run = cli(Some(&rconfig), &args, &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["database_resumed"], true, "{r}");
+    assert_eq!(r["files_restored"], 2, "{r}");
+    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+    assert!(!target.join(".immich-backup-restore.json").exists());
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -543,8 +543,18 @@ impl Database for DockerDatabase {
             .map_err(|e| Error::Database(format!("psql printed text that is not UTF-8: {e}")))
     }
 
+    async fn client_version(&self) -> Result<String> {
+        let cmd = vec!["psql".to_string(), "--version".to_string()];
+        let f = self.start(cmd, false).await?.finish(None).await?;
+        if f.exit_code != 0 {
+            return Err(tool_failed("psql", &self.cfg.container, &f));
+        }
+        Ok(String::from_utf8_lossy(&f.stdout).trim().to_string())
+    }
+
     async fn replay(&self) -> Result<ReplayRun> {
-        let cmd = self.psql_base("postgres");
+        let mut cmd = self.psql_base("postgres");
+        cmd.extend(["-v".to_string(), "ON_ERROR_STOP=1".to_string()]);
         let mut exec = self.start(cmd, true).await?;
         let stdin = std::mem::replace(&mut exec.input, Box::pin(tokio::io::sink()));
         let container = self.cfg.container.clone();

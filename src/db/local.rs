@@ -154,9 +154,21 @@ impl Database for LocalDatabase {
     async fn replay(&self) -> Result<ReplayRun> {
         let mut cmd = self.command("psql");
         cmd.arg("-X")
+            .arg("-v")
+            .arg("ON_ERROR_STOP=1")
             .arg("--dbname=postgres")
             .stdin(Stdio::piped())
             .stdout(Stdio::null());
+        // psql dies with this process, even a killed one (kill_on_drop covers the rest).
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = self.spawn(cmd, "psql")?;
         let stdin = child.stdin.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -176,6 +188,21 @@ impl Database for LocalDatabase {
             stdin: Box::pin(stdin),
             done,
         })
+    }
+
+    async fn client_version(&self) -> Result<String> {
+        let mut cmd = Command::new(self.program("psql"));
+        cmd.arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let out = self
+            .spawn(cmd, "psql")?
+            .wait_with_output()
+            .await
+            .map_err(|e| Error::Database(format!("psql --version: {e}")))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     async fn wait_ready(&self) -> Result<()> {

@@ -46,8 +46,12 @@ pub trait Database: Send + Sync {
     async fn dump_all(&self) -> Result<DumpRun>;
     /// Run `sql` with `psql -X -A -t` against database `db`; returns stdout.
     async fn query(&self, db: &str, sql: &str) -> Result<String>;
-    /// Start `psql --dbname=postgres` reading a dump on stdin.
+    /// Start `psql --dbname=postgres -v ON_ERROR_STOP=1` reading a dump on stdin: it stops at the
+    /// first error, so nothing after a failed statement (a failed `COPY`'s data among them) is run.
+    /// It ends when this process does.
     async fn replay(&self) -> Result<ReplayRun>;
+    /// `psql --version` of the psql that [`Database::replay`] runs.
+    async fn client_version(&self) -> Result<String>;
     /// Wait until the server accepts connections (bounded).
     async fn wait_ready(&self) -> Result<()> {
         Ok(())
@@ -173,6 +177,45 @@ pub async fn row_counts(db: &dyn Database, name: &str) -> Result<BTreeMap<String
     Ok(counts)
 }
 
+/// A client connected to a database, as `pg_stat_activity` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub database: String,
+    pub application: String,
+    pub client: String,
+    pub user: String,
+    pub pid: String,
+}
+
+/// Other clients' sessions on any of `databases` (not this query's own, not background workers).
+pub async fn other_sessions(db: &dyn Database, databases: &[String]) -> Result<Vec<Session>> {
+    if databases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = databases.iter().map(|d| quote_literal(d)).collect();
+    let sql = format!(
+        "SELECT datname || '|' || coalesce(application_name, '') || '|' || \
+         coalesce(host(client_addr), 'local socket') || '|' || coalesce(usename, '') || '|' || pid \
+         FROM pg_stat_activity WHERE backend_type = 'client backend' \
+         AND pid <> pg_backend_pid() AND datname IN ({}) ORDER BY datname, pid",
+        names.join(", ")
+    );
+    let out = db.query("postgres", &sql).await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().splitn(5, '|');
+            Some(Session {
+                database: f.next()?.to_string(),
+                application: f.next()?.to_string(),
+                client: f.next()?.to_string(),
+                user: f.next()?.to_string(),
+                pid: f.next()?.to_string(),
+            })
+        })
+        .collect())
+}
+
 /// Tables whose presence shows that Immich has used a database.
 pub const IMMICH_TABLES: [&str; 14] = [
     "kysely_migrations",
@@ -204,6 +247,49 @@ pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String
         .collect();
     tables.sort_by_key(|t| (!IMMICH_TABLES.contains(&t.as_str()), t.clone()));
     Ok(tables)
+}
+
+/// Whether the psql of `psql --version` output `version` knows `\restrict` (added in 17.6, 16.10,
+/// 15.14, 14.19 and 13.22; every 18 has it). Unknown versions are taken not to.
+pub fn psql_knows_restrict(version: &str) -> bool {
+    let Some(number) = version
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+    else {
+        return false;
+    };
+    let mut parts = number
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), minor) = (parts.next(), parts.next().flatten()) else {
+        return false;
+    };
+    let minor = minor.unwrap_or(0);
+    match major {
+        18.. => true,
+        17 => minor >= 6,
+        16 => minor >= 10,
+        15 => minor >= 14,
+        14 => minor >= 19,
+        13 => minor >= 22,
+        _ => false,
+    }
+}
+
+/// An identifier as pg_dump writes it: bare when it is lower-case letters, digits and `_` (not
+/// starting with a digit), else double-quoted.
+pub fn quote_ident(s: &str) -> String {
+    let bare = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if bare {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
 }
 
 /// A SQL string literal.

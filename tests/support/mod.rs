@@ -181,15 +181,8 @@ pub fn restore_and_verify(
             let store = Store::open(&cfg_b.storage)?;
             let database = db::connect(&cfg_b.database)?;
             let identities = Arc::new(Identities::load(&source.identity)?);
-            let opts = RestoreOptions {
-                snapshot: "latest".into(),
-                dry_run: false,
-                target: target.clone(),
-                concurrency: 4,
-                progress: Progress::hidden(),
-                trust: Trust::new(&identities, Vec::new(), false),
-                keep_special_modes: false,
-            };
+            let trust = Trust::new(&identities, Vec::new(), false);
+            let opts = RestoreOptions::new("latest", target.clone(), trust);
             restore::run(database.as_ref(), &store, identities, opts).await
         })
         .expect("restore");

@@ -1,0 +1,791 @@
+//! The files half of a restore: survey the target, put every file back that can be, and say which
+//! could not.
+//!
+//! Everything here works on the opened target ([`crate::target`]): one folder at a time, never
+//! through a symlink, with paths of any length. Before anything is written, one pass over the file
+//! list compares it with what the target already holds (anything extra, or different, refuses the
+//! restore; identical files are kept, so a restore can be run again) and with one listing of the
+//! store's content (a missing object, or one whose size no age file of that file can have, is known
+//! to be damaged before the database is touched). Then each file is decrypted into an unnamed file
+//! in its folder, checked against its keyed content address, and only then given its name; a file
+//! whose object turns out damaged is listed, and every other file is still restored. Symlinks and
+//! folder modes come last, and Immich's folders and `.immich` markers are made whatever happened
+//! before (never through a symlink).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use flate2::read::GzDecoder;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::database::HashingReader;
+use super::RestoreOptions;
+use crate::collect::walk_order;
+use crate::crypto::{read_error, Identities};
+use crate::directio::{self, DirectWriter, NewFiles};
+use crate::error::{Error, Result};
+use crate::seal::{CHUNK, NONCE_BYTES, TAG};
+use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
+use crate::store::Store;
+use crate::target::{self, Folder, Kind, Target};
+
+/// The folders Immich expects under UPLOAD_LOCATION, each with a `.immich` marker.
+pub const IMMICH_FOLDERS: [&str; 6] = [
+    "library",
+    "upload",
+    "profile",
+    "thumbs",
+    "encoded-video",
+    "backups",
+];
+
+/// A file that could not be restored because its content object is damaged or missing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Damaged {
+    pub path: String,
+    /// The content object, `data/ab/abcd…`.
+    pub object: String,
+    pub reason: String,
+    /// Other complete snapshots that use the same object (and so lack this content too).
+    pub also_in: Vec<String>,
+}
+
+/// A snapshot path made safe: relative, plain components, first one an originals folder.
+pub fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
+    let p = std::path::Path::new(rel);
+    let ok = !rel.is_empty()
+        && !rel.contains('\0')
+        && p.components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+        && rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+        && p.components()
+            .next()
+            .and_then(|c| c.as_os_str().to_str())
+            .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
+    if !ok {
+        return Err(Error::Corrupt {
+            object: snapshot::snapshot_key(&manifest.id, snapshot::FILES_OBJECT),
+            message: format!(
+                "unsafe path {rel:?} in the file list; refusing to write outside the target"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `(parent, name)` of a checked snapshot path.
+fn split(rel: &str) -> (&str, &str) {
+    rel.rsplit_once('/').unwrap_or(("", rel))
+}
+
+/// Stream the decrypted file list through `f`, in order, checking it against the manifest.
+fn for_each_entry(
+    reader: impl Read,
+    identities: &Identities,
+    manifest: &Manifest,
+    mut f: impl FnMut(Entry) -> Result<()>,
+) -> Result<()> {
+    let key = &manifest.files.key;
+    let hashing = HashingReader::new(identities.decrypt_pinned(
+        reader,
+        key,
+        manifest.files.header_mac.as_deref(),
+    )?);
+    let mut gz = BufReader::new(GzDecoder::new(hashing));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if gz.read_line(&mut line).map_err(|e| read_error(key, e))? == 0 {
+            break;
+        }
+        let entry: Entry = serde_json::from_str(&line).map_err(|e| Error::Corrupt {
+            object: key.clone(),
+            message: e.to_string(),
+        })?;
+        check_path(manifest, &entry.path)?;
+        f(entry)?;
+    }
+    let hashing = gz.into_inner().into_inner();
+    if hashing.finish() != manifest.files.sha256 {
+        return Err(Error::Corrupt {
+            object: key.clone(),
+            message: "does not match the manifest's SHA-256".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Walk the file list on a blocking thread, calling `f` for each entry.
+async fn scan_list<T: Send + 'static>(
+    store: &Store,
+    identities: &Arc<Identities>,
+    manifest: &Manifest,
+    state: T,
+    f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
+) -> Result<T> {
+    let reader = store.reader(&manifest.files.key).await?;
+    let identities = identities.clone();
+    let manifest = manifest.clone();
+    let mut f = f;
+    tokio::task::spawn_blocking(move || {
+        let mut state = state;
+        for_each_entry(reader, &identities, &manifest, |e| f(&mut state, e))?;
+        Ok(state)
+    })
+    .await
+    .map_err(|e| Error::Other(format!("file list reader: {e}")))?
+}
+
+/// Bytes of an age file's payload for `len` bytes of plaintext: nonce, then 64 KiB chunks with a
+/// tag each (one, possibly empty, at least).
+pub fn age_payload_len(len: u64) -> u64 {
+    let chunks = len.div_ceil(CHUNK as u64).max(1);
+    NONCE_BYTES as u64 + len + chunks * TAG as u64
+}
+
+/// The store's content objects and their sizes, from one listing, and the size of the age header
+/// this snapshot's objects have (measured on its file list: the same recipients wrote both).
+pub struct Stored {
+    sizes: Vec<(ContentId, u64)>,
+    header: Option<u64>,
+}
+
+impl Stored {
+    /// List `data/` once.
+    pub async fn list(store: &Store, manifest: &Manifest) -> Result<Stored> {
+        let mut sizes: Vec<(ContentId, u64)> = store
+            .list(snapshot::DATA_DIR)
+            .try_filter_map(
+                |(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) },
+            )
+            .try_collect()
+            .await?;
+        sizes.sort_unstable();
+        let list_size = store.size(&manifest.files.key).await?;
+        let header = list_size.and_then(|s| s.checked_sub(age_payload_len(manifest.files.size)));
+        Ok(Stored { sizes, header })
+    }
+
+    /// Why the object for `entry` cannot hold its content, if it cannot.
+    pub fn damage(&self, id: &ContentId, len: u64) -> Option<String> {
+        let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(id)) else {
+            return Some("the object is missing from the store".into());
+        };
+        let stored = self.sizes[i].1;
+        let expected = self.header? + age_payload_len(len);
+        (stored != expected).then(|| {
+            format!(
+                "the object is {stored} bytes, but an age file of this {len}-byte file is {expected}: truncated or damaged"
+            )
+        })
+    }
+}
+
+/// What the target holds already, compared with the snapshot.
+#[derive(Default)]
+pub struct Survey {
+    /// Files already in place and identical (an interrupted restore being resumed).
+    pub present: HashSet<String>,
+    /// Files whose object is known to be damaged or missing (not downloaded at all).
+    pub damaged: Vec<Damaged>,
+}
+
+/// Compare the file list with the target and with the store's listing; refuse when the target
+/// holds anything that is not the snapshot's.
+pub async fn survey(
+    store: &Store,
+    identities: &Arc<Identities>,
+    manifest: &Manifest,
+    key: &[u8; 32],
+    target: Option<&Arc<Target>>,
+    stored: Arc<Stored>,
+) -> Result<Survey> {
+    let existing = match target {
+        Some(t) => walk_target(t.clone(), manifest.folders.clone()).await?,
+        None => Vec::new(),
+    };
+    let key = *key;
+    let target = target.cloned();
+    let state = Merge {
+        existing,
+        next: 0,
+        extras: Vec::new(),
+        differing: Vec::new(),
+        survey: Survey::default(),
+        parent: None,
+    };
+    let merged = scan_list(store, identities, manifest, state, move |m, e| {
+        m.entry(target.as_deref(), &key, &stored, e)
+    })
+    .await?;
+    let Merge {
+        existing,
+        next,
+        mut extras,
+        differing,
+        survey,
+        ..
+    } = merged;
+    extras.extend(existing[next..].iter().map(|(p, _)| p.clone()));
+    extras.retain(|p| !is_folder_or_marker(p));
+    if let Some(first) = extras.first() {
+        return Err(not_fresh_files(format!(
+            "the target holds {} path(s) that are not in the snapshot (first: {first})",
+            extras.len()
+        )));
+    }
+    if let Some(first) = differing.first() {
+        return Err(not_fresh_files(format!(
+            "the target already holds {} file(s) that differ from the snapshot (first: {first})",
+            differing.len()
+        )));
+    }
+    Ok(survey)
+}
+
+/// The originals folders and their markers are not extra.
+fn is_folder_or_marker(p: &str) -> bool {
+    let parts: Vec<&str> = p.split('/').collect();
+    parts.len() == 1 || (parts.len() == 2 && parts[1] == ".immich")
+}
+
+fn not_fresh_files(reason: String) -> Error {
+    Error::NotFresh {
+        reason,
+        remedy: "Restore into an empty UPLOAD_LOCATION (move the existing files away first); files identical to the snapshot's are kept".into(),
+    }
+}
+
+/// The state of the merge of the target's walk with the file list.
+struct Merge {
+    existing: Vec<(String, Kind)>,
+    next: usize,
+    extras: Vec<String>,
+    differing: Vec<String>,
+    survey: Survey,
+    /// The last folder opened to compare a file (files come folder by folder).
+    parent: Option<Folder>,
+}
+
+impl Merge {
+    fn entry(
+        &mut self,
+        target: Option<&Target>,
+        key: &[u8; 32],
+        stored: &Stored,
+        e: Entry,
+    ) -> Result<()> {
+        while self.next < self.existing.len()
+            && walk_order(&self.existing[self.next].0, &e.path).is_lt()
+        {
+            self.extras.push(self.existing[self.next].0.clone());
+            self.next += 1;
+        }
+        let there = if self.next < self.existing.len() && self.existing[self.next].0 == e.path {
+            self.next += 1;
+            Some(self.existing[self.next - 1].1)
+        } else {
+            None
+        };
+        if let (Some(kind), Some(target)) = (there, target) {
+            if self.same(target, &e, kind, key)? {
+                if e.kind == EntryKind::File {
+                    self.survey.present.insert(e.path);
+                }
+            } else {
+                self.differing.push(e.path);
+            }
+            return Ok(());
+        }
+        if let (EntryKind::File, Some(id)) = (e.kind, e.content) {
+            if let Some(reason) = stored.damage(&id, e.size) {
+                self.survey.damaged.push(Damaged {
+                    path: e.path,
+                    object: id.key(),
+                    reason,
+                    also_in: Vec::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether what the target has at `e.path` (of `kind`) is exactly the snapshot's.
+    fn same(&mut self, target: &Target, e: &Entry, kind: Kind, key: &[u8; 32]) -> Result<bool> {
+        let (parent, name) = split(&e.path);
+        let folder = match &self.parent {
+            Some(f) if f.rel() == parent => f.clone(),
+            _ => match target.folder(parent, false)? {
+                Some(f) => {
+                    self.parent = Some(f.clone());
+                    f
+                }
+                None => return Ok(false),
+            },
+        };
+        let name = OsStr::new(name);
+        Ok(match (e.kind, kind) {
+            (EntryKind::Dir, Kind::Dir) => true,
+            (EntryKind::Symlink, Kind::Symlink) => {
+                folder
+                    .read_link(name)
+                    .ok()
+                    .as_deref()
+                    .and_then(OsStr::to_str)
+                    == e.target.as_deref()
+            }
+            (EntryKind::File, Kind::File) => {
+                let hashed = folder.open_file(name).and_then(|mut f| {
+                    if f.metadata()?.len() != e.size {
+                        return Ok(None);
+                    }
+                    let mut h = blake3::Hasher::new_keyed(key);
+                    io::copy(&mut f, &mut h)?;
+                    Ok(Some(ContentId(*h.finalize().as_bytes())))
+                });
+                matches!(hashed, Ok(Some(id)) if Some(id) == e.content)
+            }
+            _ => false,
+        })
+    }
+}
+
+/// Everything under the target's originals folders, in walk order (never following a symlink).
+async fn walk_target(target: Arc<Target>, folders: Vec<String>) -> Result<Vec<(String, Kind)>> {
+    tokio::task::spawn_blocking(move || {
+        let mut folders = folders;
+        folders.sort();
+        folders.dedup();
+        let mut out = Vec::new();
+        for f in folders {
+            match target.root().stat(OsStr::new(&f)) {
+                Ok(Some(st)) => {
+                    out.push((f.clone(), st.kind));
+                    if st.kind == Kind::Dir {
+                        let folder = target.folder(&f, false)?.expect("it was just there");
+                        walk_folder(&target, &folder, &mut out)?;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(target.error(&f, e)),
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Error::Other(format!("target walk: {e}")))?
+}
+
+fn walk_folder(target: &Target, folder: &Folder, out: &mut Vec<(String, Kind)>) -> Result<()> {
+    let entries = folder
+        .entries()
+        .map_err(|e| target.error(folder.rel(), e))?;
+    for (name, kind) in entries {
+        let Some(name) = name.to_str() else {
+            out.push((
+                target::join(folder.rel(), &name.to_string_lossy()),
+                Kind::Other,
+            ));
+            continue;
+        };
+        let rel = target::join(folder.rel(), name);
+        out.push((rel.clone(), kind));
+        if kind == Kind::Dir {
+            let child = folder
+                .child(name, false)
+                .map_err(|e| target.error(&rel, e))?;
+            if let Some(child) = child {
+                walk_folder(target, &child, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The folders of the entries being restored, opened along the walk (entries come folder by folder,
+/// depth first), created where missing.
+struct Folders {
+    target: Arc<Target>,
+    open: Vec<Folder>,
+}
+
+impl Folders {
+    /// The open folder `rel`, created where missing.
+    fn get(&mut self, rel: &str) -> Result<Folder> {
+        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+        // Keep the open folders that are a prefix of `rel`.
+        let mut keep = 0;
+        while keep < self.open.len()
+            && keep < parts.len()
+            && self.open[keep].rel() == parts[..=keep].join("/")
+        {
+            keep += 1;
+        }
+        self.open.truncate(keep);
+        for i in keep..parts.len() {
+            let parent = if i == 0 {
+                self.target.root().clone()
+            } else {
+                self.open[i - 1].clone()
+            };
+            let child = parent
+                .child(parts[i], true)
+                .map_err(|e| self.target.error(&parts[..=i].join("/"), e))?
+                .expect("created");
+            self.open.push(child);
+        }
+        Ok(match self.open.last() {
+            Some(f) if parts.is_empty() => f.clone(),
+            Some(f) => f.clone(),
+            None => self.target.root().clone(),
+        })
+    }
+}
+
+/// One file to restore: its folder, its entry.
+struct Job {
+    folder: Folder,
+    entry: Entry,
+}
+
+/// What [`restore_files`] did.
+pub struct FilesDone {
+    pub restored: u64,
+    pub damaged: Vec<Damaged>,
+}
+
+/// Restore every file of the list that is not `present` or known `damaged`; then symlinks, then
+/// folder modes and times; sync once.
+pub async fn restore_files(
+    store: &Store,
+    identities: Arc<Identities>,
+    manifest: &Manifest,
+    key: [u8; 32],
+    opts: &RestoreOptions,
+    target: &Arc<Target>,
+    survey: &Survey,
+) -> Result<FilesDone> {
+    let (tx, mut rx) = mpsc::channel::<Entry>(1024);
+    let m = manifest.clone();
+    let list_reader = store.reader(&manifest.files.key).await?;
+    let ids = identities.clone();
+    let lister = tokio::task::spawn_blocking(move || {
+        for_each_entry(list_reader, &ids, &m, |e| {
+            tx.blocking_send(e).map_err(|_| Error::Interrupted)
+        })
+    });
+    let sink = Arc::new(FileSink::new(target.path(), opts.keep_special_modes));
+    let list_key = manifest.files.key.clone();
+    let known_damaged: HashSet<&str> = survey.damaged.iter().map(|d| d.path.as_str()).collect();
+    let mut folders = Folders {
+        target: target.clone(),
+        open: Vec::new(),
+    };
+    let mut dirs: Vec<Entry> = Vec::new();
+    let mut links: Vec<Entry> = Vec::new();
+    let mut damaged: Vec<Damaged> = Vec::new();
+    let mut restored = 0u64;
+    {
+        let entries = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let jobs = entries
+            .filter_map(|e| {
+                let job = match e.kind {
+                    EntryKind::Dir => folders.get(&e.path).map(|_| {
+                        dirs.push(e);
+                        None
+                    }),
+                    EntryKind::Symlink => {
+                        links.push(e);
+                        Ok(None)
+                    }
+                    EntryKind::File
+                        if survey.present.contains(&e.path)
+                            || known_damaged.contains(e.path.as_str()) =>
+                    {
+                        Ok(None)
+                    }
+                    EntryKind::File => folders
+                        .get(split(&e.path).0)
+                        .map(|folder| Some(Job { folder, entry: e })),
+                };
+                async move { job.transpose() }
+            })
+            .map(|job| {
+                let store = store.clone();
+                let identities = identities.clone();
+                let progress = opts.progress.clone();
+                let sink = sink.clone();
+                let target = target.clone();
+                let list_key = list_key.clone();
+                async move {
+                    let Job { folder, entry } = job?;
+                    let id = entry.content.ok_or_else(|| Error::Corrupt {
+                        object: list_key,
+                        message: format!("{} has no content address", entry.path),
+                    })?;
+                    let outcome = async {
+                        let reader = store.reader(&id.key()).await?;
+                        let entry = entry.clone();
+                        tokio::task::spawn_blocking(move || {
+                            restore_file(reader, &identities, &key, &folder, &entry, &sink, &target)
+                        })
+                        .await
+                        .map_err(|e| Error::Other(format!("restore worker: {e}")))?
+                    }
+                    .await;
+                    progress.inc(entry.size);
+                    Ok::<_, Error>((entry, id, outcome))
+                }
+            })
+            .buffer_unordered(opts.concurrency);
+        let mut jobs = std::pin::pin!(jobs);
+        while let Some(r) = jobs.next().await {
+            let (entry, id, outcome) = r?;
+            match outcome {
+                Ok(()) => restored += 1,
+                Err(
+                    e @ (Error::Corrupt { .. } | Error::Missing { .. } | Error::WrongKey { .. }),
+                ) => {
+                    tracing::warn!(path = %entry.path, object = %id.key(), "not restored: {e}");
+                    damaged.push(Damaged {
+                        path: entry.path,
+                        object: id.key(),
+                        reason: e.to_string(),
+                        also_in: Vec::new(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    lister
+        .await
+        .map_err(|e| Error::Other(format!("file list reader: {e}")))??;
+    restore_links(target, &links)?;
+    finish_folders(target, &mut dirs, &sink)?;
+    target.sync()?;
+    damaged.extend(survey.damaged.iter().cloned());
+    Ok(FilesDone { restored, damaged })
+}
+
+/// Symlinks, after everything else (so none is ever on the way of a file being written).
+fn restore_links(target: &Target, links: &[Entry]) -> Result<()> {
+    for e in links {
+        let (parent, name) = split(&e.path);
+        let folder = target.folder(parent, true)?.expect("created");
+        let name = OsStr::new(name);
+        let exists = folder
+            .stat(name)
+            .map_err(|err| target.error(&e.path, err))?;
+        if exists.is_none() {
+            folder
+                .symlink(e.target.as_deref().unwrap_or_default(), name)
+                .map_err(|err| target.error(&e.path, err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Folder modes and times, deepest first (a read-only folder is finished after its contents).
+fn finish_folders(target: &Target, dirs: &mut [Entry], sink: &FileSink) -> Result<()> {
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.path.split('/').count()));
+    for e in dirs.iter() {
+        let folder = target.folder(&e.path, true)?.expect("created");
+        folder
+            .set_mode(sink.mode(e.mode))
+            .and_then(|()| folder.set_mtime(e.mtime_ns))
+            .map_err(|err| target.error(&e.path, err))?;
+    }
+    Ok(())
+}
+
+/// Where restored files are written: past the page cache where the file system allows, as
+/// unnamed files (`O_TMPFILE`) given their name only once verified, or where the file system cannot
+/// make those, under a hidden partial name renamed into place (directio.rs).
+pub struct FileSink {
+    files: NewFiles,
+    /// Keep setuid, setgid and sticky bits ([`RestoreOptions::keep_special_modes`]).
+    keep_special_modes: bool,
+}
+
+/// A file being restored: unnamed, or at its partial name.
+enum Partial {
+    Unnamed,
+    Named(std::ffi::OsString),
+}
+
+impl FileSink {
+    /// A sink for files under `target`.
+    pub fn new(target: &std::path::Path, keep_special_modes: bool) -> FileSink {
+        FileSink {
+            files: NewFiles::new(directio::suits(target)),
+            keep_special_modes,
+        }
+    }
+
+    /// The mode to give a restored file or folder recorded with `mode`.
+    fn mode(&self, mode: u32) -> u32 {
+        restored_mode(mode, self.keep_special_modes)
+    }
+
+    /// A new file that will become `name` in `folder`, for `len` bytes.
+    fn create(
+        &self,
+        folder: &Folder,
+        name: &OsStr,
+        len: u64,
+    ) -> io::Result<(DirectWriter, Partial)> {
+        if let Some(w) = self.files.unnamed_in(folder.fd(), 0o600, len)? {
+            return Ok((w, Partial::Unnamed));
+        }
+        let mut tmp = std::ffi::OsString::from(".");
+        tmp.push(name);
+        tmp.push(".immich-backup-partial");
+        let w = self.files.create_in(folder.fd(), &tmp, 0o600, len)?;
+        Ok((w, Partial::Named(tmp)))
+    }
+
+    /// Give the verified file its name.
+    fn publish(folder: &Folder, file: &File, partial: &Partial, name: &OsStr) -> io::Result<bool> {
+        match partial {
+            Partial::Named(tmp) => folder.rename(tmp, name).map(|()| true),
+            Partial::Unnamed => folder.link_unnamed(file, name),
+        }
+    }
+}
+
+/// The permission bits a restored entry gets: without `keep_special`, no setuid, setgid or sticky
+/// bit (Immich needs none, and a forged or damaged list must not make a setuid file).
+pub fn restored_mode(mode: u32, keep_special: bool) -> u32 {
+    if keep_special {
+        mode & 0o7777
+    } else {
+        mode & 0o777
+    }
+}
+
+thread_local! {
+    /// Each restore worker's read buffer (a fresh one per file would fault in new pages).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+}
+
+/// Decrypt one content object into a new file in `folder`, verify it against its address, and
+/// only then give it its name.
+fn restore_file(
+    reader: impl Read,
+    identities: &Identities,
+    key: &[u8; 32],
+    folder: &Folder,
+    entry: &Entry,
+    sink: &FileSink,
+    target: &Target,
+) -> Result<()> {
+    let id = entry.content.expect("checked by the caller");
+    let object = id.key();
+    let name = OsStr::new(split(&entry.path).1);
+    let io_err = |e: io::Error| target.error(&entry.path, e);
+    let mut plain = identities.decrypt(reader, &object)?;
+    let (mut out, partial) = sink.create(folder, name, entry.size).map_err(io_err)?;
+    let result = (|| {
+        let mut hasher = blake3::Hasher::new_keyed(key);
+        let mut len = 0u64;
+        READ_BUFFER.with_borrow_mut(|buf| loop {
+            let n = plain.read(buf).map_err(|e| read_error(&object, e))?;
+            if n == 0 {
+                return Ok::<_, Error>(());
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err)?;
+            len += n as u64;
+        })?;
+        let out = out.finish().map_err(io_err)?;
+        if len != entry.size || ContentId(*hasher.finalize().as_bytes()) != id {
+            return Err(Error::Corrupt {
+                object: object.clone(),
+                message: format!("content does not match its address (for {})", entry.path),
+            });
+        }
+        // Mode and time through the open file; durability comes from one sync at the end.
+        out.set_permissions(std::fs::Permissions::from_mode(sink.mode(entry.mode)))
+            .map_err(io_err)?;
+        out.set_modified(mtime(entry.mtime_ns)).map_err(io_err)?;
+        crate::localstore::start_writeback(&out);
+        if !FileSink::publish(folder, &out, &partial, name).map_err(io_err)? {
+            return Err(Error::Other(format!(
+                "{} appeared while it was being restored; is Immich running? Stop it and restore again",
+                target.shown(&entry.path).display()
+            )));
+        }
+        Ok(())
+    })();
+    if let (Err(_), Partial::Named(tmp)) = (&result, &partial) {
+        let _ = folder.remove_file(tmp);
+    }
+    result
+}
+
+fn mtime(mtime_ns: i64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(mtime_ns.max(0) as u64)
+}
+
+/// Create Immich's six folders with their `.immich` markers, so the server starts; never through a
+/// symlink. Returns what could not be done, as warnings.
+pub fn make_markers(target: &Target) -> Vec<String> {
+    let stamp = chrono::Utc::now().timestamp_millis().to_string();
+    let mut warnings = Vec::new();
+    for f in IMMICH_FOLDERS {
+        let made = target.root().child(f, true).and_then(|folder| {
+            let folder = folder.expect("created");
+            folder.create_small(OsStr::new(".immich"), stamp.as_bytes(), 0o644)
+        });
+        if let Err(e) = made {
+            let w = format!(
+                "{}/.immich was not made: {}",
+                target.shown(f).display(),
+                target::explain(e)
+            );
+            tracing::warn!(
+                "{w}; if {f} is meant to point elsewhere, create .immich there yourself"
+            );
+            warnings.push(w);
+        }
+    }
+    warnings
+}
+
+/// The complete snapshots that use each of `objects` (from their plaintext `refs.txt.gz`).
+pub async fn shared_by(
+    store: &Store,
+    objects: &HashSet<ContentId>,
+) -> Result<HashMap<ContentId, Vec<String>>> {
+    let mut out: HashMap<ContentId, Vec<String>> = HashMap::new();
+    if objects.is_empty() {
+        return Ok(out);
+    }
+    for (id, complete) in snapshot::list_ids(store).await? {
+        if !complete {
+            continue;
+        }
+        let key = snapshot::snapshot_key(&id, snapshot::REFS_OBJECT);
+        let Ok(bytes) = store.get_bytes(&key).await else {
+            continue;
+        };
+        for line in BufReader::new(GzDecoder::new(&bytes[..])).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(c) = line.trim().parse::<ContentId>() {
+                if objects.contains(&c) {
+                    out.entry(c).or_default().push(id.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
