@@ -1,0 +1,684 @@
+//! Issue 12: a restore replays only what this repository's backup machine wrote, writes only inside
+//! its target, and is not stopped by damage. Tried as an attacker would: with write access to the
+//! store and the public recipient (it is in the config), forged objects are made exactly as `age -r`,
+//! gzip and sha256sum would make them (the library's own encryption to the public recipient is that
+//! same age file), against real PostgreSQL clusters and a folder store.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flate2::write::GzEncoder;
+use immich_backup::crypto::Recipients;
+use immich_backup::error::exit;
+use immich_backup::sample::{self, PgCluster, MARKER_FILE};
+use immich_backup::sign::{self, SignatureFile, SigningKey, Statement};
+use immich_backup::snapshot::{
+    ContentId, Entry, EntryKind, Manifest, ObjectRef, Summary, MANIFEST_FORMAT,
+};
+use sha2::Digest;
+
+fn path_arg(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// `--json restore <extra…> --identity FILE`.
+fn restore_args<'a>(identity: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--json", "restore"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--identity", path_arg(identity)]);
+    args
+}
+
+/// A marker file outside everything, which a forged dump tries to create.
+fn pwned_marker(work: &Path) -> PathBuf {
+    work.join(format!("pwned-{}", rand::random::<u32>()))
+}
+
+/// What an attacker with write access to the store and the public recipient can write.
+struct Forger {
+    store: PathBuf,
+    recipients: Recipients,
+}
+
+impl Forger {
+    fn new(src: &Source) -> Forger {
+        Forger {
+            store: src.store.clone(),
+            recipients: Recipients::load(std::slice::from_ref(&src.recipient), None).unwrap(),
+        }
+    }
+
+    /// `age -r RECIPIENT` of `plain`.
+    fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut w = self.recipients.encrypt(Vec::new()).unwrap();
+        w.write_all(plain).unwrap();
+        w.finish().unwrap()
+    }
+
+    fn gzip(plain: &[u8]) -> Vec<u8> {
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(plain).unwrap();
+        gz.finish().unwrap()
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) {
+        let path = self.store.join(key);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, bytes).unwrap();
+    }
+
+    /// A content object for `bytes`, named as the backup machine would name it.
+    fn content(&self, bytes: &[u8]) -> ContentId {
+        let id = ContentId(*blake3::keyed_hash(&self.recipients.content_key(), bytes).as_bytes());
+        self.put(&id.key(), &self.seal(bytes));
+        id
+    }
+
+    /// A complete snapshot `id`: `dump_sql` as its dump, `entries` as its file list; signed with
+    /// `signer` when given (a key the attacker made). Returns the id.
+    fn snapshot(
+        &self,
+        id: &str,
+        dump_sql: &[u8],
+        entries: &[Entry],
+        signer: Option<&SigningKey>,
+    ) -> String {
+        let time = chrono::Utc::now();
+        let dump_gz = Self::gzip(dump_sql);
+        let dump_key = format!("snapshots/{id}/dump.sql.gz.age");
+        self.put(&dump_key, &self.seal(&dump_gz));
+        let mut list = Vec::new();
+        for e in entries {
+            serde_json::to_writer(&mut list, e).unwrap();
+            list.push(b'\n');
+        }
+        let list_gz = Self::gzip(&list);
+        let files_key = format!("snapshots/{id}/files.jsonl.gz.age");
+        self.put(&files_key, &self.seal(&list_gz));
+        let refs = Self::gzip(b"");
+        self.put(&format!("snapshots/{id}/refs.txt.gz"), &refs);
+        let summary = Summary {
+            id: id.into(),
+            time,
+            host: "forged".into(),
+            tool_version: "0.1.0".into(),
+            files: entries.len() as u64,
+            bytes: 0,
+            bytes_added: 0,
+            dump_bytes: dump_gz.len() as u64,
+            skipped: 0,
+        };
+        let summary = serde_json::to_vec(&summary).unwrap();
+        self.put(&format!("snapshots/{id}/summary.json"), &summary);
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            id: id.into(),
+            time,
+            host: "forged".into(),
+            tool_version: "0.1.0".into(),
+            content_key: hex::encode(self.recipients.content_key()),
+            upload_location: "/srv/immich/library".into(),
+            folders: vec!["library".into(), "upload".into(), "profile".into()],
+            database: Default::default(),
+            dump: object(&dump_key, &dump_gz),
+            files: object(&files_key, &list_gz),
+            totals: Default::default(),
+            skipped: Vec::new(),
+        };
+        let mut manifest = manifest;
+        manifest.database.database = DB.into();
+        manifest.database.username = "postgres".into();
+        manifest.database.server_version_num = 150000;
+        let sealed = self.seal(&serde_json::to_vec(&manifest).unwrap());
+        if let Some(key) = signer {
+            let st = Statement {
+                id: id.into(),
+                time,
+                manifest_sha256: sign::sha256_hex(&sealed),
+                summary_sha256: sign::sha256_hex(&summary),
+                refs_sha256: sign::sha256_hex(&refs),
+            };
+            let file = SignatureFile::sign(&st, std::slice::from_ref(key));
+            self.put(
+                &format!("snapshots/{id}/signature.json"),
+                &serde_json::to_vec(&file).unwrap(),
+            );
+        }
+        self.put(&format!("snapshots/{id}/manifest.json.age"), &sealed);
+        id.to_string()
+    }
+}
+
+fn object(key: &str, plain: &[u8]) -> ObjectRef {
+    ObjectRef {
+        key: key.into(),
+        size: plain.len() as u64,
+        sha256: hex::encode(sha2::Sha256::digest(plain)),
+        header_mac: None,
+    }
+}
+
+/// A snapshot id later than every real one.
+fn later_id(n: u32) -> String {
+    format!("29991231T2359{n:02}.000Z-0000000{n}")
+}
+
+fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
+    Entry {
+        path: path.into(),
+        kind,
+        size: 0,
+        mtime_ns: 1_600_000_000_000_000_000,
+        mode,
+        content: None,
+        target: None,
+    }
+}
+
+/// The head of a real `pg_dumpall --clean --if-exists` dump, then `evil`.
+fn dump_with(evil: &str) -> Vec<u8> {
+    format!(
+        "--\n-- PostgreSQL database cluster dump\n--\n\nSET default_transaction_read_only = off;\n\n\
+         SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\n\n\
+         CREATE ROLE forged;\n{evil}\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_forged_snapshot_is_never_restored_and_never_runs_a_command() {
+    let src = Source::new(ASSETS);
+    let genuine = src.backup_lib().snapshot;
+    let forger = Forger::new(&src);
+    let marker = pwned_marker(src.work.path());
+    let touch = format!("\\! touch {}", marker.display());
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+
+    // 1. Unsigned, newer than the real one: `latest` skips it (saying so) and restores the real one.
+    let forged = forger.snapshot(&later_id(1), &dump_with(&touch), &[], None);
+    // 2. Signed by a key the attacker made: not trusted either.
+    let attacker_key = SigningKey::from_seed([7u8; 32]);
+    let forged_signed = forger.snapshot(&later_id(2), &dump_with(&touch), &[], Some(&attacker_key));
+    for id in [&forged, &forged_signed] {
+        let other = src.work.path().join(format!("t-{id}"));
+        let args = restore_args(&src.identity, &[id, "--target", path_arg(&other)]);
+        let run = cli(Some(&rconfig), &args, &[("IMMICH_BACKUP_LOG", "off")]);
+        run.expect_code(exit::INTEGRITY);
+        assert!(run.stderr.contains("cannot be trusted"), "{}", run.stderr);
+        assert!(!other.exists(), "the refused restore wrote its target");
+        assert!(!database_exists(&fresh, DB));
+    }
+    // Even told to accept unsigned snapshots, the forged dump's `\!` never reaches psql.
+    let other = src.work.path().join("t-unsigned");
+    let args = restore_args(
+        &src.identity,
+        &[&forged, "--allow-unsigned", "--target", path_arg(&other)],
+    );
+    let run = cli(Some(&rconfig), &args, &[("IMMICH_BACKUP_LOG", "off")]);
+    run.expect_code(exit::INTEGRITY);
+    assert!(
+        run.stderr.contains("pg_dumpall never writes") && run.stderr.contains("line 11"),
+        "{}",
+        run.stderr
+    );
+    assert!(!other.exists() && !database_exists(&fresh, DB));
+    assert!(!marker.exists(), "the forged dump ran a command");
+
+    // `latest` is the newest snapshot that is genuinely ours.
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["latest"]),
+        &[],
+    );
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["snapshot"], genuine.as_str(), "{r}");
+    assert!(r["signed_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("immich-verify1"));
+    assert!(run.stderr.contains(&forged) && run.stderr.contains(&forged_signed));
+    assert!(!marker.exists());
+}
+
+#[test]
+fn forged_dumps_with_server_side_programs_or_garbage_are_refused_before_psql() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let forger = Forger::new(&src);
+    let fresh = PgCluster::start(None).unwrap();
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &src.work.path().join("t"));
+    let marker = pwned_marker(src.work.path());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "copy to program",
+            dump_with(&format!(
+                "COPY (SELECT 1) TO PROGRAM 'touch {}';",
+                marker.display()
+            )),
+            "line 11",
+        ),
+        (
+            "a meta-command after SQL on one line",
+            dump_with(&format!("SELECT 1; \\! touch {}", marker.display())),
+            "line 11",
+        ),
+        (
+            "a failing COPY whose data is a command",
+            dump_with(&format!(
+                "COPY nowhere.nothing (a) FROM stdin;\n\\! touch {}\n\\.",
+                marker.display()
+            )),
+            "",
+        ),
+    ];
+    for (n, (what, sql, line)) in cases.into_iter().enumerate() {
+        let id = forger.snapshot(&later_id(n as u32 + 1), &sql, &[], None);
+        let target = src.work.path().join(format!("t{n}"));
+        let args = restore_args(
+            &src.identity,
+            &[&id, "--allow-unsigned", "--target", path_arg(&target)],
+        );
+        let run = cli(Some(&rconfig), &args, &[("IMMICH_BACKUP_LOG", "off")]);
+        assert_ne!(run.code, exit::OK, "{what}: {}", run.stderr);
+        assert!(!marker.exists(), "{what}: the forged dump ran a command");
+        if !line.is_empty() {
+            assert_eq!(run.code, exit::INTEGRITY, "{what}: {}", run.stderr);
+            assert!(run.stderr.contains(line), "{what}: {}", run.stderr);
+            assert!(!target.exists(), "{what}");
+        }
+    }
+    // A dump that is not gzip at all: the corruption code, not "store unreachable".
+    let id = later_id(9);
+    forger.snapshot(&id, b"", &[], None);
+    let key = format!("snapshots/{id}/dump.sql.gz.age");
+    let garbage = b"this is not gzip".to_vec();
+    forger.put(&key, &forger.seal(&garbage));
+    let manifest_path = src.store.join(format!("snapshots/{id}/manifest.json.age"));
+    let ids = immich_backup::crypto::Identities::load(&src.identity).unwrap();
+    let mut m: Manifest = {
+        let sealed = fs::read(&manifest_path).unwrap();
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut ids.decrypt(&sealed[..], "m").unwrap(), &mut plain)
+            .unwrap();
+        serde_json::from_slice(&plain).unwrap()
+    };
+    m.dump = object(&key, &garbage);
+    fs::write(
+        &manifest_path,
+        forger.seal(&serde_json::to_vec(&m).unwrap()),
+    )
+    .unwrap();
+    let target = src.work.path().join("t-garbage");
+    let args = restore_args(
+        &src.identity,
+        &[&id, "--allow-unsigned", "--target", path_arg(&target)],
+    );
+    let run = cli(Some(&rconfig), &args, &[("IMMICH_BACKUP_LOG", "off")]);
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("gzip"), "{}", run.stderr);
+}
+
+#[test]
+fn an_old_snapshot_copied_under_a_newer_id_is_refused() {
+    let src = Source::new(ASSETS);
+    let first = src.backup_lib().snapshot;
+    wait_until_settled();
+    sample::add_photo(&src.upload, "library/admin/2024/NEW.jpg", 5_000, 77).unwrap();
+    let second = src.backup_lib().snapshot;
+    // The first snapshot's folder, copied under an id newer than the second.
+    let copy = later_id(3);
+    let from = src.store.join("snapshots").join(&first);
+    let to = src.store.join("snapshots").join(&copy);
+    fs::create_dir_all(&to).unwrap();
+    for e in fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[&copy, "--allow-unsigned"]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::INTEGRITY);
+    assert!(
+        run.stderr.contains("copied under another name"),
+        "{}",
+        run.stderr
+    );
+    assert!(!target.exists());
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &[],
+    );
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["snapshot"], second.as_str(), "{r}");
+}
+
+#[test]
+fn unsigned_snapshots_need_allow_unsigned_and_special_modes_are_dropped() {
+    let src = Source::new(ASSETS);
+    // A setuid file and a sticky folder in the library (root runs the tests, as a restore would).
+    let suid = "library/admin/2024/IMG_0001.jpg";
+    fs::set_permissions(src.upload.join(suid), fs::Permissions::from_mode(0o6755)).unwrap();
+    let sticky = "library/admin/2023";
+    fs::set_permissions(src.upload.join(sticky), fs::Permissions::from_mode(0o1777)).unwrap();
+    // A backup machine without a signing key: unsigned snapshots, said at every backup.
+    let mut toml = src.toml();
+    toml.signing_key = None;
+    let config = toml.write(&src.work.path().join("unsigned.toml"));
+    let run = cli(Some(&config), &["--json", "backup"], &[]);
+    let rep = run.expect_code(exit::OK).json();
+    assert_eq!(rep["signed"], false, "{rep}");
+    assert!(run.stderr.contains("NOT signed"), "{}", run.stderr);
+
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("--allow-unsigned"), "{}", run.stderr);
+    assert!(!target.exists());
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--allow-unsigned"]),
+        &[],
+    );
+    let r = run.expect_code(exit::OK).json();
+    assert!(r["signed_by"].is_null(), "{r}");
+    assert!(run.stderr.contains("NOT signed"), "{}", run.stderr);
+    let mode = |p: PathBuf| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(target.join(suid)), 0o755, "setuid/setgid dropped");
+    assert_eq!(mode(target.join(sticky)), 0o777, "sticky dropped");
+
+    // With --keep-special-modes they are kept (into another folder; the database is restored).
+    let kept = src.work.path().join("kept");
+    let args = restore_args(
+        &src.identity,
+        &[
+            "--allow-unsigned",
+            "--keep-special-modes",
+            "--dry-run",
+            "--target",
+            path_arg(&kept),
+        ],
+    );
+    cli(Some(&rconfig), &args, &[]).expect_code(exit::NOT_FRESH);
+    fresh
+        .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
+        .unwrap();
+    let args = restore_args(
+        &src.identity,
+        &[
+            "--allow-unsigned",
+            "--keep-special-modes",
+            "--target",
+            path_arg(&kept),
+        ],
+    );
+    cli(Some(&rconfig), &args, &[]).expect_code(exit::OK);
+    assert_eq!(mode(kept.join(suid)), 0o6755);
+    assert_eq!(mode(kept.join(sticky)), 0o1777);
+}
+
+#[test]
+fn restore_writes_nothing_outside_its_target_through_symlinks() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let forger = Forger::new(&src);
+    let outside = src.work.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let before = tree_state(&outside);
+    let fresh = PgCluster::start(None).unwrap();
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &src.work.path().join("x"));
+
+    // A forged list: `library/evil → outside` with a folder and a file under it, and
+    // `upload → outside` with a file under it. (The dump is a harmless empty one.)
+    let photo = b"forged photo".to_vec();
+    let id_photo = forger.content(&photo);
+    let mut evil = entry("library/evil", EntryKind::Symlink, 0o777);
+    evil.target = Some(outside.display().to_string());
+    let mut upload = entry("upload", EntryKind::Symlink, 0o777);
+    upload.target = Some(outside.display().to_string());
+    let mut file = entry("library/evil/sub/x.jpg", EntryKind::File, 0o644);
+    file.size = photo.len() as u64;
+    file.content = Some(id_photo);
+    let mut file2 = entry("upload/y.jpg", EntryKind::File, 0o644);
+    file2.size = photo.len() as u64;
+    file2.content = Some(id_photo);
+    let entries = vec![
+        entry("library", EntryKind::Dir, 0o755),
+        evil,
+        entry("library/evil/sub", EntryKind::Dir, 0o700),
+        file,
+        upload,
+        file2,
+    ];
+    let id = forger.snapshot(&later_id(4), b"SELECT 1;\n", &entries, None);
+    let target = src.work.path().join("t-forged");
+    let args = restore_args(
+        &src.identity,
+        &[&id, "--allow-unsigned", "--target", path_arg(&target)],
+    );
+    let run = cli(Some(&rconfig), &args, &[]);
+    assert!(
+        run.code == exit::OK || run.code == exit::DATABASE,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        tree_state(&outside),
+        before,
+        "restore wrote outside its target"
+    );
+    assert!(target.join("library/evil/sub/x.jpg").is_file());
+    assert!(!fs::symlink_metadata(target.join("library/evil"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // A genuine snapshot into a target whose `thumbs` is a symlink to elsewhere: no marker is
+    // written through it, and the restore says so.
+    fresh
+        .psql(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"),
+        )
+        .unwrap();
+    let target = src.work.path().join("t-genuine");
+    fs::create_dir_all(&target).unwrap();
+    std::os::unix::fs::symlink(&outside, target.join("thumbs")).unwrap();
+    let args = restore_args(&src.identity, &["latest", "--target", path_arg(&target)]);
+    let run = cli(Some(&rconfig), &args, &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(
+        tree_state(&outside),
+        before,
+        "a marker went through the symlink"
+    );
+    assert!(r["warnings"][0].as_str().unwrap().contains("thumbs"), "{r}");
+    assert!(target.join("library").join(MARKER_FILE).is_file());
+}
+
+#[test]
+fn folders_deeper_than_path_max_are_restored_with_the_markers() {
+    let src = Source::new(ASSETS);
+    // library/deep/ddd…/ddd… past 4096 bytes, made one folder at a time.
+    let component = "d".repeat(200);
+    let deep: Vec<&str> = std::iter::repeat_n(component.as_str(), 24).collect();
+    let rel = format!("library/deep/{}", deep.join("/"));
+    assert!(rel.len() > 4096);
+    let t = immich_backup::target::Target::open(&src.upload, false)
+        .unwrap()
+        .unwrap();
+    t.folder(&rel, true).unwrap().unwrap();
+    let run = cli(
+        Some(&src.write_config("config.toml")),
+        &["--json", "backup"],
+        &[],
+    );
+    // The walk records the folders it reaches; those past PATH_MAX are listed as skipped.
+    assert!(
+        run.code == exit::OK || run.code == exit::PARTIAL,
+        "{}",
+        run.stderr
+    );
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["rows_match"], true, "{r}");
+    for f in immich_backup::restore::IMMICH_FOLDERS {
+        assert!(target.join(f).join(MARKER_FILE).is_file(), "{f}");
+    }
+    let restored = immich_backup::target::Target::open(&target, false)
+        .unwrap()
+        .unwrap();
+    let listed = file_list(&src.store, &src.identity, r["snapshot"].as_str().unwrap());
+    let deepest = listed
+        .iter()
+        .filter(|e| e.kind == EntryKind::Dir && e.path.starts_with("library/deep"))
+        .map(|e| e.path.clone())
+        .max_by_key(|p| p.len())
+        .unwrap();
+    assert!(
+        deepest.len() > 4096,
+        "the backup recorded {} bytes",
+        deepest.len()
+    );
+    assert!(restored.folder(&deepest, false).unwrap().is_some());
+}
+
+#[test]
+fn restore_takes_the_shared_lock_unless_told_not_to() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let mut toml = src.toml();
+    toml.port = fresh.port;
+    toml.upload_location = target.clone();
+    toml.extra = "[lock]\nwait_secs = 1\n".into();
+    let rconfig = toml.write(&src.work.path().join("restore.toml"));
+    // A prune holds the exclusive lock.
+    let rt = rt();
+    let store = immich_backup::store::Store::open(&src.config().storage).unwrap();
+    let lock = rt
+        .block_on(immich_backup::lock::Lock::acquire(
+            &store,
+            immich_backup::lock::LockKind::Exclusive,
+            "prune",
+            &Default::default(),
+        ))
+        .unwrap();
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::LOCKED);
+    assert!(!target.exists() && !database_exists(&fresh, DB));
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--no-lock"]),
+        &[],
+    );
+    run.expect_code(exit::OK);
+    assert!(run.stderr.contains("--no-lock"), "{}", run.stderr);
+    rt.block_on(lock.release());
+}
+
+#[test]
+fn another_client_on_the_target_refuses_the_restore_before_anything_is_written() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let mut client = fresh
+        .client_command("psql")
+        .args(["-d", "postgres", "-c", "SELECT pg_sleep(60)"])
+        .env("PGAPPNAME", "photo-viewer")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fresh
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'photo-viewer'",
+        )
+        .unwrap()
+        .contains('1')
+    {
+        assert!(Instant::now() < deadline, "the client did not connect");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    let _ = client.kill();
+    let _ = client.wait();
+    run.expect_code(exit::NOT_FRESH);
+    assert!(run.stderr.contains("photo-viewer"), "{}", run.stderr);
+    assert!(!target.exists() && !database_exists(&fresh, DB));
+}
+
+#[test]
+fn a_restore_interrupted_while_replaying_says_so_and_an_identity_readable_by_others_is_warned_about(
+) {
+    let src = Source::new(ASSETS);
+    let id = src.backup_lib().snapshot;
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]).expect_code(exit::OK);
+    // As a restore killed while psql ran leaves it.
+    fs::write(
+        target.join(".immich-backup-restore.json"),
+        format!(
+            "{{\"snapshot\":\"{id}\",\"database\":\"replaying\",\"updated\":\"2026-12-04T00:00:00Z\",\"tool\":\"t\"}}"
+        ),
+    )
+    .unwrap();
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::NOT_FRESH);
+    assert!(run.stderr.contains("half-restored"), "{}", run.stderr);
+
+    fs::set_permissions(&src.identity, fs::Permissions::from_mode(0o644)).unwrap();
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &[],
+    );
+    assert!(
+        run.stderr.contains("can be read by other users"),
+        "{}",
+        run.stderr
+    );
+}
