@@ -14,12 +14,14 @@ use std::time::Instant;
 use chrono::Utc;
 use flate2::write::GzEncoder;
 use flate2::Compression;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
+use std::collections::HashSet;
 use tokio::sync::mpsc;
 
 use crate::collect::{
-    self, CacheReader, CacheWriter, FileStorer, Found, Known, StoreFileError, Stored, Walked,
+    self, CacheReader, CacheWriter, FileStorer, Found, Known, Repair, StoreFileError, Stored,
+    Walked,
 };
 use crate::config::{Config, OnUnreadable};
 use crate::crypto::Recipients;
@@ -63,6 +65,19 @@ pub struct BackupReport {
     pub row_counts: std::collections::BTreeMap<String, u64>,
     /// The snapshot is signed (a signing key is configured).
     pub signed: bool,
+    /// `--repair`: damaged content objects stored again (`data/…` keys).
+    pub repaired: Vec<String>,
+    /// `--repair`: named damaged objects whose content no file has any more.
+    pub not_repaired: Vec<String>,
+}
+
+/// How a backup runs, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// `--repair`: replace stored content objects that are damaged (named here, from a restore's or
+    /// a check's report; or stored with a size no age file of the file can have) while a file with
+    /// that content still exists.
+    pub repair: Option<HashSet<ContentId>>,
 }
 
 /// Run one backup into `store`.
@@ -73,6 +88,26 @@ pub async fn run(
     recipients: Recipients,
     progress: Progress,
 ) -> Result<BackupReport> {
+    run_with(
+        cfg,
+        db,
+        store,
+        recipients,
+        progress,
+        BackupOptions::default(),
+    )
+    .await
+}
+
+/// Run one backup into `store`, with `opts`.
+pub async fn run_with(
+    cfg: &Config,
+    db: &dyn Database,
+    store: &Store,
+    recipients: Recipients,
+    progress: Progress,
+    opts: BackupOptions,
+) -> Result<BackupReport> {
     let started = Instant::now();
     let root = cfg.immich.upload_location.clone();
     check_upload_location(&root, &cfg.immich.folders)?;
@@ -82,7 +117,7 @@ pub async fn run(
     // never deletes content this backup has seen and may reference.
     let lock = Lock::acquire(store, LockKind::Shared, "backup", &cfg.lock).await?;
     let result = tokio::select! {
-        r = run_locked(cfg, db, store, recipients, &signing, progress, started, marker, &lock) => r,
+        r = run_locked(cfg, db, store, recipients, &signing, progress, started, marker, &lock, opts) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -100,8 +135,13 @@ async fn run_locked(
     started: Instant,
     marker: snapshot::RepoMarker,
     lock: &Lock,
+    opts: BackupOptions,
 ) -> Result<BackupReport> {
     let root = cfg.immich.upload_location.clone();
+    let repair = match opts.repair {
+        Some(named) => Some(Arc::new(prepare_repair(store, &recipients, named).await?)),
+        None => None,
+    };
     let recipients = Arc::new(recipients);
     let key = recipients.content_key();
     let time = Utc::now();
@@ -122,6 +162,7 @@ async fn run_locked(
         id: &id,
         cache_path: &cache_path,
         progress: &progress,
+        repair: repair.as_ref(),
     };
     let (dumped, facts, files) = dump_then_files(run).await?;
     progress.finish();
@@ -193,7 +234,18 @@ async fn run_locked(
         duration_secs: started.elapsed().as_secs_f64(),
         row_counts: dumped.row_counts,
         signed: !signing.is_empty(),
+        repaired: Vec::new(),
+        not_repaired: Vec::new(),
     };
+    let mut report = report;
+    if let Some(r) = &repair {
+        let (repaired, missed) = r.outcome();
+        report.repaired = repaired.iter().map(ContentId::key).collect();
+        report.not_repaired = missed.iter().map(ContentId::key).collect();
+        for m in &report.not_repaired {
+            tracing::warn!(object = %m, "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
+        }
+    }
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
 }
@@ -209,6 +261,7 @@ struct Run<'a> {
     id: &'a str,
     cache_path: &'a std::path::Path,
     progress: &'a Progress,
+    repair: Option<&'a Arc<Repair>>,
 }
 
 /// The database server's facts the manifest records.
@@ -242,7 +295,7 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         snapshot_taken: taken_tx,
     };
     let files_fut = async {
-        let known = Arc::new(list_content(store).await?);
+        let known = Arc::new(list_content(store).await?.with_repair(run.repair.cloned()));
         let storer = Arc::new(FileStorer {
             store: store.clone(),
             recipients: run.recipients.clone(),
@@ -433,6 +486,31 @@ async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// What `--repair` works from: the objects named damaged, every stored object's size, and the
+/// age header length of an object written to these recipients.
+async fn prepare_repair(
+    store: &Store,
+    recipients: &Recipients,
+    named: HashSet<ContentId>,
+) -> Result<Repair> {
+    let sizes: Vec<(ContentId, u64)> = store
+        .list(snapshot::DATA_DIR)
+        .try_filter_map(|(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) })
+        .try_collect()
+        .await?;
+    let empty = recipients
+        .encrypt(Vec::new())
+        .and_then(|s| s.finish())
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    let header = empty.len() as u64 - crate::restore::files::age_payload_len(0);
+    tracing::info!(
+        named = named.len(),
+        objects = sizes.len(),
+        "repair: checking the stored objects of this backup's files"
+    );
+    Ok(Repair::new(named, sizes, header))
+}
+
 /// Every content address in the store.
 async fn list_content(store: &Store) -> Result<Known> {
     let ids: Vec<ContentId> = store.content_ids().await?;
@@ -499,6 +577,9 @@ async fn process(
             stored: None,
             ahead: false,
         });
+    }
+    if let Some(id) = &cached {
+        storer.known.check_size(id, found.entry.size);
     }
     if let Some(id) = cached.filter(|id| storer.known.contains(id)) {
         return Ok(Outcome::stored(found, id, Stored::Unchanged, false));

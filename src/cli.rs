@@ -17,6 +17,7 @@ use immich_backup::prune;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::schedule;
 use immich_backup::sign;
+use immich_backup::snapshot::ContentId;
 use immich_backup::store::Store;
 use immich_backup::trust::Trust;
 use immich_backup::{db, demo, snapshot, storecheck};
@@ -81,7 +82,16 @@ enum Command {
     /// create the repository marker (a local folder store is created first).
     Init,
     /// Back up the database and the originals into a new snapshot.
-    Backup,
+    Backup {
+        /// Also replace damaged content objects while the original files still exist: those
+        /// named with --damaged, and any stored with a size no age file of its file can have.
+        #[arg(long)]
+        repair: bool,
+        /// The damaged objects to replace: a `restore --json` report (its "damaged" list), or a
+        /// file with one `data/…` key or content address per line. Implies --repair.
+        #[arg(long, value_name = "FILE")]
+        damaged: Option<PathBuf>,
+    },
     /// List the complete snapshots.
     Snapshots,
     /// Restore a snapshot into a fresh install.
@@ -259,9 +269,15 @@ async fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(cli.config.as_deref())?;
             init(&cfg, cli.json).await
         }
-        Command::Backup => {
+        Command::Backup { repair, damaged } => {
             let cfg = Config::load(cli.config.as_deref())?;
-            let report = run_backup(&cfg, progress).await?;
+            let opts = backup::BackupOptions {
+                repair: match damaged {
+                    Some(path) => Some(read_damaged(&path)?),
+                    None => repair.then(Default::default),
+                },
+            };
+            let report = run_backup(&cfg, progress, opts).await?;
             print_backup(&report, cli.json);
             Ok(if report.skipped.is_empty() {
                 exit::OK
@@ -452,11 +468,48 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
 }
 
 /// Backup with the configured database transport.
-pub async fn run_backup(cfg: &Config, progress: Progress) -> Result<BackupReport> {
+pub async fn run_backup(
+    cfg: &Config,
+    progress: Progress,
+    opts: backup::BackupOptions,
+) -> Result<BackupReport> {
     let recipients = recipients(cfg)?;
     let store = Store::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
-    backup::run(cfg, database.as_ref(), &store, recipients, progress).await
+    backup::run_with(cfg, database.as_ref(), &store, recipients, progress, opts).await
+}
+
+/// The damaged objects named in `path`: a `restore --json` report, or one key or address a line.
+fn read_damaged(path: &std::path::Path) -> Result<std::collections::HashSet<ContentId>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bad = |what: &str| {
+        Error::Usage(format!(
+            "--damaged {}: {what}; give a `restore --json` report or one data/… key per line",
+            path.display()
+        ))
+    };
+    let names: Vec<String> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => v["damaged"]
+            .as_array()
+            .ok_or_else(|| bad("a JSON file without a \"damaged\" list"))?
+            .iter()
+            .filter_map(|d| d["object"].as_str().map(str::to_string))
+            .collect(),
+        Err(_) => text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
+    };
+    names
+        .iter()
+        .map(|n| {
+            ContentId::from_key(n)
+                .filter(|_| n.len() >= 64)
+                .ok_or_else(|| bad(&format!("{n:?} is not a content object")))
+        })
+        .collect()
 }
 
 fn print_backup(r: &BackupReport, json: bool) {
@@ -486,6 +539,15 @@ fn print_backup(r: &BackupReport, json: bool) {
         r.row_counts.values().sum::<u64>()
     );
     println!("  duration: {:.1}s", r.duration_secs);
+    if !r.repaired.is_empty() {
+        println!(
+            "  repaired: {} damaged object(s) stored again",
+            r.repaired.len()
+        );
+    }
+    for m in &r.not_repaired {
+        println!("  NOT repaired: {m} (no file of this backup has its content any more)");
+    }
     if !r.signed {
         println!("  WARNING: this snapshot is NOT signed (no [encryption] signing_key_file): restoring it will need --allow-unsigned");
     }

@@ -7,7 +7,7 @@
 //! uploaded again. Symlinks are recorded, never followed; generated folders are never visited.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -412,6 +412,72 @@ fn remove_stale_temps(dest: &Path) {
     }
 }
 
+/// What `backup --repair` replaces: stored content objects known to be damaged (named by a restore
+/// or a check), and those whose stored size no age file of the file's size can have. A file whose
+/// content is one of them is read again and, if it still hashes to that address, its object is
+/// written again and replaces the damaged one in one step (a new object under a temporary name,
+/// renamed over the old; on cloud stores an overwriting put, which is atomic), so no reader ever sees
+/// half an object.
+#[derive(Debug, Default)]
+pub struct Repair {
+    damaged: Mutex<HashSet<ContentId>>,
+    /// Stored objects and their sizes (sorted), and the age header length of this store's objects.
+    sizes: Vec<(ContentId, u64)>,
+    header: u64,
+    repaired: Mutex<Vec<ContentId>>,
+    named: HashSet<ContentId>,
+}
+
+impl Repair {
+    /// Repair `named` objects and any whose size in `sizes` cannot be right; `header` is the age
+    /// header length of an object written to the configured recipients.
+    pub fn new(named: HashSet<ContentId>, mut sizes: Vec<(ContentId, u64)>, header: u64) -> Repair {
+        sizes.sort_unstable();
+        Repair {
+            damaged: Mutex::new(named.clone()),
+            sizes,
+            header,
+            repaired: Mutex::default(),
+            named,
+        }
+    }
+
+    /// Whether `id` is to be replaced.
+    pub fn is_damaged(&self, id: &ContentId) -> bool {
+        self.damaged.lock().expect("not poisoned").contains(id)
+    }
+
+    /// Mark `id` damaged if it is stored with a size no age file of `len` bytes has.
+    fn check_size(&self, id: &ContentId, len: u64) {
+        if let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(id)) {
+            let expected = self.header + crate::restore::files::age_payload_len(len);
+            if self.sizes[i].1 != expected {
+                tracing::warn!(object = %id.key(), stored = self.sizes[i].1, expected, "stored object has the wrong size; storing it again");
+                self.damaged.lock().expect("not poisoned").insert(*id);
+            }
+        }
+    }
+
+    fn mark_repaired(&self, id: &ContentId) {
+        self.repaired.lock().expect("not poisoned").push(*id);
+    }
+
+    /// The objects replaced, and the named ones no file of this backup has (so they could not be).
+    pub fn outcome(&self) -> (Vec<ContentId>, Vec<ContentId>) {
+        let mut repaired = self.repaired.lock().expect("not poisoned").clone();
+        repaired.sort();
+        repaired.dedup();
+        let mut missed: Vec<ContentId> = self
+            .named
+            .iter()
+            .filter(|id| !repaired.contains(id))
+            .copied()
+            .collect();
+        missed.sort();
+        (repaired, missed)
+    }
+}
+
 /// The content addresses the store holds, plus what this run has added.
 ///
 /// What this run added is remembered in memory, unless the store stages this run's content in a
@@ -430,6 +496,8 @@ pub struct Known {
     /// Workers waiting on `changed` (counted under the `added` lock): with none, no wake-up.
     waiting: std::sync::atomic::AtomicUsize,
     staged: Option<Store>,
+    /// `backup --repair`: stored objects that do not count as stored.
+    repair: Option<Arc<Repair>>,
 }
 
 impl Known {
@@ -443,7 +511,33 @@ impl Known {
             changed: Condvar::new(),
             waiting: Default::default(),
             staged: store.is_staging().then(|| store.clone()),
+            repair: None,
         }
+    }
+
+    /// Content that `repair` marks damaged does not count as stored.
+    pub fn with_repair(mut self, repair: Option<Arc<Repair>>) -> Known {
+        self.repair = repair;
+        self
+    }
+
+    /// Whether `id` is in the listing and not to be repaired.
+    fn listed(&self, id: &ContentId) -> bool {
+        self.listed.binary_search(id).is_ok()
+            && !self.repair.as_ref().is_some_and(|r| r.is_damaged(id))
+    }
+
+    /// `backup --repair`: `id`, of a file of `len` bytes, is damaged if its stored size is wrong.
+    pub fn check_size(&self, id: &ContentId, len: u64) {
+        if let Some(r) = &self.repair {
+            r.check_size(id, len);
+        }
+    }
+
+    /// Whether storing `id` must replace a damaged stored object.
+    pub fn replaces(&self, id: &ContentId) -> bool {
+        self.repair.as_ref().is_some_and(|r| r.is_damaged(id))
+            && self.listed.binary_search(id).is_ok()
     }
 
     fn is_staged(&self, id: &ContentId) -> bool {
@@ -456,15 +550,13 @@ impl Known {
 
     /// Whether the store holds `id` (content still being stored does not count).
     pub fn contains(&self, id: &ContentId) -> bool {
-        self.listed.binary_search(id).is_ok()
-            || self.added().get(id) == Some(&true)
-            || self.is_staged(id)
+        self.listed(id) || self.added().get(id) == Some(&true) || self.is_staged(id)
     }
 
     /// Claim `id` for upload; `None` when it is stored. While another worker is storing it, this
     /// waits for the outcome. Dropping the claim without [`Claim::stored`] releases it.
     fn claim(&self, id: &ContentId) -> Option<Claim<'_>> {
-        if self.listed.binary_search(id).is_ok() {
+        if self.listed(id) {
             return None;
         }
         let mut added = self.added();
@@ -478,7 +570,7 @@ impl Known {
                     self.waiting
                         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                None if self.is_staged(id) => return None,
+                None if self.is_staged(id) && !self.replaces(id) => return None,
                 None => {
                     added.insert(*id, false);
                     return Some(Claim {
@@ -622,6 +714,7 @@ impl FileStorer {
             return result;
         }
         let (id, read) = self.hash_stream(&mut file)?;
+        self.known.check_size(&id, read);
         let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read }));
         };
@@ -643,6 +736,7 @@ impl FileStorer {
             .map_err(|e| StoreFileError::Source(e.to_string()))?;
         let id = ContentId(*blake3::keyed_hash(&self.key, data).as_bytes());
         let read = data.len() as u64;
+        self.known.check_size(&id, read);
         let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read }));
         };
@@ -727,10 +821,13 @@ impl FileStorer {
     ) -> std::result::Result<u64, StoreFileError> {
         let key = id.key();
         let store_err = |e: io::Error| StoreFileError::Store(crate::store::error_from_io(&key, e));
-        let mut sealed = self
-            .recipients
-            .encrypt(self.store.writer(&key))
-            .map_err(store_err)?;
+        let replace = self.known.replaces(id);
+        let writer = if replace {
+            self.store.replacing_writer(&key)
+        } else {
+            self.store.writer(&key)
+        };
+        let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
         let unchanged = match src {
             // Hashed from these very bytes: nothing can have changed.
             Source::Memory(data) => {
@@ -746,7 +843,14 @@ impl FileStorer {
             return Err(changed_meanwhile()); // dropping the writer abandons the object
         }
         let writer = sealed.finish().map_err(store_err)?;
-        writer.finish().map_err(StoreFileError::Store)
+        let stored = writer.finish().map_err(StoreFileError::Store)?;
+        if replace {
+            tracing::info!(object = %key, "replaced a damaged object");
+            if let Some(r) = &self.known.repair {
+                r.mark_repaired(id);
+            }
+        }
+        Ok(stored)
     }
 }
 

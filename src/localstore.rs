@@ -191,6 +191,12 @@ impl LocalDir {
         self.open_writer(dest, mode)
     }
 
+    /// A writer that replaces `key` when complete (`backup --repair`): written under a temporary
+    /// name, synced, renamed over `key`, the folder synced. Never staged.
+    pub fn create_replacing(&self, key: &str) -> io::Result<LocalWriter> {
+        self.open_writer(self.path(key), Finish::Replace)
+    }
+
     /// A writer for a content object named only when complete ([`LocalWriter::name`]), hashed as
     /// it is written; `None` outside a backup (no staging folder).
     pub fn create_unnamed(&self) -> Option<io::Result<LocalWriter>> {
@@ -521,6 +527,8 @@ enum Finish {
     Link,
     /// Synced, linked into place, folder synced: durable before it is visible.
     SyncThenLink,
+    /// Synced, renamed over what is there, folder synced (a repair).
+    Replace,
 }
 
 /// Where a [`LocalWriter`]'s bytes go.
@@ -560,7 +568,7 @@ impl LocalWriter {
             Out::Plain(file) => file,
             Out::Direct(w) => w.finish()?,
         };
-        if self.mode == Finish::SyncThenLink {
+        if matches!(self.mode, Finish::SyncThenLink | Finish::Replace) {
             file.sync_all()?;
         } else {
             start_writeback(&file);
@@ -581,8 +589,12 @@ impl LocalWriter {
                 true
             }
             Finish::Link | Finish::SyncThenLink => link_noreplace(&tmp, &self.dest)?,
+            Finish::Replace => {
+                fs::rename(&tmp, &self.dest)?;
+                true
+            }
         };
-        if self.mode == Finish::SyncThenLink && created {
+        if matches!(self.mode, Finish::SyncThenLink | Finish::Replace) && created {
             File::open(self.dest.parent().expect("objects have a folder"))?.sync_all()?;
         }
         Ok(created)

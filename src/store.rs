@@ -516,7 +516,38 @@ impl Store {
             upload: None,
             written: 0,
             local: self.local.as_ref().map(|l| l.create(key)),
+            replace: false,
         }
+    }
+
+    /// A writer that replaces the object `key` when complete, in one step (`backup --repair`): on a
+    /// folder store a synced temporary file renamed over it, on a cloud store an overwriting put
+    /// (or a multipart upload, which replaces the object only when complete).
+    pub fn replacing_writer(&self, key: &str) -> ObjectWriter {
+        ObjectWriter {
+            store: self.clone(),
+            key: key.to_string(),
+            handle: Handle::current(),
+            buf: Vec::new(),
+            upload: None,
+            written: 0,
+            local: self.local.as_ref().map(|l| l.create_replacing(key)),
+            replace: true,
+        }
+    }
+
+    /// Replace a small object in one request.
+    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
+        let opts = PutOptions {
+            mode: PutMode::Overwrite,
+            attributes: self.attributes.clone(),
+            ..Default::default()
+        };
+        self.inner
+            .put_opts(&self.path(key), PutPayload::from(data), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(key, e))
     }
 
     /// A writer for a content object that is named only once complete ([`ObjectWriter::name`]):
@@ -531,6 +562,7 @@ impl Store {
             upload: None,
             written: 0,
             local: Some(local),
+            replace: false,
         })
     }
 
@@ -687,6 +719,8 @@ pub struct ObjectWriter {
     written: u64,
     /// A local store's file (or why it could not be created).
     local: Option<io::Result<LocalWriter>>,
+    /// Replace an existing object (`backup --repair`) instead of leaving it.
+    replace: bool,
 }
 
 impl ObjectWriter {
@@ -773,6 +807,11 @@ impl ObjectWriter {
         }
         if self.upload.is_none() {
             let data = Bytes::from(std::mem::take(&mut self.buf));
+            if self.replace {
+                self.handle
+                    .block_on(self.store.put_overwrite(&self.key, data))?;
+                return Ok(written);
+            }
             let created = self.handle.block_on(self.store.put_new(&self.key, data))?;
             return Ok(if created { written } else { 0 });
         }

@@ -682,3 +682,87 @@ fn a_restore_interrupted_while_replaying_says_so_and_an_identity_readable_by_oth
         run.stderr
     );
 }
+
+#[test]
+fn damaged_content_is_repaired_by_backup_while_the_originals_exist() {
+    let src = Source::new(ASSETS);
+    // Settled files go into the metadata cache: later backups do not read them.
+    wait_until_settled();
+    let first = src.backup_lib().snapshot;
+    let config = src.write_config("config.toml");
+    let recipients = [src.recipient.clone()];
+    let key_of = |rel: &str| object_key(&recipients, &fs::read(src.upload.join(rel)).unwrap());
+    let flipped = "library/admin/2023/PANO_0001.jpg";
+    let truncated = "library/admin/2023/VID_0002.mp4";
+    let gone = "library/admin/Été 2024/café ☕.jpg";
+    let (flipped_key, truncated_key, gone_key) = (key_of(flipped), key_of(truncated), key_of(gone));
+    flip_middle_byte(&src.store.join(&flipped_key));
+    flip_middle_byte(&src.store.join(&gone_key));
+    let t = src.store.join(&truncated_key);
+    let bytes = fs::read(&t).unwrap();
+    fs::write(&t, &bytes[..bytes.len() - 1000]).unwrap();
+
+    // The restore lists the three (and restores everything else); its report names them.
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("t1");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
+    run.expect_code(exit::DAMAGED);
+    let report = src.work.path().join("report.json");
+    fs::write(&report, &run.stdout).unwrap();
+    let damaged: Vec<String> = run.json()["damaged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(damaged.len(), 3, "{damaged:?}");
+
+    // A plain backup does not notice; --repair alone replaces what has the wrong size (even
+    // though the metadata cache says the files are unchanged).
+    let run = cli(Some(&config), &["--json", "backup", "--repair"], &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["repaired"], serde_json::json!([truncated_key]), "{r}");
+    assert!(
+        r["files_unchanged"].as_u64().unwrap() > 0,
+        "the cache was used: {r}"
+    );
+    // The report names the others; the one whose original is gone cannot be repaired.
+    fs::remove_file(src.upload.join(gone)).unwrap();
+    let args = ["--json", "backup", "--damaged", path_arg(&report)];
+    let run = cli(Some(&config), &args, &[]);
+    let r = run.expect_code(exit::OK).json();
+    let repaired: Vec<&str> = r["repaired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(repaired.contains(&flipped_key.as_str()), "{r}");
+    assert!(!repaired.contains(&gone_key.as_str()), "{r}");
+    assert_eq!(r["not_repaired"], serde_json::json!([gone_key]), "{r}");
+    assert!(run.stderr.contains(&gone_key), "{}", run.stderr);
+
+    // The first snapshot now restores everything but the file whose original was gone.
+    fresh
+        .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
+        .unwrap();
+    let target = src.work.path().join("t2");
+    let args = restore_args(&src.identity, &[&first, "--target", path_arg(&target)]);
+    let run = cli(Some(&rconfig), &args, &[]);
+    let r = run.expect_code(exit::DAMAGED).json();
+    let left: Vec<&str> = r["damaged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [gone], "{r}");
+    for rel in [flipped, truncated] {
+        assert_eq!(
+            fs::read(target.join(rel)).unwrap(),
+            fs::read(src.upload.join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+}
