@@ -83,6 +83,12 @@ pub fn explain_client_error(tool: &str, stderr: &str) -> Error {
         || text.contains("no password supplied")
     {
         " (set [database] password or PGPASSWORD)"
+    } else if text.contains("server closed the connection unexpectedly")
+        || text.contains("terminating connection")
+        || text.contains("connection to server was lost")
+        || text.contains("the database system is shutting down")
+    {
+        " (the database server stopped or restarted while it was being read: make sure Postgres stays up (`docker logs immich_postgres`, or the server's log), then run the backup again; no snapshot was made)"
     } else {
         ""
     };
@@ -211,5 +217,23 @@ impl Database for LocalDatabase {
 
     fn ready_waits(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_stopped_mid_dump_is_told_with_what_to_do() {
+        let e = explain_client_error(
+            "pg_dumpall",
+            "pg_dump: error: Dumping the contents of table \"asset\" failed: PQgetResult() failed.\npg_dump: detail: Error message from server: server closed the connection unexpectedly",
+        );
+        let text = e.to_string();
+        assert!(text.contains("server closed the connection"), "{text}");
+        assert!(text.contains("run the backup again"), "{text}");
+        assert_eq!(e.exit_code(), crate::error::exit::DATABASE);
+        assert_eq!(text.lines().count(), 1);
     }
 }
