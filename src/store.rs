@@ -508,6 +508,17 @@ impl Store {
 
     /// A synchronous writer for `key`, to be used on a blocking thread.
     pub fn writer(&self, key: &str) -> ObjectWriter {
+        self.object_writer(key, false)
+    }
+
+    fn object_writer(&self, key: &str, replace: bool) -> ObjectWriter {
+        let local = self.local.as_ref().map(|l| {
+            if replace {
+                l.create_replacing(key)
+            } else {
+                l.create(key)
+            }
+        });
         ObjectWriter {
             store: self.clone(),
             key: key.to_string(),
@@ -515,8 +526,8 @@ impl Store {
             buf: Vec::new(),
             upload: None,
             written: 0,
-            local: self.local.as_ref().map(|l| l.create(key)),
-            replace: false,
+            local,
+            replace,
         }
     }
 
@@ -524,16 +535,7 @@ impl Store {
     /// folder store a synced temporary file renamed over it, on a cloud store an overwriting put
     /// (or a multipart upload, which replaces the object only when complete).
     pub fn replacing_writer(&self, key: &str) -> ObjectWriter {
-        ObjectWriter {
-            store: self.clone(),
-            key: key.to_string(),
-            handle: Handle::current(),
-            buf: Vec::new(),
-            upload: None,
-            written: 0,
-            local: self.local.as_ref().map(|l| l.create_replacing(key)),
-            replace: true,
-        }
+        self.object_writer(key, true)
     }
 
     /// Replace a small object in one request.

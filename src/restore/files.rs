@@ -153,19 +153,28 @@ pub fn age_payload_len(len: u64) -> u64 {
 
 /// The store's content objects and their sizes, from one listing, and the size of the age header
 /// this snapshot's objects have (measured on its file list: the same recipients wrote both).
+///
+/// Each object is kept as the first 8 bytes of its address and its size: 16 bytes, so a million
+/// objects take 16 MiB. (Two addresses sharing 8 bytes among a million objects is a one in ten
+/// million chance, and would only let a missing object go unnoticed until its download fails.)
 pub struct Stored {
-    sizes: Vec<(ContentId, u64)>,
+    sizes: Vec<(u64, u64)>,
     header: Option<u64>,
+}
+
+/// The first 8 bytes of an address.
+fn short(id: &ContentId) -> u64 {
+    u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
 impl Stored {
     /// List `data/` once.
     pub async fn list(store: &Store, manifest: &Manifest) -> Result<Stored> {
-        let mut sizes: Vec<(ContentId, u64)> = store
+        let mut sizes: Vec<(u64, u64)> = store
             .list(snapshot::DATA_DIR)
-            .try_filter_map(
-                |(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) },
-            )
+            .try_filter_map(|(k, size)| async move {
+                Ok(ContentId::from_key(&k).map(|id| (short(&id), size)))
+            })
             .try_collect()
             .await?;
         sizes.sort_unstable();
@@ -176,7 +185,7 @@ impl Stored {
 
     /// Why the object for `entry` cannot hold its content, if it cannot.
     pub fn damage(&self, id: &ContentId, len: u64) -> Option<String> {
-        let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(id)) else {
+        let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(&short(id))) else {
             return Some("the object is missing from the store".into());
         };
         let stored = self.sizes[i].1;
@@ -194,7 +203,8 @@ impl Stored {
 pub struct Survey {
     /// Files already in place and identical (an interrupted restore being resumed).
     pub present: HashSet<String>,
-    /// Files whose object is known to be damaged or missing (not downloaded at all).
+    /// Files whose object is missing, or has a size no age file of the file can have (what a dry
+    /// run reports; a restore tries them anyway and lists what fails).
     pub damaged: Vec<Damaged>,
 }
 
@@ -462,8 +472,9 @@ pub struct FilesDone {
     pub damaged: Vec<Damaged>,
 }
 
-/// Restore every file of the list that is not `present` or known `damaged`; then symlinks, then
-/// folder modes and times; sync once.
+/// Restore every file of the list that is not `present` (those the survey found damaged are tried
+/// too: the survey's verdict comes from sizes alone); then symlinks, then folder modes and times;
+/// sync once.
 pub async fn restore_files(
     store: &Store,
     identities: Arc<Identities>,
@@ -484,7 +495,6 @@ pub async fn restore_files(
     });
     let sink = Arc::new(FileSink::new(target.path(), opts.keep_special_modes));
     let list_key = manifest.files.key.clone();
-    let known_damaged: HashSet<&str> = survey.damaged.iter().map(|d| d.path.as_str()).collect();
     let mut folders = Folders {
         target: target.clone(),
         open: Vec::new(),
@@ -506,12 +516,7 @@ pub async fn restore_files(
                         links.push(e);
                         Ok(None)
                     }
-                    EntryKind::File
-                        if survey.present.contains(&e.path)
-                            || known_damaged.contains(e.path.as_str()) =>
-                    {
-                        Ok(None)
-                    }
+                    EntryKind::File if survey.present.contains(&e.path) => Ok(None),
                     EntryKind::File => folders
                         .get(split(&e.path).0)
                         .map(|folder| Some(Job { folder, entry: e })),
@@ -572,7 +577,6 @@ pub async fn restore_files(
     restore_links(target, &links)?;
     finish_folders(target, &mut dirs, &sink)?;
     target.sync()?;
-    damaged.extend(survey.damaged.iter().cloned());
     Ok(FilesDone { restored, damaged })
 }
 
