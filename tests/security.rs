@@ -766,3 +766,70 @@ fn damaged_content_is_repaired_by_backup_while_the_originals_exist() {
         );
     }
 }
+
+/// The pids of the processes whose parent is `parent` and whose command name is `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if comm == name && ppid == Some(parent.to_string().as_str()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_restore_takes_its_psql_with_it() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    // A dump whose replay takes a while (valid SQL; unsigned, so restored with --allow-unsigned).
+    let id = Forger::new(&src).snapshot(&later_id(5), b"SELECT pg_sleep(60);\n", &[], None);
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let args = restore_args(&src.identity, &[&id, "--allow-unsigned"]);
+    let mut restore = command(Some(&rconfig), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let psql = loop {
+        if let Some(p) = children_named(restore.id(), "psql").into_iter().find(|p| {
+            fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.contains("ON_ERROR_STOP"))
+        }) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the replay's psql did not start");
+        assert!(
+            restore.try_wait().unwrap().is_none(),
+            "the restore ended early"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    restore.kill().unwrap(); // SIGKILL: nothing of ours runs after it
+    restore.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{psql}")).exists()
+        && !fs::read_to_string(format!("/proc/{psql}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "psql {psql} went on after the restore was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
