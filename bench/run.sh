@@ -123,7 +123,9 @@ start_db() {
 
 # --- keys and configs --------------------------------------------------------------------------
 ID=$WORK/identity.txt
-[ -e "$ID" ] || "$IB" keygen -o "$ID" >/dev/null
+SIGN=$WORK/identity.signing.key   # the backup machine's signing key, made from the identity
+[ -e "$ID" ] || "$IB" keygen -o "$ID" --signing-key "$SIGN" >/dev/null
+[ -e "$SIGN" ] || "$IB" signing-key --identity "$ID" -o "$SIGN" >/dev/null
 RCPT=$(sed -n 's/^# public key: //p' "$ID")
 
 # config NAME UPLOAD_LOCATION PORT: write $WORK/NAME.toml for a store at $WORK/NAME-store.
@@ -168,7 +170,9 @@ settle_deletes() { # wait until SETTLE_SECS after the last large deletion, with 
   if [ "$left" -gt 0 ]; then log "waiting ${left} s for freed inodes to age (see the comment in bench/run.sh)"; sleep "$left"; fi
 }
 fresh_store() { trash "$WORK/$1-store" "$WORK/$1-cache"; mkdir -p "$WORK/$1-store"; "$IB" -c "$WORK/$1.toml" init >/dev/null; }
-ours() { echo "'$IB' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
+# Ours signs its snapshots (the key through the environment, so that the same config files also
+# suit a baseline build older than signing).
+ours() { echo "IMMICH_BACKUP__ENCRYPTION__SIGNING_KEY_FILE='$SIGN' '$IB' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
 base() { echo "'$BASE' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
 
 gen_once() { # gen_once DIR ARGS…: generate data unless DIR/.done says it is there already
