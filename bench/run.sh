@@ -212,6 +212,8 @@ if has 1 || has 4; then
     fi
   done
   trash "$WORK/restic1" "$WORK/borg1"; empty_trash
+  # Scenario 4 restores the s1 store: leave it as our build writes it (signed), not the baseline's.
+  if [ -n "$BASE" ]; then fresh_store s1; bash -c "$(ours s1 backup)" >/dev/null 2>&1; fi
 fi
 
 if has 4; then

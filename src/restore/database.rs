@@ -98,7 +98,15 @@ pub async fn check_no_sessions(
             names.push(d.clone());
         }
     }
-    let sessions = db::other_sessions(db, &names).await?;
+    // Sessions of a server container just stopped (`--stop-server`) may take a moment to end.
+    let mut sessions = db::other_sessions(db, &names).await?;
+    for _ in 0..10 {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        sessions = db::other_sessions(db, &names).await?;
+    }
     if sessions.is_empty() {
         return Ok(());
     }
