@@ -448,8 +448,10 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     }
     let store = Store::open(&cfg.storage)?;
     let report = storecheck::run(&store).await;
+    let signing = signing_verdict(cfg)?;
     if json {
         let mut v = serde_json::to_value(&report).expect("report serialises");
+        v["verify_keys"] = serde_json::json!(signing);
         if !report.ok {
             let e = storecheck::failure_error(&report);
             v["error"] = e.to_string().into();
@@ -458,6 +460,10 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
         println!("{v}");
     } else {
         storecheck::print(&report);
+        match signing.as_slice() {
+            [] => println!("  WARN signing             no [encryption] signing_key_file: snapshots will be unsigned (restoring them needs --allow-unsigned); make one with `immich-backup keygen` or `signing-key`"),
+            keys => println!("  ok   signing             snapshots are signed; a restore trusts them with the identity the key was made from (verify key {})", keys.join(", ")),
+        }
     }
     if report.ok {
         return Ok(exit::OK);
@@ -465,6 +471,14 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     let e = storecheck::failure_error(&report);
     eprintln!("error: {e}");
     Ok(e.exit_code())
+}
+
+/// The verify keys of the configured signing keys (a bad key file is a config error).
+fn signing_verdict(cfg: &Config) -> Result<Vec<String>> {
+    let file = (!cfg.encryption.signing_key_file.is_empty())
+        .then(|| PathBuf::from(&cfg.encryption.signing_key_file));
+    let (keys, _) = sign::load_signing_keys(&cfg.encryption.signing_key, file.as_deref())?;
+    Ok(keys.iter().map(|k| k.verify_key().to_string()).collect())
 }
 
 /// Backup with the configured database transport.
