@@ -19,7 +19,7 @@ use immich_backup::schedule;
 use immich_backup::sign;
 use immich_backup::snapshot::ContentId;
 use immich_backup::store::Store;
-use immich_backup::trust::Trust;
+use immich_backup::trust::{self, Trust};
 use immich_backup::{db, demo, snapshot, storecheck};
 
 #[derive(Parser)]
@@ -580,21 +580,48 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     let store = Store::open(&cfg.storage)?;
     snapshot::require_marker(&store).await?;
     let list = snapshot::list(&store).await?;
+    // The backup machine checks signatures with its own signing keys' verify keys (and any
+    // configured ones): a snapshot someone else wrote into the store shows as untrusted.
+    let mut keys: Vec<sign::VerifyKey> = signing_verdict(cfg)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| k.parse().ok())
+        .collect();
+    keys.extend(cfg.encryption.verify_keys()?);
+    let mut statuses = Vec::with_capacity(list.len());
+    for s in &list {
+        statuses.push(trust::signature_status(&store, &s.id, &keys).await?);
+    }
     if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .zip(&statuses)
+            .map(|(s, st)| {
+                let mut v = serde_json::to_value(s).expect("list serialises");
+                v["signature"] = serde_json::to_value(st).expect("status serialises");
+                v
+            })
+            .collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&list).expect("list serialises")
+            serde_json::to_string_pretty(&rows).expect("list serialises")
         );
         return Ok(exit::OK);
     }
     println!(
-        "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}",
+        "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  SIGNATURE",
         "ID", "TIME (UTC)", "HOST", "FILES", "SIZE", "DUMP"
     );
-    for s in &list {
+    for (s, status) in list.iter().zip(&statuses) {
+        let status = match status {
+            trust::SignatureStatus::Trusted => "ok",
+            trust::SignatureStatus::Untrusted => "UNTRUSTED (not written by this machine's key)",
+            trust::SignatureStatus::Unsigned => "unsigned",
+            trust::SignatureStatus::Unchecked => "signed (no key here to check it)",
+        };
         match &s.summary {
             Some(m) => println!(
-                "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}{}",
+                "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  {status}{}",
                 s.id,
                 m.time.format("%Y-%m-%d %H:%M:%S"),
                 m.host,
@@ -607,7 +634,7 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
                     String::new()
                 }
             ),
-            None => println!("{:<29} (no summary)", s.id),
+            None => println!("{:<29} (no summary)  {status}", s.id),
         }
     }
     println!("{} snapshot(s)", list.len());

@@ -238,3 +238,52 @@ pub async fn resolve(
         ))),
     }
 }
+
+/// What a snapshot's signature says, checked without the identity (`snapshots`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SignatureStatus {
+    /// Signed by one of the keys given, over this folder's manifest and summary.
+    Trusted,
+    /// Signed, but not by any key given, or not over what is stored: not written by this backup
+    /// machine, or changed since.
+    Untrusted,
+    /// No signature (written by immich-backup 0.1, or without a signing key).
+    Unsigned,
+    /// Signed, but no key was given to check it with.
+    Unchecked,
+}
+
+/// Check snapshot `id`'s signature against `keys`, reading only plaintext objects and the stored
+/// manifest's bytes.
+pub async fn signature_status(
+    store: &Store,
+    id: &str,
+    keys: &[VerifyKey],
+) -> Result<SignatureStatus> {
+    let bytes = match store
+        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
+        .await
+    {
+        Ok(b) => b,
+        Err(Error::Missing { .. }) => return Ok(SignatureStatus::Unsigned),
+        Err(e) => return Err(e),
+    };
+    if keys.is_empty() {
+        return Ok(SignatureStatus::Unchecked);
+    }
+    let Ok(file) = serde_json::from_slice::<SignatureFile>(&bytes) else {
+        return Ok(SignatureStatus::Untrusted);
+    };
+    let Ok(statement) = file.verify(keys) else {
+        return Ok(SignatureStatus::Untrusted);
+    };
+    let sealed = store.get_bytes(&manifest_key(id)).await?;
+    Ok(
+        match check_statement(store, id, &statement, &sealed).await {
+            Ok(()) => SignatureStatus::Trusted,
+            Err(Error::Unauthentic { .. } | Error::Missing { .. }) => SignatureStatus::Untrusted,
+            Err(e) => return Err(e),
+        },
+    )
+}

@@ -233,6 +233,23 @@ fn a_forged_snapshot_is_never_restored_and_never_runs_a_command() {
     assert!(!other.exists() && !database_exists(&fresh, DB));
     assert!(!marker.exists(), "the forged dump ran a command");
 
+    // The backup machine sees which snapshots its key signed, without the identity.
+    let config = src.write_config("config.toml");
+    let run = cli(Some(&config), &["--json", "snapshots"], &[]);
+    let listed = run.expect_code(exit::OK).json();
+    let status = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .map(|s| s["signature"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(status(&genuine), "trusted", "{listed}");
+    assert_eq!(status(&forged), "unsigned", "{listed}");
+    assert_eq!(status(&forged_signed), "untrusted", "{listed}");
+
     // `latest` is the newest snapshot that is genuinely ours.
     let run = cli(
         Some(&rconfig),
