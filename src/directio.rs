@@ -107,6 +107,12 @@ impl NewFiles {
         }
     }
 
+    /// These new files without unnamed (`O_TMPFILE`) files, as on a file system that lacks them.
+    pub fn without_unnamed(self) -> NewFiles {
+        self.unnamed.store(false, Ordering::Relaxed);
+        self
+    }
+
     /// Whether files are opened with `O_DIRECT` (as far as is known yet).
     pub fn direct(&self) -> bool {
         self.direct.enabled()

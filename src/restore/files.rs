@@ -793,3 +793,86 @@ pub async fn shared_by(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file restored through each way of making it (unnamed, or under a partial name renamed
+    /// into place) lands whole, with its mode, and leaves nothing else; a damaged one leaves nothing.
+    #[test]
+    fn files_are_published_only_when_verified_with_or_without_unnamed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::crypto::generate_key();
+        let id_file = dir.path().join("id.txt");
+        crate::crypto::write_identity_file(&id_file, &key).unwrap();
+        let identities = Identities::load(&id_file).unwrap();
+        let recipients =
+            crate::crypto::Recipients::load(std::slice::from_ref(&key.recipient), None).unwrap();
+        let content_key = recipients.content_key();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut sealed = recipients.encrypt(Vec::new()).unwrap();
+        sealed.write_all(&data).unwrap();
+        let sealed = sealed.finish().unwrap();
+        let id = ContentId(*blake3::keyed_hash(&content_key, &data).as_bytes());
+        for unnamed in [true, false] {
+            let target = Target::open(&dir.path().join(format!("t-{unnamed}")), true)
+                .unwrap()
+                .unwrap();
+            let folder = target.folder("library/a", true).unwrap().unwrap();
+            let mut sink = FileSink::new(target.path(), false);
+            if !unnamed {
+                sink.files = sink.files.without_unnamed();
+            }
+            let entry = Entry {
+                path: "library/a/x.jpg".into(),
+                kind: EntryKind::File,
+                size: data.len() as u64,
+                mtime_ns: 1_600_000_000_000_000_000,
+                mode: 0o4755,
+                content: Some(id),
+                target: None,
+            };
+            restore_file(
+                &sealed[..],
+                &identities,
+                &content_key,
+                &folder,
+                &entry,
+                &sink,
+                &target,
+            )
+            .unwrap();
+            let path = target.shown(&entry.path);
+            assert_eq!(std::fs::read(&path).unwrap(), data, "unnamed {unnamed}");
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o755, "setuid dropped");
+            // A damaged object: an error, and nothing at its name or beside it.
+            let mut bad = sealed.clone();
+            let mid = bad.len() / 2;
+            bad[mid] ^= 1;
+            let other = Entry {
+                path: "library/a/y.jpg".into(),
+                ..entry.clone()
+            };
+            let err = restore_file(
+                &bad[..],
+                &identities,
+                &content_key,
+                &folder,
+                &other,
+                &sink,
+                &target,
+            )
+            .unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+            let names: Vec<_> = folder
+                .entries()
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            assert_eq!(names, ["x.jpg"], "unnamed {unnamed}");
+        }
+    }
+}
