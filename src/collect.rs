@@ -56,7 +56,11 @@ const MAX_KEPT_BUFFERS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Found {
     pub entry: Entry,
+    /// Where to open it: its path, or, deep down, a path through its open folder
+    /// (`/proc/self/fd/N/name`, see [`LONG_PATH`]) that `dir` keeps valid.
     pub abs: PathBuf,
+    /// The open folder `abs` goes through, for paths too long to open by name.
+    pub dir: Option<Arc<std::os::fd::OwnedFd>>,
     pub ino: u64,
     pub ctime_ns: i64,
     /// When the walk read this metadata (nanoseconds since the epoch).
@@ -131,13 +135,75 @@ pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Vec<Walked>>) {
             tracing::warn!(folder = %top.display(), "originals folder does not exist; nothing to back up there");
             continue;
         }
-        let walked = describe(root, &top, std::fs::symlink_metadata(&top));
+        let walked = describe(
+            Some(folder.to_string()),
+            &top,
+            std::fs::symlink_metadata(&top),
+            None,
+        );
         let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
-        if !out.push(walked) || (is_dir && !walk_dir(root, &top, &mut out)) {
+        if !out.push(walked) || (is_dir && !walk_dir(&Dir::Path(top), folder, &mut out)) {
             return; // the backup stopped
         }
     }
     out.flush();
+}
+
+/// Paths at least this long are walked through their open folder: the kernel refuses a path longer
+/// than PATH_MAX (4096 bytes), so deep down each folder is opened relative to its parent
+/// (`openat`, never following a symlink) and named `/proc/self/fd/N`.
+pub const LONG_PATH: usize = 3072;
+
+/// A folder being walked: by its path, or through an open descriptor.
+enum Dir {
+    Path(PathBuf),
+    Open {
+        fd: Arc<std::os::fd::OwnedFd>,
+        proc: PathBuf,
+    },
+}
+
+impl Dir {
+    /// The path to list it by and to join names to.
+    fn path(&self) -> &Path {
+        match self {
+            Dir::Path(p) => p,
+            Dir::Open { proc, .. } => proc,
+        }
+    }
+
+    /// The descriptor that keeps [`Dir::path`] valid, if any.
+    fn keep(&self) -> Option<Arc<std::os::fd::OwnedFd>> {
+        match self {
+            Dir::Path(_) => None,
+            Dir::Open { fd, .. } => Some(fd.clone()),
+        }
+    }
+
+    /// The subfolder `name`.
+    fn child(&self, name: &std::ffi::OsStr) -> io::Result<Dir> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let parent = match self {
+            Dir::Path(p) => {
+                let joined = p.join(name);
+                if joined.as_os_str().len() < LONG_PATH {
+                    return Ok(Dir::Path(joined));
+                }
+                Arc::new(rustix::fs::open(p.as_path(), flags, Mode::empty())?)
+            }
+            Dir::Open { fd, .. } => fd.clone(),
+        };
+        let fd = rustix::fs::openat(&*parent, name, flags, Mode::empty())?;
+        let proc = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ));
+        Ok(Dir::Open {
+            fd: Arc::new(fd),
+            proc,
+        })
+    }
 }
 
 /// Batches what the walk found; `false` once the receiver is gone.
@@ -158,48 +224,59 @@ impl Batch {
     }
 }
 
-/// The contents of folder `dir`, depth first in name order; `false` when the walk must stop.
-fn walk_dir(root: &Path, dir: &Path, out: &mut Batch) -> bool {
-    let unreadable = |path: &Path, e: io::Error| Walked::Unreadable {
-        path: rel_path(root, path).unwrap_or_else(|| path.display().to_string()),
+/// The contents of folder `dir` (at `rel` under the root), depth first in name order; `false`
+/// when the walk must stop.
+fn walk_dir(dir: &Dir, rel: &str, out: &mut Batch) -> bool {
+    let unreadable = |path: &str, e: io::Error| Walked::Unreadable {
+        path: path.to_string(),
         error: e.to_string(),
     };
     let mut entries = Vec::new();
-    match std::fs::read_dir(dir) {
+    match std::fs::read_dir(dir.path()) {
         Ok(listing) => {
             for e in listing {
                 match e {
                     Ok(e) => entries.push(e),
-                    Err(e) => return out.push(unreadable(dir, e)),
+                    Err(e) => return out.push(unreadable(rel, e)),
                 }
             }
         }
-        Err(e) => return out.push(unreadable(dir, e)),
+        Err(e) => return out.push(unreadable(rel, e)),
     }
     entries.sort_unstable_by_key(|e| e.file_name());
     for e in entries {
+        let name = e.file_name();
+        let child_rel = name.to_str().map(|n| format!("{rel}/{n}"));
         let path = e.path();
-        let walked = describe(root, &path, e.metadata());
+        let walked = describe(child_rel.clone(), &path, e.metadata(), dir.keep());
         let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
-        if !out.push(walked) || (is_dir && !walk_dir(root, &path, out)) {
+        if !out.push(walked) {
             return false;
+        }
+        if let (true, Some(child_rel)) = (is_dir, child_rel) {
+            let walked = match dir.child(&name) {
+                Ok(child) => walk_dir(&child, &child_rel, out),
+                Err(e) => out.push(unreadable(&child_rel, e)),
+            };
+            if !walked {
+                return false;
+            }
         }
     }
     true
 }
 
-/// Path relative to `root`, `/`-separated, if it is valid UTF-8.
-fn rel_path(root: &Path, p: &Path) -> Option<String> {
-    let rel = p.strip_prefix(root).ok()?;
-    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
-    parts.map(|p| p.join("/"))
-}
-
-/// What the walk records for `p`, given its (not followed) metadata.
-fn describe(root: &Path, p: &Path, meta: io::Result<std::fs::Metadata>) -> Walked {
+/// What the walk records for `p` (at `rel`, `None` when its name is not UTF-8), given its (not
+/// followed) metadata; `dir` keeps `p` valid when it goes through an open folder.
+fn describe(
+    rel: Option<String>,
+    p: &Path,
+    meta: io::Result<std::fs::Metadata>,
+    dir: Option<Arc<std::os::fd::OwnedFd>>,
+) -> Walked {
     // Taken after the metadata was read.
     let walked_ns = now_ns();
-    let Some(path) = rel_path(root, p) else {
+    let Some(path) = rel else {
         return Walked::Unreadable {
             path: p.to_string_lossy().into_owned(),
             error: "file name is not valid UTF-8; rename it so it can be recorded".into(),
@@ -257,6 +334,7 @@ fn describe(root: &Path, p: &Path, meta: io::Result<std::fs::Metadata>) -> Walke
     Walked::Found(Found {
         entry,
         abs: p.to_path_buf(),
+        dir,
         ino: meta.ino(),
         ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
         walked_ns,

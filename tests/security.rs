@@ -534,28 +534,29 @@ fn restore_writes_nothing_outside_its_target_through_symlinks() {
 }
 
 #[test]
-fn folders_deeper_than_path_max_are_restored_with_the_markers() {
+fn paths_longer_than_path_max_are_backed_up_and_restored_with_the_markers() {
     let src = Source::new(ASSETS);
-    // library/deep/ddd…/ddd… past 4096 bytes, made one folder at a time.
+    // library/deep/ddd…/ddd…/photo.jpg, past 4096 bytes, made one folder at a time.
     let component = "d".repeat(200);
     let deep: Vec<&str> = std::iter::repeat_n(component.as_str(), 24).collect();
     let rel = format!("library/deep/{}", deep.join("/"));
     assert!(rel.len() > 4096);
+    let photo = sample::photo_bytes(9, 70_000);
     let t = immich_backup::target::Target::open(&src.upload, false)
         .unwrap()
         .unwrap();
-    t.folder(&rel, true).unwrap().unwrap();
+    let folder = t.folder(&rel, true).unwrap().unwrap();
+    assert!(folder
+        .create_small(std::ffi::OsStr::new("photo.jpg"), &photo, 0o644)
+        .unwrap());
     let run = cli(
         Some(&src.write_config("config.toml")),
         &["--json", "backup"],
         &[],
     );
-    // The walk records the folders it reaches; those past PATH_MAX are listed as skipped.
-    assert!(
-        run.code == exit::OK || run.code == exit::PARTIAL,
-        "{}",
-        run.stderr
-    );
+    let rep = run.expect_code(exit::OK).json();
+    assert_eq!(rep["files"], src.lib.original_files as u64 + 1, "{rep}");
+
     let fresh = PgCluster::start(None).unwrap();
     let target = src.work.path().join("target");
     let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
@@ -568,19 +569,16 @@ fn folders_deeper_than_path_max_are_restored_with_the_markers() {
     let restored = immich_backup::target::Target::open(&target, false)
         .unwrap()
         .unwrap();
-    let listed = file_list(&src.store, &src.identity, r["snapshot"].as_str().unwrap());
-    let deepest = listed
-        .iter()
-        .filter(|e| e.kind == EntryKind::Dir && e.path.starts_with("library/deep"))
-        .map(|e| e.path.clone())
-        .max_by_key(|p| p.len())
-        .unwrap();
-    assert!(
-        deepest.len() > 4096,
-        "the backup recorded {} bytes",
-        deepest.len()
-    );
-    assert!(restored.folder(&deepest, false).unwrap().is_some());
+    let deepest = restored.folder(&rel, false).unwrap().expect("restored");
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(
+        &mut deepest
+            .open_file(std::ffi::OsStr::new("photo.jpg"))
+            .unwrap(),
+        &mut back,
+    )
+    .unwrap();
+    assert!(back == photo, "the deep photo differs");
 }
 
 #[test]

@@ -452,11 +452,11 @@ impl Folders {
                 .expect("created");
             self.open.push(child);
         }
-        Ok(match self.open.last() {
-            Some(f) if parts.is_empty() => f.clone(),
-            Some(f) => f.clone(),
-            None => self.target.root().clone(),
-        })
+        Ok(self
+            .open
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.target.root().clone()))
     }
 }
 
