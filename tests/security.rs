@@ -848,3 +848,88 @@ fn a_killed_restore_takes_its_psql_with_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn objects_swapped_under_a_signed_manifest_are_refused_and_other_keys_need_their_verify_key() {
+    let src = Source::new(ASSETS);
+    // The backup machine signs with a random key (`signing-key --new`), not one made from the
+    // identity: a restore trusts it only when told its verify key.
+    let key_file = src.work.path().join("random.key");
+    let run = cli(
+        None,
+        &["--json", "signing-key", "--new", "-o", path_arg(&key_file)],
+        &[],
+    );
+    let verify = run.expect_code(exit::OK).json()["verify_keys"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut toml = src.toml();
+    toml.signing_key = None;
+    toml.extra = String::new();
+    let text = toml.text().replace(
+        "[backup]",
+        &format!(
+            "signing_key_file = {:?}\n\n[backup]",
+            key_file.display().to_string()
+        ),
+    );
+    let config = src.work.path().join("random.toml");
+    fs::write(&config, text).unwrap();
+    let id = cli(Some(&config), &["--json", "backup"], &[])
+        .expect_code(exit::OK)
+        .json()["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fresh = PgCluster::start(None).unwrap();
+    let target = src.work.path().join("target");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let quiet = [("IMMICH_BACKUP_LOG", "off")];
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--dry-run"]),
+        &quiet,
+    );
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("--verify-key"), "{}", run.stderr);
+    let dry = restore_args(&src.identity, &["--dry-run", "--verify-key", &verify]);
+    cli(Some(&rconfig), &dry, &[]).expect_code(exit::OK);
+
+    // The dump and the file list replaced by new age files of the very same plaintext (more than
+    // an attacker could do): the signed manifest pins the originals, so both are refused.
+    let m = manifest(&src.store, &src.identity, &id);
+    let forger = Forger::new(&src);
+    let ids = immich_backup::crypto::Identities::load(&src.identity).unwrap();
+    for key in [&m.dump.key, &m.files.key] {
+        let path = src.store.join(key);
+        let original = fs::read(&path).unwrap();
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(&mut ids.decrypt(&original[..], key).unwrap(), &mut plain)
+            .unwrap();
+        fs::write(&path, forger.seal(&plain)).unwrap();
+        let run = cli(Some(&rconfig), &dry, &quiet);
+        run.expect_code(exit::INTEGRITY);
+        assert!(
+            run.stderr.contains("replaced") && run.stderr.contains(key.as_str()),
+            "{}",
+            run.stderr
+        );
+        fs::write(&path, original).unwrap();
+    }
+    // An edited summary (what retention reads) breaks the signature too.
+    let summary = src.store.join(format!("snapshots/{id}/summary.json"));
+    let original = fs::read_to_string(&summary).unwrap();
+    fs::write(&summary, original.replace("\"host\"", "\"host\" ")).unwrap();
+    let run = cli(Some(&rconfig), &dry, &quiet);
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("summary.json"), "{}", run.stderr);
+    fs::write(&summary, original).unwrap();
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &["--verify-key", &verify]),
+        &[],
+    );
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["signed_by"], verify.as_str(), "{r}");
+}
