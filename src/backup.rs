@@ -396,7 +396,7 @@ fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>
         .then(|| PathBuf::from(&cfg.encryption.signing_key_file));
     let (keys, made_for) = sign::load_signing_keys(&cfg.encryption.signing_key, file.as_deref())?;
     if keys.is_empty() {
-        tracing::warn!("no signing key: this snapshot is NOT signed, and restoring it will need --allow-unsigned. Make the key where the identity is kept (`immich-backup signing-key --identity FILE -o signing.key`) and set [encryption] signing_key_file");
+        tracing::warn!("no signing key: this snapshot is NOT signed (a restore trusts it only while no snapshot in the store is signed, or with --allow-unsigned). Make the key where the identity is kept (`immich-backup signing-key --identity FILE -o signing.key`) and set [encryption] signing_key_file");
     }
     for r in &made_for {
         if !recipients.canonical().contains(r) {

@@ -461,7 +461,7 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     } else {
         storecheck::print(&report);
         match signing.as_slice() {
-            [] => println!("  WARN signing             no [encryption] signing_key_file: snapshots will be unsigned (restoring them needs --allow-unsigned); make one with `immich-backup keygen` or `signing-key`"),
+            [] => println!("  WARN signing             no [encryption] signing_key_file: snapshots will be unsigned (a restore trusts them only while none in the store is signed, or with --allow-unsigned); make one with `immich-backup keygen` or `signing-key`"),
             keys => println!("  ok   signing             snapshots are signed; a restore trusts them with the identity the key was made from (verify key {})", keys.join(", ")),
         }
     }
@@ -563,7 +563,7 @@ fn print_backup(r: &BackupReport, json: bool) {
         println!("  NOT repaired: {m} (no file of this backup has its content any more)");
     }
     if !r.signed {
-        println!("  WARNING: this snapshot is NOT signed (no [encryption] signing_key_file): restoring it will need --allow-unsigned");
+        println!("  WARNING: this snapshot is NOT signed (no [encryption] signing_key_file): a restore trusts it only while no snapshot in the store is signed, or with --allow-unsigned");
     }
     if !r.skipped.is_empty() {
         println!(
@@ -730,7 +730,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
         r.source_host,
         match &r.signed_by {
             Some(k) => format!("signed by {k}"),
-            None => "NOT SIGNED (--allow-unsigned)".into(),
+            None => "NOT SIGNED".into(),
         }
     );
     println!(

@@ -236,14 +236,33 @@ pub struct Listed {
 
 /// Every snapshot id in the store with whether it is complete, oldest first.
 pub async fn list_ids(store: &Store) -> Result<BTreeMap<String, bool>> {
-    let mut ids: BTreeMap<String, bool> = BTreeMap::new();
+    Ok(list_folders(store)
+        .await?
+        .into_iter()
+        .map(|(id, f)| (id, f.complete))
+        .collect())
+}
+
+/// What a snapshot folder holds, as far as a listing tells.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Folder {
+    /// The manifest exists: the snapshot is complete.
+    pub complete: bool,
+    /// A `signature.json` exists (whether it verifies is another matter).
+    pub signed: bool,
+}
+
+/// Every snapshot folder in the store, oldest first.
+pub async fn list_folders(store: &Store) -> Result<BTreeMap<String, Folder>> {
+    let mut ids: BTreeMap<String, Folder> = BTreeMap::new();
     let mut s = std::pin::pin!(store.list(SNAPSHOTS_DIR));
     while let Some(item) = s.next().await {
         let (key, _) = item?;
         let mut parts = key.split('/').skip(1);
         if let (Some(id), Some(name)) = (parts.next(), parts.next()) {
-            let complete = ids.entry(id.to_string()).or_default();
-            *complete |= name == MANIFEST_OBJECT;
+            let folder = ids.entry(id.to_string()).or_default();
+            folder.complete |= name == MANIFEST_OBJECT;
+            folder.signed |= name == SIGNATURE_OBJECT;
         }
     }
     Ok(ids)

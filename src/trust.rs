@@ -8,10 +8,10 @@
 //! by their keyed content addresses. Copying an old snapshot under a newer id, editing any object,
 //! or writing a whole new snapshot with the public recipients all fail here.
 //!
-//! Stores written before snapshots were signed (manifest format 1) have no signatures: they are
-//! restored only with `--allow-unsigned`, loudly, since anyone with write access to the store could
-//! have written them. `latest` means the newest snapshot that is authentic: newer ones that are not
-//! are named and skipped.
+//! Stores written before snapshots were signed (manifest format 1) have no signatures: a store in
+//! which no snapshot is signed keeps working, with a loud warning (anyone with write access could
+//! have written it); once any snapshot is signed, an unsigned one needs `--allow-unsigned`. `latest`
+//! means the newest snapshot that is authentic: newer ones that are not are named and skipped.
 
 use std::collections::BTreeMap;
 
@@ -201,6 +201,19 @@ fn decrypt_manifest(identities: &Identities, id: &str, sealed: &[u8]) -> Result<
     })
 }
 
+/// A store in which no complete snapshot carries a signature was written before snapshots were
+/// signed (immich-backup 0.1): it keeps working, loudly. Once any snapshot is signed, an unsigned
+/// one needs `--allow-unsigned` (it may be old, or planted).
+fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshot::Folder>) -> Trust {
+    let any_signed = folders.values().any(|f| f.complete && f.signed);
+    let mut trust = trust.clone();
+    if !any_signed && !trust.allow_unsigned && folders.values().any(|f| f.complete) {
+        tracing::warn!("no snapshot in this store is signed: it was written before immich-backup signed snapshots (0.1), or someone removed every signed one. Restoring unsigned snapshots; anyone who could write to the store could have written them. Back up with a signing key (`immich-backup signing-key`) from now on");
+        trust.allow_unsigned = true;
+    }
+    trust
+}
+
 /// Resolve `wanted` (`latest`, an id or a unique prefix) to an authentic snapshot. For `latest`,
 /// newer snapshots that are not authentic (or whose manifest is damaged) are skipped, with a warning
 /// naming each.
@@ -210,13 +223,19 @@ pub async fn resolve(
     trust: &Trust,
     wanted: &str,
 ) -> Result<Opened> {
+    let folders = snapshot::list_folders(store).await?;
+    let trust = &legacy_aware(trust, &folders);
     if wanted != "latest" {
         let id = snapshot::resolve(store, wanted).await?;
         return open(store, identities, trust, &id).await;
     }
-    let ids: BTreeMap<String, bool> = snapshot::list_ids(store).await?;
     let mut skipped: Vec<(String, Error)> = Vec::new();
-    for id in ids.iter().rev().filter(|(_, c)| **c).map(|(id, _)| id) {
+    for id in folders
+        .iter()
+        .rev()
+        .filter(|(_, f)| f.complete)
+        .map(|(id, _)| id)
+    {
         match open(store, identities, trust, id).await {
             Ok(o) => {
                 for (s, why) in &skipped {

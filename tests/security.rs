@@ -385,71 +385,67 @@ fn an_old_snapshot_copied_under_a_newer_id_is_refused() {
 }
 
 #[test]
-fn unsigned_snapshots_need_allow_unsigned_and_special_modes_are_dropped() {
+fn unsigned_stores_keep_working_loudly_and_special_modes_are_dropped() {
     let src = Source::new(ASSETS);
     // A setuid file and a sticky folder in the library (root runs the tests, as a restore would).
     let suid = "library/admin/2024/IMG_0001.jpg";
     fs::set_permissions(src.upload.join(suid), fs::Permissions::from_mode(0o6755)).unwrap();
     let sticky = "library/admin/2023";
     fs::set_permissions(src.upload.join(sticky), fs::Permissions::from_mode(0o1777)).unwrap();
-    // A backup machine without a signing key: unsigned snapshots, said at every backup.
+    // A backup machine without a signing key (as 0.1 was): unsigned snapshots, said at every backup.
     let mut toml = src.toml();
     toml.signing_key = None;
-    let config = toml.write(&src.work.path().join("unsigned.toml"));
-    let run = cli(Some(&config), &["--json", "backup"], &[]);
+    let unsigned_config = toml.write(&src.work.path().join("unsigned.toml"));
+    let run = cli(Some(&unsigned_config), &["--json", "backup"], &[]);
     let rep = run.expect_code(exit::OK).json();
+    let old = rep["snapshot"].as_str().unwrap().to_string();
     assert_eq!(rep["signed"], false, "{rep}");
     assert!(run.stderr.contains("NOT signed"), "{}", run.stderr);
 
+    // A store with no signed snapshot at all keeps working, loudly.
     let fresh = PgCluster::start(None).unwrap();
     let target = src.work.path().join("target");
     let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
-    let run = cli(
-        Some(&rconfig),
-        &restore_args(&src.identity, &[]),
-        &[("IMMICH_BACKUP_LOG", "off")],
-    );
-    run.expect_code(exit::INTEGRITY);
-    assert!(run.stderr.contains("--allow-unsigned"), "{}", run.stderr);
-    assert!(!target.exists());
-    let run = cli(
-        Some(&rconfig),
-        &restore_args(&src.identity, &["--allow-unsigned"]),
-        &[],
-    );
+    let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
     let r = run.expect_code(exit::OK).json();
     assert!(r["signed_by"].is_null(), "{r}");
-    assert!(run.stderr.contains("NOT signed"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no snapshot in this store is signed"),
+        "{}",
+        run.stderr
+    );
     let mode = |p: PathBuf| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode(target.join(suid)), 0o755, "setuid/setgid dropped");
     assert_eq!(mode(target.join(sticky)), 0o777, "sticky dropped");
 
-    // With --keep-special-modes they are kept (into another folder; the database is restored).
-    let kept = src.work.path().join("kept");
-    let args = restore_args(
-        &src.identity,
-        &[
-            "--allow-unsigned",
-            "--keep-special-modes",
-            "--dry-run",
-            "--target",
-            path_arg(&kept),
-        ],
-    );
-    cli(Some(&rconfig), &args, &[]).expect_code(exit::NOT_FRESH);
+    // Once the machine signs, an unsigned snapshot (old, or planted) needs --allow-unsigned.
+    cli(Some(&src.write_config("signed.toml")), &["backup"], &[]).expect_code(exit::OK);
     fresh
         .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
         .unwrap();
+    let kept = src.work.path().join("kept");
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[&old, "--target", path_arg(&kept)]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("--allow-unsigned"), "{}", run.stderr);
+    assert!(!kept.exists());
+    // With it (and --keep-special-modes) the old snapshot restores, special bits and all.
     let args = restore_args(
         &src.identity,
         &[
+            &old,
             "--allow-unsigned",
             "--keep-special-modes",
             "--target",
             path_arg(&kept),
         ],
     );
-    cli(Some(&rconfig), &args, &[]).expect_code(exit::OK);
+    let run = cli(Some(&rconfig), &args, &[]);
+    run.expect_code(exit::OK);
+    assert!(run.stderr.contains("NOT signed"), "{}", run.stderr);
     assert_eq!(mode(kept.join(suid)), 0o6755);
     assert_eq!(mode(kept.join(sticky)), 0o1777);
 }
