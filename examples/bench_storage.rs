@@ -86,18 +86,20 @@ fn config(
     path: &Path,
     cluster: &PgCluster,
     upload: &Path,
-    recipient: &str,
+    key: &immich_backup::crypto::NewKey,
     cache: &Path,
     storage: &str,
 ) {
+    use age::secrecy::ExposeSecret;
     std::fs::write(
         path,
         format!(
-            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\n[backup]\ncache_dir = {:?}\n",
+            "[immich]\nupload_location = {:?}\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n[storage]\n{storage}\n[encryption]\nrecipients = [{:?}]\nsigning_key = {:?}\n[backup]\ncache_dir = {:?}\n",
             upload.display().to_string(),
             cluster.port,
             cluster.bin_dir.display().to_string(),
-            recipient,
+            key.recipient,
+            key.signing.to_text().expose_secret(),
             cache.display().to_string()
         ),
     )
@@ -159,7 +161,7 @@ fn main() {
         &file_cfg,
         &cluster,
         &upload,
-        &key.recipient,
+        &key,
         &w.join("cache-file"),
         &format!(
             "url = \"file://{}\"\nconcurrency = {concurrency}",
@@ -171,7 +173,7 @@ fn main() {
         &s3_cfg,
         &cluster,
         &upload,
-        &key.recipient,
+        &key,
         &w.join("cache-s3"),
         &format!(
             "url = \"s3://bench/immich\"\nendpoint = \"{}\"\nallow_http = true\nregion = \"us-east-1\"\naccess_key_id = \"{}\"\nconcurrency = {concurrency}",

@@ -113,6 +113,9 @@ pub async fn run_with(
     check_upload_location(&root, &cfg.immich.folders)?;
     let signing = signing_keys(cfg, &recipients)?;
     let marker = snapshot::open_or_init(store).await?;
+    if signing.is_empty() {
+        require_legacy(store).await?;
+    }
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
     let lock = Lock::acquire(store, LockKind::Shared, "backup", &cfg.lock).await?;
@@ -389,8 +392,29 @@ fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<(
     Ok(())
 }
 
-/// The configured signing keys; without one, snapshots are unsigned and a restore of them needs
-/// `--allow-unsigned`, so every backup says so.
+/// Without a signing key a backup goes on only in a store written before snapshots were signed
+/// (immich-backup 0.1: complete snapshots, none signed), where restores trust unsigned snapshots
+/// anyway. A new store, or one whose snapshots are signed, gets signed snapshots or none: an
+/// unsigned one could not be told from a forged one.
+async fn require_legacy(store: &Store) -> Result<()> {
+    let folders = snapshot::list_folders(store).await?;
+    let complete: Vec<_> = folders.values().filter(|f| f.complete).collect();
+    let how = "set [encryption] signing_key_file to the signing key `immich-backup keygen` wrote beside the identity (or make it where the identity is kept: `immich-backup signing-key --identity FILE -o signing.key`)";
+    if complete.is_empty() {
+        return Err(Error::Config(format!(
+            "no signing key: this repository's snapshots must be signed, so that a restore can tell them from forged ones; {how}"
+        )));
+    }
+    if complete.iter().any(|f| f.signed) {
+        return Err(Error::Config(format!(
+            "no signing key, but this repository's snapshots are signed: an unsigned one would not be trusted by a restore; {how}"
+        )));
+    }
+    Ok(())
+}
+
+/// The configured signing keys; without one (a 0.1 store, see [`require_legacy`]) snapshots are
+/// unsigned, and every backup says so.
 fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>> {
     let file = (!cfg.encryption.signing_key_file.is_empty())
         .then(|| PathBuf::from(&cfg.encryption.signing_key_file));

@@ -461,7 +461,7 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     } else {
         storecheck::print(&report);
         match signing.as_slice() {
-            [] => println!("  WARN signing             no [encryption] signing_key_file: snapshots will be unsigned (a restore trusts them only while none in the store is signed, or with --allow-unsigned); make one with `immich-backup keygen` or `signing-key`"),
+            [] => println!("  WARN signing             no [encryption] signing_key_file: backup will refuse to run (snapshots must be signed); make the key with `immich-backup keygen` or `signing-key`"),
             keys => println!("  ok   signing             snapshots are signed; a restore trusts them with the identity the key was made from (verify key {})", keys.join(", ")),
         }
     }

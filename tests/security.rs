@@ -392,10 +392,18 @@ fn unsigned_stores_keep_working_loudly_and_special_modes_are_dropped() {
     fs::set_permissions(src.upload.join(suid), fs::Permissions::from_mode(0o6755)).unwrap();
     let sticky = "library/admin/2023";
     fs::set_permissions(src.upload.join(sticky), fs::Permissions::from_mode(0o1777)).unwrap();
-    // A backup machine without a signing key (as 0.1 was): unsigned snapshots, said at every backup.
+    // A backup machine without a signing key: a new repository refuses to start unsigned.
     let mut toml = src.toml();
     toml.signing_key = None;
     let unsigned_config = toml.write(&src.work.path().join("unsigned.toml"));
+    let quiet = [("IMMICH_BACKUP_LOG", "off")];
+    let run = cli(Some(&unsigned_config), &["backup"], &quiet);
+    run.expect_code(exit::USAGE);
+    assert!(run.stderr.contains("signing_key_file"), "{}", run.stderr);
+    // A store as 0.1 wrote it (complete snapshots, none signed) goes on unsigned, saying so at
+    // every backup.
+    let first = src.backup_lib().snapshot;
+    fs::remove_file(src.store.join(format!("snapshots/{first}/signature.json"))).unwrap();
     let run = cli(Some(&unsigned_config), &["--json", "backup"], &[]);
     let rep = run.expect_code(exit::OK).json();
     let old = rep["snapshot"].as_str().unwrap().to_string();
@@ -418,8 +426,16 @@ fn unsigned_stores_keep_working_loudly_and_special_modes_are_dropped() {
     assert_eq!(mode(target.join(suid)), 0o755, "setuid/setgid dropped");
     assert_eq!(mode(target.join(sticky)), 0o777, "sticky dropped");
 
-    // Once the machine signs, an unsigned snapshot (old, or planted) needs --allow-unsigned.
+    // Once the machine signs, an unsigned snapshot (old, or planted) needs --allow-unsigned, and
+    // a backup without the key is refused.
     cli(Some(&src.write_config("signed.toml")), &["backup"], &[]).expect_code(exit::OK);
+    let run = cli(Some(&unsigned_config), &["backup"], &quiet);
+    run.expect_code(exit::USAGE);
+    assert!(
+        run.stderr.contains("snapshots are signed"),
+        "{}",
+        run.stderr
+    );
     fresh
         .psql("postgres", &format!("DROP DATABASE {DB} WITH (FORCE)"))
         .unwrap();
