@@ -97,7 +97,7 @@ pub async fn open(
             Some((statement, signer(&file, &trust.keys)))
         }
         None if trust.allow_unsigned => {
-            tracing::warn!(snapshot = %id, "snapshot is NOT signed: restoring it because of --allow-unsigned. Anyone who could write to the store could have written it");
+            tracing::warn!(snapshot = %id, "snapshot is NOT signed: restoring it all the same (a store without signatures, or --allow-unsigned). Anyone who could write to the store could have written it");
             None
         }
         None => {
