@@ -945,3 +945,88 @@ fn objects_swapped_under_a_signed_manifest_are_refused_and_other_keys_need_their
     let r = run.expect_code(exit::OK).json();
     assert_eq!(r["signed_by"], verify.as_str(), "{r}");
 }
+
+/// Unmounts a tmpfs on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// A tmpfs of `size` (e.g. "4m") at a new folder under `parent` (the tests run as root, as
+    /// `.ci/run` does).
+    fn mount(parent: &Path, size: &str) -> Tmpfs {
+        let dir = parent.join("small-disk");
+        fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs (this test needs root)");
+        Tmpfs(dir)
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_restore_stopped_by_a_full_disk_leaves_no_wrong_file_and_finishes_when_run_again() {
+    let src = Source::new(ASSETS);
+    src.backup_lib();
+    let fresh = PgCluster::start(None).unwrap();
+    // The library's originals take about 11 MB; the target's disk holds 3.
+    let disk = Tmpfs::mount(src.work.path(), "3m");
+    let target = disk.0.join("upload-location");
+    let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
+    let run = cli(
+        Some(&rconfig),
+        &restore_args(&src.identity, &[]),
+        &[("IMMICH_BACKUP_LOG", "off")],
+    );
+    run.expect_code(exit::FAILURE);
+    assert!(run.stderr.contains("disk is full"), "{}", run.stderr);
+    // Whatever has its name is complete and right; nothing half-written is left.
+    assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
+    for e in walkdir::WalkDir::new(&target).into_iter().flatten() {
+        let rel = e.path().strip_prefix(&target).unwrap();
+        if e.file_type().is_file() && e.file_name() != MARKER_FILE && rel.components().count() > 1 {
+            assert_eq!(
+                fs::read(e.path()).unwrap(),
+                fs::read(src.upload.join(rel)).unwrap(),
+                "{} is not the snapshot's",
+                rel.display()
+            );
+        }
+    }
+    // More room, the same command again: the database (replayed the first time) is kept, the
+    // files are finished.
+    disk.resize("64m");
+    // A partial file, as a restore killed mid-file leaves where unnamed files are not possible.
+    let partial = target.join("library/.IMG_9.jpg.immich-backup-partial");
+    fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    fs::write(&partial, b"half a photo").unwrap();
+    let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["database_resumed"], true, "{r}");
+    assert_eq!(r["rows_match"], true, "{r}");
+    let diff = immich_backup::demo::compare_trees(
+        &src.upload,
+        &target,
+        &["library".into(), "upload".into(), "profile".into()],
+    )
+    .unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+    assert!(!target.join(".immich-backup-restore.json").exists());
+    assert!(!partial.exists());
+}

@@ -203,6 +203,11 @@ impl Stored {
 pub struct Survey {
     /// Files already in place and identical (an interrupted restore being resumed).
     pub present: HashSet<String>,
+    /// Immich markers (`<folder>/.immich`) in the target that differ from the snapshot's: made by an
+    /// earlier restore that failed (markers are made whatever happens), replaced by the snapshot's.
+    pub stale_markers: HashSet<String>,
+    /// Partial files an interrupted restore left (removed before this one writes).
+    pub stale_partials: Vec<String>,
     /// Files whose object is missing, or has a size no age file of the file can have (what a dry
     /// run reports; a restore tries them anyway and lists what fails).
     pub damaged: Vec<Damaged>,
@@ -241,11 +246,15 @@ pub async fn survey(
         next,
         mut extras,
         differing,
-        survey,
+        mut survey,
         ..
     } = merged;
     extras.extend(existing[next..].iter().map(|(p, _)| p.clone()));
     extras.retain(|p| !is_folder_or_marker(p));
+    // What a restore killed while it wrote a file under a partial name left: removed, not extra.
+    let (partials, extras): (Vec<String>, Vec<String>) =
+        extras.into_iter().partition(|p| is_partial(p));
+    survey.stale_partials = partials;
     if let Some(first) = extras.first() {
         return Err(not_fresh_files(format!(
             "the target holds {} path(s) that are not in the snapshot (first: {first})",
@@ -263,8 +272,21 @@ pub async fn survey(
 
 /// The originals folders and their markers are not extra.
 fn is_folder_or_marker(p: &str) -> bool {
-    let parts: Vec<&str> = p.split('/').collect();
-    parts.len() == 1 || (parts.len() == 2 && parts[1] == ".immich")
+    !p.contains('/') || is_marker(p)
+}
+
+/// A file a restore writes before it has verified it (where unnamed files are not possible).
+fn is_partial(p: &str) -> bool {
+    let name = split(p).1;
+    name.starts_with('.') && name.ends_with(PARTIAL_SUFFIX)
+}
+
+/// The end of the name of a file being restored, see [`FileSink`].
+const PARTIAL_SUFFIX: &str = ".immich-backup-partial";
+
+/// `<folder>/.immich`, Immich's marker.
+fn is_marker(p: &str) -> bool {
+    p.split_once('/').is_some_and(|(_, name)| name == ".immich")
 }
 
 fn not_fresh_files(reason: String) -> Error {
@@ -310,6 +332,8 @@ impl Merge {
                 if e.kind == EntryKind::File {
                     self.survey.present.insert(e.path);
                 }
+            } else if e.kind == EntryKind::File && kind == Kind::File && is_marker(&e.path) {
+                self.survey.stale_markers.insert(e.path);
             } else {
                 self.differing.push(e.path);
             }
@@ -493,6 +517,14 @@ pub async fn restore_files(
             tx.blocking_send(e).map_err(|_| Error::Interrupted)
         })
     });
+    for rel in &survey.stale_partials {
+        let (parent, name) = split(rel);
+        if let Some(folder) = target.folder(parent, false)? {
+            folder
+                .remove_file(OsStr::new(name))
+                .map_err(|e| target.error(rel, e))?;
+        }
+    }
     let sink = Arc::new(FileSink::new(target.path(), opts.keep_special_modes));
     let list_key = manifest.files.key.clone();
     let mut folders = Folders {
@@ -517,9 +549,14 @@ pub async fn restore_files(
                         Ok(None)
                     }
                     EntryKind::File if survey.present.contains(&e.path) => Ok(None),
-                    EntryKind::File => folders
-                        .get(split(&e.path).0)
-                        .map(|folder| Some(Job { folder, entry: e })),
+                    EntryKind::File => folders.get(split(&e.path).0).and_then(|folder| {
+                        if survey.stale_markers.contains(&e.path) {
+                            folder
+                                .remove_file(OsStr::new(split(&e.path).1))
+                                .map_err(|err| target.error(&e.path, err))?;
+                        }
+                        Ok(Some(Job { folder, entry: e }))
+                    }),
                 };
                 async move { job.transpose() }
             })
@@ -652,7 +689,7 @@ impl FileSink {
         }
         let mut tmp = std::ffi::OsString::from(".");
         tmp.push(name);
-        tmp.push(".immich-backup-partial");
+        tmp.push(PARTIAL_SUFFIX);
         let w = self.files.create_in(folder.fd(), &tmp, 0o600, len)?;
         Ok((w, Partial::Named(tmp)))
     }
