@@ -5,6 +5,7 @@
 //! [`collect`] walks the originals and stores new content concurrently; the file list,
 //! the plaintext refs and the local cache are written as the results arrive, in walk order.
 
+use std::collections::HashSet;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,6 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use std::collections::HashSet;
 use tokio::sync::mpsc;
 
 use crate::collect::{
@@ -206,6 +206,10 @@ async fn run_locked(
         skipped: files.skipped.clone(),
     };
     tracing::debug!(files = files.totals.files, "files stored");
+    let (repaired, not_repaired) = repair.map(|r| r.outcome()).unwrap_or_default();
+    for m in &not_repaired {
+        tracing::warn!(object = %m.key(), "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
+    }
     lock.confirm().await?;
     commit(
         store,
@@ -237,18 +241,9 @@ async fn run_locked(
         duration_secs: started.elapsed().as_secs_f64(),
         row_counts: dumped.row_counts,
         signed: !signing.is_empty(),
-        repaired: Vec::new(),
-        not_repaired: Vec::new(),
+        repaired: repaired.iter().map(ContentId::key).collect(),
+        not_repaired: not_repaired.iter().map(ContentId::key).collect(),
     };
-    let mut report = report;
-    if let Some(r) = &repair {
-        let (repaired, missed) = r.outcome();
-        report.repaired = repaired.iter().map(ContentId::key).collect();
-        report.not_repaired = missed.iter().map(ContentId::key).collect();
-        for m in &report.not_repaired {
-            tracing::warn!(object = %m, "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
-        }
-    }
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
 }
@@ -298,7 +293,12 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         snapshot_taken: taken_tx,
     };
     let files_fut = async {
-        let known = Arc::new(list_content(store).await?.with_repair(run.repair.cloned()));
+        // A repair has listed the store already, sizes and all.
+        let known = match run.repair {
+            Some(r) => Known::new(r.stored_ids(), store).with_repair(Some(r.clone())),
+            None => list_content(store).await?,
+        };
+        let known = Arc::new(known);
         let storer = Arc::new(FileStorer {
             store: store.clone(),
             recipients: run.recipients.clone(),
@@ -416,9 +416,7 @@ async fn require_legacy(store: &Store) -> Result<()> {
 /// The configured signing keys; without one (a 0.1 store, see [`require_legacy`]) snapshots are
 /// unsigned, and every backup says so.
 fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>> {
-    let file = (!cfg.encryption.signing_key_file.is_empty())
-        .then(|| PathBuf::from(&cfg.encryption.signing_key_file));
-    let (keys, made_for) = sign::load_signing_keys(&cfg.encryption.signing_key, file.as_deref())?;
+    let (keys, made_for) = cfg.encryption.signing_keys()?;
     if keys.is_empty() {
         tracing::warn!("no signing key: this snapshot is NOT signed (a restore trusts it only while no snapshot in the store is signed, or with --allow-unsigned). Make the key where the identity is kept (`immich-backup signing-key --identity FILE -o signing.key`) and set [encryption] signing_key_file");
     }
@@ -517,11 +515,7 @@ async fn prepare_repair(
     recipients: &Recipients,
     named: HashSet<ContentId>,
 ) -> Result<Repair> {
-    let sizes: Vec<(ContentId, u64)> = store
-        .list(snapshot::DATA_DIR)
-        .try_filter_map(|(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) })
-        .try_collect()
-        .await?;
+    let sizes: Vec<(ContentId, u64)> = store.content_sizes().try_collect().await?;
     let empty = recipients
         .encrypt(Vec::new())
         .and_then(|s| s.finish())

@@ -448,7 +448,10 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     }
     let store = Store::open(&cfg.storage)?;
     let report = storecheck::run(&store).await;
-    let signing = signing_verdict(cfg)?;
+    let signing: Vec<String> = signing_verdict(cfg)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     if json {
         let mut v = serde_json::to_value(&report).expect("report serialises");
         v["verify_keys"] = serde_json::json!(signing);
@@ -474,11 +477,9 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
 }
 
 /// The verify keys of the configured signing keys (a bad key file is a config error).
-fn signing_verdict(cfg: &Config) -> Result<Vec<String>> {
-    let file = (!cfg.encryption.signing_key_file.is_empty())
-        .then(|| PathBuf::from(&cfg.encryption.signing_key_file));
-    let (keys, _) = sign::load_signing_keys(&cfg.encryption.signing_key, file.as_deref())?;
-    Ok(keys.iter().map(|k| k.verify_key().to_string()).collect())
+fn signing_verdict(cfg: &Config) -> Result<Vec<sign::VerifyKey>> {
+    let (keys, _) = cfg.encryption.signing_keys()?;
+    Ok(keys.iter().map(sign::SigningKey::verify_key).collect())
 }
 
 /// Backup with the configured database transport.
@@ -582,11 +583,7 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     let list = snapshot::list(&store).await?;
     // The backup machine checks signatures with its own signing keys' verify keys (and any
     // configured ones): a snapshot someone else wrote into the store shows as untrusted.
-    let mut keys: Vec<sign::VerifyKey> = signing_verdict(cfg)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|k| k.parse().ok())
-        .collect();
+    let mut keys = signing_verdict(cfg).unwrap_or_default();
     keys.extend(cfg.encryption.verify_keys()?);
     let mut statuses = Vec::with_capacity(list.len());
     for s in &list {
@@ -701,10 +698,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
             r.snapshot,
             r.snapshot_time,
             r.source_host,
-            match &r.signed_by {
-                Some(k) => format!("signed by {k}"),
-                None => "NOT SIGNED".into(),
-            }
+            signature_text(r)
         );
         println!(
             "  database {} onto PostgreSQL {}: no tables yet, extensions available, dump verified",
@@ -728,10 +722,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
         r.snapshot,
         r.snapshot_time,
         r.source_host,
-        match &r.signed_by {
-            Some(k) => format!("signed by {k}"),
-            None => "NOT SIGNED".into(),
-        }
+        signature_text(r)
     );
     println!(
         "  database {} replayed into PostgreSQL {}",
@@ -776,6 +767,14 @@ fn print_restore(r: &RestoreReport, json: bool) {
         println!("  warning: {w}");
     }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+/// Who signed the restored snapshot, for the summary line.
+fn signature_text(r: &RestoreReport) -> String {
+    match &r.signed_by {
+        Some(k) => format!("signed by {k}"),
+        None => "NOT SIGNED".into(),
+    }
 }
 
 /// The files a restore could not put back, and what to do.

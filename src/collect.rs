@@ -536,6 +536,11 @@ impl Repair {
         }
     }
 
+    /// Every stored content address (from the listing [`Repair::new`] was given).
+    pub fn stored_ids(&self) -> Vec<ContentId> {
+        self.sizes.iter().map(|(id, _)| *id).collect()
+    }
+
     fn mark_repaired(&self, id: &ContentId) {
         self.repaired.lock().expect("not poisoned").push(*id);
     }

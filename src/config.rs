@@ -289,6 +289,14 @@ impl std::fmt::Debug for EncryptionConfig {
 }
 
 impl EncryptionConfig {
+    /// The backup machine's signing keys (`signing_key` and `signing_key_file`), and the recipients
+    /// the key file says they were made for.
+    pub fn signing_keys(&self) -> Result<(Vec<crate::sign::SigningKey>, Vec<String>)> {
+        let file =
+            (!self.signing_key_file.is_empty()).then(|| PathBuf::from(&self.signing_key_file));
+        crate::sign::load_signing_keys(&self.signing_key, file.as_deref())
+    }
+
     /// The configured verification keys, parsed.
     pub fn verify_keys(&self) -> Result<Vec<crate::sign::VerifyKey>> {
         self.verify_keys

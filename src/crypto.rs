@@ -136,6 +136,12 @@ struct Secret {
     material: SecretBox<Vec<u8>>,
 }
 
+impl Secret {
+    fn signing_key(&self) -> SigningKey {
+        SigningKey::derive(self.kind, self.material.expose_secret())
+    }
+}
+
 impl Identities {
     /// Load an identity file: `age-keygen` output, an `age -p` passphrase-protected identity file,
     /// or an SSH private key (passphrase-protected or not). A passphrase comes from
@@ -155,7 +161,7 @@ impl Identities {
         }
         let verify_keys = secrets
             .iter()
-            .map(|s| SigningKey::derive(s.kind, s.material.expose_secret()).verify_key())
+            .map(|s| s.signing_key().verify_key())
             .collect();
         Ok(Identities {
             identities,
@@ -180,10 +186,7 @@ impl Identities {
                 "identity file {origin}: no age X25519 identity to make a signing key from (for an SSH key, make a new signing key with `immich-backup signing-key --new` and trust its verify key in [encryption] verify_keys)"
             )));
         }
-        Ok(secrets
-            .iter()
-            .map(|s| SigningKey::derive(s.kind, s.material.expose_secret()))
-            .collect())
+        Ok(secrets.iter().map(Secret::signing_key).collect())
     }
 
     /// Decrypt the age file `input` (unseal.rs); `object` names it in errors.

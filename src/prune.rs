@@ -16,11 +16,9 @@
 //! deletes anything.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
-use flate2::read::GzDecoder;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
@@ -239,12 +237,8 @@ async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Re
         object: key.clone(),
         message: format!("{message}; prune stopped before deleting anything"),
     };
-    for line in BufReader::new(GzDecoder::new(&gz[..])).lines() {
-        let line = line.map_err(|e| corrupt(e.to_string()))?;
-        if line.is_empty() {
-            continue;
-        }
-        into.insert(line.parse().map_err(corrupt)?);
+    for id in snapshot::parse_refs(&gz) {
+        into.insert(id.map_err(corrupt)?);
     }
     Ok(())
 }

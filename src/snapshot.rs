@@ -225,6 +225,16 @@ pub fn snapshot_key(id: &str, name: &str) -> String {
     format!("{SNAPSHOTS_DIR}/{id}/{name}")
 }
 
+/// The content addresses in a `refs.txt.gz` (its bytes `gz`), one a line; an `Err` names what is
+/// wrong with the object at that point (a damaged gzip stream, a line that is not an address).
+pub fn parse_refs(gz: &[u8]) -> impl Iterator<Item = std::result::Result<ContentId, String>> + '_ {
+    use std::io::BufRead;
+    std::io::BufReader::new(flate2::read::GzDecoder::new(gz))
+        .lines()
+        .filter(|l| !l.as_ref().is_ok_and(|l| l.is_empty()))
+        .map(|l| l.map_err(|e| e.to_string()).and_then(|l| l.parse()))
+}
+
 /// A snapshot as found in the store.
 #[derive(Debug, Clone, Serialize)]
 pub struct Listed {

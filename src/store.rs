@@ -426,15 +426,11 @@ impl Store {
                 Err(e) => return Err(self.error(key, e)),
             }
         }
-        let opts = PutOptions {
-            mode: if self.conditional {
-                PutMode::Create
-            } else {
-                PutMode::Overwrite
-            },
-            attributes: self.attributes.clone(),
-            ..Default::default()
-        };
+        let opts = self.put_options(if self.conditional {
+            PutMode::Create
+        } else {
+            PutMode::Overwrite
+        });
         match self
             .inner
             .put_opts(&path, PutPayload::from(data), opts)
@@ -538,13 +534,18 @@ impl Store {
         self.object_writer(key, true)
     }
 
-    /// Replace a small object in one request.
-    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
-        let opts = PutOptions {
-            mode: PutMode::Overwrite,
+    /// Options of a single-request put in `mode`, with the configured attributes (storage class).
+    fn put_options(&self, mode: PutMode) -> PutOptions {
+        PutOptions {
+            mode,
             attributes: self.attributes.clone(),
             ..Default::default()
-        };
+        }
+    }
+
+    /// Replace a small object in one request.
+    async fn put_overwrite(&self, key: &str, data: Bytes) -> Result<()> {
+        let opts = self.put_options(PutMode::Overwrite);
         self.inner
             .put_opts(&self.path(key), PutPayload::from(data), opts)
             .await
@@ -595,10 +596,18 @@ impl Store {
                 .map_err(|e| Error::Other(format!("listing: {e}")))?
                 .map_err(|e| self.local_error(crate::snapshot::DATA_DIR, e));
         }
-        self.list(crate::snapshot::DATA_DIR)
-            .try_filter_map(|(k, _)| async move { Ok(ContentId::from_key(&k)) })
+        self.content_sizes()
+            .map_ok(|(id, _)| id)
             .try_collect()
             .await
+    }
+
+    /// Every content object in `data/` with its stored size.
+    pub fn content_sizes(&self) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
+        self.list(crate::snapshot::DATA_DIR)
+            .try_filter_map(
+                |(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) },
+            )
     }
 
     /// Run blocking work on the local folder, mapping its I/O error to one on `what`.

@@ -78,15 +78,7 @@ pub async fn open(
     let sealed = store.get_bytes(&manifest_key(id)).await?;
     // Decrypted first: a wrong identity is told as such, not as an untrusted snapshot.
     let manifest = decrypt_manifest(identities, id, &sealed)?;
-    let signature = match store
-        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
-        .await
-    {
-        Ok(b) => Some(b),
-        Err(Error::Missing { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    let statement = match signature {
+    let statement = match signature_bytes(store, id).await? {
         Some(bytes) => {
             let file: SignatureFile = serde_json::from_slice(&bytes)
                 .map_err(|e| unauthentic(id, format!("signature.json is malformed ({e})")))?;
@@ -146,6 +138,18 @@ pub async fn open(
         manifest,
         signed_by,
     })
+}
+
+/// Snapshot `id`'s `signature.json`, if it has one.
+async fn signature_bytes(store: &Store, id: &str) -> Result<Option<bytes::Bytes>> {
+    match store
+        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
+        .await
+    {
+        Ok(b) => Ok(Some(b)),
+        Err(Error::Missing { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The first trusted key that signed `file`.
@@ -280,13 +284,8 @@ pub async fn signature_status(
     id: &str,
     keys: &[VerifyKey],
 ) -> Result<SignatureStatus> {
-    let bytes = match store
-        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
-        .await
-    {
-        Ok(b) => b,
-        Err(Error::Missing { .. }) => return Ok(SignatureStatus::Unsigned),
-        Err(e) => return Err(e),
+    let Some(bytes) = signature_bytes(store, id).await? else {
+        return Ok(SignatureStatus::Unsigned);
     };
     if keys.is_empty() {
         return Ok(SignatureStatus::Unchecked);

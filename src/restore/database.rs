@@ -152,23 +152,7 @@ pub async fn verify_dump(
     tokio::task::spawn_blocking(move || {
         let plain = identities.decrypt_pinned(reader, &want.key, want.header_mac.as_deref())?;
         let mut hashed = HashingReader::new(plain);
-        let mut sql = BufReader::with_capacity(256 * 1024, GzDecoder::new(&mut hashed));
-        let mut checker = DumpChecker::new();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if sql
-                .read_until(b'\n', &mut line)
-                .map_err(|e| dump_read_error(&want.key, e))?
-                == 0
-            {
-                break;
-            }
-            checker
-                .line(&line)
-                .map_err(|r| refused(&want.key, &r.to_string()))?;
-        }
-        drop(sql);
+        let facts = check_lines(GzDecoder::new(&mut hashed), &want.key, |_, _| Ok(()))?;
         // Whatever follows the gzip stream counts too.
         io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
         let (len, sha) = (hashed.len, hashed.finish());
@@ -178,12 +162,37 @@ pub async fn verify_dump(
                 message: "does not match the manifest's size and SHA-256".into(),
             });
         }
-        checker
-            .finish()
-            .map_err(|r| refused(&want.key, &r.to_string()))
+        Ok(facts)
     })
     .await
     .map_err(|e| Error::Other(format!("dump check: {e}")))?
+}
+
+/// Read the dump's SQL `sql` line by line through a [`DumpChecker`], handing each line and what it
+/// is to `each`; stops at the first line refused. `key` names the dump in errors.
+fn check_lines(
+    sql: impl Read,
+    key: &str,
+    mut each: impl FnMut(&[u8], &Line) -> Result<()>,
+) -> Result<DumpFacts> {
+    let mut sql = BufReader::with_capacity(256 * 1024, sql);
+    let mut checker = DumpChecker::new();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if sql
+            .read_until(b'\n', &mut line)
+            .map_err(|e| dump_read_error(key, e))?
+            == 0
+        {
+            break;
+        }
+        let kind = checker
+            .line(&line)
+            .map_err(|r| refused(key, &r.to_string()))?;
+        each(&line, &kind)?;
+    }
+    checker.finish().map_err(|r| refused(key, &r.to_string()))
 }
 
 /// The dump holds something `pg_dumpall` never writes.
@@ -249,6 +258,8 @@ struct Rewrite {
     /// The statements that drop and create the role psql is connected as, which always fail
     /// (and would stop psql, which runs with `ON_ERROR_STOP`).
     own_role: [String; 2],
+    /// [`SEARCH_PATH_FIX`] with its newline, for the [`SEARCH_PATH_LINE`] of each database.
+    search_path_fix: Vec<u8>,
 }
 
 impl Rewrite {
@@ -260,11 +271,12 @@ impl Rewrite {
                 format!("DROP ROLE IF EXISTS {role};"),
                 format!("CREATE ROLE {role};"),
             ],
+            search_path_fix: format!("{SEARCH_PATH_FIX}\n").into_bytes(),
         }
     }
 
     /// The bytes to send psql for `line`, which [`DumpChecker`] classified as `kind`.
-    fn apply<'a>(&self, line: &'a [u8], kind: &Line) -> &'a [u8] {
+    fn apply<'a>(&'a self, line: &'a [u8], kind: &Line) -> &'a [u8] {
         match kind {
             Line::Meta(Meta::Restrict(_) | Meta::Unrestrict(_)) if !self.restrict => b"",
             Line::Sql {
@@ -274,6 +286,8 @@ impl Rewrite {
                 let text = line.trim_ascii_end();
                 if self.own_role.iter().any(|r| text == r.as_bytes()) {
                     b""
+                } else if text == SEARCH_PATH_LINE.as_bytes() {
+                    &self.search_path_fix
                 } else {
                     line
                 }
@@ -305,50 +319,15 @@ pub async fn replay(
     let p = progress.clone();
     let feed = tokio::task::spawn_blocking(move || -> Result<()> {
         let plain = identities.decrypt_pinned(reader, &key, pin.as_deref())?;
-        let mut sql = BufReader::with_capacity(
-            256 * 1024,
-            GzDecoder::new(CountingReader {
-                inner: plain,
-                progress: p,
-            }),
-        );
+        let sql = GzDecoder::new(CountingReader {
+            inner: plain,
+            progress: p,
+        });
         let mut out = io::BufWriter::with_capacity(256 * 1024, SyncIoBridge::new(stdin));
-        let mut checker = DumpChecker::new();
-        let search_path_fix = format!("{SEARCH_PATH_FIX}\n").into_bytes();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if sql
-                .read_until(b'\n', &mut line)
-                .map_err(|e| dump_read_error(&key, e))?
-                == 0
-            {
-                break;
-            }
-            let kind = checker
-                .line(&line)
-                .map_err(|r| refused(&key, &r.to_string()))?;
-            let whole = matches!(
-                kind,
-                Line::Sql {
-                    starts_clean: true,
-                    ends_clean: true
-                }
-            );
-            let fixed: &[u8] = if whole && line.trim_ascii_end() == SEARCH_PATH_LINE.as_bytes() {
-                &search_path_fix
-            } else {
-                rewrite.apply(&line, &kind)
-            };
-            if let Err(e) = out.write_all(fixed) {
-                return Err(Error::Database(format!(
-                    "psql stopped reading the dump: {e}"
-                )));
-            }
-        }
-        checker
-            .finish()
-            .map_err(|r| refused(&key, &r.to_string()))?;
+        check_lines(sql, &key, |line, kind| {
+            out.write_all(rewrite.apply(line, kind))
+                .map_err(|e| Error::Database(format!("psql stopped reading the dump: {e}")))
+        })?;
         out.flush()
             .map_err(|e| Error::Database(format!("psql stopped reading the dump: {e}")))?;
         let mut bridge = out
@@ -472,6 +451,12 @@ mod tests {
             r.apply(b"CREATE ROLE postgres;\n", &inside),
             b"CREATE ROLE postgres;\n",
             "only whole statements are dropped"
+        );
+        let search_path = format!("{SEARCH_PATH_LINE}\n");
+        assert_eq!(
+            r.apply(search_path.as_bytes(), &clean),
+            format!("{SEARCH_PATH_FIX}\n").as_bytes(),
+            "Immich's search-path fix"
         );
         let restrict = Line::Meta(Meta::Restrict("abc".into()));
         assert_eq!(r.apply(b"\\restrict abc\n", &restrict), b"");

@@ -171,10 +171,8 @@ impl Stored {
     /// List `data/` once.
     pub async fn list(store: &Store, manifest: &Manifest) -> Result<Stored> {
         let mut sizes: Vec<(u64, u64)> = store
-            .list(snapshot::DATA_DIR)
-            .try_filter_map(|(k, size)| async move {
-                Ok(ContentId::from_key(&k).map(|id| (short(&id), size)))
-            })
+            .content_sizes()
+            .map_ok(|(id, size)| (short(&id), size))
             .try_collect()
             .await?;
         sizes.sort_unstable();
@@ -819,12 +817,10 @@ pub async fn shared_by(
         let Ok(bytes) = store.get_bytes(&key).await else {
             continue;
         };
-        for line in BufReader::new(GzDecoder::new(&bytes[..])).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(c) = line.trim().parse::<ContentId>() {
-                if objects.contains(&c) {
-                    out.entry(c).or_default().push(id.clone());
-                }
+        // A damaged list tells what it can, up to where it is damaged.
+        for c in snapshot::parse_refs(&bytes).map_while(|c| c.ok()) {
+            if objects.contains(&c) {
+                out.entry(c).or_default().push(id.clone());
             }
         }
     }

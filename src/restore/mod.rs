@@ -260,12 +260,15 @@ async fn restore(
     if db.ready_waits() {
         db.wait_ready().await?;
     }
+    // (version, and for a resumed restore the row checks it made)
     let database_check = async {
         if resumed {
-            resumed_database(db, &manifest).await
+            resumed_database(db, &manifest)
+                .await
+                .map(|(v, rows)| (v, Some(rows)))
         } else {
             let checked = database::check_target(db, &manifest).await;
-            explain_interrupted(checked, earlier.as_ref(), &id)
+            explain_interrupted(checked, earlier.as_ref(), &id).map(|v| (v, None))
         }
     };
     let files_check = async {
@@ -282,7 +285,8 @@ async fn restore(
         }
     };
     let (version, survey, facts) = tokio::join!(database_check, files_check, dump_check);
-    report.server_version = version?;
+    let (version, resumed_rows) = version?;
+    report.server_version = version;
     let survey = survey?;
     let facts = facts?;
     if let Some(facts) = &facts {
@@ -314,8 +318,8 @@ async fn restore(
         Some(if resumed { 0 } else { manifest.dump.size } + manifest.totals.bytes),
     );
     let database = async {
-        if resumed {
-            return Ok((Vec::new(), database::compare_rows(db, &manifest).await?));
+        if let Some(rows) = resumed_rows {
+            return Ok((Vec::new(), rows));
         }
         state::write(&target, &id, state::DatabaseStep::Replaying)?;
         let benign = database::replay(db, store, &identities, &manifest, &opts.progress).await?;
@@ -354,8 +358,11 @@ async fn restore(
 }
 
 /// An earlier run restored this snapshot's database: it must still hold exactly the snapshot's
-/// rows. Returns the server's version.
-async fn resumed_database(db: &dyn Database, manifest: &Manifest) -> Result<String> {
+/// rows. Returns the server's version and the row checks.
+async fn resumed_database(
+    db: &dyn Database,
+    manifest: &Manifest,
+) -> Result<(String, Vec<RowCheck>)> {
     let rows = database::compare_rows(db, manifest).await?;
     if let Some(bad) = rows.iter().find(|r| r.expected != r.actual) {
         return Err(Error::NotFresh {
@@ -370,7 +377,7 @@ async fn resumed_database(db: &dyn Database, manifest: &Manifest) -> Result<Stri
         "the database was restored from this snapshot by an earlier run; finishing the files"
     );
     let survey = crate::db::survey(db, &manifest.database.database).await?;
-    Ok(survey.version)
+    Ok((survey.version, rows))
 }
 
 /// A database that is not fresh because an earlier restore was interrupted while replaying it:
