@@ -437,6 +437,16 @@ pub fn tree_state(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
+/// The originals under `target` are those under `upload`, byte for byte, with modes and times.
+pub fn assert_same_originals(upload: &Path, target: &Path) {
+    let folders: Vec<String> = sample::ORIGINAL_FOLDERS
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    let diff = demo::compare_trees(upload, target, &folders).unwrap();
+    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
+}
+
 /// Files under `root` whose name marks an unfinished restore write.
 pub fn partial_files(root: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(root)
