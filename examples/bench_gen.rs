@@ -10,7 +10,7 @@
 //! Everything is deterministic (a seeded PRNG, fixed mtimes): the same arguments give the same bytes.
 //! File contents are PRNG output, so they are incompressible like real photos and videos.
 //!
-//! `db` starts a throwaway PostgreSQL cluster ([`immich_backup::sample::PgCluster`]), fills it, writes
+//! `db` starts a throwaway PostgreSQL cluster ([`immich_backup::demo::sample::PgCluster`]), fills it, writes
 //! `PGPORT=…` and `PG_BIN=…` to the `--env` file, and keeps the cluster running until its standard
 //! input closes (or it gets SIGINT/SIGTERM); then it stops the cluster and removes it.
 
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use immich_backup::sample::{self, PgCluster};
+use immich_backup::demo::sample::{self, PgCluster};
 
 #[derive(Parser)]
 #[command(about = "Deterministic data for the immich-backup benchmarks")]

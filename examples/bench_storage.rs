@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use immich_backup::sample::{self, PgCluster};
+use immich_backup::demo::sample::{self, PgCluster};
 
 struct Run {
     name: String,

@@ -9,18 +9,19 @@ use clap::{Parser, Subcommand};
 use immich_backup::agent;
 use immich_backup::backup::{self, BackupReport};
 use immich_backup::config::Config;
+use immich_backup::crypto::sign;
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
-use immich_backup::lock;
+use immich_backup::format::ContentId;
+use immich_backup::maintenance;
+use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
-use immich_backup::prune;
+use immich_backup::repo::lock;
+use immich_backup::repo::trust::{self, Trust};
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
-use immich_backup::schedule;
-use immich_backup::sign;
-use immich_backup::snapshot::ContentId;
+use immich_backup::store::check as storecheck;
 use immich_backup::store::Store;
-use immich_backup::trust::{self, Trust};
-use immich_backup::{db, demo, snapshot, storecheck};
+use immich_backup::{db, demo, repo};
 
 #[derive(Parser)]
 #[command(
@@ -296,7 +297,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Prune { dry_run } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let store = Store::open(&cfg.storage)?;
-            let report = prune::prune(&store, &cfg.lock, dry_run).await?;
+            let report = maintenance::prune(&store, &cfg.lock, dry_run).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -579,8 +580,8 @@ fn print_backup(r: &BackupReport, json: bool) {
 
 async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     let store = Store::open(&cfg.storage)?;
-    snapshot::require_marker(&store).await?;
-    let list = snapshot::list(&store).await?;
+    repo::snapshots::require_marker(&store).await?;
+    let list = repo::snapshots::list(&store).await?;
     // The backup machine checks signatures with its own signing keys' verify keys (and any
     // configured ones): a snapshot someone else wrote into the store shows as untrusted.
     let mut keys = signing_verdict(cfg).unwrap_or_default();
@@ -842,8 +843,9 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
 
 async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {
     let store = Store::open(&cfg.storage)?;
-    let tz = prune::retention_timezone(cfg)?;
-    let report = prune::forget(&store, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
+    let tz = maintenance::retention_timezone(cfg)?;
+    let report =
+        maintenance::forget(&store, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
     if json {
         println!(
             "{}",
@@ -882,7 +884,7 @@ async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> R
     Ok(exit::OK)
 }
 
-fn print_prune(p: &prune::PruneReport) {
+fn print_prune(p: &maintenance::PruneReport) {
     let verb = if p.dry_run { "would remove" } else { "removed" };
     println!(
         "prune: {} snapshot(s) reference {} content object(s); {verb} {} unreferenced content object(s) ({}) and {} incomplete snapshot folder(s)",
@@ -914,7 +916,7 @@ fn print_prune(p: &prune::PruneReport) {
 
 async fn unlock(cfg: &Config, remove_all: bool, json: bool) -> Result<i32> {
     let store = Store::open(&cfg.storage)?;
-    snapshot::require_marker(&store).await?;
+    repo::snapshots::require_marker(&store).await?;
     let (removed, kept) = lock::unlock(&store, &cfg.lock, remove_all).await?;
     if json {
         println!(

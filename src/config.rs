@@ -5,7 +5,9 @@
 //! (`IMMICH_BACKUP__DATABASE__PASSWORD`, `PGPASSWORD`), and are never printed: `Debug` redacts them.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -20,10 +22,10 @@ pub struct Config {
     pub storage: StorageConfig,
     pub encryption: EncryptionConfig,
     pub backup: BackupConfig,
-    pub retention: crate::retention::RetentionConfig,
-    pub schedule: crate::schedule::ScheduleConfig,
-    pub lock: crate::lock::LockConfig,
-    pub agent: crate::agent::AgentConfig,
+    pub retention: crate::policy::retention::RetentionConfig,
+    pub schedule: crate::policy::schedule::ScheduleConfig,
+    pub lock: LockConfig,
+    pub agent: AgentConfig,
 }
 
 /// `[immich]`: where the Immich files are.
@@ -40,7 +42,7 @@ impl Default for ImmichConfig {
     fn default() -> Self {
         ImmichConfig {
             upload_location: PathBuf::from("/srv/immich/library"),
-            folders: vec!["library".into(), "upload".into(), "profile".into()],
+            folders: crate::immich::ORIGINAL_FOLDERS.map(String::from).to_vec(),
         }
     }
 }
@@ -232,9 +234,9 @@ impl std::fmt::Debug for StorageConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let options: Vec<&String> = self.options.keys().collect();
         f.debug_struct("StorageConfig")
-            .field("url", &crate::store::redact_url(&self.url))
+            .field("url", &crate::redact::redact_url(&self.url))
             .field("concurrency", &self.concurrency)
-            .field("endpoint", &crate::store::redact_url(&self.endpoint))
+            .field("endpoint", &crate::redact::redact_url(&self.endpoint))
             .field("region", &self.region)
             .field("allow_http", &self.allow_http)
             .field("storage_class", &self.storage_class)
@@ -291,14 +293,14 @@ impl std::fmt::Debug for EncryptionConfig {
 impl EncryptionConfig {
     /// The backup machine's signing keys (`signing_key` and `signing_key_file`), and the recipients
     /// the key file says they were made for.
-    pub fn signing_keys(&self) -> Result<(Vec<crate::sign::SigningKey>, Vec<String>)> {
+    pub fn signing_keys(&self) -> Result<(Vec<crate::crypto::sign::SigningKey>, Vec<String>)> {
         let file =
             (!self.signing_key_file.is_empty()).then(|| PathBuf::from(&self.signing_key_file));
-        crate::sign::load_signing_keys(&self.signing_key, file.as_deref())
+        crate::crypto::sign::load_signing_keys(&self.signing_key, file.as_deref())
     }
 
     /// The configured verification keys, parsed.
-    pub fn verify_keys(&self) -> Result<Vec<crate::sign::VerifyKey>> {
+    pub fn verify_keys(&self) -> Result<Vec<crate::crypto::sign::VerifyKey>> {
         self.verify_keys
             .iter()
             .map(|k| {
@@ -454,6 +456,123 @@ impl Config {
         }
         std::env::temp_dir().join("immich-backup-cache")
     }
+}
+
+/// `[lock]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockConfig {
+    /// A lock not refreshed for this many seconds is stale (its holder died or lost the store).
+    pub stale_secs: u64,
+    /// How long a command waits for a conflicting lock to be released before it gives up (exit 11).
+    pub wait_secs: u64,
+}
+
+impl Default for LockConfig {
+    fn default() -> Self {
+        LockConfig {
+            stale_secs: 1800,
+            wait_secs: 120,
+        }
+    }
+}
+
+impl LockConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.stale_secs < 2 {
+            return Err(Error::Config(
+                "[lock] stale_secs must be at least 2 (default 1800)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn stale(&self) -> Duration {
+        Duration::from_secs(self.stale_secs)
+    }
+
+    pub(crate) fn refresh_interval(&self) -> Duration {
+        self.stale() / 6
+    }
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address of the health endpoint (`0.0.0.0:9090`, `:9090`); empty: off.
+    pub listen: String,
+    /// Seconds after a scheduled time by which its backup must have succeeded before `/healthz`
+    /// reports it overdue; 0: one schedule interval.
+    pub grace_secs: u64,
+    /// healthchecks.io-style base URL: `<url>/start` when a backup starts, `<url>` on success,
+    /// `<url>/fail` on failure. Empty: no pings.
+    pub ping_url: String,
+    /// Override the start / success / failure URLs individually.
+    pub ping_start_url: String,
+    pub ping_success_url: String,
+    pub ping_failure_url: String,
+    /// Seconds a ping may take.
+    pub ping_timeout_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            listen: String::new(),
+            grace_secs: 0,
+            ping_url: String::new(),
+            ping_start_url: String::new(),
+            ping_success_url: String::new(),
+            ping_failure_url: String::new(),
+            ping_timeout_secs: 10,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !self.listen.is_empty() {
+            parse_listen(&self.listen)?;
+        }
+        for (key, url) in [
+            ("ping_url", &self.ping_url),
+            ("ping_start_url", &self.ping_start_url),
+            ("ping_success_url", &self.ping_success_url),
+            ("ping_failure_url", &self.ping_failure_url),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => {
+                    return Err(Error::Config(format!(
+                        "[agent] {key} must be an http:// or https:// URL"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn grace(&self) -> Option<Duration> {
+        (self.grace_secs > 0).then(|| Duration::from_secs(self.grace_secs))
+    }
+}
+
+/// Parse `[agent] listen`: `host:port`, `[v6]:port`, or `:port` (all interfaces).
+pub fn parse_listen(listen: &str) -> Result<SocketAddr> {
+    let full = if let Some(port) = listen.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else {
+        listen.to_string()
+    };
+    full.parse().map_err(|_| {
+        Error::Config(format!(
+            "[agent] listen {listen:?} is not an address: use \"0.0.0.0:9090\", \"127.0.0.1:9090\" or \":9090\""
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -1,41 +1,39 @@
 //! immich-backup: encrypted, incremental, offsite backups of a self-hosted Immich server.
 //!
-//! The data path reads top to bottom: [`dump`] and [`collect`] are the sources, [`crypto`] seals
-//! what they produce, [`store`] keeps it, [`snapshot`] records what a backup holds, and
-//! [`restore`] runs the same path backwards. [`backup`] ties the sources to the store.
+//! The folders are the layers, lowest first (docs/ARCHITECTURE.md has the map; a test,
+//! tests/architecture.rs, keeps every import pointing down):
 //!
-//! Around it: [`lock`] keeps backups and [`prune`] (forget and prune, with [`retention`]) apart, and
-//! [`agent`] runs backups on a [`schedule`] with a [`health`] endpoint.
+//! 1. Leaves, no I/O of their own: [`error`], [`format`] (object names and the snapshot types),
+//!    [`immich`] (Immich's folders and tables), [`policy`] (what to keep, when to run), [`redact`],
+//!    [`host`], [`progress`].
+//! 2. [`crypto`]: age sealing and opening, content addresses, snapshot signatures.
+//! 3. [`config`]: every setting, checked.
+//! 4. [`store`] (object_store and the local-folder fast path) and [`db`] (the database, in Docker
+//!    or local): the two outside worlds.
+//! 5. [`repo`]: the repository, a store plus keys. It owns every object of the format: backups,
+//!    restores and maintenance read and write sealed, typed objects and never touch age or keys.
+//! 6. The commands' work: [`backup`] (dump, walk, upload), [`restore`] (database, files),
+//!    [`maintenance`] (forget, prune).
+//! 7. [`agent`] (scheduled runs, health endpoint) and [`demo`] (the embedded sample), over them all.
+//!
+//! The CLI (`cli`, in the binary) is a thin layer over this library.
 
 pub mod agent;
 pub mod backup;
-pub mod cloud;
-pub mod collect;
 pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod demo;
-pub mod directio;
-pub mod dump;
-pub mod dumpcheck;
-pub mod early;
 pub mod error;
-pub mod health;
-pub mod localstore;
-pub mod lock;
+pub mod format;
+pub mod host;
+pub mod immich;
+pub mod maintenance;
+pub mod policy;
 pub mod progress;
-pub mod prune;
+pub mod redact;
+pub mod repo;
 pub mod restore;
-pub mod retention;
-pub mod sample;
-pub mod schedule;
-pub mod seal;
-pub mod sign;
-pub mod snapshot;
 pub mod store;
-pub mod storecheck;
-pub mod target;
-pub mod trust;
-pub mod unseal;
 
 pub use error::{Error, Result};

@@ -22,15 +22,17 @@ use chrono::{DateTime, Utc};
 use immich_backup::backup::{self, BackupReport};
 use immich_backup::config::Config;
 use immich_backup::crypto::{self, Identities, Recipients};
+use immich_backup::db;
+use immich_backup::demo::sample::{self, PgCluster, SampleLibrary};
 use immich_backup::demo::{compare_trees, local_config};
+use immich_backup::format::{self, ContentId};
+use immich_backup::policy::schedule::{ManualClock, Planner, Schedule};
 use immich_backup::progress::Progress;
+use immich_backup::repo::lock;
+use immich_backup::repo::snapshots;
+use immich_backup::repo::trust::Trust;
 use immich_backup::restore::{self, RestoreOptions};
-use immich_backup::sample::{self, PgCluster, SampleLibrary};
-use immich_backup::schedule::{ManualClock, Planner, Schedule};
-use immich_backup::snapshot::{self, ContentId};
 use immich_backup::store::Store;
-use immich_backup::trust::Trust;
-use immich_backup::{db, lock};
 
 const BIN: &str = env!("CARGO_BIN_EXE_immich-backup");
 
@@ -196,7 +198,7 @@ async fn restore_and_compare(env: &Env, saved: &Saved) {
 
 /// Complete snapshot ids in the store.
 async fn complete_ids(store: &Store) -> Vec<String> {
-    snapshot::list_ids(store)
+    snapshots::list_ids(store)
         .await
         .unwrap()
         .into_iter()
@@ -208,7 +210,7 @@ async fn complete_ids(store: &Store) -> Vec<String> {
 /// The content objects in the store.
 async fn content(store: &Store) -> BTreeSet<ContentId> {
     store
-        .list_keys(snapshot::DATA_DIR)
+        .list_keys(format::DATA_DIR)
         .await
         .unwrap()
         .into_iter()
@@ -221,7 +223,7 @@ async fn referenced(store: &Store) -> BTreeSet<ContentId> {
     let mut out = BTreeSet::new();
     for id in complete_ids(store).await {
         let gz = store
-            .get_bytes(&snapshot::snapshot_key(&id, snapshot::REFS_OBJECT))
+            .get_bytes(&format::snapshot_key(&id, format::REFS_OBJECT))
             .await
             .unwrap();
         let mut text = String::new();
@@ -272,12 +274,12 @@ async fn forget_and_prune_round_trip_without_the_identity() {
     // Leftovers: an interrupted backup from long ago, one still being written (its id says it
     // started now), orphan content.
     let old_incomplete = "20200101T000000Z-0badc0de";
-    let fresh_incomplete = snapshot::new_snapshot_id(Utc::now());
+    let fresh_incomplete = format::new_snapshot_id(Utc::now());
     let fresh_incomplete = fresh_incomplete.as_str();
     for id in [old_incomplete, fresh_incomplete] {
         env.store
             .put_new(
-                &snapshot::snapshot_key(id, snapshot::DUMP_OBJECT),
+                &format::snapshot_key(id, format::DUMP_OBJECT),
                 bytes::Bytes::from_static(b"partial"),
             )
             .await
@@ -344,7 +346,7 @@ async fn forget_and_prune_round_trip_without_the_identity() {
         complete_ids(&env.store).await,
         vec![s2.snapshot.clone(), s3.snapshot.clone()]
     );
-    let folders: BTreeSet<String> = snapshot::list_ids(&env.store)
+    let folders: BTreeSet<String> = snapshots::list_ids(&env.store)
         .await
         .unwrap()
         .into_keys()
@@ -651,7 +653,7 @@ fn ping_server() -> (u16, Arc<Mutex<Vec<String>>>) {
 /// The sizes of `data/` and `snapshots/` on disk.
 async fn store_bytes(store: &Store) -> u64 {
     let mut total = 0;
-    for dir in [snapshot::DATA_DIR, snapshot::SNAPSHOTS_DIR] {
+    for dir in [format::DATA_DIR, format::SNAPSHOTS_DIR] {
         total += store
             .list_keys(dir)
             .await
@@ -777,9 +779,9 @@ async fn agent_backs_up_on_schedule_serves_health_and_stops_on_sigterm() {
     );
     assert_eq!(ids.len(), 2, "retention keeps the 2 newest: {ids:?}");
     let newest = ids.last().unwrap().clone();
-    let summary: snapshot::Summary = serde_json::from_slice(
+    let summary: format::Summary = serde_json::from_slice(
         &env.store
-            .get_bytes(&snapshot::snapshot_key(&newest, snapshot::SUMMARY_OBJECT))
+            .get_bytes(&format::snapshot_key(&newest, format::SUMMARY_OBJECT))
             .await
             .unwrap(),
     )
@@ -848,7 +850,7 @@ async fn agent_backs_up_on_schedule_serves_health_and_stops_on_sigterm() {
     );
     let left = on_disk(&snapshots_dir.join(&uploading[0]));
     assert!(
-        !left.contains(snapshot::MANIFEST_OBJECT) && !left.contains(snapshot::DUMP_OBJECT),
+        !left.contains(format::MANIFEST_OBJECT) && !left.contains(format::DUMP_OBJECT),
         "the abandoned upload never became an object: {left:?}"
     );
     assert!(

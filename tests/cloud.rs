@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use immich_backup::config::StorageConfig;
 use immich_backup::error::Error;
-use immich_backup::snapshot;
+use immich_backup::format;
+use immich_backup::repo::snapshots;
+use immich_backup::store::check::{self as storecheck, Status};
 use immich_backup::store::{Store, PART_SIZE};
-use immich_backup::storecheck::{self, Status};
 use support::azurite::Azurite;
 use support::gcs::FakeGcs;
 use support::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
@@ -74,7 +75,7 @@ fn s3_backup_restore_round_trip_with_multipart_object() {
     assert!(keys.iter().any(|k| k.ends_with(&format!(
         "{}/{}",
         report.snapshot,
-        snapshot::MANIFEST_OBJECT
+        format::MANIFEST_OBJECT
     ))));
 
     restore_and_verify(&rt, &source, &cfg);
@@ -107,11 +108,11 @@ fn s3_repair_replaces_damaged_objects() {
             .unwrap();
     let id_of = |rel: &str| {
         let bytes = std::fs::read(source.upload.join(rel)).unwrap();
-        snapshot::ContentId(*blake3::keyed_hash(&recipients.content_key(), &bytes).as_bytes())
+        format::ContentId(*blake3::keyed_hash(&recipients.content_key(), &bytes).as_bytes())
     };
     let small = id_of("library/admin/2023/PANO_0001.jpg");
     let big = id_of(BIG_FILE);
-    let path = |id: &snapshot::ContentId| {
+    let path = |id: &format::ContentId| {
         server.object_path("photos", &format!("immich/nightly/{}", id.key()))
     };
     let bytes = std::fs::read(path(&small)).unwrap();
@@ -178,7 +179,7 @@ fn s3_parallel_multipart_uploads_stay_bounded() {
             std::thread::spawn(move || {
                 let _g = handle.enter();
                 let mut w = store.writer(&format!("data/big-{i}"));
-                let data = immich_backup::sample::pseudo_random_bytes(i, len);
+                let data = immich_backup::demo::sample::pseudo_random_bytes(i, len);
                 for chunk in data.chunks(100_000) {
                     std::io::Write::write_all(&mut w, chunk).unwrap();
                 }
@@ -295,7 +296,7 @@ fn s3_missing_bucket_is_a_documented_error() {
     storage.concurrency = 2;
     let rt = runtime();
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
     assert_eq!(err.exit_code(), 10);
     assert_eq!(
         err.to_string(),
@@ -420,7 +421,7 @@ fn s3_failing_upload_names_the_object() {
     assert!(!text.contains('\n'), "{text}");
     assert!(!text.contains(SECRET_KEY));
     let store = Store::open(&cfg.storage).unwrap();
-    assert!(rt.block_on(snapshot::list(&store)).unwrap().is_empty());
+    assert!(rt.block_on(snapshots::list(&store)).unwrap().is_empty());
 }
 
 /// Kill the backup (SIGKILL) while a multipart upload is in flight: no snapshot is visible; the next
@@ -467,8 +468,8 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         .stall_data_parts
         .store(false, Ordering::SeqCst);
 
-    assert!(rt.block_on(snapshot::list(&store)).unwrap().is_empty());
-    let ids = rt.block_on(snapshot::list_ids(&store)).unwrap();
+    assert!(rt.block_on(snapshots::list(&store)).unwrap().is_empty());
+    let ids = rt.block_on(snapshots::list_ids(&store)).unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(ids.values().all(|complete| !complete));
     let out = cli(&config, &["snapshots"], &env);
@@ -509,7 +510,7 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         written.len()
     );
     assert_eq!(report["files"].as_u64().unwrap() as usize, source.originals);
-    let complete = rt.block_on(snapshot::list(&store)).unwrap();
+    let complete = rt.block_on(snapshots::list(&store)).unwrap();
     assert_eq!(complete.len(), 1);
     assert_eq!(complete[0].id, report["snapshot"].as_str().unwrap());
 }
@@ -655,7 +656,7 @@ fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
         .options
         .insert("bearer_token".into(), "wrong-token-9876543210".into());
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
     assert_eq!(err.exit_code(), 10);
     let text = err.to_string();
     assert!(text.contains("denied (AuthenticationRequired)"), "{text}");
@@ -666,7 +667,7 @@ fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
         .insert("bearer_token".into(), "right-token-0123456789".into());
     storage.url = "gs://no-such-bucket/x".into();
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshot::open_or_init(&store)).unwrap_err();
+    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
     assert_eq!(
         err.to_string(),
         "storage gs://no-such-bucket/x: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"

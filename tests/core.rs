@@ -17,11 +17,11 @@ use age::secrecy::{ExposeSecret, SecretString};
 use common::*;
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::demo;
-use immich_backup::error::exit;
-use immich_backup::sample::{
+use immich_backup::demo::sample::{
     self, asset_original_path, PgCluster, GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS,
 };
-use immich_backup::snapshot::{ContentId, EntryKind};
+use immich_backup::error::exit;
+use immich_backup::format::{ContentId, EntryKind};
 
 fn folders() -> Vec<String> {
     ORIGINAL_FOLDERS.iter().map(|f| f.to_string()).collect()
@@ -642,7 +642,7 @@ fn staged_uploads_of_an_earlier_boot_are_dropped_and_uploaded_again() {
     fs::create_dir_all(run.join(&hex[..2])).unwrap();
     fs::write(run.join(&hex[..2]).join(&hex), b"lost in the power cut").unwrap();
     let owner = serde_json::json!({
-        "host": immich_backup::lock::hostname(),
+        "host": immich_backup::host::hostname(),
         "boot_id": "00000000-0000-0000-0000-000000000000",
         "pid": 1,
         "started": "2026-01-01T00:00:00Z",

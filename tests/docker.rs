@@ -16,9 +16,10 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use immich_backup::crypto::{self, Identities};
+use immich_backup::demo::sample::{self, PgCluster};
 use immich_backup::error::exit;
-use immich_backup::sample::{self, PgCluster};
-use immich_backup::snapshot::{self, Manifest};
+use immich_backup::format::Manifest;
+use immich_backup::repo::snapshots;
 use immich_backup::store::Store;
 use immich_backup::{config::StorageConfig, demo, restore};
 
@@ -458,7 +459,7 @@ fn manifest(s: &Setup) -> Manifest {
         })
         .unwrap();
         let ids = Identities::load(&s.identity()).unwrap();
-        let id = snapshot::resolve(&store, "latest").await.unwrap();
+        let id = snapshots::resolve(&store, "latest").await.unwrap();
         restore::read_manifest(&store, &ids, &id).await.unwrap()
     })
 }
@@ -548,7 +549,7 @@ fn backup_and_restore_round_trip_inside_containers() {
     .unwrap();
     assert!(diff.compared > 10);
     assert!(diff.differences.is_empty(), "{:?}", diff.differences);
-    for folder in restore::IMMICH_FOLDERS {
+    for folder in immich_backup::immich::FOLDERS {
         assert!(target.join(folder).join(".immich").is_file(), "{folder}");
     }
     eprintln!("round trip took {:?}", t.elapsed());

@@ -9,8 +9,8 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use immich_backup::demo::sample::{self, PgCluster};
 use immich_backup::error::exit;
-use immich_backup::sample::{self, PgCluster};
 
 /// A database that `pg_dumpall` dumps before `immich`, with a table locked by an open transaction:
 /// the dump waits there until [`Blocker::release`], so the files are read ahead all that time.

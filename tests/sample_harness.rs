@@ -1,4 +1,4 @@
-//! Tests of the test harness itself (`immich_backup::sample`): the throwaway PostgreSQL cluster,
+//! Tests of the test harness itself (`immich_backup::demo::sample`): the throwaway PostgreSQL cluster,
 //! the Immich-like database and the sample UPLOAD_LOCATION.
 
 use std::collections::BTreeMap;
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
 
-use immich_backup::sample::{
+use immich_backup::demo::sample::{
     add_photo, asset_file_bytes, asset_original_path, canonicalize_dump, create_immich_like_db,
     create_sample_library, find_pg_bin_dir, PgCluster, ADMIN_ID, GENERATED_FOLDERS, MARKER_FILE,
     ORIGINAL_FOLDERS, SAMPLE_ASSET_FILES,

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flate2::write::GzEncoder;
+use immich_backup::crypto::sign::{self, SignatureFile, SigningKey, Statement};
 use immich_backup::crypto::Recipients;
+use immich_backup::demo::sample::{self, PgCluster, MARKER_FILE};
 use immich_backup::error::exit;
-use immich_backup::sample::{self, PgCluster, MARKER_FILE};
-use immich_backup::sign::{self, SignatureFile, SigningKey, Statement};
-use immich_backup::snapshot::{
+use immich_backup::format::{
     ContentId, Entry, EntryKind, Manifest, ObjectRef, Summary, MANIFEST_FORMAT,
 };
 use sha2::Digest;
@@ -554,7 +554,7 @@ fn paths_longer_than_path_max_are_backed_up_and_restored_with_the_markers() {
     let rel = format!("library/deep/{}", deep.join("/"));
     assert!(rel.len() > 4096);
     let photo = sample::photo_bytes(9, 70_000);
-    let t = immich_backup::target::Target::open(&src.upload, false)
+    let t = immich_backup::restore::target::Target::open(&src.upload, false)
         .unwrap()
         .unwrap();
     let folder = t.folder(&rel, true).unwrap().unwrap();
@@ -575,10 +575,10 @@ fn paths_longer_than_path_max_are_backed_up_and_restored_with_the_markers() {
     let run = cli(Some(&rconfig), &restore_args(&src.identity, &[]), &[]);
     let r = run.expect_code(exit::OK).json();
     assert_eq!(r["rows_match"], true, "{r}");
-    for f in immich_backup::restore::IMMICH_FOLDERS {
+    for f in immich_backup::immich::FOLDERS {
         assert!(target.join(f).join(MARKER_FILE).is_file(), "{f}");
     }
-    let restored = immich_backup::target::Target::open(&target, false)
+    let restored = immich_backup::restore::target::Target::open(&target, false)
         .unwrap()
         .unwrap();
     let deepest = restored.folder(&rel, false).unwrap().expect("restored");
@@ -608,9 +608,9 @@ fn restore_takes_the_shared_lock_unless_told_not_to() {
     let rt = rt();
     let store = immich_backup::store::Store::open(&src.config().storage).unwrap();
     let lock = rt
-        .block_on(immich_backup::lock::Lock::acquire(
+        .block_on(immich_backup::repo::lock::Lock::acquire(
             &store,
-            immich_backup::lock::LockKind::Exclusive,
+            immich_backup::repo::lock::LockKind::Exclusive,
             "prune",
             &Default::default(),
         ))

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{DatabaseConfig, DatabaseMode};
 use crate::error::{Error, Result};
-use crate::snapshot::Extension;
+use crate::format::Extension;
 
 /// A running `pg_dumpall`: its stdout, and a future that resolves once it exits (an error when it
 /// exited non-zero, with its stderr).
@@ -217,22 +217,7 @@ pub async fn other_sessions(db: &dyn Database, databases: &[String]) -> Result<V
 }
 
 /// Tables whose presence shows that Immich has used a database.
-pub const IMMICH_TABLES: [&str; 14] = [
-    "kysely_migrations",
-    "kysely_migrations_lock",
-    "migrations",
-    "asset",
-    "assets",
-    "user",
-    "users",
-    "album",
-    "albums",
-    "asset_exif",
-    "exif",
-    "system_metadata",
-    "version_history",
-    "person",
-];
+pub use crate::immich::TABLES as IMMICH_TABLES;
 
 /// Tables in (existing) database `name` outside the system schemas, Immich's first.
 pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String>> {

@@ -19,10 +19,10 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::crypto::{read_error, Identities};
 use crate::db::{self, Database, ReplayRun};
-use crate::dumpcheck::{DumpChecker, DumpFacts, Line, Meta};
 use crate::error::{Error, Result};
+use crate::format::Manifest;
 use crate::progress::Progress;
-use crate::snapshot::Manifest;
+use crate::restore::dumpcheck::{DumpChecker, DumpFacts, Line, Meta};
 use crate::store::Store;
 
 /// One table's rows: in the snapshot, and in the restored database.

@@ -1,7 +1,7 @@
 //! The files half of a restore: survey the target, put every file back that can be, and say which
 //! could not.
 //!
-//! Everything here works on the opened target ([`crate::target`]): one folder at a time, never
+//! Everything here works on the opened target ([`crate::restore::target`]): one folder at a time, never
 //! through a symlink, with paths of any length. Before anything is written, one pass over the file
 //! list compares it with what the target already holds (anything extra, or different, refuses the
 //! restore; identical files are kept, so a restore can be run again) and with one listing of the
@@ -26,24 +26,15 @@ use tokio::sync::mpsc;
 
 use super::database::HashingReader;
 use super::RestoreOptions;
-use crate::collect::walk_order;
+use crate::crypto::seal::age_payload_len;
 use crate::crypto::{read_error, Identities};
-use crate::directio::{self, DirectWriter, NewFiles};
 use crate::error::{Error, Result};
-use crate::seal::{CHUNK, NONCE_BYTES, TAG};
-use crate::snapshot::{self, ContentId, Entry, EntryKind, Manifest};
+use crate::format::walk_order;
+use crate::format::{self, ContentId, Entry, EntryKind, Manifest};
+use crate::repo::snapshots;
+use crate::restore::target::{self, Folder, Kind, Target};
+use crate::store::directio::{self, DirectWriter, NewFiles};
 use crate::store::Store;
-use crate::target::{self, Folder, Kind, Target};
-
-/// The folders Immich expects under UPLOAD_LOCATION, each with a `.immich` marker.
-pub const IMMICH_FOLDERS: [&str; 6] = [
-    "library",
-    "upload",
-    "profile",
-    "thumbs",
-    "encoded-video",
-    "backups",
-];
 
 /// A file that could not be restored because its content object is damaged or missing.
 #[derive(Debug, Clone, Serialize)]
@@ -72,7 +63,7 @@ pub fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
             .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
     if !ok {
         return Err(Error::Corrupt {
-            object: snapshot::snapshot_key(&manifest.id, snapshot::FILES_OBJECT),
+            object: format::snapshot_key(&manifest.id, format::FILES_OBJECT),
             message: format!(
                 "unsafe path {rel:?} in the file list; refusing to write outside the target"
             ),
@@ -142,13 +133,6 @@ async fn scan_list<T: Send + 'static>(
     })
     .await
     .map_err(|e| Error::Other(format!("file list reader: {e}")))?
-}
-
-/// Bytes of an age file's payload for `len` bytes of plaintext: nonce, then 64 KiB chunks with a
-/// tag each (one, possibly empty, at least).
-pub fn age_payload_len(len: u64) -> u64 {
-    let chunks = len.div_ceil(CHUNK as u64).max(1);
-    NONCE_BYTES as u64 + len + chunks * TAG as u64
 }
 
 /// The store's content objects and their sizes, from one listing, and the size of the age header
@@ -284,7 +268,8 @@ const PARTIAL_SUFFIX: &str = ".immich-backup-partial";
 
 /// `<folder>/.immich`, Immich's marker.
 fn is_marker(p: &str) -> bool {
-    p.split_once('/').is_some_and(|(_, name)| name == ".immich")
+    p.split_once('/')
+        .is_some_and(|(_, name)| name == crate::immich::MARKER_FILE)
 }
 
 fn not_fresh_files(reason: String) -> Error {
@@ -756,7 +741,7 @@ fn restore_file(
         out.set_permissions(std::fs::Permissions::from_mode(sink.mode(entry.mode)))
             .map_err(io_err)?;
         out.set_modified(mtime(entry.mtime_ns)).map_err(io_err)?;
-        crate::localstore::start_writeback(&out);
+        crate::store::local::start_writeback(&out);
         if !FileSink::publish(folder, &out, &partial, name).map_err(io_err)? {
             return Err(Error::Other(format!(
                 "{} appeared while it was being restored; is Immich running? Stop it and restore again",
@@ -780,10 +765,14 @@ fn mtime(mtime_ns: i64) -> std::time::SystemTime {
 pub fn make_markers(target: &Target) -> Vec<String> {
     let stamp = chrono::Utc::now().timestamp_millis().to_string();
     let mut warnings = Vec::new();
-    for f in IMMICH_FOLDERS {
+    for f in crate::immich::FOLDERS {
         let made = target.root().child(f, true).and_then(|folder| {
             let folder = folder.expect("created");
-            folder.create_small(OsStr::new(".immich"), stamp.as_bytes(), 0o644)
+            folder.create_small(
+                OsStr::new(crate::immich::MARKER_FILE),
+                stamp.as_bytes(),
+                0o644,
+            )
         });
         if let Err(e) = made {
             let w = format!(
@@ -809,16 +798,16 @@ pub async fn shared_by(
     if objects.is_empty() {
         return Ok(out);
     }
-    for (id, complete) in snapshot::list_ids(store).await? {
+    for (id, complete) in snapshots::list_ids(store).await? {
         if !complete {
             continue;
         }
-        let key = snapshot::snapshot_key(&id, snapshot::REFS_OBJECT);
+        let key = format::snapshot_key(&id, format::REFS_OBJECT);
         let Ok(bytes) = store.get_bytes(&key).await else {
             continue;
         };
         // A damaged list tells what it can, up to where it is damaged.
-        for c in snapshot::parse_refs(&bytes).map_while(|c| c.ok()) {
+        for c in format::parse_refs(&bytes).map_while(|c| c.ok()) {
             if objects.contains(&c) {
                 out.entry(c).or_default().push(id.clone());
             }

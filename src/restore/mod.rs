@@ -6,7 +6,7 @@
 //! ones listed), [`state`] the progress kept in the target so that a restore can be run again.
 //!
 //! Order: take the shared store lock (a prune cannot delete what is being read); pick the newest
-//! snapshot this repository's backup machine signed ([`crate::trust`]); then, before anything is
+//! snapshot this repository's backup machine signed ([`crate::repo::trust`]); then, before anything is
 //! written, side by side: the target database is fresh (or was restored from this very snapshot by
 //! an interrupted run), the target folders hold nothing that is not the snapshot's, every content
 //! object exists with a plausible size (one listing), and the dump verifies and holds nothing
@@ -16,8 +16,10 @@
 //! happened before.
 
 pub mod database;
+pub mod dumpcheck;
 pub mod files;
 pub mod state;
+pub mod target;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -26,20 +28,22 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::config::LockConfig;
 use crate::crypto::Identities;
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::lock::{Lock, LockConfig, LockKind};
+use crate::format::{self, ContentId, Manifest};
 use crate::progress::Progress;
-use crate::snapshot::{self, ContentId, Manifest};
+use crate::repo::lock::{Lock, LockKind};
+use crate::repo::snapshots;
+use crate::repo::trust::{self, Trust};
+use crate::restore::target::Target;
 use crate::store::Store;
-use crate::target::Target;
-use crate::trust::{self, Trust};
 
 pub use database::{
     classify_psql_errors, is_benign_psql_error, RowCheck, SEARCH_PATH_FIX, SEARCH_PATH_LINE,
 };
-pub use files::{restored_mode, Damaged, FileSink, IMMICH_FOLDERS};
+pub use files::{restored_mode, Damaged, FileSink};
 
 /// What to restore and how.
 pub struct RestoreOptions {
@@ -110,9 +114,9 @@ pub struct RestoreReport {
 }
 
 /// Read and decrypt a snapshot's manifest, without checking its signature (tests and tools; a
-/// restore goes through [`crate::trust`]).
+/// restore goes through [`crate::repo::trust`]).
 pub async fn read_manifest(store: &Store, identities: &Identities, id: &str) -> Result<Manifest> {
-    let key = snapshot::snapshot_key(id, snapshot::MANIFEST_OBJECT);
+    let key = format::snapshot_key(id, format::MANIFEST_OBJECT);
     let sealed = store.get_bytes(&key).await?;
     let mut plain = Vec::new();
     std::io::Read::read_to_end(&mut identities.decrypt(&sealed[..], &key)?, &mut plain)
@@ -201,7 +205,7 @@ async fn locked(
     opts: RestoreOptions,
     writing: &mut bool,
 ) -> Result<RestoreReport> {
-    snapshot::require_marker(store).await?;
+    snapshots::require_marker(store).await?;
     let Some(cfg) = opts.lock.clone() else {
         tracing::warn!("--no-lock: restoring without the store lock; a prune running meanwhile could delete what this restore still has to read");
         return restore(db, store, identities, opts, writing).await;
@@ -422,7 +426,7 @@ async fn with_sharing(store: &Store, mut damaged: Vec<Damaged>) -> Result<Vec<Da
 fn parse_key(manifest: &Manifest) -> Result<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(&manifest.content_key, &mut key).map_err(|e| Error::Corrupt {
-        object: snapshot::snapshot_key(&manifest.id, snapshot::MANIFEST_OBJECT),
+        object: format::snapshot_key(&manifest.id, format::MANIFEST_OBJECT),
         message: format!("bad content key: {e}"),
     })?;
     Ok(key)

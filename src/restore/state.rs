@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::target::Target;
+use crate::restore::target::Target;
 
 /// The state file's name, at the top of the target (outside the originals folders).
 pub const STATE_FILE: &str = ".immich-backup-restore.json";

@@ -15,10 +15,10 @@ use flate2::read::GzDecoder;
 use immich_backup::backup::{self, BackupReport};
 use immich_backup::config::{Config, StorageConfig};
 use immich_backup::crypto::{self, Identities, Recipients};
+use immich_backup::demo::sample::{self, PgCluster, SampleLibrary};
+use immich_backup::format::{ContentId, Entry, Manifest, DATA_DIR, MANIFEST_OBJECT};
 use immich_backup::progress::Progress;
 use immich_backup::restore;
-use immich_backup::sample::{self, PgCluster, SampleLibrary};
-use immich_backup::snapshot::{ContentId, Entry, Manifest, DATA_DIR, MANIFEST_OBJECT};
 use immich_backup::store::Store;
 use immich_backup::{db, demo};
 use tempfile::TempDir;
@@ -45,7 +45,7 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// for the metadata cache (and the read-ahead) to let its metadata stand for its content
 /// (`collect::SETTLE_NS`).
 pub fn wait_until_settled() {
-    let settle = std::time::Duration::from_nanos(immich_backup::collect::SETTLE_NS as u64);
+    let settle = std::time::Duration::from_nanos(immich_backup::backup::collect::SETTLE_NS as u64);
     std::thread::sleep(settle + std::time::Duration::from_millis(500));
 }
 

@@ -16,11 +16,11 @@ use immich_backup::config::{Config, StorageConfig};
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::db;
 use immich_backup::demo;
+use immich_backup::demo::sample::{self, PgCluster};
 use immich_backup::progress::Progress;
+use immich_backup::repo::trust::Trust;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
-use immich_backup::sample::{self, PgCluster};
 use immich_backup::store::{Store, PART_SIZE};
-use immich_backup::trust::Trust;
 
 /// Size of the large original: more than two multipart parts.
 pub const BIG_FILE_SIZE: usize = 2 * PART_SIZE + PART_SIZE / 2 + 12_345;

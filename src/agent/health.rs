@@ -20,8 +20,9 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::parse_listen;
 use crate::error::{Error, Result};
-use crate::schedule::Schedule;
+use crate::policy::schedule::Schedule;
 
 /// A successful backup.
 #[derive(Debug, Clone, Serialize)]
@@ -324,20 +325,6 @@ fn respond(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             "not found: try /healthz or /metrics\n".into(),
         ),
     }
-}
-
-/// Parse `[agent] listen`: `host:port`, `[v6]:port`, or `:port` (all interfaces).
-pub fn parse_listen(listen: &str) -> Result<SocketAddr> {
-    let full = if let Some(port) = listen.strip_prefix(':') {
-        format!("0.0.0.0:{port}")
-    } else {
-        listen.to_string()
-    };
-    full.parse().map_err(|_| {
-        Error::Config(format!(
-            "[agent] listen {listen:?} is not an address: use \"0.0.0.0:9090\", \"127.0.0.1:9090\" or \":9090\""
-        ))
-    })
 }
 
 /// Bind the endpoint (so a bad address fails start-up) and serve it until `shutdown`.

@@ -18,7 +18,7 @@ use croner::Cron;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::retention::parse_timezone;
+use crate::policy::retention::parse_timezone;
 
 /// `[schedule]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -34,8 +34,8 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::directio::{DirectWriter, NewFiles};
-use crate::snapshot::{ContentId, DATA_DIR};
+use crate::format::{ContentId, DATA_DIR};
+use crate::store::directio::{DirectWriter, NewFiles};
 
 /// Folder (under the store root) holding the staging folders of running backups.
 pub const STAGING_DIR: &str = "staging";
@@ -57,7 +57,7 @@ impl Owner {
     /// This process, now.
     pub fn this_process() -> Owner {
         Owner {
-            host: crate::lock::hostname(),
+            host: crate::host::hostname(),
             boot_id: boot_id(),
             pid: std::process::id(),
             started: chrono::Utc::now(),
@@ -109,7 +109,7 @@ pub fn verdict(
         return Verdict::Discard;
     }
     // Our own pid in another folder is an earlier process (PID 1 of a restarted container).
-    if o.pid != me.pid && crate::lock::pid_alive(o.pid) {
+    if o.pid != me.pid && crate::host::pid_alive(o.pid) {
         return Verdict::Leave;
     }
     Verdict::Adopt
@@ -133,7 +133,7 @@ impl LocalDir {
             root: root.to_path_buf(),
             staging: Mutex::new(None),
             seq: AtomicU64::new(0),
-            files: NewFiles::new(direct_io && crate::directio::suits(root)),
+            files: NewFiles::new(direct_io && crate::store::directio::suits(root)),
         }
     }
 
@@ -671,7 +671,7 @@ mod tests {
             "staged is not visible"
         );
         // A large object, through direct writes and the helper thread where they are on.
-        let big: Vec<u8> = (0..20 * crate::directio::BLOCK + 77)
+        let big: Vec<u8> = (0..20 * crate::store::directio::BLOCK + 77)
             .map(|i| (i % 241) as u8)
             .collect();
         let mut w = store.create(&key(6)).unwrap();

@@ -312,6 +312,13 @@ impl<W: Write> Write for Sealer<W> {
     }
 }
 
+/// Bytes of an age file's payload for `len` bytes of plaintext: nonce, then 64 KiB chunks with a
+/// tag each (one, possibly empty, at least).
+pub fn age_payload_len(len: u64) -> u64 {
+    let chunks = len.div_ceil(CHUNK as u64).max(1);
+    NONCE_BYTES as u64 + len + chunks * TAG as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,10 @@
 //! [`collect`] walks the originals and stores new content concurrently; the file list,
 //! the plaintext refs and the local cache are written as the results arrive, in walk order.
 
+pub mod collect;
+pub mod dump;
+pub mod early;
+
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -19,24 +23,23 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::collect::{
-    self, CacheReader, CacheWriter, FileStorer, Found, Known, Repair, StoreFileError, Stored,
-    Walked,
-};
 use crate::config::{Config, OnUnreadable};
+use crate::crypto::sign::{self, SignatureFile, SigningKey, Statement};
 use crate::crypto::Recipients;
 use crate::db::{self, Database};
-use crate::dump::{self, HashingWriter};
-use crate::early;
 use crate::error::{Error, Result};
-use crate::localstore::{self, Owner, Verdict};
-use crate::lock::{Lock, LockKind};
-use crate::progress::Progress;
-use crate::sign::{self, SignatureFile, SigningKey, Statement};
-use crate::snapshot::{
+use crate::format::{
     self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, ObjectRef, Skipped, Summary, Totals,
 };
+use crate::progress::Progress;
+use crate::repo::lock::{Lock, LockKind};
+use crate::repo::snapshots;
+use crate::store::local::{self, Owner, Verdict};
 use crate::store::{ObjectWriter, Store};
+use collect::{
+    CacheReader, CacheWriter, FileStorer, Found, Known, Repair, StoreFileError, Stored, Walked,
+};
+use dump::HashingWriter;
 
 /// What a backup did, for the summary line and `--json`.
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +115,7 @@ pub async fn run_with(
     let root = cfg.immich.upload_location.clone();
     check_upload_location(&root, &cfg.immich.folders)?;
     let signing = signing_keys(cfg, &recipients)?;
-    let marker = snapshot::open_or_init(store).await?;
+    let marker = snapshots::open_or_init(store).await?;
     if signing.is_empty() {
         require_legacy(store).await?;
     }
@@ -136,7 +139,7 @@ async fn run_locked(
     signing: &[SigningKey],
     progress: Progress,
     started: Instant,
-    marker: snapshot::RepoMarker,
+    marker: format::RepoMarker,
     lock: &Lock,
     opts: BackupOptions,
 ) -> Result<BackupReport> {
@@ -148,7 +151,7 @@ async fn run_locked(
     let recipients = Arc::new(recipients);
     let key = recipients.content_key();
     let time = Utc::now();
-    let id = snapshot::new_snapshot_id(time);
+    let id = format::new_snapshot_id(time);
     tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
 
     // Content a killed run left staged, then this run's staging (local stores).
@@ -173,7 +176,7 @@ async fn run_locked(
     let summary = Summary {
         id: id.clone(),
         time,
-        host: crate::lock::hostname(),
+        host: crate::host::hostname(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         files: files.totals.files,
         bytes: files.totals.bytes,
@@ -182,7 +185,7 @@ async fn run_locked(
         skipped: files.skipped.len() as u64,
     };
     let manifest = Manifest {
-        format: snapshot::MANIFEST_FORMAT,
+        format: format::MANIFEST_FORMAT,
         id: id.clone(),
         time,
         host: summary.host.clone(),
@@ -266,7 +269,7 @@ struct Run<'a> {
 struct ServerFacts {
     version: String,
     version_num: i64,
-    extensions: Vec<snapshot::Extension>,
+    extensions: Vec<format::Extension>,
     image: Option<String>,
 }
 
@@ -346,7 +349,7 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
     run: Run<'_>,
     events: dump::DumpEvents<F>,
 ) -> Result<dump::DumpOutcome> {
-    let key = snapshot::snapshot_key(run.id, snapshot::DUMP_OBJECT);
+    let key = format::snapshot_key(run.id, format::DUMP_OBJECT);
     let dumped = dump::dump_to_store(
         run.db,
         run.store,
@@ -397,7 +400,7 @@ fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<(
 /// anyway. A new store, or one whose snapshots are signed, gets signed snapshots or none: an
 /// unsigned one could not be told from a forged one.
 async fn require_legacy(store: &Store) -> Result<()> {
-    let folders = snapshot::list_folders(store).await?;
+    let folders = snapshots::list_folders(store).await?;
     let complete: Vec<_> = folders.values().filter(|f| f.complete).collect();
     let how = "set [encryption] signing_key_file to the signing key `immich-backup keygen` wrote beside the identity (or make it where the identity is kept: `immich-backup signing-key --identity FILE -o signing.key`)";
     if complete.is_empty() {
@@ -443,7 +446,7 @@ async fn commit(
     tracing::debug!(published, "content published");
     let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
     let summary_sha256 = sign::sha256_hex(&summary_json);
-    put_snapshot_object(store, &summary.id, snapshot::SUMMARY_OBJECT, summary_json).await?;
+    put_snapshot_object(store, &summary.id, format::SUMMARY_OBJECT, summary_json).await?;
     let plain = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
     let mut sealed = recipients
         .encrypt(Vec::new())
@@ -462,14 +465,14 @@ async fn commit(
         };
         let file = SignatureFile::sign(&statement, signing);
         let json = serde_json::to_vec_pretty(&file).expect("signature serialises");
-        put_snapshot_object(store, &manifest.id, snapshot::SIGNATURE_OBJECT, json).await?;
+        put_snapshot_object(store, &manifest.id, format::SIGNATURE_OBJECT, json).await?;
     }
-    put_snapshot_object(store, &manifest.id, snapshot::MANIFEST_OBJECT, bytes).await
+    put_snapshot_object(store, &manifest.id, format::MANIFEST_OBJECT, bytes).await
 }
 
 /// Create `snapshots/<id>/<name>`; it must not exist yet.
 async fn put_snapshot_object(store: &Store, id: &str, name: &str, body: Vec<u8>) -> Result<()> {
-    let key = snapshot::snapshot_key(id, name);
+    let key = format::snapshot_key(id, name);
     if !store.put_new(&key, body.into()).await? {
         return Err(Error::Other(format!(
             "{key} already exists; refusing to overwrite a snapshot"
@@ -485,7 +488,7 @@ async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
     if others.is_empty() {
         return Ok(());
     }
-    let locks = crate::lock::list(store, cfg.lock.stale()).await?;
+    let locks = crate::repo::lock::list(store, cfg.lock.stale()).await?;
     let me = Owner::this_process();
     for (name, owner, fresh) in others {
         let host_live = owner.as_ref().is_some_and(|o| {
@@ -493,7 +496,7 @@ async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
                 .iter()
                 .any(|l| l.stale.is_none() && l.info.as_ref().is_some_and(|i| i.host == o.host))
         });
-        match localstore::verdict(owner.as_ref(), &me, host_live, fresh) {
+        match local::verdict(owner.as_ref(), &me, host_live, fresh) {
             Verdict::Leave => {}
             Verdict::Adopt => {
                 let n = store.adopt_staging(&name).await?;
@@ -520,7 +523,7 @@ async fn prepare_repair(
         .encrypt(Vec::new())
         .and_then(|s| s.finish())
         .map_err(|e| Error::Crypto(e.to_string()))?;
-    let header = empty.len() as u64 - crate::restore::files::age_payload_len(0);
+    let header = empty.len() as u64 - crate::crypto::seal::age_payload_len(0);
     tracing::info!(
         named = named.len(),
         objects = sizes.len(),
@@ -799,9 +802,9 @@ impl ListWriter {
         cache_path: &std::path::Path,
         recipients: Arc<Recipients>,
     ) -> Result<ListWriter> {
-        let files_key = snapshot::snapshot_key(id, snapshot::FILES_OBJECT);
+        let files_key = format::snapshot_key(id, format::FILES_OBJECT);
         let files = store.writer(&files_key);
-        let refs = store.writer(&snapshot::snapshot_key(id, snapshot::REFS_OBJECT));
+        let refs = store.writer(&format::snapshot_key(id, format::REFS_OBJECT));
         let cache = CacheWriter::create(cache_path)?;
         let (tx, rx) = mpsc::channel(16);
         let handle = tokio::task::spawn_blocking(move || {

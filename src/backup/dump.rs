@@ -17,7 +17,7 @@ use tokio_util::io::SyncIoBridge;
 use crate::crypto::Recipients;
 use crate::db::{Database, DumpRun};
 use crate::error::{Error, Result};
-use crate::snapshot::ObjectRef;
+use crate::format::ObjectRef;
 use crate::store::{ObjectWriter, Store};
 
 /// What a finished dump left in the store.

@@ -29,13 +29,7 @@ pub const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
 pub const PG_HOST: &str = "127.0.0.1";
 /// The cluster's superuser (trust auth, no password).
 pub const PG_SUPERUSER: &str = "postgres";
-/// Folders under `UPLOAD_LOCATION` that hold originals: a backup must take them.
-pub const ORIGINAL_FOLDERS: [&str; 3] = ["library", "upload", "profile"];
-/// Folders under `UPLOAD_LOCATION` that Immich can regenerate (or, for `backups/`, its own dumps):
-/// a backup skips their content, a restore recreates them with their marker.
-pub const GENERATED_FOLDERS: [&str; 3] = ["thumbs", "encoded-video", "backups"];
-/// Marker file Immich keeps in each of the six folders and checks at start-up.
-pub const MARKER_FILE: &str = ".immich";
+pub use crate::immich::{GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS};
 /// The sample library holds the original files of assets `1..=SAMPLE_ASSET_FILES`.
 pub const SAMPLE_ASSET_FILES: usize = 12;
 /// Owner (storage label `admin`) of most sample assets.

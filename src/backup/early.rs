@@ -19,8 +19,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::collect::{self, CacheReader, FileStorer, Found, Stored, Walked};
-use crate::snapshot::{ContentId, EntryKind};
+use crate::backup::collect::{self, CacheReader, FileStorer, Found, Stored, Walked};
+use crate::format::{ContentId, EntryKind};
 
 /// At most this many files are read ahead (their results wait in memory for the real walk).
 pub const MAX_FILES: usize = 20_000;

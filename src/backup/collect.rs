@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::crypto::Recipients;
 use crate::error::{Error, IoContext, Result};
-use crate::snapshot::{ContentId, Entry, EntryKind};
+use crate::format::{walk_order, ContentId, Entry, EntryKind};
 use crate::store::{ObjectWriter, Store};
 
 /// Files up to this size are read once into memory; larger ones are hashed, then streamed.
@@ -341,11 +341,6 @@ fn describe(
     })
 }
 
-/// Order of two `/`-separated relative paths as the sorted walk produces them.
-pub fn walk_order(a: &str, b: &str) -> Ordering {
-    a.split('/').cmp(b.split('/'))
-}
-
 /// One line of the local metadata cache.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheLine {
@@ -528,7 +523,7 @@ impl Repair {
     /// Mark `id` damaged if it is stored with a size no age file of `len` bytes has.
     fn check_size(&self, id: &ContentId, len: u64) {
         if let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(id)) {
-            let expected = self.header + crate::restore::files::age_payload_len(len);
+            let expected = self.header + crate::crypto::seal::age_payload_len(len);
             if self.sizes[i].1 != expected {
                 tracing::warn!(object = %id.key(), stored = self.sizes[i].1, expected, "stored object has the wrong size; storing it again");
                 self.damaged.lock().expect("not poisoned").insert(*id);
@@ -838,10 +833,10 @@ impl FileStorer {
         expect_len: u64,
     ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
         let store_err = |e: io::Error| {
-            StoreFileError::Store(crate::store::error_from_io(crate::snapshot::DATA_DIR, e))
+            StoreFileError::Store(crate::store::error_from_io(crate::format::DATA_DIR, e))
         };
         let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
-        let (id, read) = self.copy_hashed(&mut file, &mut sealed, crate::snapshot::DATA_DIR)?;
+        let (id, read) = self.copy_hashed(&mut file, &mut sealed, crate::format::DATA_DIR)?;
         if read != expect_len {
             return Err(changed_meanwhile());
         }
@@ -864,7 +859,7 @@ impl FileStorer {
         &self,
         r: &mut impl Read,
     ) -> std::result::Result<(ContentId, u64), StoreFileError> {
-        self.copy_hashed(r, &mut io::sink(), crate::snapshot::DATA_DIR)
+        self.copy_hashed(r, &mut io::sink(), crate::format::DATA_DIR)
     }
 
     /// Copy `src` into `dst` (the object `object`) through a reused buffer, hashing it on the way:

@@ -1,9 +1,11 @@
 //! `immich-backup demo`: the whole job end to end on throwaway data, for a first run on a new machine.
 //!
 //! It starts a PostgreSQL cluster with an Immich-like database and writes a sample UPLOAD_LOCATION
-//! (or both are what [`crate::sample`] makes), generates an identity, backs up to a local folder
+//! (or both are what [`crate::demo::sample`] makes), generates an identity, backs up to a local folder
 //! store, restores into a second, fresh cluster and an empty folder, and verifies that the database
 //! and every file came back identical. It also leaves a `config.toml` that shows the settings used.
+
+pub mod sample;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -14,15 +16,15 @@ use serde::Serialize;
 
 use crate::backup;
 use crate::config::{Config, DatabaseMode};
+use crate::crypto::sign;
 use crate::crypto::{self, Identities, Recipients};
 use crate::db;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
+use crate::repo::trust::Trust;
 use crate::restore::{self, RestoreOptions};
-use crate::sample::{self, PgCluster};
-use crate::sign;
 use crate::store::Store;
-use crate::trust::Trust;
+use sample::PgCluster;
 
 fn sample_err(e: anyhow::Error) -> Error {
     Error::Other(format!("demo: {e:#}"))

@@ -29,8 +29,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::crypto::seal::{decode_bech32, hkdf_sha256};
 use crate::error::{Error, IoContext, Result};
-use crate::seal::{decode_bech32, hkdf_sha256};
 
 /// Bech32 human-readable part of signing keys (written upper-case, like age's identities).
 pub const SIGNING_KEY_HRP: &str = "immich-backup-signing-key-";

@@ -9,92 +9,30 @@
 //! the next backup reuses what was uploaded — its lock is removed, and `run` returns within a few
 //! seconds.
 
+pub mod health;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::backup::{self, BackupReport};
+use crate::config::AgentConfig;
 use crate::config::Config;
 use crate::crypto::Recipients;
 use crate::db;
 use crate::error::{Error, Result};
-use crate::health::{self, AgentState, Failure, Shared, Success};
+use crate::format::{self, Summary};
+use crate::maintenance;
+use crate::policy::schedule::{Clock, Planner, Schedule};
 use crate::progress::Progress;
-use crate::prune;
-use crate::schedule::{Clock, Planner, Schedule};
-use crate::snapshot::{self, Summary};
+use crate::repo::snapshots;
 use crate::store::Store;
+use health::{AgentState, Failure, Shared, Success};
 
 /// How long shutdown waits for lock removal and the last pings.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// `[agent]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AgentConfig {
-    /// Address of the health endpoint (`0.0.0.0:9090`, `:9090`); empty: off.
-    pub listen: String,
-    /// Seconds after a scheduled time by which its backup must have succeeded before `/healthz`
-    /// reports it overdue; 0: one schedule interval.
-    pub grace_secs: u64,
-    /// healthchecks.io-style base URL: `<url>/start` when a backup starts, `<url>` on success,
-    /// `<url>/fail` on failure. Empty: no pings.
-    pub ping_url: String,
-    /// Override the start / success / failure URLs individually.
-    pub ping_start_url: String,
-    pub ping_success_url: String,
-    pub ping_failure_url: String,
-    /// Seconds a ping may take.
-    pub ping_timeout_secs: u64,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            listen: String::new(),
-            grace_secs: 0,
-            ping_url: String::new(),
-            ping_start_url: String::new(),
-            ping_success_url: String::new(),
-            ping_failure_url: String::new(),
-            ping_timeout_secs: 10,
-        }
-    }
-}
-
-impl AgentConfig {
-    pub fn validate(&self) -> Result<()> {
-        if !self.listen.is_empty() {
-            health::parse_listen(&self.listen)?;
-        }
-        for (key, url) in [
-            ("ping_url", &self.ping_url),
-            ("ping_start_url", &self.ping_start_url),
-            ("ping_success_url", &self.ping_success_url),
-            ("ping_failure_url", &self.ping_failure_url),
-        ] {
-            if url.is_empty() {
-                continue;
-            }
-            match url::Url::parse(url) {
-                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                _ => {
-                    return Err(Error::Config(format!(
-                        "[agent] {key} must be an http:// or https:// URL"
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn grace(&self) -> Option<Duration> {
-        (self.grace_secs > 0).then(|| Duration::from_secs(self.grace_secs))
-    }
-}
 
 /// Calls the ping URLs; failures are logged, never fatal.
 struct Pinger {
@@ -165,17 +103,17 @@ fn load_recipients(cfg: &Config) -> Result<Recipients> {
 
 /// Fill the state from what the store holds (so a restarted agent reports the right health).
 async fn load_store_state(store: &Store, shared: &Shared) -> Result<()> {
-    let ids = snapshot::list_ids(store).await?;
+    let ids = snapshots::list_ids(store).await?;
     let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
     let latest = match complete.last() {
         Some(id) => store
-            .get_bytes(&snapshot::snapshot_key(id, snapshot::SUMMARY_OBJECT))
+            .get_bytes(&format::snapshot_key(id, format::SUMMARY_OBJECT))
             .await
             .ok()
             .and_then(|b| serde_json::from_slice::<Summary>(&b).ok()),
         None => None,
     };
-    let (objects, bytes) = prune::store_usage(store).await?;
+    let (objects, bytes) = maintenance::store_usage(store).await?;
     shared.update(|s| {
         s.snapshots = complete.len() as u64;
         s.store_objects = objects;
@@ -197,7 +135,7 @@ async fn load_store_state(store: &Store, shared: &Shared) -> Result<()> {
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken) -> Result<()> {
     let schedule = Schedule::from_config(&cfg.schedule)?;
-    let tz = prune::retention_timezone(&cfg)?;
+    let tz = maintenance::retention_timezone(&cfg)?;
     load_recipients(&cfg)?; // fail at start-up, not at the first backup
     let store = Store::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
@@ -260,7 +198,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         }
     }
     tracing::info!("agent stopping");
-    crate::lock::settle(SHUTDOWN_GRACE).await;
+    crate::repo::lock::settle(SHUTDOWN_GRACE).await;
     if let Some((_, task)) = server {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
@@ -327,15 +265,15 @@ async fn run_once(
         }
     };
     let summary_time = store
-        .get_bytes(&snapshot::snapshot_key(
+        .get_bytes(&format::snapshot_key(
             &report.snapshot,
-            snapshot::SUMMARY_OBJECT,
+            format::SUMMARY_OBJECT,
         ))
         .await
         .ok()
         .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
         .map(|s| s.time)
-        .or_else(|| prune::id_time(&report.snapshot))
+        .or_else(|| maintenance::id_time(&report.snapshot))
         .unwrap_or_else(|| clock.now());
     shared.update(|s| {
         s.successes_total += 1;
@@ -352,7 +290,7 @@ async fn run_once(
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "scheduled backup done");
 
     // Retention and prune; a failure here does not undo the backup.
-    match prune::forget(store, &cfg.retention, tz, &cfg.lock, false, true).await {
+    match maintenance::forget(store, &cfg.retention, tz, &cfg.lock, false, true).await {
         Ok(f) => {
             let p = f.prune.as_ref();
             tracing::info!(
@@ -373,7 +311,7 @@ async fn run_once(
         Err(e) => {
             tracing::error!(error = %e, "retention/prune failed; the backup itself is fine");
             shared.update(|s| s.prune_failures_total += 1);
-            if let Ok((objects, bytes)) = prune::store_usage(store).await {
+            if let Ok((objects, bytes)) = maintenance::store_usage(store).await {
                 shared.update(|s| {
                     s.store_objects = objects;
                     s.store_bytes = bytes;

@@ -1,19 +1,18 @@
 //! The storage format: object keys, the repository marker, snapshot manifests and file lists.
 //!
+//! A leaf: plain types and names, no I/O. Reading and writing them is [`crate::repo`]'s job.
+//!
 //! docs/FORMAT.md is the prose version of this file. A snapshot lives under `snapshots/<id>/` and is
 //! visible only once its last object, `manifest.json.age`, exists: everything it references is written
 //! first, so an interrupted backup never looks complete and the next run reuses what was uploaded.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-
-use crate::error::{Error, Result};
-use crate::store::Store;
 
 /// Version of the storage format described in docs/FORMAT.md (the repository marker's `format`).
 pub const FORMAT_VERSION: u32 = 1;
@@ -235,142 +234,7 @@ pub fn parse_refs(gz: &[u8]) -> impl Iterator<Item = std::result::Result<Content
         .map(|l| l.map_err(|e| e.to_string()).and_then(|l| l.parse()))
 }
 
-/// A snapshot as found in the store.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listed {
-    pub id: String,
-    /// The manifest exists: the snapshot is complete.
-    pub complete: bool,
-    pub summary: Option<Summary>,
-}
-
-/// Every snapshot id in the store with whether it is complete, oldest first.
-pub async fn list_ids(store: &Store) -> Result<BTreeMap<String, bool>> {
-    Ok(list_folders(store)
-        .await?
-        .into_iter()
-        .map(|(id, f)| (id, f.complete))
-        .collect())
-}
-
-/// What a snapshot folder holds, as far as a listing tells.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Folder {
-    /// The manifest exists: the snapshot is complete.
-    pub complete: bool,
-    /// A `signature.json` exists (whether it verifies is another matter).
-    pub signed: bool,
-}
-
-/// Every snapshot folder in the store, oldest first.
-pub async fn list_folders(store: &Store) -> Result<BTreeMap<String, Folder>> {
-    let mut ids: BTreeMap<String, Folder> = BTreeMap::new();
-    let mut s = std::pin::pin!(store.list(SNAPSHOTS_DIR));
-    while let Some(item) = s.next().await {
-        let (key, _) = item?;
-        let mut parts = key.split('/').skip(1);
-        if let (Some(id), Some(name)) = (parts.next(), parts.next()) {
-            let folder = ids.entry(id.to_string()).or_default();
-            folder.complete |= name == MANIFEST_OBJECT;
-            folder.signed |= name == SIGNATURE_OBJECT;
-        }
-    }
-    Ok(ids)
-}
-
-/// Complete snapshots with their plaintext summaries, oldest first.
-pub async fn list(store: &Store) -> Result<Vec<Listed>> {
-    let mut out = Vec::new();
-    for (id, complete) in list_ids(store).await? {
-        if !complete {
-            continue;
-        }
-        let summary = match store.get_bytes(&snapshot_key(&id, SUMMARY_OBJECT)).await {
-            Ok(b) => serde_json::from_slice(&b).ok(),
-            Err(_) => None,
-        };
-        out.push(Listed {
-            id,
-            complete,
-            summary,
-        });
-    }
-    Ok(out)
-}
-
-/// Resolve `latest` or an id (or a unique id prefix) to a complete snapshot id.
-pub async fn resolve(store: &Store, wanted: &str) -> Result<String> {
-    let ids = list_ids(store).await?;
-    let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
-    if wanted == "latest" {
-        return complete.last().map(|s| s.to_string()).ok_or_else(|| {
-            Error::Usage(format!(
-                "no complete snapshot in {}; run `immich-backup backup` first",
-                store.url()
-            ))
-        });
-    }
-    let matches: Vec<&&String> = complete
-        .iter()
-        .filter(|id| id.starts_with(wanted))
-        .collect();
-    match matches.as_slice() {
-        [one] => Ok(one.to_string()),
-        [] if ids.contains_key(wanted) => Err(Error::Usage(format!(
-            "snapshot {wanted} is incomplete (its backup was interrupted); choose another with `immich-backup snapshots`"
-        ))),
-        [] => Err(Error::Usage(format!("no snapshot {wanted}; list them with `immich-backup snapshots`"))),
-        _ => Err(Error::Usage(format!("snapshot prefix {wanted} is ambiguous; give more of the id"))),
-    }
-}
-
-/// Read the repository marker, or `None` for an empty store.
-pub async fn read_marker(store: &Store) -> Result<Option<RepoMarker>> {
-    match store.get_bytes(REPO_MARKER).await {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| Error::Corrupt {
-                object: REPO_MARKER.into(),
-                message: e.to_string(),
-            }),
-        Err(Error::Missing { .. }) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// Make sure the store is ours: read the marker, or write one into an empty store.
-pub async fn open_or_init(store: &Store) -> Result<RepoMarker> {
-    if let Some(m) = read_marker(store).await? {
-        if m.format > FORMAT_VERSION {
-            return Err(Error::Usage(format!(
-                "the store uses format {} but this immich-backup reads format {FORMAT_VERSION}; upgrade immich-backup",
-                m.format
-            )));
-        }
-        return Ok(m);
-    }
-    let marker = RepoMarker {
-        format: FORMAT_VERSION,
-        id: hex::encode(rand::random::<[u8; 16]>()),
-        created: Utc::now(),
-        tool: format!("immich-backup {}", env!("CARGO_PKG_VERSION")),
-    };
-    let body = serde_json::to_vec_pretty(&marker).expect("marker serialises");
-    if !store.put_new(REPO_MARKER, body.into()).await? {
-        // Another run created it first: use theirs.
-        return read_marker(store)
-            .await?
-            .ok_or_else(|| Error::Other("repository marker vanished".into()));
-    }
-    Ok(marker)
-}
-
-/// Require an existing repository (for commands that read).
-pub async fn require_marker(store: &Store) -> Result<RepoMarker> {
-    read_marker(store).await?.ok_or_else(|| Error::Storage {
-        url: store.url().to_string(),
-        message:
-            "no immich-backup repository here (immich-backup.json is missing); check [storage] url"
-                .into(),
-    })
+/// Order of two `/`-separated relative paths as the sorted walk produces them.
+pub fn walk_order(a: &str, b: &str) -> Ordering {
+    a.split('/').cmp(b.split('/'))
 }

@@ -22,7 +22,7 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce};
 use aws_lc_rs::{agreement, hmac};
 use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 
-use crate::seal::{
+use crate::crypto::seal::{
     aead_key, decode_bech32, header_mac_key, payload_key, stream_nonce, x25519_wrap_key, CHUNK,
     NONCE_BYTES, TAG, X25519_TAG,
 };
@@ -276,7 +276,7 @@ impl<R: Read> Read for Opened<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::{Sealer, Wrapper};
+    use crate::crypto::seal::{Sealer, Wrapper};
     use std::io::Write;
 
     fn seal(id: &age::x25519::Identity, plain: &[u8]) -> Vec<u8> {

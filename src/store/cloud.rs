@@ -75,10 +75,10 @@ fn bad_option(key: &str, backend: &str) -> Error {
     ))
 }
 
-fn build_error(shown: &str, e: object_store::Error, scrub: &crate::store::Redactor) -> Error {
+fn build_error(shown: &str, e: object_store::Error, scrub: &crate::redact::Redactor) -> Error {
     Error::Config(format!(
         "[storage] url {shown}: {}",
-        scrub.clean(&crate::store::error_chain(&e))
+        scrub.clean(&crate::redact::error_chain(&e))
     ))
 }
 
@@ -88,7 +88,7 @@ pub fn build(
     url: &url::Url,
     backend: Backend,
     shown: &str,
-    scrub: &crate::store::Redactor,
+    scrub: &crate::redact::Redactor,
 ) -> Result<Arc<dyn ObjectStore>> {
     let timeout = format!("{}s", cfg.request_timeout_secs);
     let store: Arc<dyn ObjectStore> = match backend {

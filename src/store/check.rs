@@ -8,9 +8,10 @@
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::cloud::Backend;
 use crate::error::Error;
-use crate::snapshot;
+use crate::format;
+use crate::repo::snapshots;
+use crate::store::cloud::Backend;
 use crate::store::Store;
 
 /// How a check went.
@@ -137,7 +138,7 @@ pub async fn run(store: &Store) -> InitReport {
     let mut checks = Vec::new();
     // 1. Reach the store: credentials accepted, bucket exists (a listing needs both).
     let access = async {
-        let listed = store.list_keys(snapshot::SNAPSHOTS_DIR).await;
+        let listed = store.list_keys(format::SNAPSHOTS_DIR).await;
         match listed {
             Ok(items) => Ok((
                 Status::Ok,
@@ -268,13 +269,13 @@ pub async fn run(store: &Store) -> InitReport {
         created: false,
     };
     if report.ok {
-        let existed = snapshot::read_marker(store).await;
+        let existed = snapshots::read_marker(store).await;
         let r = match existed {
-            Ok(Some(m)) if m.format > snapshot::FORMAT_VERSION => Err(Failure {
+            Ok(Some(m)) if m.format > format::FORMAT_VERSION => Err(Failure {
                 detail: format!(
                     "the store holds format {} but this immich-backup knows format {}",
                     m.format,
-                    snapshot::FORMAT_VERSION
+                    format::FORMAT_VERSION
                 ),
                 remedy: "upgrade immich-backup".into(),
             }),
@@ -286,7 +287,7 @@ pub async fn run(store: &Store) -> InitReport {
                     format!("existing repository {} (format {})", m.id, m.format),
                 ))
             }
-            Ok(None) => match snapshot::open_or_init(store).await {
+            Ok(None) => match snapshots::open_or_init(store).await {
                 Ok(m) => {
                     report.created = true;
                     report.repository = Some(m.id.clone());
@@ -337,7 +338,7 @@ pub fn print(report: &InitReport) {
             "Store {} ready (repository {}, format {}).",
             report.store,
             report.repository.as_deref().unwrap_or("?"),
-            report.format.unwrap_or(snapshot::FORMAT_VERSION)
+            report.format.unwrap_or(format::FORMAT_VERSION)
         );
     }
 }

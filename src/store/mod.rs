@@ -7,7 +7,7 @@
 //! encryption threads, so a whole object never sits in memory.
 //!
 //! A `file://` store bypasses object_store on the data path: objects are plain files, staged per
-//! backup and synced once per snapshot ([`crate::localstore`]); listings, locks and small objects
+//! backup and synced once per snapshot ([`crate::store::local`]); listings, locks and small objects
 //! still go through object_store's `LocalFileSystem`.
 //!
 //! Memory stays bounded: a writer buffers at most one part ([`PART_SIZE`]); each object has at most
@@ -17,6 +17,11 @@
 //! Errors never show secrets: everything object_store reports passes through [`Redactor`], which
 //! removes the configured secrets and URL query strings (SAS tokens), keeps only the code and first
 //! line of an XML error body, and makes it one line.
+
+pub mod check;
+pub mod cloud;
+pub mod directio;
+pub mod local;
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -33,11 +38,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-pub use crate::cloud::Backend;
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
-use crate::localstore::{LocalDir, LocalWriter};
-use crate::snapshot::ContentId;
+use crate::format::ContentId;
+use crate::redact::{error_chain, redact_url, Redactor};
+pub use crate::store::cloud::Backend;
+use crate::store::local::{LocalDir, LocalWriter};
 
 /// Size of one multipart part, and the largest object sent in a single request.
 /// (S3 allows 10,000 parts: objects up to 80 GiB.)
@@ -57,7 +63,7 @@ pub struct Store {
     attributes: Attributes,
     conditional: bool,
     part_slots: Arc<Semaphore>,
-    /// The local-folder fast path ([`crate::localstore`]), for `file://` stores.
+    /// The local-folder fast path ([`crate::store::local`]), for `file://` stores.
     local: Option<Arc<LocalDir>>,
 }
 
@@ -65,130 +71,6 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Store({})", self.url)
     }
-}
-
-/// Hide credentials (user:password@ and query strings) in a store URL before it is shown.
-pub fn redact_url(url: &str) -> String {
-    if url.is_empty() {
-        return String::new();
-    }
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if !u.username().is_empty() || u.password().is_some() {
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-            }
-            let had_query = u.query().is_some();
-            u.set_query(None);
-            let mut shown = u.to_string();
-            if had_query {
-                shown.push_str("?<redacted>");
-            }
-            shown
-        }
-        Err(_) => "<unparsable url>".to_string(),
-    }
-}
-
-/// Removes secrets from text that is about to be shown (errors, logs).
-#[derive(Debug, Default)]
-pub struct Redactor {
-    secrets: Vec<String>,
-}
-
-/// Longest error detail shown, in characters.
-const MAX_DETAIL: usize = 400;
-
-impl Redactor {
-    pub fn new(secrets: Vec<String>) -> Redactor {
-        Redactor {
-            secrets: secrets.into_iter().filter(|s| s.len() >= 4).collect(),
-        }
-    }
-
-    /// One line, no secrets, no URL query strings, XML error bodies reduced to their code and message.
-    pub fn clean(&self, text: &str) -> String {
-        let mut s = summarize_xml(text);
-        for secret in &self.secrets {
-            s = s.replace(secret.as_str(), "<redacted>");
-        }
-        let mut out = String::with_capacity(s.len());
-        for (i, word) in s.split_whitespace().enumerate() {
-            if i > 0 {
-                out.push(' ');
-            }
-            out.push_str(&redact_word(word));
-        }
-        if out.chars().count() > MAX_DETAIL {
-            out = out.chars().take(MAX_DETAIL).collect::<String>() + "…";
-        }
-        out
-    }
-}
-
-/// A URL's query string, and `sig=`/`signature=`/`token=` values anywhere, become `<redacted>`.
-fn redact_word(word: &str) -> String {
-    let mut w = word.to_string();
-    if let Some(i) = w.find("://") {
-        if let Some(q) = w[i..].find('?') {
-            let end = w[i + q..]
-                .find(['"', '\'', '>', ')', ','])
-                .map(|e| i + q + e)
-                .unwrap_or(w.len());
-            w.replace_range(i + q + 1..end, "<redacted>");
-        }
-    }
-    let lower = w.to_ascii_lowercase();
-    for marker in ["sig=", "signature=", "token=", "credential="] {
-        if let Some(at) = lower.find(marker) {
-            let from = at + marker.len();
-            let end = w[from..]
-                .find(['&', '"', '\'', '<', ' '])
-                .map(|e| from + e)
-                .unwrap_or(w.len());
-            w.replace_range(from..end, "<redacted>");
-            break;
-        }
-    }
-    w
-}
-
-/// `<Code>` and the first line of `<Message>` of an XML error body, instead of the whole body
-/// (S3's SignatureDoesNotMatch carries the string to sign; Azure's the signature).
-fn summarize_xml(text: &str) -> String {
-    let Some(start) = text.find("<?xml").or_else(|| text.find("<Error")) else {
-        return text.to_string();
-    };
-    let tag = |name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let close = format!("</{name}>");
-        let a = text[start..].find(&open)? + start + open.len();
-        let b = text[a..].find(&close)? + a;
-        Some(text[a..b].lines().next().unwrap_or("").trim().to_string())
-    };
-    let mut out = text[..start].trim_end().to_string();
-    match (tag("Code"), tag("Message")) {
-        (Some(c), Some(m)) => out.push_str(&format!(" {c}: {m}")),
-        (Some(c), None) => out.push_str(&format!(" {c}")),
-        (None, Some(m)) => out.push_str(&format!(" {m}")),
-        (None, None) => out.push_str(" (XML error body)"),
-    }
-    out
-}
-
-/// An error and its sources, each part once.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !t.is_empty() && !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        src = s.source();
-    }
-    out
 }
 
 /// The service's error code (`NoSuchBucket`, `SignatureDoesNotMatch`, …) in an error text, if any.
@@ -245,7 +127,7 @@ impl Store {
             }
         };
         let redactor = Arc::new(Redactor::new(cfg.secrets()));
-        let inner = crate::cloud::build(cfg, &url, backend, &shown, &redactor)?;
+        let inner = crate::store::cloud::build(cfg, &url, backend, &shown, &redactor)?;
         let mut attributes = Attributes::new();
         if !cfg.storage_class.is_empty() {
             attributes.insert(Attribute::StorageClass, cfg.storage_class.clone().into());
@@ -559,7 +441,7 @@ impl Store {
         let local = self.local.as_ref()?.create_unnamed()?;
         Some(ObjectWriter {
             store: self.clone(),
-            key: format!("{}/(new)", crate::snapshot::DATA_DIR),
+            key: format!("{}/(new)", crate::format::DATA_DIR),
             handle: Handle::current(),
             buf: Vec::new(),
             upload: None,
@@ -594,7 +476,7 @@ impl Store {
             return tokio::task::spawn_blocking(move || local.content_ids())
                 .await
                 .map_err(|e| Error::Other(format!("listing: {e}")))?
-                .map_err(|e| self.local_error(crate::snapshot::DATA_DIR, e));
+                .map_err(|e| self.local_error(crate::format::DATA_DIR, e));
         }
         self.content_sizes()
             .map_ok(|(id, _)| id)
@@ -604,7 +486,7 @@ impl Store {
 
     /// Every content object in `data/` with its stored size.
     pub fn content_sizes(&self) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
-        self.list(crate::snapshot::DATA_DIR)
+        self.list(crate::format::DATA_DIR)
             .try_filter_map(
                 |(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) },
             )
@@ -627,7 +509,7 @@ impl Store {
 
     /// A backup starts: content it writes to a local store is staged until [`Store::publish`].
     pub async fn begin_staging(&self) -> Result<()> {
-        self.on_local(crate::localstore::STAGING_DIR, |l| l.begin_staging())
+        self.on_local(crate::store::local::STAGING_DIR, |l| l.begin_staging())
             .await
             .map(|_| ())
     }
@@ -646,7 +528,7 @@ impl Store {
     /// durable; returns how many objects were new.
     pub async fn publish(&self) -> Result<u64> {
         let n = self
-            .on_local(crate::localstore::STAGING_DIR, |l| l.publish())
+            .on_local(crate::store::local::STAGING_DIR, |l| l.publish())
             .await?;
         Ok(n.unwrap_or(0))
     }
@@ -654,9 +536,9 @@ impl Store {
     /// The staging folders of other runs (local stores), with their owners.
     pub async fn other_staging(
         &self,
-    ) -> Result<Vec<(String, Option<crate::localstore::Owner>, bool)>> {
+    ) -> Result<Vec<(String, Option<crate::store::local::Owner>, bool)>> {
         let found = self
-            .on_local(crate::localstore::STAGING_DIR, |l| l.other_staging())
+            .on_local(crate::store::local::STAGING_DIR, |l| l.other_staging())
             .await?;
         Ok(found.unwrap_or_default())
     }
@@ -665,7 +547,7 @@ impl Store {
     pub async fn adopt_staging(&self, name: &str) -> Result<u64> {
         let name = name.to_string();
         let n = self
-            .on_local(crate::localstore::STAGING_DIR, move |l| l.adopt(&name))
+            .on_local(crate::store::local::STAGING_DIR, move |l| l.adopt(&name))
             .await?;
         Ok(n.unwrap_or(0))
     }
@@ -673,7 +555,7 @@ impl Store {
     /// Remove the staging folder `name` of a run whose bytes cannot be trusted.
     pub async fn discard_staging(&self, name: &str) -> Result<()> {
         let name = name.to_string();
-        self.on_local(crate::localstore::STAGING_DIR, move |l| l.discard(&name))
+        self.on_local(crate::store::local::STAGING_DIR, move |l| l.discard(&name))
             .await
             .map(|_| ())
     }
@@ -914,28 +796,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redactor_removes_secrets_queries_and_xml_bodies() {
-        let r = Redactor::new(vec!["s3cr3t/KEY+value".into(), "abc".into()]);
-        let text = "Generic S3 error: Error performing PUT https://acct.blob.core.windows.net/c/data/x?sv=2023&sig=AbC%2Fdef in 2s - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error><Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match\nRequestId: 1</Message><StringToSign>AWS4-HMAC-SHA256 s3cr3t/KEY+value</StringToSign></Error>";
-        let out = r.clean(text);
-        assert!(!out.contains("s3cr3t"), "{out}");
-        assert!(!out.contains("AbC"), "{out}");
-        assert!(!out.contains("StringToSign"), "{out}");
-        assert!(!out.contains('\n'), "{out}");
-        assert!(out.contains("?<redacted> in 2s"), "{out}");
-        assert!(
-            out.ends_with("403 Forbidden: SignatureDoesNotMatch: The request signature we calculated does not match"),
-            "{out}"
-        );
-        // Short strings are not treated as secrets (they would blank out ordinary words).
-        assert!(r.clean("abc def").contains("abc"));
-        // A secret outside XML and URLs is replaced too; long text is cut.
-        assert_eq!(r.clean("key s3cr3t/KEY+value here"), "key <redacted> here");
-        assert!(r.clean(&"x ".repeat(1000)).chars().count() <= MAX_DETAIL + 1);
-        assert_eq!(redact_word("token=abc&x=1"), "token=<redacted>&x=1");
-    }
-
-    #[test]
     fn status_and_code_are_found_in_error_text() {
         assert_eq!(
             http_status("Server returned non-2xx status code: 403 Forbidden: x"),
@@ -945,15 +805,6 @@ mod tests {
         assert_eq!(
             error_code("... <Error><Code>NoSuchBucket</Code> ...").as_deref(),
             Some("NoSuchBucket")
-        );
-    }
-
-    #[test]
-    fn redact_url_keeps_empty_empty() {
-        assert_eq!(redact_url(""), "");
-        assert_eq!(
-            redact_url("https://u:p@host/x?sig=1"),
-            "https://host/x?<redacted>"
         );
     }
 }

@@ -1,6 +1,6 @@
 //! `forget` and `prune`, restic style, without the identity.
 //!
-//! - **forget** applies the `[retention]` policy ([`crate::retention`]) to the complete snapshots and
+//! - **forget** applies the `[retention]` policy ([`crate::policy::retention`]) to the complete snapshots and
 //!   deletes the expired ones: first the manifest (the snapshot stops being visible), then the rest
 //!   of its folder.
 //! - **prune** removes what no snapshot needs any more: folders without a manifest (forgotten
@@ -9,7 +9,7 @@
 //!
 //! Both read only plaintext: the snapshot list, `summary.json` (times) and `refs.txt.gz` (the content
 //! addresses a snapshot uses, written by the backup before its manifest). Both take the exclusive
-//! lock ([`crate::lock`]), so no backup runs meanwhile: a running backup holds a shared lock from
+//! lock ([`crate::repo::lock`]), so no backup runs meanwhile: a running backup holds a shared lock from
 //! before it lists the stored content until after its manifest is written, which is what makes it
 //! safe to delete content that "no snapshot references". `--dry-run` takes no lock and deletes
 //! nothing. A complete snapshot whose `refs.txt.gz` is missing or unreadable stops prune before it
@@ -23,10 +23,12 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::config::LockConfig;
 use crate::error::{Error, Result};
-use crate::lock::{Lock, LockConfig, LockKind};
-use crate::retention::{self, Candidate, Decision, RetentionConfig};
-use crate::snapshot::{self, ContentId, Summary};
+use crate::format::{self, ContentId, Summary};
+use crate::policy::retention::{self, Candidate, Decision, RetentionConfig};
+use crate::repo::lock::{Lock, LockKind};
+use crate::repo::snapshots;
 use crate::store::Store;
 
 /// Deletions in flight at once.
@@ -101,7 +103,7 @@ mod id_tests {
     #[test]
     fn id_time_reads_new_and_old_ids() {
         let now = chrono::Utc::now();
-        let id = crate::snapshot::new_snapshot_id(now);
+        let id = crate::format::new_snapshot_id(now);
         let t = id_time(&id).expect("parses a fresh id");
         assert_eq!(t.timestamp_millis(), now.timestamp_millis());
         let old = id_time("20261125T035314Z-67811777").expect("parses an old id");
@@ -112,12 +114,12 @@ mod id_tests {
 /// Complete snapshots with their times (from `summary.json`, else from the id), oldest first.
 pub async fn candidates(store: &Store) -> Result<Vec<Candidate>> {
     let mut out = Vec::new();
-    for (id, complete) in snapshot::list_ids(store).await? {
+    for (id, complete) in snapshots::list_ids(store).await? {
         if !complete {
             continue;
         }
         let summary: Option<Summary> = store
-            .get_bytes(&snapshot::snapshot_key(&id, snapshot::SUMMARY_OBJECT))
+            .get_bytes(&format::snapshot_key(&id, format::SUMMARY_OBJECT))
             .await
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -142,7 +144,7 @@ pub async fn forget(
     dry_run: bool,
     prune_after: bool,
 ) -> Result<ForgetReport> {
-    snapshot::require_marker(store).await?;
+    snapshots::require_marker(store).await?;
     let lock = if dry_run {
         None
     } else {
@@ -201,10 +203,10 @@ async fn forget_locked(
 /// Delete a snapshot: the manifest first, so it is never visible half-deleted; then its folder.
 async fn remove_snapshot(store: &Store, id: &str) -> Result<(u64, u64)> {
     store
-        .delete(&snapshot::snapshot_key(id, snapshot::MANIFEST_OBJECT))
+        .delete(&format::snapshot_key(id, format::MANIFEST_OBJECT))
         .await?;
     let objects = store
-        .list_keys(&format!("{}/{id}", snapshot::SNAPSHOTS_DIR))
+        .list_keys(&format!("{}/{id}", format::SNAPSHOTS_DIR))
         .await?;
     let n = objects.len() as u64;
     let bytes = objects.iter().map(|(_, s)| s).sum();
@@ -223,7 +225,7 @@ async fn delete_all(store: &Store, keys: impl Iterator<Item = String>) -> Result
 
 /// Read a snapshot's plaintext references into `into`.
 async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Result<()> {
-    let key = snapshot::snapshot_key(id, snapshot::REFS_OBJECT);
+    let key = format::snapshot_key(id, format::REFS_OBJECT);
     let gz = store.get_bytes(&key).await.map_err(|e| match e {
         Error::Missing { object, .. } => Error::Missing {
             object,
@@ -237,7 +239,7 @@ async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Re
         object: key.clone(),
         message: format!("{message}; prune stopped before deleting anything"),
     };
-    for id in snapshot::parse_refs(&gz) {
+    for id in format::parse_refs(&gz) {
         into.insert(id.map_err(corrupt)?);
     }
     Ok(())
@@ -245,7 +247,7 @@ async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Re
 
 /// `prune`: take the exclusive lock and remove what no snapshot needs.
 pub async fn prune(store: &Store, lock_cfg: &LockConfig, dry_run: bool) -> Result<PruneReport> {
-    snapshot::require_marker(store).await?;
+    snapshots::require_marker(store).await?;
     if dry_run {
         return prune_locked(store, lock_cfg, true, &[]).await;
     }
@@ -275,7 +277,7 @@ async fn prune_locked(
 
     // Snapshot folders: complete ones (with a manifest) and the rest.
     let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-    let mut listing = std::pin::pin!(store.list(snapshot::SNAPSHOTS_DIR));
+    let mut listing = std::pin::pin!(store.list(format::SNAPSHOTS_DIR));
     while let Some(item) = listing.next().await {
         let (key, size) = item?;
         let mut parts = key.split('/').skip(1);
@@ -292,7 +294,7 @@ async fn prune_locked(
             complete: false,
             objects: Vec::new(),
         });
-        f.complete |= name == snapshot::MANIFEST_OBJECT;
+        f.complete |= name == format::MANIFEST_OBJECT;
         f.objects.push((key, size));
     }
 
@@ -315,7 +317,7 @@ async fn prune_locked(
             // Maybe a backup still writing (its lock would have stopped us, but be generous).
             if objects
                 .iter()
-                .any(|(k, _)| k.ends_with(snapshot::REFS_OBJECT))
+                .any(|(k, _)| k.ends_with(format::REFS_OBJECT))
             {
                 let _ = read_refs(store, &id, &mut referenced).await;
             }
@@ -328,7 +330,7 @@ async fn prune_locked(
     let mut unreferenced = Vec::new();
     let mut data_objects = 0u64;
     let mut data_bytes = 0u64;
-    let mut listing = std::pin::pin!(store.list(snapshot::DATA_DIR));
+    let mut listing = std::pin::pin!(store.list(format::DATA_DIR));
     while let Some(item) = listing.next().await {
         let (key, size) = item?;
         data_objects += 1;
@@ -362,12 +364,12 @@ async fn prune_locked(
     }
 
     let (snap_objects, snap_bytes) =
-        crate::store::count_objects(store, snapshot::SNAPSHOTS_DIR).await?;
+        crate::store::count_objects(store, format::SNAPSHOTS_DIR).await?;
     if dry_run {
         report.store_objects = data_objects + snap_objects - report.objects_removed;
         report.store_bytes = data_bytes + snap_bytes - report.bytes_removed;
     } else {
-        let (d_objects, d_bytes) = crate::store::count_objects(store, snapshot::DATA_DIR).await?;
+        let (d_objects, d_bytes) = crate::store::count_objects(store, format::DATA_DIR).await?;
         report.store_objects = d_objects + snap_objects;
         report.store_bytes = d_bytes + snap_bytes;
     }
@@ -384,8 +386,8 @@ async fn prune_locked(
 
 /// Bytes and objects in the store's `data/` and `snapshots/` (for metrics).
 pub async fn store_usage(store: &Store) -> Result<(u64, u64)> {
-    let (a, ab) = crate::store::count_objects(store, snapshot::DATA_DIR).await?;
-    let (b, bb) = crate::store::count_objects(store, snapshot::SNAPSHOTS_DIR).await?;
+    let (a, ab) = crate::store::count_objects(store, format::DATA_DIR).await?;
+    let (b, bb) = crate::store::count_objects(store, format::SNAPSHOTS_DIR).await?;
     Ok((a + b, ab + bb))
 }
 

@@ -6,6 +6,10 @@
 //! known photo is stored; the backup machine can compute addresses without any secret; restore reads the
 //! key from the (encrypted) snapshot manifest. See docs/FORMAT.md.
 
+pub mod seal;
+pub mod sign;
+pub mod unseal;
+
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -14,10 +18,10 @@ use std::str::FromStr;
 use age::secrecy::{ExposeSecret, SecretBox, SecretString};
 use age::Identity;
 
+use crate::crypto::seal::{Sealer, Wrapper};
+use crate::crypto::sign::{SigningKey, VerifyKey};
 use crate::error::{Error, IoContext, Result};
-use crate::seal::{Sealer, Wrapper};
-use crate::sign::{SigningKey, VerifyKey};
-use crate::unseal::{self, Opened, X25519Identity};
+use unseal::{Opened, X25519Identity};
 
 /// Context string for deriving the content-address key (BLAKE3 `derive_key`).
 pub const CONTENT_KEY_CONTEXT: &str = "immich-backup 2026-11 content address key v1";
@@ -116,7 +120,7 @@ fn parse_recipient(line: &str) -> std::result::Result<(Wrapper, String), String>
 }
 
 /// The secret half: what restore decrypts with, and the verification keys it derives
-/// ([`crate::sign`]): a snapshot counts only if one of them signed it.
+/// ([`crate::crypto::sign`]): a snapshot counts only if one of them signed it.
 pub struct Identities {
     identities: Vec<Box<dyn Identity + Send + Sync>>,
     verify_keys: Vec<VerifyKey>,
@@ -152,7 +156,7 @@ impl Identities {
         File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(|e| {
             Error::Config(format!("identity file {origin}: {e}; pass --identity FILE or set [encryption] identity_file"))
         })?;
-        crate::sign::warn_if_readable_by_others(path, "identity");
+        crate::crypto::sign::warn_if_readable_by_others(path, "identity");
         let (identities, secrets) = parse_identities(data, &origin)?;
         if identities.is_empty() {
             return Err(Error::Config(format!(
@@ -270,7 +274,7 @@ fn parse_identities(data: Vec<u8>, origin: &str) -> Result<Parsed> {
         if let Some(i) = X25519Identity::parse(line) {
             fast.push(Box::new(i));
         }
-        if let Some(bytes) = crate::seal::decode_bech32(line.trim(), "age-secret-key-") {
+        if let Some(bytes) = crate::crypto::seal::decode_bech32(line.trim(), "age-secret-key-") {
             secrets.push(Secret {
                 kind: "age-x25519",
                 material: SecretBox::new(Box::new(bytes)),
@@ -413,9 +417,11 @@ pub fn generate_key() -> NewKey {
     let recipient = identity.to_public().to_string();
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let secret = identity.to_string();
-    let material =
-        crate::seal::decode_bech32(&secret.expose_secret().to_lowercase(), "age-secret-key-")
-            .expect("a fresh identity decodes");
+    let material = crate::crypto::seal::decode_bech32(
+        &secret.expose_secret().to_lowercase(),
+        "age-secret-key-",
+    )
+    .expect("a fresh identity decodes");
     let signing = SigningKey::derive("age-x25519", &material);
     let text = format!(
         "# created: {created}\n# public key: {recipient}\n{}\n",
@@ -430,7 +436,7 @@ pub fn generate_key() -> NewKey {
 
 /// Write a new identity file with mode 0600; never overwrites.
 pub fn write_identity_file(path: &Path, key: &NewKey) -> Result<()> {
-    crate::sign::write_secret_file(path, &key.file_text, "identity")
+    crate::crypto::sign::write_secret_file(path, &key.file_text, "identity")
 }
 
 /// Read an identity file's public key line (for `keygen -y`-like uses and tests).

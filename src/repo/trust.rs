@@ -15,10 +15,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::crypto::sign::{self, SignatureFile, VerifyKey};
 use crate::crypto::{read_error, Identities};
 use crate::error::{Error, Result};
-use crate::sign::{self, SignatureFile, VerifyKey};
-use crate::snapshot::{self, Manifest};
+use crate::format::{self, Manifest};
+use crate::repo::snapshots;
 use crate::store::Store;
 
 /// What a restore trusts.
@@ -58,7 +59,7 @@ pub struct Opened {
 
 /// The manifest's key, for errors about the snapshot as a whole.
 fn manifest_key(id: &str) -> String {
-    snapshot::snapshot_key(id, snapshot::MANIFEST_OBJECT)
+    format::snapshot_key(id, format::MANIFEST_OBJECT)
 }
 
 fn unauthentic(id: &str, message: String) -> Error {
@@ -108,11 +109,11 @@ pub async fn open(
             ),
         ));
     }
-    if manifest.format > snapshot::MANIFEST_FORMAT {
+    if manifest.format > format::MANIFEST_FORMAT {
         return Err(Error::Usage(format!(
             "snapshot {id} has manifest format {} but this immich-backup reads up to {}; upgrade immich-backup",
             manifest.format,
-            snapshot::MANIFEST_FORMAT
+            format::MANIFEST_FORMAT
         )));
     }
     let signed_by = match statement {
@@ -143,7 +144,7 @@ pub async fn open(
 /// Snapshot `id`'s `signature.json`, if it has one.
 async fn signature_bytes(store: &Store, id: &str) -> Result<Option<bytes::Bytes>> {
     match store
-        .get_bytes(&snapshot::snapshot_key(id, snapshot::SIGNATURE_OBJECT))
+        .get_bytes(&format::snapshot_key(id, format::SIGNATURE_OBJECT))
         .await
     {
         Ok(b) => Ok(Some(b)),
@@ -180,7 +181,7 @@ async fn check_statement(
         return Err(unauthentic(id, "its manifest is not the signed one".into()));
     }
     let summary = store
-        .get_bytes(&snapshot::snapshot_key(id, snapshot::SUMMARY_OBJECT))
+        .get_bytes(&format::snapshot_key(id, format::SUMMARY_OBJECT))
         .await?;
     if sign::sha256_hex(&summary) != statement.summary_sha256 {
         return Err(unauthentic(
@@ -208,7 +209,7 @@ fn decrypt_manifest(identities: &Identities, id: &str, sealed: &[u8]) -> Result<
 /// A store in which no complete snapshot carries a signature was written before snapshots were
 /// signed (immich-backup 0.1): it keeps working, loudly. Once any snapshot is signed, an unsigned
 /// one needs `--allow-unsigned` (it may be old, or planted).
-fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshot::Folder>) -> Trust {
+fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshots::Folder>) -> Trust {
     let any_signed = folders.values().any(|f| f.complete && f.signed);
     let mut trust = trust.clone();
     if !any_signed && !trust.allow_unsigned && folders.values().any(|f| f.complete) {
@@ -227,10 +228,10 @@ pub async fn resolve(
     trust: &Trust,
     wanted: &str,
 ) -> Result<Opened> {
-    let folders = snapshot::list_folders(store).await?;
+    let folders = snapshots::list_folders(store).await?;
     let trust = &legacy_aware(trust, &folders);
     if wanted != "latest" {
-        let id = snapshot::resolve(store, wanted).await?;
+        let id = snapshots::resolve(store, wanted).await?;
         return open(store, identities, trust, &id).await;
     }
     let mut skipped: Vec<(String, Error)> = Vec::new();

@@ -30,49 +30,13 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::LockConfig;
 use crate::error::{Error, Result};
+use crate::host::{hostname, pid_alive};
 use crate::store::Store;
 
 /// Prefix of lock objects.
 pub const LOCKS_DIR: &str = "locks";
-
-/// `[lock]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LockConfig {
-    /// A lock not refreshed for this many seconds is stale (its holder died or lost the store).
-    pub stale_secs: u64,
-    /// How long a command waits for a conflicting lock to be released before it gives up (exit 11).
-    pub wait_secs: u64,
-}
-
-impl Default for LockConfig {
-    fn default() -> Self {
-        LockConfig {
-            stale_secs: 1800,
-            wait_secs: 120,
-        }
-    }
-}
-
-impl LockConfig {
-    pub fn validate(&self) -> Result<()> {
-        if self.stale_secs < 2 {
-            return Err(Error::Config(
-                "[lock] stale_secs must be at least 2 (default 1800)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    pub fn stale(&self) -> Duration {
-        Duration::from_secs(self.stale_secs)
-    }
-
-    fn refresh_interval(&self) -> Duration {
-        self.stale() / 6
-    }
-}
 
 /// Shared (backup) or exclusive (forget, prune).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,28 +124,6 @@ fn held_contains(key: &str) -> bool {
         .expect("not poisoned")
         .as_ref()
         .is_some_and(|s| s.contains(key))
-}
-
-/// The host name recorded in locks (and in snapshot summaries).
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
-/// Whether a process with this pid exists on this host.
-pub fn pid_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks whether the process exists.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Why `info` (stored as `key`) is stale at `now`, or `None` when it is live.
