@@ -448,7 +448,7 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
         }
     }
     let store = Store::open(&cfg.storage)?;
-    let report = storecheck::run(&store).await;
+    let report = repo::snapshots::init(&store).await;
     let signing: Vec<String> = signing_verdict(cfg)?
         .iter()
         .map(ToString::to_string)

@@ -302,7 +302,7 @@ fn s3_missing_bucket_is_a_documented_error() {
         err.to_string(),
         "storage s3://no-such-bucket/immich: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"
     );
-    let report = rt.block_on(storecheck::run(&store));
+    let report = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(!report.ok);
     let access = &report.checks[0];
     assert_eq!(access.status, Status::Fail);
@@ -328,7 +328,7 @@ fn s3_init_checks_the_store() {
     let rt = runtime();
     let store = Store::open(&storage).unwrap();
 
-    let report = rt.block_on(storecheck::run(&store));
+    let report = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(report.ok, "{report:#?}");
     for c in [
         "access",
@@ -347,7 +347,7 @@ fn s3_init_checks_the_store() {
         server.keys("photos", ""),
         vec!["immich/immich-backup.json".to_string()]
     );
-    let again = rt.block_on(storecheck::run(&store));
+    let again = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(again.ok && !again.created);
     assert_eq!(again.repository, report.repository);
 
@@ -355,7 +355,7 @@ fn s3_init_checks_the_store() {
         .behaviour
         .ignore_if_none_match
         .store(true, Ordering::SeqCst);
-    let r = rt.block_on(storecheck::run(&store));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(r.ok, "{r:#?}");
     assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
     server
@@ -367,14 +367,14 @@ fn s3_init_checks_the_store() {
         .behaviour
         .reject_if_none_match
         .store(true, Ordering::SeqCst);
-    let r = rt.block_on(storecheck::run(&store));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(!r.ok);
     let write = r.checks.iter().find(|c| c.check == "write").unwrap();
     assert_eq!(write.status, Status::Fail, "{r:#?}");
     let mut fallback = storage.clone();
     fallback.conditional_create = false;
     let store2 = Store::open(&fallback).unwrap();
-    let r = rt.block_on(storecheck::run(&store2));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&store2));
     assert!(r.ok, "{r:#?}");
     assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
     // Check-then-write still never overwrites.
@@ -532,7 +532,7 @@ fn azure_backup_restore_round_trip() {
     let cfg = source.config(storage);
     let rt = runtime();
     let store = Store::open(&cfg.storage).unwrap();
-    let init = rt.block_on(storecheck::run(&store));
+    let init = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(init.ok, "{init:#?}");
     assert!(
         init.checks.iter().all(|c| c.status == Status::Ok),
@@ -606,7 +606,7 @@ fn gcs_backup_restore_round_trip() {
     let cfg = source.config(storage);
     let rt = runtime();
     let store = Store::open(&cfg.storage).unwrap();
-    let init = rt.block_on(storecheck::run(&store));
+    let init = rt.block_on(immich_backup::repo::snapshots::init(&store));
     assert!(init.ok, "{init:#?}");
     assert!(
         init.checks.iter().all(|c| c.status == Status::Ok),

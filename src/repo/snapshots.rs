@@ -15,6 +15,7 @@ use crate::format::{
     snapshot_key, RepoMarker, Summary, FORMAT_VERSION, MANIFEST_OBJECT, REPO_MARKER,
     SIGNATURE_OBJECT, SNAPSHOTS_DIR, SUMMARY_OBJECT,
 };
+use crate::store::check::{self, fail, record, Failure, InitReport, Status};
 use crate::store::Store;
 
 /// A snapshot as found in the store.
@@ -155,4 +156,46 @@ pub async fn require_marker(store: &Store) -> Result<RepoMarker> {
             "no immich-backup repository here (immich-backup.json is missing); check [storage] url"
                 .into(),
     })
+}
+
+/// `init`: check what the store can do ([`crate::store::check`]), then open the repository marker
+/// or create it in an empty store.
+pub async fn init(store: &Store) -> InitReport {
+    let mut report = check::run(store).await;
+    if report.ok {
+        let existed = read_marker(store).await;
+        let r = match existed {
+            Ok(Some(m)) if m.format > FORMAT_VERSION => Err(Failure {
+                detail: format!(
+                    "the store holds format {} but this immich-backup knows format {}",
+                    m.format, FORMAT_VERSION
+                ),
+                remedy: "upgrade immich-backup".into(),
+            }),
+            Ok(Some(m)) => {
+                report.repository = Some(m.id.clone());
+                report.format = Some(m.format);
+                Ok((
+                    Status::Ok,
+                    format!("existing repository {} (format {})", m.id, m.format),
+                ))
+            }
+            Ok(None) => match open_or_init(store).await {
+                Ok(m) => {
+                    report.created = true;
+                    report.repository = Some(m.id.clone());
+                    report.format = Some(m.format);
+                    Ok((
+                        Status::Ok,
+                        format!("created repository {} (format {})", m.id, m.format),
+                    ))
+                }
+                Err(e) => Err(fail(store, e)),
+            },
+            Err(e) => Err(fail(store, e)),
+        };
+        let ok = record(&mut report.checks, "repository", r);
+        report.ok = ok;
+    }
+    report
 }

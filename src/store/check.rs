@@ -10,7 +10,6 @@ use serde::Serialize;
 
 use crate::error::Error;
 use crate::format;
-use crate::repo::snapshots;
 use crate::store::cloud::Backend;
 use crate::store::Store;
 
@@ -61,9 +60,9 @@ impl InitReport {
 }
 
 /// A failed check: what happened and what to do.
-struct Failure {
-    detail: String,
-    remedy: String,
+pub(crate) struct Failure {
+    pub(crate) detail: String,
+    pub(crate) remedy: String,
 }
 
 fn remedy_for(store: &Store, err: &Error) -> String {
@@ -97,17 +96,17 @@ fn remedy_for(store: &Store, err: &Error) -> String {
     "see the message; `-vv` logs more".into()
 }
 
-fn fail(store: &Store, err: Error) -> Failure {
+pub(crate) fn fail(store: &Store, err: Error) -> Failure {
     Failure {
         remedy: remedy_for(store, &err),
         detail: err.to_string(),
     }
 }
 
-type Outcome = std::result::Result<(Status, String), Failure>;
+pub(crate) type Outcome = std::result::Result<(Status, String), Failure>;
 
 /// Add a check's line; true when it passed (possibly with a warning).
-fn record(checks: &mut Vec<Check>, check: &'static str, r: Outcome) -> bool {
+pub(crate) fn record(checks: &mut Vec<Check>, check: &'static str, r: Outcome) -> bool {
     let ok = matches!(r, Ok((Status::Ok | Status::Warn, _)));
     checks.push(match r {
         Ok((status, detail)) => Check {
@@ -126,7 +125,7 @@ fn record(checks: &mut Vec<Check>, check: &'static str, r: Outcome) -> bool {
     ok
 }
 
-/// Run every check against `store`, then open or create the repository marker.
+/// Run every check against `store` (the repository marker is [`crate::repo::init`]'s).
 pub async fn run(store: &Store) -> InitReport {
     let probe = format!(
         "immich-backup-init-check-{}",
@@ -260,51 +259,14 @@ pub async fn run(store: &Store) -> InitReport {
         }
     }
 
-    let mut report = InitReport {
+    InitReport {
         store: store.url().to_string(),
         ok: !checks.iter().any(|c| c.status == Status::Fail),
         checks,
         repository: None,
         format: None,
         created: false,
-    };
-    if report.ok {
-        let existed = snapshots::read_marker(store).await;
-        let r = match existed {
-            Ok(Some(m)) if m.format > format::FORMAT_VERSION => Err(Failure {
-                detail: format!(
-                    "the store holds format {} but this immich-backup knows format {}",
-                    m.format,
-                    format::FORMAT_VERSION
-                ),
-                remedy: "upgrade immich-backup".into(),
-            }),
-            Ok(Some(m)) => {
-                report.repository = Some(m.id.clone());
-                report.format = Some(m.format);
-                Ok((
-                    Status::Ok,
-                    format!("existing repository {} (format {})", m.id, m.format),
-                ))
-            }
-            Ok(None) => match snapshots::open_or_init(store).await {
-                Ok(m) => {
-                    report.created = true;
-                    report.repository = Some(m.id.clone());
-                    report.format = Some(m.format);
-                    Ok((
-                        Status::Ok,
-                        format!("created repository {} (format {})", m.id, m.format),
-                    ))
-                }
-                Err(e) => Err(fail(store, e)),
-            },
-            Err(e) => Err(fail(store, e)),
-        };
-        let ok = record(&mut report.checks, "repository", r);
-        report.ok = ok;
     }
-    report
 }
 
 /// The error `init` ends with when a check failed.
