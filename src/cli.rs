@@ -18,9 +18,9 @@ use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
 use immich_backup::repo::trust::{self, Trust};
+use immich_backup::repo::Repository;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::check as storecheck;
-use immich_backup::store::Store;
 use immich_backup::{db, demo, repo};
 
 #[derive(Parser)]
@@ -296,8 +296,8 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Prune { dry_run } => {
             let cfg = Config::load(cli.config.as_deref())?;
-            let store = Store::open(&cfg.storage)?;
-            let report = maintenance::prune(&store, &cfg.lock, dry_run).await?;
+            let repo = Repository::open(&cfg.storage)?;
+            let report = maintenance::prune(&repo, &cfg.lock, dry_run).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -447,8 +447,8 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
             }
         }
     }
-    let store = Store::open(&cfg.storage)?;
-    let report = repo::snapshots::init(&store).await;
+    let repo = Repository::open(&cfg.storage)?;
+    let report = repo::snapshots::init(&repo).await;
     let signing: Vec<String> = signing_verdict(cfg)?
         .iter()
         .map(ToString::to_string)
@@ -490,9 +490,9 @@ pub async fn run_backup(
     opts: backup::BackupOptions,
 ) -> Result<BackupReport> {
     let recipients = recipients(cfg)?;
-    let store = Store::open(&cfg.storage)?;
+    let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
-    backup::run_with(cfg, database.as_ref(), &store, recipients, progress, opts).await
+    backup::run_with(cfg, database.as_ref(), &repo, recipients, progress, opts).await
 }
 
 /// The damaged objects named in `path`: a `restore --json` report, or one key or address a line.
@@ -579,16 +579,16 @@ fn print_backup(r: &BackupReport, json: bool) {
 }
 
 async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
-    let store = Store::open(&cfg.storage)?;
-    repo::snapshots::require_marker(&store).await?;
-    let list = repo::snapshots::list(&store).await?;
+    let repo = Repository::open(&cfg.storage)?;
+    repo::snapshots::require_marker(&repo).await?;
+    let list = repo::snapshots::list(&repo).await?;
     // The backup machine checks signatures with its own signing keys' verify keys (and any
     // configured ones): a snapshot someone else wrote into the store shows as untrusted.
     let mut keys = signing_verdict(cfg).unwrap_or_default();
     keys.extend(cfg.encryption.verify_keys()?);
     let mut statuses = Vec::with_capacity(list.len());
     for s in &list {
-        statuses.push(trust::signature_status(&store, &s.id, &keys).await?);
+        statuses.push(trust::signature_status(&repo, &s.id, &keys).await?);
     }
     if json {
         let rows: Vec<serde_json::Value> = list
@@ -668,7 +668,7 @@ async fn run_restore(
         );
     }
     let identities = Arc::new(Identities::load(&identity)?);
-    let store = Store::open(&cfg.storage)?;
+    let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let opts = RestoreOptions {
         snapshot: choices.snapshot,
@@ -682,7 +682,7 @@ async fn run_restore(
         keep_special_modes: choices.keep_special_modes,
         lock: (!choices.no_lock).then(|| cfg.lock.clone()),
     };
-    restore::run_with(database.as_ref(), &store, identities, opts, server).await
+    restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
 
 fn print_restore(r: &RestoreReport, json: bool) {
@@ -842,10 +842,10 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
 }
 
 async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {
-    let store = Store::open(&cfg.storage)?;
+    let repo = Repository::open(&cfg.storage)?;
     let tz = maintenance::retention_timezone(cfg)?;
     let report =
-        maintenance::forget(&store, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
+        maintenance::forget(&repo, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
     if json {
         println!(
             "{}",
@@ -915,9 +915,9 @@ fn print_prune(p: &maintenance::PruneReport) {
 }
 
 async fn unlock(cfg: &Config, remove_all: bool, json: bool) -> Result<i32> {
-    let store = Store::open(&cfg.storage)?;
-    repo::snapshots::require_marker(&store).await?;
-    let (removed, kept) = lock::unlock(&store, &cfg.lock, remove_all).await?;
+    let repo = Repository::open(&cfg.storage)?;
+    repo::snapshots::require_marker(&repo).await?;
+    let (removed, kept) = lock::unlock(&repo, &cfg.lock, remove_all).await?;
     if json {
         println!(
             "{}",

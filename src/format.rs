@@ -33,6 +33,57 @@ pub const SUMMARY_OBJECT: &str = "summary.json";
 pub const MANIFEST_OBJECT: &str = "manifest.json.age";
 /// The signed statement (`sign.rs`), written just before the manifest.
 pub const SIGNATURE_OBJECT: &str = "signature.json";
+/// Prefix of lock objects.
+pub const LOCKS_DIR: &str = "locks";
+
+/// Every kind of object in a store. Its key and whether it is sealed (an age file) follow from its
+/// kind, so no caller decides either: [`crate::repo`] reads and writes objects by this type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Object {
+    /// `immich-backup.json`, plain JSON.
+    Marker,
+    /// `locks/<name>`, plain JSON.
+    Lock(String),
+    /// `snapshots/<id>/summary.json`, plain JSON.
+    Summary(String),
+    /// `snapshots/<id>/signature.json`, plain JSON.
+    Signature(String),
+    /// `snapshots/<id>/refs.txt.gz`, plain gzip.
+    Refs(String),
+    /// `snapshots/<id>/files.jsonl.gz.age`, sealed.
+    Files(String),
+    /// `snapshots/<id>/dump.sql.gz.age`, sealed.
+    Dump(String),
+    /// `snapshots/<id>/manifest.json.age`, sealed; written last.
+    Manifest(String),
+    /// `data/<2 hex>/<64 hex>`, sealed.
+    Content(ContentId),
+}
+
+impl Object {
+    /// The object's key under the store's prefix.
+    pub fn key(&self) -> String {
+        match self {
+            Object::Marker => REPO_MARKER.to_string(),
+            Object::Lock(name) => format!("{LOCKS_DIR}/{name}"),
+            Object::Summary(id) => snapshot_key(id, SUMMARY_OBJECT),
+            Object::Signature(id) => snapshot_key(id, SIGNATURE_OBJECT),
+            Object::Refs(id) => snapshot_key(id, REFS_OBJECT),
+            Object::Files(id) => snapshot_key(id, FILES_OBJECT),
+            Object::Dump(id) => snapshot_key(id, DUMP_OBJECT),
+            Object::Manifest(id) => snapshot_key(id, MANIFEST_OBJECT),
+            Object::Content(id) => id.key(),
+        }
+    }
+
+    /// Whether the object is an age file (readable only with an identity).
+    pub fn sealed(&self) -> bool {
+        matches!(
+            self,
+            Object::Files(_) | Object::Dump(_) | Object::Manifest(_) | Object::Content(_)
+        )
+    }
+}
 
 /// `immich-backup.json`: marks a store as ours; plaintext, holds no secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -237,4 +288,63 @@ pub fn parse_refs(gz: &[u8]) -> impl Iterator<Item = std::result::Result<Content
 /// Order of two `/`-separated relative paths as the sorted walk produces them.
 pub fn walk_order(a: &str, b: &str) -> Ordering {
     a.split('/').cmp(b.split('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_have_the_keys_of_format_md() {
+        let id = "20261204T120000.000Z-0000abcd";
+        let c = ContentId([0xab; 32]);
+        assert_eq!(Object::Marker.key(), "immich-backup.json");
+        assert_eq!(Object::Lock("x.json".into()).key(), "locks/x.json");
+        assert_eq!(
+            Object::Manifest(id.into()).key(),
+            format!("snapshots/{id}/manifest.json.age")
+        );
+        assert_eq!(
+            Object::Dump(id.into()).key(),
+            format!("snapshots/{id}/dump.sql.gz.age")
+        );
+        assert_eq!(
+            Object::Files(id.into()).key(),
+            format!("snapshots/{id}/files.jsonl.gz.age")
+        );
+        assert_eq!(
+            Object::Refs(id.into()).key(),
+            format!("snapshots/{id}/refs.txt.gz")
+        );
+        assert_eq!(
+            Object::Summary(id.into()).key(),
+            format!("snapshots/{id}/summary.json")
+        );
+        assert_eq!(
+            Object::Signature(id.into()).key(),
+            format!("snapshots/{id}/signature.json")
+        );
+        assert_eq!(
+            Object::Content(c).key(),
+            format!("data/ab/{}", "ab".repeat(32))
+        );
+        let sealed: Vec<bool> = [
+            Object::Marker,
+            Object::Summary(id.into()),
+            Object::Refs(id.into()),
+            Object::Manifest(id.into()),
+            Object::Content(c),
+        ]
+        .iter()
+        .map(Object::sealed)
+        .collect();
+        assert_eq!(sealed, [false, false, false, true, true]);
+    }
+
+    #[test]
+    fn walk_order_is_component_wise() {
+        assert_eq!(walk_order("a/b", "a.b"), Ordering::Less);
+        assert_eq!(walk_order("a", "a/b"), Ordering::Less);
+        assert_eq!(walk_order("library/x", "profile"), Ordering::Less);
+    }
 }

@@ -31,8 +31,8 @@ use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
 use immich_backup::repo::snapshots;
 use immich_backup::repo::trust::Trust;
+use immich_backup::repo::Repository;
 use immich_backup::restore::{self, RestoreOptions};
-use immich_backup::store::Store;
 
 const BIN: &str = env!("CARGO_BIN_EXE_immich-backup");
 
@@ -45,7 +45,7 @@ struct Env {
     store_dir: PathBuf,
     identity: PathBuf,
     cfg: Config,
-    store: Store,
+    store: Repository,
 }
 
 /// What the source looked like at one backup.
@@ -82,7 +82,7 @@ impl Env {
         };
         cfg.lock.wait_secs = 120;
         cfg.lock.stale_secs = 60;
-        let store = Store::open(&cfg.storage).unwrap();
+        let store = Repository::open(&cfg.storage).unwrap();
         Env {
             work,
             cluster,
@@ -197,7 +197,7 @@ async fn restore_and_compare(env: &Env, saved: &Saved) {
 }
 
 /// Complete snapshot ids in the store.
-async fn complete_ids(store: &Store) -> Vec<String> {
+async fn complete_ids(store: &Repository) -> Vec<String> {
     snapshots::list_ids(store)
         .await
         .unwrap()
@@ -208,8 +208,9 @@ async fn complete_ids(store: &Store) -> Vec<String> {
 }
 
 /// The content objects in the store.
-async fn content(store: &Store) -> BTreeSet<ContentId> {
+async fn content(store: &Repository) -> BTreeSet<ContentId> {
     store
+        .store()
         .list_keys(format::DATA_DIR)
         .await
         .unwrap()
@@ -219,10 +220,11 @@ async fn content(store: &Store) -> BTreeSet<ContentId> {
 }
 
 /// What the plaintext refs of the complete snapshots reference.
-async fn referenced(store: &Store) -> BTreeSet<ContentId> {
+async fn referenced(store: &Repository) -> BTreeSet<ContentId> {
     let mut out = BTreeSet::new();
     for id in complete_ids(store).await {
         let gz = store
+            .store()
             .get_bytes(&format::snapshot_key(&id, format::REFS_OBJECT))
             .await
             .unwrap();
@@ -278,6 +280,7 @@ async fn forget_and_prune_round_trip_without_the_identity() {
     let fresh_incomplete = fresh_incomplete.as_str();
     for id in [old_incomplete, fresh_incomplete] {
         env.store
+            .store()
             .put_new(
                 &format::snapshot_key(id, format::DUMP_OBJECT),
                 bytes::Bytes::from_static(b"partial"),
@@ -287,6 +290,7 @@ async fn forget_and_prune_round_trip_without_the_identity() {
     }
     let orphan = ContentId([0xab; 32]);
     env.store
+        .store()
         .put_new(&orphan.key(), bytes::Bytes::from_static(b"orphan"))
         .await
         .unwrap();
@@ -361,6 +365,7 @@ async fn forget_and_prune_round_trip_without_the_identity() {
     );
     assert!(env
         .store
+        .store()
         .list_keys(lock::LOCKS_DIR)
         .await
         .unwrap()
@@ -485,6 +490,7 @@ async fn backup_and_prune_started_together() {
     assert!(missing.is_empty(), "referenced but not stored: {missing:?}");
     assert!(env
         .store
+        .store()
         .list_keys(lock::LOCKS_DIR)
         .await
         .unwrap()
@@ -651,10 +657,11 @@ fn ping_server() -> (u16, Arc<Mutex<Vec<String>>>) {
 }
 
 /// The sizes of `data/` and `snapshots/` on disk.
-async fn store_bytes(store: &Store) -> u64 {
+async fn store_bytes(store: &Repository) -> u64 {
     let mut total = 0;
     for dir in [format::DATA_DIR, format::SNAPSHOTS_DIR] {
         total += store
+            .store()
             .list_keys(dir)
             .await
             .unwrap()
@@ -781,6 +788,7 @@ async fn agent_backs_up_on_schedule_serves_health_and_stops_on_sigterm() {
     let newest = ids.last().unwrap().clone();
     let summary: format::Summary = serde_json::from_slice(
         &env.store
+            .store()
             .get_bytes(&format::snapshot_key(&newest, format::SUMMARY_OBJECT))
             .await
             .unwrap(),
@@ -855,6 +863,7 @@ async fn agent_backs_up_on_schedule_serves_health_and_stops_on_sigterm() {
     );
     assert!(
         env.store
+            .store()
             .list_keys(lock::LOCKS_DIR)
             .await
             .unwrap()

@@ -16,6 +16,7 @@ use immich_backup::config::StorageConfig;
 use immich_backup::error::Error;
 use immich_backup::format;
 use immich_backup::repo::snapshots;
+use immich_backup::repo::Repository;
 use immich_backup::store::check::{self as storecheck, Status};
 use immich_backup::store::{Store, PART_SIZE};
 use support::azurite::Azurite;
@@ -125,7 +126,7 @@ fn s3_repair_replaces_damaged_objects() {
     server.clear_log();
     let report = rt
         .block_on(async {
-            let store = Store::open(&cfg.storage)?;
+            let store = Repository::open(&cfg.storage)?;
             let database = immich_backup::db::connect(&cfg.database)?;
             let recipients =
                 immich_backup::crypto::Recipients::load(&cfg.encryption.recipients, None)?;
@@ -296,13 +297,17 @@ fn s3_missing_bucket_is_a_documented_error() {
     storage.concurrency = 2;
     let rt = runtime();
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
+    let err = rt
+        .block_on(snapshots::open_or_init(&Repository::new(store.clone())))
+        .unwrap_err();
     assert_eq!(err.exit_code(), 10);
     assert_eq!(
         err.to_string(),
         "storage s3://no-such-bucket/immich: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"
     );
-    let report = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let report = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(!report.ok);
     let access = &report.checks[0];
     assert_eq!(access.status, Status::Fail);
@@ -328,7 +333,9 @@ fn s3_init_checks_the_store() {
     let rt = runtime();
     let store = Store::open(&storage).unwrap();
 
-    let report = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let report = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(report.ok, "{report:#?}");
     for c in [
         "access",
@@ -347,7 +354,9 @@ fn s3_init_checks_the_store() {
         server.keys("photos", ""),
         vec!["immich/immich-backup.json".to_string()]
     );
-    let again = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let again = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(again.ok && !again.created);
     assert_eq!(again.repository, report.repository);
 
@@ -355,7 +364,9 @@ fn s3_init_checks_the_store() {
         .behaviour
         .ignore_if_none_match
         .store(true, Ordering::SeqCst);
-    let r = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(r.ok, "{r:#?}");
     assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
     server
@@ -367,14 +378,18 @@ fn s3_init_checks_the_store() {
         .behaviour
         .reject_if_none_match
         .store(true, Ordering::SeqCst);
-    let r = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(!r.ok);
     let write = r.checks.iter().find(|c| c.check == "write").unwrap();
     assert_eq!(write.status, Status::Fail, "{r:#?}");
     let mut fallback = storage.clone();
     fallback.conditional_create = false;
     let store2 = Store::open(&fallback).unwrap();
-    let r = rt.block_on(immich_backup::repo::snapshots::init(&store2));
+    let r = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store2.clone(),
+    )));
     assert!(r.ok, "{r:#?}");
     assert_eq!(status_of(&r, "conditional-create"), Status::Warn);
     // Check-then-write still never overwrites.
@@ -421,7 +436,10 @@ fn s3_failing_upload_names_the_object() {
     assert!(!text.contains('\n'), "{text}");
     assert!(!text.contains(SECRET_KEY));
     let store = Store::open(&cfg.storage).unwrap();
-    assert!(rt.block_on(snapshots::list(&store)).unwrap().is_empty());
+    assert!(rt
+        .block_on(snapshots::list(&Repository::new(store.clone())))
+        .unwrap()
+        .is_empty());
 }
 
 /// Kill the backup (SIGKILL) while a multipart upload is in flight: no snapshot is visible; the next
@@ -468,8 +486,13 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         .stall_data_parts
         .store(false, Ordering::SeqCst);
 
-    assert!(rt.block_on(snapshots::list(&store)).unwrap().is_empty());
-    let ids = rt.block_on(snapshots::list_ids(&store)).unwrap();
+    assert!(rt
+        .block_on(snapshots::list(&Repository::new(store.clone())))
+        .unwrap()
+        .is_empty());
+    let ids = rt
+        .block_on(snapshots::list_ids(&Repository::new(store.clone())))
+        .unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(ids.values().all(|complete| !complete));
     let out = cli(&config, &["snapshots"], &env);
@@ -510,7 +533,9 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         written.len()
     );
     assert_eq!(report["files"].as_u64().unwrap() as usize, source.originals);
-    let complete = rt.block_on(snapshots::list(&store)).unwrap();
+    let complete = rt
+        .block_on(snapshots::list(&Repository::new(store.clone())))
+        .unwrap();
     assert_eq!(complete.len(), 1);
     assert_eq!(complete[0].id, report["snapshot"].as_str().unwrap());
 }
@@ -532,7 +557,9 @@ fn azure_backup_restore_round_trip() {
     let cfg = source.config(storage);
     let rt = runtime();
     let store = Store::open(&cfg.storage).unwrap();
-    let init = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let init = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(init.ok, "{init:#?}");
     assert!(
         init.checks.iter().all(|c| c.status == Status::Ok),
@@ -606,7 +633,9 @@ fn gcs_backup_restore_round_trip() {
     let cfg = source.config(storage);
     let rt = runtime();
     let store = Store::open(&cfg.storage).unwrap();
-    let init = rt.block_on(immich_backup::repo::snapshots::init(&store));
+    let init = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
+        store.clone(),
+    )));
     assert!(init.ok, "{init:#?}");
     assert!(
         init.checks.iter().all(|c| c.status == Status::Ok),
@@ -656,7 +685,9 @@ fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
         .options
         .insert("bearer_token".into(), "wrong-token-9876543210".into());
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
+    let err = rt
+        .block_on(snapshots::open_or_init(&Repository::new(store.clone())))
+        .unwrap_err();
     assert_eq!(err.exit_code(), 10);
     let text = err.to_string();
     assert!(text.contains("denied (AuthenticationRequired)"), "{text}");
@@ -667,7 +698,9 @@ fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
         .insert("bearer_token".into(), "right-token-0123456789".into());
     storage.url = "gs://no-such-bucket/x".into();
     let store = Store::open(&storage).unwrap();
-    let err = rt.block_on(snapshots::open_or_init(&store)).unwrap_err();
+    let err = rt
+        .block_on(snapshots::open_or_init(&Repository::new(store.clone())))
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "storage gs://no-such-bucket/x: bucket \"no-such-bucket\" does not exist (NoSuchBucket); create it, or correct [storage] url"

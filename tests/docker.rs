@@ -20,7 +20,7 @@ use immich_backup::demo::sample::{self, PgCluster};
 use immich_backup::error::exit;
 use immich_backup::format::Manifest;
 use immich_backup::repo::snapshots;
-use immich_backup::store::Store;
+use immich_backup::repo::Repository;
 use immich_backup::{config::StorageConfig, demo, restore};
 
 const IMAGE: &str = "hostroot:latest";
@@ -452,15 +452,17 @@ fn manifest(s: &Setup) -> Manifest {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = Store::open(&StorageConfig {
+        let store = Repository::open(&StorageConfig {
             url: format!("file://{}", s.path().join("store").display()),
             concurrency: 4,
             ..StorageConfig::default()
         })
         .unwrap();
-        let ids = Identities::load(&s.identity()).unwrap();
+        let ids = std::sync::Arc::new(Identities::load(&s.identity()).unwrap());
         let id = snapshots::resolve(&store, "latest").await.unwrap();
-        restore::read_manifest(&store, &ids, &id).await.unwrap()
+        restore::read_manifest(&store.reader(ids), &id)
+            .await
+            .unwrap()
     })
 }
 

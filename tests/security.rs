@@ -606,7 +606,7 @@ fn restore_takes_the_shared_lock_unless_told_not_to() {
     let rconfig = toml.write(&src.work.path().join("restore.toml"));
     // A prune holds the exclusive lock.
     let rt = rt();
-    let store = immich_backup::store::Store::open(&src.config().storage).unwrap();
+    let store = immich_backup::repo::Repository::open(&src.config().storage).unwrap();
     let lock = rt
         .block_on(immich_backup::repo::lock::Lock::acquire(
             &store,

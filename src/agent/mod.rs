@@ -23,12 +23,12 @@ use crate::config::Config;
 use crate::crypto::Recipients;
 use crate::db;
 use crate::error::{Error, Result};
-use crate::format::{self, Summary};
+use crate::format::{Object, Summary};
 use crate::maintenance;
 use crate::policy::schedule::{Clock, Planner, Schedule};
 use crate::progress::Progress;
 use crate::repo::snapshots;
-use crate::store::Store;
+use crate::repo::Repository;
 use health::{AgentState, Failure, Shared, Success};
 
 /// How long shutdown waits for lock removal and the last pings.
@@ -102,18 +102,17 @@ fn load_recipients(cfg: &Config) -> Result<Recipients> {
 }
 
 /// Fill the state from what the store holds (so a restarted agent reports the right health).
-async fn load_store_state(store: &Store, shared: &Shared) -> Result<()> {
-    let ids = snapshots::list_ids(store).await?;
+async fn load_store_state(repo: &Repository, shared: &Shared) -> Result<()> {
+    let ids = snapshots::list_ids(repo).await?;
     let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
     let latest = match complete.last() {
-        Some(id) => store
-            .get_bytes(&format::snapshot_key(id, format::SUMMARY_OBJECT))
+        Some(id) => repo
+            .get_json::<Summary>(&Object::Summary(id.to_string()))
             .await
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Summary>(&b).ok()),
+            .ok(),
         None => None,
     };
-    let (objects, bytes) = maintenance::store_usage(store).await?;
+    let (objects, bytes) = maintenance::store_usage(repo).await?;
     shared.update(|s| {
         s.snapshots = complete.len() as u64;
         s.store_objects = objects;
@@ -137,7 +136,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
     let schedule = Schedule::from_config(&cfg.schedule)?;
     let tz = maintenance::retention_timezone(&cfg)?;
     load_recipients(&cfg)?; // fail at start-up, not at the first backup
-    let store = Store::open(&cfg.storage)?;
+    let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let pinger = Pinger::new(&cfg.agent)?;
     let shared = Arc::new(Shared {
@@ -145,7 +144,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         schedule: schedule.clone(),
         grace: cfg.agent.grace(),
     });
-    if let Err(e) = load_store_state(&store, &shared).await {
+    if let Err(e) = load_store_state(&repo, &shared).await {
         tracing::warn!(error = %e, "could not read the store at start-up");
     }
     let server = if cfg.agent.listen.is_empty() {
@@ -158,7 +157,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         timezone = %schedule.tz(),
         backup_on_start = cfg.schedule.backup_on_start,
         retention = %cfg.retention.describe(tz),
-        store = store.url(),
+        store = repo.url(),
         "agent started"
     );
 
@@ -181,7 +180,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         let job = run_once(
             &cfg,
             database.as_ref(),
-            &store,
+            &repo,
             tz,
             &pinger,
             &shared,
@@ -232,7 +231,7 @@ async fn wait_until(
 async fn run_once(
     cfg: &Config,
     database: &dyn db::Database,
-    store: &Store,
+    repo: &Repository,
     tz: chrono_tz::Tz,
     pinger: &Pinger,
     shared: &Shared,
@@ -241,7 +240,7 @@ async fn run_once(
     pinger.ping(&pinger.start, String::new()).await;
     let started = Instant::now();
     let result = match load_recipients(cfg) {
-        Ok(r) => backup::run(cfg, database, store, r, Progress::hidden()).await,
+        Ok(r) => backup::run(cfg, database, repo, r, Progress::hidden()).await,
         Err(e) => Err(e),
     };
     let report: BackupReport = match result {
@@ -264,14 +263,10 @@ async fn run_once(
             return;
         }
     };
-    let summary_time = store
-        .get_bytes(&format::snapshot_key(
-            &report.snapshot,
-            format::SUMMARY_OBJECT,
-        ))
+    let summary_time = repo
+        .get_json::<Summary>(&Object::Summary(report.snapshot.clone()))
         .await
         .ok()
-        .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
         .map(|s| s.time)
         .or_else(|| maintenance::id_time(&report.snapshot))
         .unwrap_or_else(|| clock.now());
@@ -290,7 +285,7 @@ async fn run_once(
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "scheduled backup done");
 
     // Retention and prune; a failure here does not undo the backup.
-    match maintenance::forget(store, &cfg.retention, tz, &cfg.lock, false, true).await {
+    match maintenance::forget(repo, &cfg.retention, tz, &cfg.lock, false, true).await {
         Ok(f) => {
             let p = f.prune.as_ref();
             tracing::info!(
@@ -311,7 +306,7 @@ async fn run_once(
         Err(e) => {
             tracing::error!(error = %e, "retention/prune failed; the backup itself is fine");
             shared.update(|s| s.prune_failures_total += 1);
-            if let Ok((objects, bytes)) = maintenance::store_usage(store).await {
+            if let Ok((objects, bytes)) = maintenance::store_usage(repo).await {
                 shared.update(|s| {
                     s.store_objects = objects;
                     s.store_bytes = bytes;

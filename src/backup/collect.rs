@@ -17,10 +17,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::crypto::Recipients;
 use crate::error::{Error, IoContext, Result};
-use crate::format::{walk_order, ContentId, Entry, EntryKind};
-use crate::store::{ObjectWriter, Store};
+use crate::format::{walk_order, ContentId, Entry, EntryKind, Object, DATA_DIR};
+use crate::repo::{SealedWriter, Writer};
+use crate::store::Store;
 
 /// Files up to this size are read once into memory; larger ones are hashed, then streamed.
 pub const SMALL_FILE: u64 = 4 * 1024 * 1024;
@@ -523,7 +523,7 @@ impl Repair {
     /// Mark `id` damaged if it is stored with a size no age file of `len` bytes has.
     fn check_size(&self, id: &ContentId, len: u64) {
         if let Ok(i) = self.sizes.binary_search_by(|(c, _)| c.cmp(id)) {
-            let expected = self.header + crate::crypto::seal::age_payload_len(len);
+            let expected = self.header + crate::repo::sealed_payload_len(len);
             if self.sizes[i].1 != expected {
                 tracing::warn!(object = %id.key(), stored = self.sizes[i].1, expected, "stored object has the wrong size; storing it again");
                 self.damaged.lock().expect("not poisoned").insert(*id);
@@ -738,8 +738,7 @@ pub enum StoreFileError {
 
 /// Everything the per-file work needs, shared by the workers.
 pub struct FileStorer {
-    pub store: Store,
-    pub recipients: Arc<Recipients>,
+    pub writer: Writer,
     pub key: [u8; 32],
     pub known: Arc<Known>,
     pub buffers: Buffers,
@@ -781,8 +780,9 @@ impl FileStorer {
         let src = |e: io::Error| StoreFileError::Source(e.to_string());
         let mut file = File::open(&found.abs).map_err(src)?;
         if self.known.is_empty() {
-            if let Some(writer) = self.store.unnamed_writer() {
-                return self.store_in_one_pass(file, writer, found.entry.size);
+            if let Some(sealed) = self.writer.unnamed_content_writer() {
+                let sealed = sealed.map_err(StoreFileError::Store)?;
+                return self.store_in_one_pass(file, sealed, found.entry.size);
             }
         }
         if found.entry.size <= SMALL_FILE {
@@ -829,28 +829,18 @@ impl FileStorer {
     fn store_in_one_pass(
         &self,
         mut file: File,
-        writer: ObjectWriter,
+        mut sealed: SealedWriter,
         expect_len: u64,
     ) -> std::result::Result<(ContentId, Stored), StoreFileError> {
-        let store_err = |e: io::Error| {
-            StoreFileError::Store(crate::store::error_from_io(crate::format::DATA_DIR, e))
-        };
-        let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
-        let (id, read) = self.copy_hashed(&mut file, &mut sealed, crate::format::DATA_DIR)?;
+        let key = sealed.key().to_string();
+        let (id, read) = self.copy_hashed(&mut file, &mut sealed, &key)?;
         if read != expect_len {
             return Err(changed_meanwhile());
         }
         let Some(claim) = self.known.claim(&id) else {
             return Ok((id, Stored::Deduplicated { read })); // dropping the writer abandons it
         };
-        let stored = sealed
-            .finish()
-            .map_err(|e| crate::store::error_from_io(&id.key(), e))
-            .and_then(|mut w| {
-                w.name(&id.key());
-                w.finish()
-            })
-            .map_err(StoreFileError::Store)?;
+        let stored = sealed.finish_as(&id).map_err(StoreFileError::Store)?;
         claim.stored();
         Ok((id, Stored::Uploaded { read, stored }))
     }
@@ -859,7 +849,7 @@ impl FileStorer {
         &self,
         r: &mut impl Read,
     ) -> std::result::Result<(ContentId, u64), StoreFileError> {
-        self.copy_hashed(r, &mut io::sink(), crate::format::DATA_DIR)
+        self.copy_hashed(r, &mut io::sink(), DATA_DIR)
     }
 
     /// Copy `src` into `dst` (the object `object`) through a reused buffer, hashing it on the way:
@@ -898,18 +888,19 @@ impl FileStorer {
         expect_len: u64,
     ) -> std::result::Result<u64, StoreFileError> {
         let key = id.key();
-        let store_err = |e: io::Error| StoreFileError::Store(crate::store::error_from_io(&key, e));
         let replace = self.known.replaces(id);
-        let writer = if replace {
-            self.store.replacing_writer(&key)
+        let mut sealed = if replace {
+            self.writer.replacing_writer(id)
         } else {
-            self.store.writer(&key)
-        };
-        let mut sealed = self.recipients.encrypt(writer).map_err(store_err)?;
+            self.writer.sealed_writer(&Object::Content(*id))
+        }
+        .map_err(StoreFileError::Store)?;
         let unchanged = match src {
             // Hashed from these very bytes: nothing can have changed.
             Source::Memory(data) => {
-                sealed.write_all(data).map_err(store_err)?;
+                sealed
+                    .write_all(data)
+                    .map_err(|e| StoreFileError::Store(sealed.error(e)))?;
                 true
             }
             Source::File(mut file) => {
@@ -920,8 +911,7 @@ impl FileStorer {
         if !unchanged {
             return Err(changed_meanwhile()); // dropping the writer abandons the object
         }
-        let writer = sealed.finish().map_err(store_err)?;
-        let stored = writer.finish().map_err(StoreFileError::Store)?;
+        let stored = sealed.finish().map_err(StoreFileError::Store)?;
         if replace {
             tracing::info!(object = %key, "replaced a damaged object");
             if let Some(r) = &self.known.repair {
@@ -952,7 +942,7 @@ fn copy_hashed(
         };
         hasher.update(&buf[..n]);
         dst.write_all(&buf[..n])
-            .map_err(|e| StoreFileError::Store(crate::store::error_from_io(object, e)))?;
+            .map_err(|e| StoreFileError::Store(crate::repo::write_error(object, e)))?;
         len += n as u64;
     }
     Ok((ContentId(*hasher.finalize().as_bytes()), len))
@@ -1014,12 +1004,5 @@ mod tests {
             });
         }
         assert!(known.contains(&id));
-    }
-
-    #[test]
-    fn walk_order_is_component_wise() {
-        assert_eq!(walk_order("a/b", "a.b"), Ordering::Less);
-        assert_eq!(walk_order("a", "a/b"), Ordering::Less);
-        assert_eq!(walk_order("library/x", "profile"), Ordering::Less);
     }
 }

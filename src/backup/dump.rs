@@ -7,18 +7,17 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use sha2::{Digest, Sha256};
 use tokio_util::io::SyncIoBridge;
 
-use crate::crypto::Recipients;
 use crate::db::{Database, DumpRun};
 use crate::error::{Error, Result};
+use crate::format::Object;
 use crate::format::ObjectRef;
-use crate::store::{ObjectWriter, Store};
+use crate::repo::{SealedWriter, Writer};
 
 /// What a finished dump left in the store.
 #[derive(Debug, Clone)]
@@ -39,24 +38,24 @@ pub struct DumpEvents<F> {
     pub snapshot_taken: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Dump every database to `key`, encrypted; `database` names the Immich one whose rows are counted.
+/// Dump every database into the sealed object `object`; `database` names the Immich one whose
+/// rows are counted.
 pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
     db: &dyn Database,
-    store: &Store,
-    recipients: Arc<Recipients>,
-    key: &str,
+    repo: &Writer,
+    object: &Object,
     database: &str,
     level: u32,
     events: DumpEvents<F>,
 ) -> Result<DumpOutcome> {
     let DumpRun { stdout, done } = db.dump_all().await?;
-    let writer = store.writer(key);
+    let (repo, object) = (repo.clone(), object.clone());
+    let key = object.key();
     let database = database.to_string();
-    let object = key.to_string();
     let pipe = tokio::task::spawn_blocking(move || {
+        let writer = repo.sealed_writer(&object)?;
         let input = SyncIoBridge::new(stdout);
-        stream_dump(input, writer, &recipients, &database, level, events)
-            .map_err(|e| crate::store::error_from_io(&object, e))
+        stream_dump(input, writer, &database, level, events)
     });
     let (piped, exited) = tokio::join!(pipe, done);
     let piped = piped.map_err(|e| Error::Other(format!("dump thread: {e}")))?;
@@ -71,7 +70,7 @@ pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
                 .map_err(|e| Error::Other(format!("dump thread: {e}")))??;
             Ok(DumpOutcome {
                 object: ObjectRef {
-                    key: key.to_string(),
+                    key,
                     size,
                     sha256,
                     header_mac,
@@ -92,7 +91,7 @@ pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
 
 /// The result of piping the dump, before its object is completed.
 struct Piped {
-    writer: ObjectWriter,
+    writer: SealedWriter,
     counter: RowCounter,
     sha256: String,
     gz_bytes: u64,
@@ -101,9 +100,20 @@ struct Piped {
 }
 
 fn stream_dump<F: Fn(u64)>(
+    input: impl Read,
+    sealed: SealedWriter,
+    database: &str,
+    level: u32,
+    events: DumpEvents<F>,
+) -> Result<Piped> {
+    let key = sealed.key().to_string();
+    stream_dump_io(input, sealed, database, level, events)
+        .map_err(|e| crate::repo::write_error(&key, e))
+}
+
+fn stream_dump_io<F: Fn(u64)>(
     mut input: impl Read,
-    writer: ObjectWriter,
-    recipients: &Recipients,
+    sealed: SealedWriter,
     database: &str,
     level: u32,
     events: DumpEvents<F>,
@@ -113,7 +123,6 @@ fn stream_dump<F: Fn(u64)>(
         snapshot_taken,
     } = events;
     let mut snapshot_taken = Some(snapshot_taken);
-    let sealed = recipients.encrypt(writer)?;
     let header_mac = sealed.header_mac();
     let mut gz = GzEncoder::new(HashingWriter::new(sealed), Compression::new(level));
     let mut counter = RowCounter::new(database);
@@ -137,8 +146,7 @@ fn stream_dump<F: Fn(u64)>(
         on_bytes(n as u64);
     }
     let hashed = gz.finish()?;
-    let (sealed, sha256, gz_bytes) = hashed.into_parts();
-    let writer = sealed.finish()?;
+    let (writer, sha256, gz_bytes) = hashed.into_parts();
     Ok(Piped {
         writer,
         counter,

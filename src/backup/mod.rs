@@ -29,13 +29,14 @@ use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, ObjectRef, Skipped, Summary, Totals,
+    self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef, Skipped, Summary,
+    Totals,
 };
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
+use crate::repo::{PlainWriter, Repository, SealedWriter, Writer};
 use crate::store::local::{self, Owner, Verdict};
-use crate::store::{ObjectWriter, Store};
 use collect::{
     CacheReader, CacheWriter, FileStorer, Found, Known, Repair, StoreFileError, Stored, Walked,
 };
@@ -87,14 +88,14 @@ pub struct BackupOptions {
 pub async fn run(
     cfg: &Config,
     db: &dyn Database,
-    store: &Store,
+    repo: &Repository,
     recipients: Recipients,
     progress: Progress,
 ) -> Result<BackupReport> {
     run_with(
         cfg,
         db,
-        store,
+        repo,
         recipients,
         progress,
         BackupOptions::default(),
@@ -106,7 +107,7 @@ pub async fn run(
 pub async fn run_with(
     cfg: &Config,
     db: &dyn Database,
-    store: &Store,
+    repo: &Repository,
     recipients: Recipients,
     progress: Progress,
     opts: BackupOptions,
@@ -115,15 +116,16 @@ pub async fn run_with(
     let root = cfg.immich.upload_location.clone();
     check_upload_location(&root, &cfg.immich.folders)?;
     let signing = signing_keys(cfg, &recipients)?;
-    let marker = snapshots::open_or_init(store).await?;
+    let marker = snapshots::open_or_init(repo).await?;
     if signing.is_empty() {
-        require_legacy(store).await?;
+        require_legacy(repo).await?;
     }
+    let writer = repo.writer(Arc::new(recipients));
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
-    let lock = Lock::acquire(store, LockKind::Shared, "backup", &cfg.lock).await?;
+    let lock = Lock::acquire(repo, LockKind::Shared, "backup", &cfg.lock).await?;
     let result = tokio::select! {
-        r = run_locked(cfg, db, store, recipients, &signing, progress, started, marker, &lock, opts) => r,
+        r = run_locked(cfg, db, &writer, &signing, progress, started, marker, &lock, opts) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -134,8 +136,7 @@ pub async fn run_with(
 async fn run_locked(
     cfg: &Config,
     db: &dyn Database,
-    store: &Store,
-    recipients: Recipients,
+    writer: &Writer,
     signing: &[SigningKey],
     progress: Progress,
     started: Instant,
@@ -145,25 +146,25 @@ async fn run_locked(
 ) -> Result<BackupReport> {
     let root = cfg.immich.upload_location.clone();
     let repair = match opts.repair {
-        Some(named) => Some(Arc::new(prepare_repair(store, &recipients, named).await?)),
+        Some(named) => Some(Arc::new(prepare_repair(writer, named).await?)),
         None => None,
     };
-    let recipients = Arc::new(recipients);
-    let key = recipients.content_key();
+    let repo = writer.repo();
+    let store = repo.store();
+    let key = writer.content_key();
     let time = Utc::now();
     let id = format::new_snapshot_id(time);
     tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
 
     // Content a killed run left staged, then this run's staging (local stores).
-    recover_staging(store, cfg).await?;
+    recover_staging(repo, cfg).await?;
     store.begin_staging().await?;
 
     let cache_path = collect::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
     let run = Run {
         cfg,
         db,
-        store,
-        recipients: &recipients,
+        writer,
         key,
         id: &id,
         cache_path: &cache_path,
@@ -214,15 +215,7 @@ async fn run_locked(
         tracing::warn!(object = %m.key(), "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
     }
     lock.confirm().await?;
-    commit(
-        store,
-        &recipients,
-        signing,
-        &summary,
-        &manifest,
-        &files.refs_sha256,
-    )
-    .await?;
+    commit(writer, signing, &summary, &manifest, &files.refs_sha256).await?;
     files.cache.commit()?;
 
     let report = BackupReport {
@@ -256,8 +249,7 @@ async fn run_locked(
 struct Run<'a> {
     cfg: &'a Config,
     db: &'a dyn Database,
-    store: &'a Store,
-    recipients: &'a Arc<Recipients>,
+    writer: &'a Writer,
     key: [u8; 32],
     id: &'a str,
     cache_path: &'a std::path::Path,
@@ -279,7 +271,10 @@ struct ServerFacts {
 /// facts are asked beside the dump in one query, which is also the check that a local server
 /// answers: its error, if any, is the one told.
 async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts, FilesDone)> {
-    let Run { cfg, db, store, .. } = run;
+    let Run {
+        cfg, db, writer, ..
+    } = run;
+    let store = writer.repo().store();
     if db.ready_waits() {
         db.wait_ready().await?;
     }
@@ -299,12 +294,11 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         // A repair has listed the store already, sizes and all.
         let known = match run.repair {
             Some(r) => Known::new(r.stored_ids(), store).with_repair(Some(r.clone())),
-            None => list_content(store).await?,
+            None => list_content(writer.repo()).await?,
         };
         let known = Arc::new(known);
         let storer = Arc::new(FileStorer {
-            store: store.clone(),
-            recipients: run.recipients.clone(),
+            writer: writer.clone(),
             key: run.key,
             known,
             buffers: Default::default(),
@@ -349,12 +343,10 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
     run: Run<'_>,
     events: dump::DumpEvents<F>,
 ) -> Result<dump::DumpOutcome> {
-    let key = format::snapshot_key(run.id, format::DUMP_OBJECT);
     let dumped = dump::dump_to_store(
         run.db,
-        run.store,
-        run.recipients.clone(),
-        &key,
+        run.writer,
+        &Object::Dump(run.id.to_string()),
         &run.cfg.database.database,
         run.cfg.backup.compression_level,
         events,
@@ -399,8 +391,8 @@ fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<(
 /// (immich-backup 0.1: complete snapshots, none signed), where restores trust unsigned snapshots
 /// anyway. A new store, or one whose snapshots are signed, gets signed snapshots or none: an
 /// unsigned one could not be told from a forged one.
-async fn require_legacy(store: &Store) -> Result<()> {
-    let folders = snapshots::list_folders(store).await?;
+async fn require_legacy(repo: &Repository) -> Result<()> {
+    let folders = snapshots::list_folders(repo).await?;
     let complete: Vec<_> = folders.values().filter(|f| f.complete).collect();
     let how = "set [encryption] signing_key_file to the signing key `immich-backup keygen` wrote beside the identity (or make it where the identity is kept: `immich-backup signing-key --identity FILE -o signing.key`)";
     if complete.is_empty() {
@@ -434,61 +426,48 @@ fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>
 /// Write the plaintext summary, the signature, then the encrypted manifest: the snapshot is now
 /// visible.
 async fn commit(
-    store: &Store,
-    recipients: &Recipients,
+    writer: &Writer,
     signing: &[SigningKey],
     summary: &Summary,
     manifest: &Manifest,
     refs_sha256: &str,
 ) -> Result<()> {
     // Everything the manifest references must be durable, and the content visible, first.
-    let published = store.publish().await?;
+    let repo = writer.repo();
+    let published = repo.store().publish().await?;
     tracing::debug!(published, "content published");
     let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
     let summary_sha256 = sign::sha256_hex(&summary_json);
-    put_snapshot_object(store, &summary.id, format::SUMMARY_OBJECT, summary_json).await?;
+    repo.create(&Object::Summary(summary.id.clone()), summary_json)
+        .await?;
     let plain = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-    let mut sealed = recipients
-        .encrypt(Vec::new())
-        .map_err(|e| Error::Crypto(e.to_string()))?;
-    sealed
-        .write_all(&plain)
-        .map_err(|e| Error::Crypto(e.to_string()))?;
-    let bytes = sealed.finish().map_err(|e| Error::Crypto(e.to_string()))?;
+    let sealed = writer.seal(&plain)?;
     if !signing.is_empty() {
         let statement = Statement {
             id: manifest.id.clone(),
             time: manifest.time,
-            manifest_sha256: sign::sha256_hex(&bytes),
+            manifest_sha256: sign::sha256_hex(sealed.as_bytes()),
             summary_sha256,
             refs_sha256: refs_sha256.to_string(),
         };
         let file = SignatureFile::sign(&statement, signing);
         let json = serde_json::to_vec_pretty(&file).expect("signature serialises");
-        put_snapshot_object(store, &manifest.id, format::SIGNATURE_OBJECT, json).await?;
+        repo.create(&Object::Signature(manifest.id.clone()), json)
+            .await?;
     }
-    put_snapshot_object(store, &manifest.id, format::MANIFEST_OBJECT, bytes).await
-}
-
-/// Create `snapshots/<id>/<name>`; it must not exist yet.
-async fn put_snapshot_object(store: &Store, id: &str, name: &str, body: Vec<u8>) -> Result<()> {
-    let key = format::snapshot_key(id, name);
-    if !store.put_new(&key, body.into()).await? {
-        return Err(Error::Other(format!(
-            "{key} already exists; refusing to overwrite a snapshot"
-        )));
-    }
-    Ok(())
+    repo.create_sealed(&Object::Manifest(manifest.id.clone()), &sealed)
+        .await
 }
 
 /// Staging folders of other runs in a local store: a run that died on this host since the last
 /// boot is adopted (its objects published), one whose bytes cannot be trusted is removed.
-async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
+async fn recover_staging(repo: &Repository, cfg: &Config) -> Result<()> {
+    let store = repo.store();
     let others = store.other_staging().await?;
     if others.is_empty() {
         return Ok(());
     }
-    let locks = crate::repo::lock::list(store, cfg.lock.stale()).await?;
+    let locks = crate::repo::lock::list(repo, cfg.lock.stale()).await?;
     let me = Owner::this_process();
     for (name, owner, fresh) in others {
         let host_live = owner.as_ref().is_some_and(|o| {
@@ -513,17 +492,9 @@ async fn recover_staging(store: &Store, cfg: &Config) -> Result<()> {
 
 /// What `--repair` works from: the objects named damaged, every stored object's size, and the
 /// age header length of an object written to these recipients.
-async fn prepare_repair(
-    store: &Store,
-    recipients: &Recipients,
-    named: HashSet<ContentId>,
-) -> Result<Repair> {
-    let sizes: Vec<(ContentId, u64)> = store.content_sizes().try_collect().await?;
-    let empty = recipients
-        .encrypt(Vec::new())
-        .and_then(|s| s.finish())
-        .map_err(|e| Error::Crypto(e.to_string()))?;
-    let header = empty.len() as u64 - crate::crypto::seal::age_payload_len(0);
+async fn prepare_repair(writer: &Writer, named: HashSet<ContentId>) -> Result<Repair> {
+    let sizes: Vec<(ContentId, u64)> = writer.repo().content_sizes().try_collect().await?;
+    let header = writer.header_len()?;
     tracing::info!(
         named = named.len(),
         objects = sizes.len(),
@@ -533,10 +504,10 @@ async fn prepare_repair(
 }
 
 /// Every content address in the store.
-async fn list_content(store: &Store) -> Result<Known> {
-    let ids: Vec<ContentId> = store.content_ids().await?;
+async fn list_content(repo: &Repository) -> Result<Known> {
+    let ids: Vec<ContentId> = repo.content_ids().await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
-    Ok(Known::new(ids, store))
+    Ok(Known::new(ids, repo.store()))
 }
 
 /// The files phase's result.
@@ -633,7 +604,7 @@ async fn store_files(
     let Run {
         cfg,
         id,
-        store,
+        writer,
         cache_path,
         progress,
         ..
@@ -665,7 +636,7 @@ async fn store_files(
         })
         .buffered(cfg.storage.concurrency * WINDOW_PER_WORKER);
 
-    let mut list = ListWriter::start(store, id, cache_path, storer.recipients.clone())?;
+    let mut list = ListWriter::start(writer, id, cache_path)?;
     let mut done = Counts::default();
     while let Some(outcome) = outcomes.next().await {
         match outcome? {
@@ -796,19 +767,14 @@ struct ListWriter {
 }
 
 impl ListWriter {
-    fn start(
-        store: &Store,
-        id: &str,
-        cache_path: &std::path::Path,
-        recipients: Arc<Recipients>,
-    ) -> Result<ListWriter> {
-        let files_key = format::snapshot_key(id, format::FILES_OBJECT);
-        let files = store.writer(&files_key);
-        let refs = store.writer(&format::snapshot_key(id, format::REFS_OBJECT));
+    fn start(writer: &Writer, id: &str, cache_path: &std::path::Path) -> Result<ListWriter> {
         let cache = CacheWriter::create(cache_path)?;
         let (tx, rx) = mpsc::channel(16);
+        let (writer, id) = (writer.clone(), id.to_string());
         let handle = tokio::task::spawn_blocking(move || {
-            write_lists(rx, files, files_key, refs, cache, recipients)
+            let files = writer.sealed_writer(&Object::Files(id.clone()))?;
+            let refs = writer.repo().plain_writer(&Object::Refs(id))?;
+            write_lists(rx, files, refs, cache)
         });
         Ok(ListWriter {
             tx,
@@ -853,14 +819,12 @@ struct Lists {
 
 fn write_lists(
     mut rx: mpsc::Receiver<ListItem>,
-    files: ObjectWriter,
-    files_key: String,
-    refs: ObjectWriter,
+    sealed: SealedWriter,
+    refs: PlainWriter,
     mut cache: CacheWriter,
-    recipients: Arc<Recipients>,
 ) -> Result<Lists> {
-    let io_err = |e: std::io::Error| crate::store::error_from_io(&files_key, e);
-    let sealed = recipients.encrypt(files).map_err(io_err)?;
+    let files_key = sealed.key().to_string();
+    let io_err = |e: std::io::Error| crate::repo::write_error(&files_key, e);
     let header_mac = Some(hex::encode(sealed.header_mac()));
     // serde_json and writeln! write in small pieces: buffer them before the compressor.
     let gz = |w| BufWriter::with_capacity(GZ_INPUT_BUFFER, GzEncoder::new(w, Compression::fast()));
@@ -895,7 +859,7 @@ fn write_lists(
     }
     let unbuffer = |w: BufWriter<_>| w.into_inner().map_err(|e| io_err(e.into_error()));
     let (sealed, sha256, size) = unbuffer(list)?.finish().map_err(io_err)?.into_parts();
-    sealed.finish().map_err(io_err)?.finish()?;
+    sealed.finish()?;
     let refs = refs.into_inner().map_err(|e| io_err(e.into_error()))?;
     let (refs, refs_sha256, _) = refs.finish().map_err(io_err)?.into_parts();
     refs.finish()?;

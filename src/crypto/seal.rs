@@ -290,6 +290,11 @@ impl<W: Write> Sealer<W> {
         self.seal_chunk(true)?;
         Ok(self.out)
     }
+
+    /// Abandon the file: the inner writer, holding a truncated age file no reader accepts.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
 }
 
 impl<W: Write> Write for Sealer<W> {

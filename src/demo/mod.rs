@@ -22,8 +22,8 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::trust::Trust;
+use crate::repo::Repository;
 use crate::restore::{self, RestoreOptions};
-use crate::store::Store;
 use sample::PgCluster;
 
 fn sample_err(e: anyhow::Error) -> Error {
@@ -218,20 +218,20 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     cfg.encryption.signing_key_file = signing_key.display().to_string();
     std::fs::write(work.join("config.toml"), config_toml(&cfg, &identity))
         .map_err(|e| Error::io(work.join("config.toml"), e))?;
-    let store = Store::open(&cfg.storage)?;
+    let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let recipients = Recipients::load(&cfg.encryption.recipients, None)?;
     let report = backup::run(
         &cfg,
         database.as_ref(),
-        &store,
+        &repo,
         recipients,
         Progress::hidden(),
     )
     .await?;
     say(format!(
         "3. backup: snapshot {} in {}: {} files ({} new), {} bytes stored for files, dump {} → {} bytes, {} tables, {:.1}s",
-        report.snapshot, store.url(), report.files, report.files_new, report.bytes_stored, report.dump_sql_bytes, report.dump_stored_bytes, report.row_counts.len(), report.duration_secs
+        report.snapshot, repo.url(), report.files, report.files_new, report.bytes_stored, report.dump_sql_bytes, report.dump_stored_bytes, report.row_counts.len(), report.duration_secs
     ));
 
     let cluster_b = PgCluster::start(Some(&work)).map_err(sample_err)?;
@@ -250,7 +250,7 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
         target.clone(),
         Trust::new(&identities, Vec::new(), false),
     );
-    let restored = restore::run(database_b.as_ref(), &store, identities, opts).await?;
+    let restored = restore::run(database_b.as_ref(), &repo, identities, opts).await?;
     say(format!(
         "4. restore: snapshot signed by {} restored into a fresh cluster on 127.0.0.1:{} and {}: {} files written, row counts {}",
         restored.signed_by.as_deref().unwrap_or("nobody (unsigned)"),

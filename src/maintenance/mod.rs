@@ -19,20 +19,17 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::config::LockConfig;
 use crate::error::{Error, Result};
-use crate::format::{self, ContentId, Summary};
+use crate::format::{self, ContentId, Object, Summary};
 use crate::policy::retention::{self, Candidate, Decision, RetentionConfig};
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
-use crate::store::Store;
-
-/// Deletions in flight at once.
-const DELETE_CONCURRENCY: usize = 16;
+use crate::repo::Repository;
 
 /// What `forget` decided and did.
 #[derive(Debug, Clone, Serialize)]
@@ -71,12 +68,6 @@ pub struct PruneReport {
 }
 
 /// One `snapshots/<id>/` folder as listed.
-struct Folder {
-    /// It has a manifest.
-    complete: bool,
-    objects: Vec<(String, u64)>,
-}
-
 /// The zone the retention rules count in.
 pub fn retention_timezone(cfg: &Config) -> Result<Tz> {
     let name = if cfg.retention.timezone.is_empty() {
@@ -112,17 +103,13 @@ mod id_tests {
 }
 
 /// Complete snapshots with their times (from `summary.json`, else from the id), oldest first.
-pub async fn candidates(store: &Store) -> Result<Vec<Candidate>> {
+pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>> {
     let mut out = Vec::new();
-    for (id, complete) in snapshots::list_ids(store).await? {
+    for (id, complete) in snapshots::list_ids(repo).await? {
         if !complete {
             continue;
         }
-        let summary: Option<Summary> = store
-            .get_bytes(&format::snapshot_key(&id, format::SUMMARY_OBJECT))
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let summary: Option<Summary> = repo.get_json(&Object::Summary(id.clone())).await.ok();
         let time = match summary.map(|s| s.time).or_else(|| id_time(&id)) {
             Some(t) => t,
             None => {
@@ -137,25 +124,25 @@ pub async fn candidates(store: &Store) -> Result<Vec<Candidate>> {
 
 /// Apply the policy; with `prune`, prune afterwards under the same lock.
 pub async fn forget(
-    store: &Store,
+    repo: &Repository,
     policy: &RetentionConfig,
     tz: Tz,
     lock_cfg: &LockConfig,
     dry_run: bool,
     prune_after: bool,
 ) -> Result<ForgetReport> {
-    snapshots::require_marker(store).await?;
+    snapshots::require_marker(repo).await?;
     let lock = if dry_run {
         None
     } else {
-        Some(Lock::acquire(store, LockKind::Exclusive, "forget", lock_cfg).await?)
+        Some(Lock::acquire(repo, LockKind::Exclusive, "forget", lock_cfg).await?)
     };
     let result = match &lock {
         Some(l) => tokio::select! {
-            r = forget_locked(store, policy, tz, lock_cfg, dry_run, prune_after) => r,
+            r = forget_locked(repo, policy, tz, lock_cfg, dry_run, prune_after) => r,
             e = l.lost() => Err(e),
         },
-        None => forget_locked(store, policy, tz, lock_cfg, dry_run, prune_after).await,
+        None => forget_locked(repo, policy, tz, lock_cfg, dry_run, prune_after).await,
     };
     if let Some(l) = lock {
         l.release().await;
@@ -164,14 +151,14 @@ pub async fn forget(
 }
 
 async fn forget_locked(
-    store: &Store,
+    repo: &Repository,
     policy: &RetentionConfig,
     tz: Tz,
     lock_cfg: &LockConfig,
     dry_run: bool,
     prune_after: bool,
 ) -> Result<ForgetReport> {
-    let candidates = candidates(store).await?;
+    let candidates = candidates(repo).await?;
     let decisions = retention::apply(&candidates, policy, tz);
     let mut removed: Vec<String> = decisions
         .iter()
@@ -181,12 +168,12 @@ async fn forget_locked(
     removed.sort(); // oldest first
     if !dry_run {
         for id in &removed {
-            remove_snapshot(store, id).await?;
+            snapshots::remove(repo, id).await?;
             tracing::info!(snapshot = %id, "forgot snapshot");
         }
     }
     let prune = if prune_after {
-        Some(prune_locked(store, lock_cfg, dry_run, &removed).await?)
+        Some(prune_locked(repo, lock_cfg, dry_run, &removed).await?)
     } else {
         None
     };
@@ -200,33 +187,10 @@ async fn forget_locked(
     })
 }
 
-/// Delete a snapshot: the manifest first, so it is never visible half-deleted; then its folder.
-async fn remove_snapshot(store: &Store, id: &str) -> Result<(u64, u64)> {
-    store
-        .delete(&format::snapshot_key(id, format::MANIFEST_OBJECT))
-        .await?;
-    let objects = store
-        .list_keys(&format!("{}/{id}", format::SNAPSHOTS_DIR))
-        .await?;
-    let n = objects.len() as u64;
-    let bytes = objects.iter().map(|(_, s)| s).sum();
-    delete_all(store, objects.into_iter().map(|(k, _)| k)).await?;
-    Ok((n, bytes))
-}
-
-async fn delete_all(store: &Store, keys: impl Iterator<Item = String>) -> Result<()> {
-    futures::stream::iter(keys)
-        .map(|k| async move { store.delete(&k).await })
-        .buffer_unordered(DELETE_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await?;
-    Ok(())
-}
-
 /// Read a snapshot's plaintext references into `into`.
-async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Result<()> {
-    let key = format::snapshot_key(id, format::REFS_OBJECT);
-    let gz = store.get_bytes(&key).await.map_err(|e| match e {
+async fn read_refs(repo: &Repository, id: &str, into: &mut HashSet<ContentId>) -> Result<()> {
+    let object = Object::Refs(id.to_string());
+    let gz = repo.get(&object).await.map_err(|e| match e {
         Error::Missing { object, .. } => Error::Missing {
             object,
             hint: format!(
@@ -236,7 +200,7 @@ async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Re
         other => other,
     })?;
     let corrupt = |message: String| Error::Corrupt {
-        object: key.clone(),
+        object: object.key(),
         message: format!("{message}; prune stopped before deleting anything"),
     };
     for id in format::parse_refs(&gz) {
@@ -246,14 +210,14 @@ async fn read_refs(store: &Store, id: &str, into: &mut HashSet<ContentId>) -> Re
 }
 
 /// `prune`: take the exclusive lock and remove what no snapshot needs.
-pub async fn prune(store: &Store, lock_cfg: &LockConfig, dry_run: bool) -> Result<PruneReport> {
-    snapshots::require_marker(store).await?;
+pub async fn prune(repo: &Repository, lock_cfg: &LockConfig, dry_run: bool) -> Result<PruneReport> {
+    snapshots::require_marker(repo).await?;
     if dry_run {
-        return prune_locked(store, lock_cfg, true, &[]).await;
+        return prune_locked(repo, lock_cfg, true, &[]).await;
     }
-    let lock = Lock::acquire(store, LockKind::Exclusive, "prune", lock_cfg).await?;
+    let lock = Lock::acquire(repo, LockKind::Exclusive, "prune", lock_cfg).await?;
     let result = tokio::select! {
-        r = prune_locked(store, lock_cfg, false, &[]) => r,
+        r = prune_locked(repo, lock_cfg, false, &[]) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -263,7 +227,7 @@ pub async fn prune(store: &Store, lock_cfg: &LockConfig, dry_run: bool) -> Resul
 /// Prune with the exclusive lock held (or as a dry run). `forgotten` are snapshots a dry-run
 /// `forget` would have removed: they count as gone.
 async fn prune_locked(
-    store: &Store,
+    repo: &Repository,
     lock_cfg: &LockConfig,
     dry_run: bool,
     forgotten: &[String],
@@ -276,34 +240,24 @@ async fn prune_locked(
     };
 
     // Snapshot folders: complete ones (with a manifest) and the rest.
-    let mut folders: BTreeMap<String, Folder> = BTreeMap::new();
-    let mut listing = std::pin::pin!(store.list(format::SNAPSHOTS_DIR));
-    while let Some(item) = listing.next().await {
-        let (key, size) = item?;
-        let mut parts = key.split('/').skip(1);
-        let (Some(id), Some(name)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if forgotten.contains(id) {
+    let mut folders: BTreeMap<String, snapshots::Folder> = snapshots::list_folders(repo).await?;
+    folders.retain(|id, f| {
+        if forgotten.contains(id.as_str()) {
             // A dry-run forget would have removed it.
-            report.objects_removed += 1;
-            report.bytes_removed += size;
-            continue;
+            report.objects_removed += f.objects.len() as u64;
+            report.bytes_removed += f.objects.iter().map(|o| o.size).sum::<u64>();
+            return false;
         }
-        let f = folders.entry(id.to_string()).or_insert(Folder {
-            complete: false,
-            objects: Vec::new(),
-        });
-        f.complete |= name == format::MANIFEST_OBJECT;
-        f.objects.push((key, size));
-    }
+        true
+    });
 
     // Every reference of every complete snapshot, and of recent incomplete ones.
     let mut referenced: HashSet<ContentId> = HashSet::new();
     let mut stale_folders = Vec::new();
-    for (id, Folder { complete, objects }) in folders {
-        if complete {
-            read_refs(store, &id, &mut referenced).await?;
+    for (id, folder) in folders {
+        let objects = folder.objects;
+        if folder.complete {
+            read_refs(repo, &id, &mut referenced).await?;
             report.snapshots += 1;
             continue;
         }
@@ -315,11 +269,8 @@ async fn prune_locked(
             stale_folders.push((id, objects));
         } else {
             // Maybe a backup still writing (its lock would have stopped us, but be generous).
-            if objects
-                .iter()
-                .any(|(k, _)| k.ends_with(format::REFS_OBJECT))
-            {
-                let _ = read_refs(store, &id, &mut referenced).await;
+            if objects.iter().any(|o| o.key.ends_with(format::REFS_OBJECT)) {
+                let _ = read_refs(repo, &id, &mut referenced).await;
             }
             report.incomplete_kept.push(id);
         }
@@ -330,48 +281,45 @@ async fn prune_locked(
     let mut unreferenced = Vec::new();
     let mut data_objects = 0u64;
     let mut data_bytes = 0u64;
-    let mut listing = std::pin::pin!(store.list(format::DATA_DIR));
+    let mut listing = std::pin::pin!(repo.data_objects());
     while let Some(item) = listing.next().await {
-        let (key, size) = item?;
+        let (object, id) = item?;
         data_objects += 1;
-        data_bytes += size;
-        match ContentId::from_key(&key) {
-            Some(id) if id.key() == key => {
+        data_bytes += object.size;
+        match id {
+            Some(id) => {
                 if !referenced.contains(&id) {
-                    unreferenced.push((key, size));
+                    unreferenced.push(object);
                 }
             }
-            _ => tracing::warn!(object = %key, "not a content object; left alone"),
+            None => tracing::warn!(object = %object.key, "not a content object; left alone"),
         }
     }
 
     // Delete: stale folders first (manifest-less already), then content.
     for (id, objects) in stale_folders {
         report.objects_removed += objects.len() as u64;
-        report.bytes_removed += objects.iter().map(|(_, s)| s).sum::<u64>();
+        report.bytes_removed += objects.iter().map(|o| o.size).sum::<u64>();
         if !dry_run {
-            delete_all(store, objects.into_iter().map(|(k, _)| k)).await?;
+            repo.delete_listed(objects.into_iter()).await?;
             tracing::info!(snapshot = %id, "removed an incomplete snapshot folder");
         }
         report.incomplete_removed.push(id);
     }
     report.content_removed = unreferenced.len() as u64;
-    report.content_bytes_removed = unreferenced.iter().map(|(_, s)| s).sum();
+    report.content_bytes_removed = unreferenced.iter().map(|o| o.size).sum();
     report.objects_removed += report.content_removed;
     report.bytes_removed += report.content_bytes_removed;
     if !dry_run {
-        delete_all(store, unreferenced.into_iter().map(|(k, _)| k)).await?;
+        repo.delete_listed(unreferenced.into_iter()).await?;
     }
 
-    let (snap_objects, snap_bytes) =
-        crate::store::count_objects(store, format::SNAPSHOTS_DIR).await?;
+    let usage = repo.usage().await?;
     if dry_run {
-        report.store_objects = data_objects + snap_objects - report.objects_removed;
-        report.store_bytes = data_bytes + snap_bytes - report.bytes_removed;
+        report.store_objects = data_objects + usage.snapshot_objects - report.objects_removed;
+        report.store_bytes = data_bytes + usage.snapshot_bytes - report.bytes_removed;
     } else {
-        let (d_objects, d_bytes) = crate::store::count_objects(store, format::DATA_DIR).await?;
-        report.store_objects = d_objects + snap_objects;
-        report.store_bytes = d_bytes + snap_bytes;
+        (report.store_objects, report.store_bytes) = usage.total();
     }
     tracing::info!(
         snapshots = report.snapshots,
@@ -385,10 +333,8 @@ async fn prune_locked(
 }
 
 /// Bytes and objects in the store's `data/` and `snapshots/` (for metrics).
-pub async fn store_usage(store: &Store) -> Result<(u64, u64)> {
-    let (a, ab) = crate::store::count_objects(store, format::DATA_DIR).await?;
-    let (b, bb) = crate::store::count_objects(store, format::SNAPSHOTS_DIR).await?;
-    Ok((a + b, ab + bb))
+pub async fn store_usage(repo: &Repository) -> Result<(u64, u64)> {
+    Ok(repo.usage().await?.total())
 }
 
 #[cfg(test)]

@@ -33,10 +33,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::LockConfig;
 use crate::error::{Error, Result};
 use crate::host::{hostname, pid_alive};
+use crate::repo::Repository;
 use crate::store::Store;
 
-/// Prefix of lock objects.
-pub const LOCKS_DIR: &str = "locks";
+pub use crate::format::LOCKS_DIR;
 
 /// Shared (backup) or exclusive (forget, prune).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +149,11 @@ fn staleness(key: &str, info: &LockInfo, now: DateTime<Utc>, stale: Duration) ->
 }
 
 /// Every lock object in the store, with whether it is stale.
-pub async fn list(store: &Store, stale: Duration) -> Result<Vec<FoundLock>> {
+pub async fn list(repo: &Repository, stale: Duration) -> Result<Vec<FoundLock>> {
+    list_in(repo.store(), stale).await
+}
+
+async fn list_in(store: &Store, stale: Duration) -> Result<Vec<FoundLock>> {
     let now = Utc::now();
     let mut out = Vec::new();
     for (key, _) in store.list_keys(LOCKS_DIR).await? {
@@ -192,7 +196,7 @@ async fn conflicts(
     stale: Duration,
 ) -> Result<Vec<FoundLock>> {
     let mut out = Vec::new();
-    for l in list(store, stale).await? {
+    for l in list_in(store, stale).await? {
         if l.key == own {
             continue;
         }
@@ -298,11 +302,12 @@ pub struct Lock {
 impl Lock {
     /// Take a lock of `kind` for `operation`, waiting up to `[lock] wait_secs` for conflicting ones.
     pub async fn acquire(
-        store: &Store,
+        repo: &Repository,
         kind: LockKind,
         operation: &str,
         cfg: &LockConfig,
     ) -> Result<Lock> {
+        let store = repo.store();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(cfg.wait_secs);
         let created = Utc::now();
         let mut said_waiting = false;
@@ -452,13 +457,14 @@ async fn refresher(inner: Arc<Inner>, stop: CancellationToken) {
 
 /// `unlock`: remove stale locks, or all of them. Returns what was removed and what remains.
 pub async fn unlock(
-    store: &Store,
+    repo: &Repository,
     cfg: &LockConfig,
     remove_all: bool,
 ) -> Result<(Vec<FoundLock>, Vec<FoundLock>)> {
+    let store = repo.store();
     let mut removed = Vec::new();
     let mut kept = Vec::new();
-    for l in list(store, cfg.stale()).await? {
+    for l in list_in(store, cfg.stale()).await? {
         if remove_all || l.stale.is_some() || l.info.is_none() {
             store.delete(&l.key).await?;
             removed.push(l);
@@ -473,11 +479,11 @@ pub async fn unlock(
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, Repository) {
         let dir = tempfile::tempdir().unwrap();
         let fs = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap();
         let store = Store::from_object_store(Arc::new(fs), "", "file:///test");
-        (dir, store)
+        (dir, Repository::new(store))
     }
 
     fn cfg(wait: u64) -> LockConfig {
@@ -487,8 +493,8 @@ mod tests {
         }
     }
 
-    async fn count(store: &Store) -> usize {
-        store.list_keys(LOCKS_DIR).await.unwrap().len()
+    async fn count(repo: &Repository) -> usize {
+        repo.store().list_keys(LOCKS_DIR).await.unwrap().len()
     }
 
     #[tokio::test]
@@ -567,7 +573,7 @@ mod tests {
             time: Utc::now(),
             tool: "test".into(),
         };
-        write(&store, &dead).await.unwrap();
+        write(store.store(), &dead).await.unwrap();
         // One from another host that was not refreshed for an hour.
         let old = LockInfo {
             host: "elsewhere".into(),
@@ -575,7 +581,7 @@ mod tests {
             time: Utc::now() - chrono::Duration::hours(1),
             ..dead.clone()
         };
-        write(&store, &old).await.unwrap();
+        write(store.store(), &old).await.unwrap();
         // A live one on another host blocks an exclusive lock but not a shared one.
         let live = LockInfo {
             kind: LockKind::Shared,
@@ -583,7 +589,7 @@ mod tests {
             pid: 1,
             ..dead.clone()
         };
-        let live_key = write(&store, &live).await.unwrap();
+        let live_key = write(store.store(), &live).await.unwrap();
         held_remove(&live_key);
         let found = list(&store, cfg(0).stale()).await.unwrap();
         assert_eq!(found.iter().filter(|l| l.stale.is_some()).count(), 2);
@@ -627,12 +633,12 @@ mod tests {
             time: Utc::now(),
             tool: "test".into(),
         };
-        let key = write(&store, &mine).await.unwrap();
+        let key = write(store.store(), &mine).await.unwrap();
         held_remove(&key); // as if written by an earlier process
         let l = Lock::acquire(&store, LockKind::Exclusive, "prune", &cfg(0))
             .await
             .unwrap();
-        assert_eq!(store.size(&key).await.unwrap(), None);
+        assert_eq!(store.store().size(&key).await.unwrap(), None);
         l.release().await;
     }
 
@@ -646,9 +652,10 @@ mod tests {
         l.confirm().await.unwrap();
         let k2 = l.key().await;
         assert_ne!(k1, k2);
-        assert_eq!(store.size(&k1).await.unwrap(), None);
-        assert!(store.size(&k2).await.unwrap().is_some());
-        let body: LockInfo = serde_json::from_slice(&store.get_bytes(&k2).await.unwrap()).unwrap();
+        assert_eq!(store.store().size(&k1).await.unwrap(), None);
+        assert!(store.store().size(&k2).await.unwrap().is_some());
+        let body: LockInfo =
+            serde_json::from_slice(&store.store().get_bytes(&k2).await.unwrap()).unwrap();
         assert_eq!(body.kind, LockKind::Shared);
         assert_eq!(body.operation, "backup");
         assert_eq!(body.pid, std::process::id());

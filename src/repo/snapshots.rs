@@ -12,11 +12,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    snapshot_key, RepoMarker, Summary, FORMAT_VERSION, MANIFEST_OBJECT, REPO_MARKER,
-    SIGNATURE_OBJECT, SNAPSHOTS_DIR, SUMMARY_OBJECT,
+    Object, RepoMarker, Summary, FORMAT_VERSION, MANIFEST_OBJECT, SIGNATURE_OBJECT, SNAPSHOTS_DIR,
 };
+use crate::repo::Repository;
 use crate::store::check::{self, fail, record, Failure, InitReport, Status};
-use crate::store::Store;
 
 /// A snapshot as found in the store.
 #[derive(Debug, Clone, Serialize)]
@@ -28,8 +27,8 @@ pub struct Listed {
 }
 
 /// Every snapshot id in the store with whether it is complete, oldest first.
-pub async fn list_ids(store: &Store) -> Result<BTreeMap<String, bool>> {
-    Ok(list_folders(store)
+pub async fn list_ids(repo: &Repository) -> Result<BTreeMap<String, bool>> {
+    Ok(list_folders(repo)
         .await?
         .into_iter()
         .map(|(id, f)| (id, f.complete))
@@ -37,41 +36,71 @@ pub async fn list_ids(store: &Store) -> Result<BTreeMap<String, bool>> {
 }
 
 /// What a snapshot folder holds, as far as a listing tells.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Folder {
     /// The manifest exists: the snapshot is complete.
     pub complete: bool,
     /// A `signature.json` exists (whether it verifies is another matter).
     pub signed: bool,
+    /// Every object in the folder (known names or not): its [`Listed`] key and stored size.
+    pub objects: Vec<StoredObject>,
+}
+
+/// An object as a listing found it: its key, to hand back to [`Repository::delete_listed`], and its
+/// stored size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: String,
+    pub size: u64,
 }
 
 /// Every snapshot folder in the store, oldest first.
-pub async fn list_folders(store: &Store) -> Result<BTreeMap<String, Folder>> {
+pub async fn list_folders(repo: &Repository) -> Result<BTreeMap<String, Folder>> {
     let mut ids: BTreeMap<String, Folder> = BTreeMap::new();
-    let mut s = std::pin::pin!(store.list(SNAPSHOTS_DIR));
+    let mut s = std::pin::pin!(repo.store().list(SNAPSHOTS_DIR));
     while let Some(item) = s.next().await {
-        let (key, _) = item?;
+        let (key, size) = item?;
         let mut parts = key.split('/').skip(1);
         if let (Some(id), Some(name)) = (parts.next(), parts.next()) {
             let folder = ids.entry(id.to_string()).or_default();
             folder.complete |= name == MANIFEST_OBJECT;
             folder.signed |= name == SIGNATURE_OBJECT;
+            folder.objects.push(StoredObject {
+                key: key.clone(),
+                size,
+            });
         }
     }
     Ok(ids)
 }
 
+/// Delete snapshot `id`: the manifest first, so it is never visible half-deleted, then the rest of
+/// its folder. Returns the objects and bytes removed.
+pub async fn remove(repo: &Repository, id: &str) -> Result<(u64, u64)> {
+    repo.delete(&Object::Manifest(id.to_string())).await?;
+    let objects = repo
+        .store()
+        .list_keys(&format!("{SNAPSHOTS_DIR}/{id}"))
+        .await?;
+    let n = objects.len() as u64;
+    let bytes = objects.iter().map(|(_, s)| s).sum();
+    repo.delete_listed(
+        objects
+            .into_iter()
+            .map(|(key, size)| StoredObject { key, size }),
+    )
+    .await?;
+    Ok((n, bytes))
+}
+
 /// Complete snapshots with their plaintext summaries, oldest first.
-pub async fn list(store: &Store) -> Result<Vec<Listed>> {
+pub async fn list(repo: &Repository) -> Result<Vec<Listed>> {
     let mut out = Vec::new();
-    for (id, complete) in list_ids(store).await? {
+    for (id, complete) in list_ids(repo).await? {
         if !complete {
             continue;
         }
-        let summary = match store.get_bytes(&snapshot_key(&id, SUMMARY_OBJECT)).await {
-            Ok(b) => serde_json::from_slice(&b).ok(),
-            Err(_) => None,
-        };
+        let summary = repo.get_json(&Object::Summary(id.clone())).await.ok();
         out.push(Listed {
             id,
             complete,
@@ -82,14 +111,14 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>> {
 }
 
 /// Resolve `latest` or an id (or a unique id prefix) to a complete snapshot id.
-pub async fn resolve(store: &Store, wanted: &str) -> Result<String> {
-    let ids = list_ids(store).await?;
+pub async fn resolve(repo: &Repository, wanted: &str) -> Result<String> {
+    let ids = list_ids(repo).await?;
     let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
     if wanted == "latest" {
         return complete.last().map(|s| s.to_string()).ok_or_else(|| {
             Error::Usage(format!(
                 "no complete snapshot in {}; run `immich-backup backup` first",
-                store.url()
+                repo.url()
             ))
         });
     }
@@ -108,22 +137,17 @@ pub async fn resolve(store: &Store, wanted: &str) -> Result<String> {
 }
 
 /// Read the repository marker, or `None` for an empty store.
-pub async fn read_marker(store: &Store) -> Result<Option<RepoMarker>> {
-    match store.get_bytes(REPO_MARKER).await {
-        Ok(b) => serde_json::from_slice(&b)
-            .map(Some)
-            .map_err(|e| Error::Corrupt {
-                object: REPO_MARKER.into(),
-                message: e.to_string(),
-            }),
+pub async fn read_marker(repo: &Repository) -> Result<Option<RepoMarker>> {
+    match repo.get_json(&Object::Marker).await {
+        Ok(marker) => Ok(Some(marker)),
         Err(Error::Missing { .. }) => Ok(None),
         Err(e) => Err(e),
     }
 }
 
 /// Make sure the store is ours: read the marker, or write one into an empty store.
-pub async fn open_or_init(store: &Store) -> Result<RepoMarker> {
-    if let Some(m) = read_marker(store).await? {
+pub async fn open_or_init(repo: &Repository) -> Result<RepoMarker> {
+    if let Some(m) = read_marker(repo).await? {
         if m.format > FORMAT_VERSION {
             return Err(Error::Usage(format!(
                 "the store uses format {} but this immich-backup reads format {FORMAT_VERSION}; upgrade immich-backup",
@@ -139,9 +163,9 @@ pub async fn open_or_init(store: &Store) -> Result<RepoMarker> {
         tool: format!("immich-backup {}", env!("CARGO_PKG_VERSION")),
     };
     let body = serde_json::to_vec_pretty(&marker).expect("marker serialises");
-    if !store.put_new(REPO_MARKER, body.into()).await? {
+    if !repo.put_new(&Object::Marker, body).await? {
         // Another run created it first: use theirs.
-        return read_marker(store)
+        return read_marker(repo)
             .await?
             .ok_or_else(|| Error::Other("repository marker vanished".into()));
     }
@@ -149,9 +173,9 @@ pub async fn open_or_init(store: &Store) -> Result<RepoMarker> {
 }
 
 /// Require an existing repository (for commands that read).
-pub async fn require_marker(store: &Store) -> Result<RepoMarker> {
-    read_marker(store).await?.ok_or_else(|| Error::Storage {
-        url: store.url().to_string(),
+pub async fn require_marker(repo: &Repository) -> Result<RepoMarker> {
+    read_marker(repo).await?.ok_or_else(|| Error::Storage {
+        url: repo.url().to_string(),
         message:
             "no immich-backup repository here (immich-backup.json is missing); check [storage] url"
                 .into(),
@@ -160,10 +184,10 @@ pub async fn require_marker(store: &Store) -> Result<RepoMarker> {
 
 /// `init`: check what the store can do ([`crate::store::check`]), then open the repository marker
 /// or create it in an empty store.
-pub async fn init(store: &Store) -> InitReport {
-    let mut report = check::run(store).await;
+pub async fn init(repo: &Repository) -> InitReport {
+    let mut report = check::run(repo.store()).await;
     if report.ok {
-        let existed = read_marker(store).await;
+        let existed = read_marker(repo).await;
         let r = match existed {
             Ok(Some(m)) if m.format > FORMAT_VERSION => Err(Failure {
                 detail: format!(
@@ -180,7 +204,7 @@ pub async fn init(store: &Store) -> InitReport {
                     format!("existing repository {} (format {})", m.id, m.format),
                 ))
             }
-            Ok(None) => match open_or_init(store).await {
+            Ok(None) => match open_or_init(repo).await {
                 Ok(m) => {
                     report.created = true;
                     report.repository = Some(m.id.clone());
@@ -190,9 +214,9 @@ pub async fn init(store: &Store) -> InitReport {
                         format!("created repository {} (format {})", m.id, m.format),
                     ))
                 }
-                Err(e) => Err(fail(store, e)),
+                Err(e) => Err(fail(repo.store(), e)),
             },
-            Err(e) => Err(fail(store, e)),
+            Err(e) => Err(fail(repo.store(), e)),
         };
         let ok = record(&mut report.checks, "repository", r);
         report.ok = ok;

@@ -16,11 +16,11 @@
 use std::collections::BTreeMap;
 
 use crate::crypto::sign::{self, SignatureFile, VerifyKey};
-use crate::crypto::{read_error, Identities};
+use crate::crypto::Identities;
 use crate::error::{Error, Result};
-use crate::format::{self, Manifest};
+use crate::format::{self, Manifest, Object};
 use crate::repo::snapshots;
-use crate::store::Store;
+use crate::repo::{Reader, Repository, Sealed};
 
 /// What a restore trusts.
 #[derive(Debug, Clone, Default)]
@@ -57,11 +57,6 @@ pub struct Opened {
     pub signed_by: Option<VerifyKey>,
 }
 
-/// The manifest's key, for errors about the snapshot as a whole.
-fn manifest_key(id: &str) -> String {
-    format::snapshot_key(id, format::MANIFEST_OBJECT)
-}
-
 fn unauthentic(id: &str, message: String) -> Error {
     Error::Unauthentic {
         snapshot: id.to_string(),
@@ -70,23 +65,24 @@ fn unauthentic(id: &str, message: String) -> Error {
 }
 
 /// Read snapshot `id`, check that it is authentic, and decrypt its manifest.
-pub async fn open(
-    store: &Store,
-    identities: &Identities,
-    trust: &Trust,
-    id: &str,
-) -> Result<Opened> {
-    let sealed = store.get_bytes(&manifest_key(id)).await?;
+pub async fn open(reader: &Reader, trust: &Trust, id: &str) -> Result<Opened> {
+    let repo = reader.repo();
+    let object = Object::Manifest(id.to_string());
+    let sealed = repo.get_sealed(&object).await?;
     // Decrypted first: a wrong identity is told as such, not as an untrusted snapshot.
-    let manifest = decrypt_manifest(identities, id, &sealed)?;
-    let statement = match signature_bytes(store, id).await? {
+    let plain = reader.open_bytes(&object, &sealed)?;
+    let manifest: Manifest = serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
+        object: object.key(),
+        message: e.to_string(),
+    })?;
+    let statement = match signature_bytes(repo, id).await? {
         Some(bytes) => {
             let file: SignatureFile = serde_json::from_slice(&bytes)
                 .map_err(|e| unauthentic(id, format!("signature.json is malformed ({e})")))?;
             let statement = file
                 .verify(&trust.keys)
                 .map_err(|why| unauthentic(id, why))?;
-            check_statement(store, id, &statement, &sealed).await?;
+            check_statement(repo, id, &statement, &sealed).await?;
             Some((statement, signer(&file, &trust.keys)))
         }
         None if trust.allow_unsigned => {
@@ -142,11 +138,8 @@ pub async fn open(
 }
 
 /// Snapshot `id`'s `signature.json`, if it has one.
-async fn signature_bytes(store: &Store, id: &str) -> Result<Option<bytes::Bytes>> {
-    match store
-        .get_bytes(&format::snapshot_key(id, format::SIGNATURE_OBJECT))
-        .await
-    {
+async fn signature_bytes(repo: &Repository, id: &str) -> Result<Option<bytes::Bytes>> {
+    match repo.get(&Object::Signature(id.to_string())).await {
         Ok(b) => Ok(Some(b)),
         Err(Error::Missing { .. }) => Ok(None),
         Err(e) => Err(e),
@@ -163,10 +156,10 @@ fn signer(file: &SignatureFile, trusted: &[VerifyKey]) -> Option<VerifyKey> {
 
 /// The signed statement must name this folder and the objects as they are stored.
 async fn check_statement(
-    store: &Store,
+    repo: &Repository,
     id: &str,
     statement: &sign::Statement,
-    sealed_manifest: &[u8],
+    sealed_manifest: &Sealed,
 ) -> Result<()> {
     if statement.id != id {
         return Err(unauthentic(
@@ -177,12 +170,10 @@ async fn check_statement(
             ),
         ));
     }
-    if sign::sha256_hex(sealed_manifest) != statement.manifest_sha256 {
+    if sign::sha256_hex(sealed_manifest.as_bytes()) != statement.manifest_sha256 {
         return Err(unauthentic(id, "its manifest is not the signed one".into()));
     }
-    let summary = store
-        .get_bytes(&format::snapshot_key(id, format::SUMMARY_OBJECT))
-        .await?;
+    let summary = repo.get(&Object::Summary(id.to_string())).await?;
     if sign::sha256_hex(&summary) != statement.summary_sha256 {
         return Err(unauthentic(
             id,
@@ -190,20 +181,6 @@ async fn check_statement(
         ));
     }
     Ok(())
-}
-
-fn decrypt_manifest(identities: &Identities, id: &str, sealed: &[u8]) -> Result<Manifest> {
-    use std::io::Read;
-    let key = manifest_key(id);
-    let mut plain = Vec::new();
-    identities
-        .decrypt(sealed, &key)?
-        .read_to_end(&mut plain)
-        .map_err(|e| read_error(&key, e))?;
-    serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
-        object: key,
-        message: e.to_string(),
-    })
 }
 
 /// A store in which no complete snapshot carries a signature was written before snapshots were
@@ -222,17 +199,12 @@ fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshots::Folder>) ->
 /// Resolve `wanted` (`latest`, an id or a unique prefix) to an authentic snapshot. For `latest`,
 /// newer snapshots that are not authentic (or whose manifest is damaged) are skipped, with a warning
 /// naming each.
-pub async fn resolve(
-    store: &Store,
-    identities: &Identities,
-    trust: &Trust,
-    wanted: &str,
-) -> Result<Opened> {
-    let folders = snapshots::list_folders(store).await?;
+pub async fn resolve(reader: &Reader, trust: &Trust, wanted: &str) -> Result<Opened> {
+    let folders = snapshots::list_folders(reader.repo()).await?;
     let trust = &legacy_aware(trust, &folders);
     if wanted != "latest" {
-        let id = snapshots::resolve(store, wanted).await?;
-        return open(store, identities, trust, &id).await;
+        let id = snapshots::resolve(reader.repo(), wanted).await?;
+        return open(reader, trust, &id).await;
     }
     let mut skipped: Vec<(String, Error)> = Vec::new();
     for id in folders
@@ -241,7 +213,7 @@ pub async fn resolve(
         .filter(|(_, f)| f.complete)
         .map(|(id, _)| id)
     {
-        match open(store, identities, trust, id).await {
+        match open(reader, trust, id).await {
             Ok(o) => {
                 for (s, why) in &skipped {
                     tracing::warn!(snapshot = %s, "skipped a newer snapshot that cannot be trusted: {why}");
@@ -258,7 +230,7 @@ pub async fn resolve(
         Some((_, newest)) => Err(newest),
         None => Err(Error::Usage(format!(
             "no complete snapshot in {}; run `immich-backup backup` first",
-            store.url()
+            reader.repo().url()
         ))),
     }
 }
@@ -281,11 +253,11 @@ pub enum SignatureStatus {
 /// Check snapshot `id`'s signature against `keys`, reading only plaintext objects and the stored
 /// manifest's bytes.
 pub async fn signature_status(
-    store: &Store,
+    repo: &Repository,
     id: &str,
     keys: &[VerifyKey],
 ) -> Result<SignatureStatus> {
-    let Some(bytes) = signature_bytes(store, id).await? else {
+    let Some(bytes) = signature_bytes(repo, id).await? else {
         return Ok(SignatureStatus::Unsigned);
     };
     if keys.is_empty() {
@@ -297,12 +269,10 @@ pub async fn signature_status(
     let Ok(statement) = file.verify(keys) else {
         return Ok(SignatureStatus::Untrusted);
     };
-    let sealed = store.get_bytes(&manifest_key(id)).await?;
-    Ok(
-        match check_statement(store, id, &statement, &sealed).await {
-            Ok(()) => SignatureStatus::Trusted,
-            Err(Error::Unauthentic { .. } | Error::Missing { .. }) => SignatureStatus::Untrusted,
-            Err(e) => return Err(e),
-        },
-    )
+    let sealed = repo.get_sealed(&Object::Manifest(id.to_string())).await?;
+    Ok(match check_statement(repo, id, &statement, &sealed).await {
+        Ok(()) => SignatureStatus::Trusted,
+        Err(Error::Unauthentic { .. } | Error::Missing { .. }) => SignatureStatus::Untrusted,
+        Err(e) => return Err(e),
+    })
 }

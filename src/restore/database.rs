@@ -11,19 +11,17 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::sync::Arc;
 
 use flate2::read::GzDecoder;
 use sha2::{Digest, Sha256};
 use tokio_util::io::SyncIoBridge;
 
-use crate::crypto::{read_error, Identities};
 use crate::db::{self, Database, ReplayRun};
 use crate::error::{Error, Result};
-use crate::format::Manifest;
+use crate::format::{Manifest, Object};
 use crate::progress::Progress;
+use crate::repo::{read_error, Reader};
 use crate::restore::dumpcheck::{DumpChecker, DumpFacts, Line, Meta};
-use crate::store::Store;
 
 /// One table's rows: in the snapshot, and in the restored database.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -141,16 +139,13 @@ pub async fn check_no_sessions(
 
 /// Download and decrypt the dump once, check it against the manifest and with [`DumpChecker`],
 /// before the database is touched.
-pub async fn verify_dump(
-    store: &Store,
-    identities: &Arc<Identities>,
-    manifest: &Manifest,
-) -> Result<DumpFacts> {
-    let reader = store.reader(&manifest.dump.key).await?;
-    let identities = identities.clone();
+pub async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<DumpFacts> {
+    let dump = reader
+        .fetch(&Object::Dump(manifest.id.clone()), &manifest.dump)
+        .await?;
     let want = manifest.dump.clone();
     tokio::task::spawn_blocking(move || {
-        let plain = identities.decrypt_pinned(reader, &want.key, want.header_mac.as_deref())?;
+        let plain = dump.open()?;
         let mut hashed = HashingReader::new(plain);
         let facts = check_lines(GzDecoder::new(&mut hashed), &want.key, |_, _| Ok(()))?;
         // Whatever follows the gzip stream counts too.
@@ -300,8 +295,7 @@ impl Rewrite {
 /// Replay the dump through psql; returns psql's harmless messages.
 pub async fn replay(
     db: &dyn Database,
-    store: &Store,
-    identities: &Arc<Identities>,
+    reader: &Reader,
     manifest: &Manifest,
     progress: &Progress,
 ) -> Result<Vec<String>> {
@@ -311,14 +305,14 @@ pub async fn replay(
         &manifest.database.username,
     );
     tracing::info!(database = db.describe(), psql = %version, "replaying the dump");
-    let reader = store.reader(&manifest.dump.key).await?;
+    let dump = reader
+        .fetch(&Object::Dump(manifest.id.clone()), &manifest.dump)
+        .await?;
     let ReplayRun { stdin, done } = db.replay().await?;
-    let identities = identities.clone();
     let key = manifest.dump.key.clone();
-    let pin = manifest.dump.header_mac.clone();
     let p = progress.clone();
     let feed = tokio::task::spawn_blocking(move || -> Result<()> {
-        let plain = identities.decrypt_pinned(reader, &key, pin.as_deref())?;
+        let plain = dump.open()?;
         let sql = GzDecoder::new(CountingReader {
             inner: plain,
             progress: p,

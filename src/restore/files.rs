@@ -26,15 +26,13 @@ use tokio::sync::mpsc;
 
 use super::database::HashingReader;
 use super::RestoreOptions;
-use crate::crypto::seal::age_payload_len;
-use crate::crypto::{read_error, Identities};
 use crate::error::{Error, Result};
 use crate::format::walk_order;
-use crate::format::{self, ContentId, Entry, EntryKind, Manifest};
+use crate::format::{self, ContentId, Entry, EntryKind, Manifest, Object};
 use crate::repo::snapshots;
+use crate::repo::{read_error, sealed_payload_len, Reader, Repository, Unsealed};
 use crate::restore::target::{self, Folder, Kind, Target};
 use crate::store::directio::{self, DirectWriter, NewFiles};
-use crate::store::Store;
 
 /// A file that could not be restored because its content object is damaged or missing.
 #[derive(Debug, Clone, Serialize)]
@@ -72,6 +70,11 @@ pub fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
     Ok(())
 }
 
+/// The snapshot's file list, as an object.
+fn files_object(manifest: &Manifest) -> Object {
+    Object::Files(manifest.id.clone())
+}
+
 /// `(parent, name)` of a checked snapshot path.
 fn split(rel: &str) -> (&str, &str) {
     rel.rsplit_once('/').unwrap_or(("", rel))
@@ -79,17 +82,12 @@ fn split(rel: &str) -> (&str, &str) {
 
 /// Stream the decrypted file list through `f`, in order, checking it against the manifest.
 fn for_each_entry(
-    reader: impl Read,
-    identities: &Identities,
+    plain: Unsealed,
     manifest: &Manifest,
     mut f: impl FnMut(Entry) -> Result<()>,
 ) -> Result<()> {
     let key = &manifest.files.key;
-    let hashing = HashingReader::new(identities.decrypt_pinned(
-        reader,
-        key,
-        manifest.files.header_mac.as_deref(),
-    )?);
+    let hashing = HashingReader::new(plain);
     let mut gz = BufReader::new(GzDecoder::new(hashing));
     let mut line = String::new();
     loop {
@@ -116,19 +114,19 @@ fn for_each_entry(
 
 /// Walk the file list on a blocking thread, calling `f` for each entry.
 async fn scan_list<T: Send + 'static>(
-    store: &Store,
-    identities: &Arc<Identities>,
+    reader: &Reader,
     manifest: &Manifest,
     state: T,
     f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
 ) -> Result<T> {
-    let reader = store.reader(&manifest.files.key).await?;
-    let identities = identities.clone();
+    let list = reader
+        .fetch(&files_object(manifest), &manifest.files)
+        .await?;
     let manifest = manifest.clone();
     let mut f = f;
     tokio::task::spawn_blocking(move || {
         let mut state = state;
-        for_each_entry(reader, &identities, &manifest, |e| f(&mut state, e))?;
+        for_each_entry(list.open()?, &manifest, |e| f(&mut state, e))?;
         Ok(state)
     })
     .await
@@ -153,15 +151,15 @@ fn short(id: &ContentId) -> u64 {
 
 impl Stored {
     /// List `data/` once.
-    pub async fn list(store: &Store, manifest: &Manifest) -> Result<Stored> {
-        let mut sizes: Vec<(u64, u64)> = store
+    pub async fn list(repo: &Repository, manifest: &Manifest) -> Result<Stored> {
+        let mut sizes: Vec<(u64, u64)> = repo
             .content_sizes()
             .map_ok(|(id, size)| (short(&id), size))
             .try_collect()
             .await?;
         sizes.sort_unstable();
-        let list_size = store.size(&manifest.files.key).await?;
-        let header = list_size.and_then(|s| s.checked_sub(age_payload_len(manifest.files.size)));
+        let list_size = repo.size(&files_object(manifest)).await?;
+        let header = list_size.and_then(|s| s.checked_sub(sealed_payload_len(manifest.files.size)));
         Ok(Stored { sizes, header })
     }
 
@@ -171,7 +169,7 @@ impl Stored {
             return Some("the object is missing from the store".into());
         };
         let stored = self.sizes[i].1;
-        let expected = self.header? + age_payload_len(len);
+        let expected = self.header? + sealed_payload_len(len);
         (stored != expected).then(|| {
             format!(
                 "the object is {stored} bytes, but an age file of this {len}-byte file is {expected}: truncated or damaged"
@@ -198,8 +196,7 @@ pub struct Survey {
 /// Compare the file list with the target and with the store's listing; refuse when the target
 /// holds anything that is not the snapshot's.
 pub async fn survey(
-    store: &Store,
-    identities: &Arc<Identities>,
+    reader: &Reader,
     manifest: &Manifest,
     key: &[u8; 32],
     target: Option<&Arc<Target>>,
@@ -219,7 +216,7 @@ pub async fn survey(
         survey: Survey::default(),
         parent: None,
     };
-    let merged = scan_list(store, identities, manifest, state, move |m, e| {
+    let merged = scan_list(reader, manifest, state, move |m, e| {
         m.entry(target.as_deref(), &key, &stored, e)
     })
     .await?;
@@ -483,8 +480,7 @@ pub struct FilesDone {
 /// too: the survey's verdict comes from sizes alone); then symlinks, then folder modes and times;
 /// sync once.
 pub async fn restore_files(
-    store: &Store,
-    identities: Arc<Identities>,
+    reader: &Reader,
     manifest: &Manifest,
     key: [u8; 32],
     opts: &RestoreOptions,
@@ -493,10 +489,11 @@ pub async fn restore_files(
 ) -> Result<FilesDone> {
     let (tx, mut rx) = mpsc::channel::<Entry>(1024);
     let m = manifest.clone();
-    let list_reader = store.reader(&manifest.files.key).await?;
-    let ids = identities.clone();
+    let list = reader
+        .fetch(&files_object(manifest), &manifest.files)
+        .await?;
     let lister = tokio::task::spawn_blocking(move || {
-        for_each_entry(list_reader, &ids, &m, |e| {
+        for_each_entry(list.open()?, &m, |e| {
             tx.blocking_send(e).map_err(|_| Error::Interrupted)
         })
     });
@@ -544,8 +541,7 @@ pub async fn restore_files(
                 async move { job.transpose() }
             })
             .map(|job| {
-                let store = store.clone();
-                let identities = identities.clone();
+                let reader = reader.clone();
                 let progress = opts.progress.clone();
                 let sink = sink.clone();
                 let target = target.clone();
@@ -557,10 +553,11 @@ pub async fn restore_files(
                         message: format!("{} has no content address", entry.path),
                     })?;
                     let outcome = async {
-                        let reader = store.reader(&id.key()).await?;
+                        let fetched = reader.fetch_content(&id).await?;
                         let entry = entry.clone();
                         tokio::task::spawn_blocking(move || {
-                            restore_file(reader, &identities, &key, &folder, &entry, &sink, &target)
+                            let plain = fetched.open()?;
+                            restore_file(plain, &key, &folder, &entry, &sink, &target)
                         })
                         .await
                         .map_err(|e| Error::Other(format!("restore worker: {e}")))?
@@ -704,8 +701,7 @@ thread_local! {
 /// Decrypt one content object into a new file in `folder`, verify it against its address, and
 /// only then give it its name.
 fn restore_file(
-    reader: impl Read,
-    identities: &Identities,
+    mut plain: impl Read,
     key: &[u8; 32],
     folder: &Folder,
     entry: &Entry,
@@ -716,7 +712,6 @@ fn restore_file(
     let object = id.key();
     let name = OsStr::new(split(&entry.path).1);
     let io_err = |e: io::Error| target.error(&entry.path, e);
-    let mut plain = identities.decrypt(reader, &object)?;
     let (mut out, partial) = sink.create(folder, name, entry.size).map_err(io_err)?;
     let result = (|| {
         let mut hasher = blake3::Hasher::new_keyed(key);
@@ -791,19 +786,18 @@ pub fn make_markers(target: &Target) -> Vec<String> {
 
 /// The complete snapshots that use each of `objects` (from their plaintext `refs.txt.gz`).
 pub async fn shared_by(
-    store: &Store,
+    repo: &Repository,
     objects: &HashSet<ContentId>,
 ) -> Result<HashMap<ContentId, Vec<String>>> {
     let mut out: HashMap<ContentId, Vec<String>> = HashMap::new();
     if objects.is_empty() {
         return Ok(out);
     }
-    for (id, complete) in snapshots::list_ids(store).await? {
+    for (id, complete) in snapshots::list_ids(repo).await? {
         if !complete {
             continue;
         }
-        let key = format::snapshot_key(&id, format::REFS_OBJECT);
-        let Ok(bytes) = store.get_bytes(&key).await else {
+        let Ok(bytes) = repo.get(&Object::Refs(id.clone())).await else {
             continue;
         };
         // A damaged list tells what it can, up to where it is damaged.
@@ -828,7 +822,7 @@ mod tests {
         let key = crate::crypto::generate_key();
         let id_file = dir.path().join("id.txt");
         crate::crypto::write_identity_file(&id_file, &key).unwrap();
-        let identities = Identities::load(&id_file).unwrap();
+        let identities = crate::crypto::Identities::load(&id_file).unwrap();
         let recipients =
             crate::crypto::Recipients::load(std::slice::from_ref(&key.recipient), None).unwrap();
         let content_key = recipients.content_key();
@@ -856,8 +850,7 @@ mod tests {
                 target: None,
             };
             restore_file(
-                &sealed[..],
-                &identities,
+                identities.decrypt(&sealed[..], "x").unwrap(),
                 &content_key,
                 &folder,
                 &entry,
@@ -878,8 +871,7 @@ mod tests {
                 ..entry.clone()
             };
             let err = restore_file(
-                &bad[..],
-                &identities,
+                identities.decrypt(&bad[..], "x").unwrap(),
                 &content_key,
                 &folder,
                 &other,

@@ -32,13 +32,13 @@ use crate::config::LockConfig;
 use crate::crypto::Identities;
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::format::{self, ContentId, Manifest};
+use crate::format::{ContentId, Manifest, Object};
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
 use crate::repo::trust::{self, Trust};
+use crate::repo::{Reader, Repository};
 use crate::restore::target::Target;
-use crate::store::Store;
 
 pub use database::{
     classify_psql_errors, is_benign_psql_error, RowCheck, SEARCH_PATH_FIX, SEARCH_PATH_LINE,
@@ -115,16 +115,8 @@ pub struct RestoreReport {
 
 /// Read and decrypt a snapshot's manifest, without checking its signature (tests and tools; a
 /// restore goes through [`crate::repo::trust`]).
-pub async fn read_manifest(store: &Store, identities: &Identities, id: &str) -> Result<Manifest> {
-    let key = format::snapshot_key(id, format::MANIFEST_OBJECT);
-    let sealed = store.get_bytes(&key).await?;
-    let mut plain = Vec::new();
-    std::io::Read::read_to_end(&mut identities.decrypt(&sealed[..], &key)?, &mut plain)
-        .map_err(|e| crate::crypto::read_error(&key, e))?;
-    serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
-        object: key,
-        message: e.to_string(),
-    })
+pub async fn read_manifest(reader: &Reader, id: &str) -> Result<Manifest> {
+    reader.open_json(&Object::Manifest(id.to_string())).await
 }
 
 /// What restore does about a running Immich server container (Docker mode).
@@ -140,11 +132,11 @@ pub enum ServerPolicy {
 /// Run a restore; refuses while the Immich server container runs.
 pub async fn run(
     db: &dyn Database,
-    store: &Store,
+    repo: &Repository,
     identities: Arc<Identities>,
     opts: RestoreOptions,
 ) -> Result<RestoreReport> {
-    run_with(db, store, identities, opts, ServerPolicy::Refuse).await
+    run_with(db, repo, identities, opts, ServerPolicy::Refuse).await
 }
 
 /// Run a restore as Immich's docs orchestrate it: the server container must not run (or, with
@@ -152,11 +144,12 @@ pub async fn run(
 /// restore fails after it began writing, the server is left stopped: the install needs recreating.
 pub async fn run_with(
     db: &dyn Database,
-    store: &Store,
+    repo: &Repository,
     identities: Arc<Identities>,
     opts: RestoreOptions,
     server: ServerPolicy,
 ) -> Result<RestoreReport> {
+    let reader = repo.reader(identities);
     let stopped = match db.running_server().await? {
         None => None,
         Some(name) if server == ServerPolicy::Refuse => {
@@ -176,7 +169,7 @@ pub async fn run_with(
         }
     };
     let mut writing = false;
-    let result = locked(db, store, identities, opts, &mut writing).await;
+    let result = locked(db, &reader, opts, &mut writing).await;
     let Some(name) = stopped else {
         return result;
     };
@@ -200,17 +193,17 @@ pub async fn run_with(
 /// The restore under the store's shared lock (unless `--no-lock`).
 async fn locked(
     db: &dyn Database,
-    store: &Store,
-    identities: Arc<Identities>,
+    reader: &Reader,
     opts: RestoreOptions,
     writing: &mut bool,
 ) -> Result<RestoreReport> {
-    snapshots::require_marker(store).await?;
+    let repo = reader.repo();
+    snapshots::require_marker(repo).await?;
     let Some(cfg) = opts.lock.clone() else {
         tracing::warn!("--no-lock: restoring without the store lock; a prune running meanwhile could delete what this restore still has to read");
-        return restore(db, store, identities, opts, writing).await;
+        return restore(db, reader, opts, writing).await;
     };
-    let lock = Lock::acquire(store, LockKind::Shared, "restore", &cfg)
+    let lock = Lock::acquire(repo, LockKind::Shared, "restore", &cfg)
         .await
         .map_err(|e| match e {
             Error::Storage { url, message } => Error::Storage {
@@ -220,7 +213,7 @@ async fn locked(
             other => other,
         })?;
     let result = tokio::select! {
-        r = restore(db, store, identities, opts, writing) => r,
+        r = restore(db, reader, opts, writing) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -229,13 +222,13 @@ async fn locked(
 
 async fn restore(
     db: &dyn Database,
-    store: &Store,
-    identities: Arc<Identities>,
+    reader: &Reader,
     opts: RestoreOptions,
     writing: &mut bool,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
-    let opened = trust::resolve(store, &identities, &opts.trust, &opts.snapshot).await?;
+    let repo = reader.repo();
+    let opened = trust::resolve(reader, &opts.trust, &opts.snapshot).await?;
     let (id, manifest) = (opened.id, opened.manifest);
     let key = parse_key(&manifest)?;
     let mut report = RestoreReport {
@@ -276,16 +269,14 @@ async fn restore(
         }
     };
     let files_check = async {
-        let stored = Arc::new(files::Stored::list(store, &manifest).await?);
-        files::survey(store, &identities, &manifest, &key, target.as_ref(), stored).await
+        let stored = Arc::new(files::Stored::list(repo, &manifest).await?);
+        files::survey(reader, &manifest, &key, target.as_ref(), stored).await
     };
     let dump_check = async {
         if resumed {
             Ok(None)
         } else {
-            database::verify_dump(store, &identities, &manifest)
-                .await
-                .map(Some)
+            database::verify_dump(reader, &manifest).await.map(Some)
         }
     };
     let (version, survey, facts) = tokio::join!(database_check, files_check, dump_check);
@@ -305,7 +296,7 @@ async fn restore(
         );
     }
     if opts.dry_run {
-        report.damaged = with_sharing(store, survey.damaged).await?;
+        report.damaged = with_sharing(repo, survey.damaged).await?;
         report.duration_secs = started.elapsed().as_secs_f64();
         return Ok(report);
     }
@@ -326,7 +317,7 @@ async fn restore(
             return Ok((Vec::new(), rows));
         }
         state::write(&target, &id, state::DatabaseStep::Replaying)?;
-        let benign = database::replay(db, store, &identities, &manifest, &opts.progress).await?;
+        let benign = database::replay(db, reader, &manifest, &opts.progress).await?;
         // The rows are counted as soon as the dump is in, while files may still be written.
         let rows = database::compare_rows(db, &manifest).await?;
         if rows.iter().all(|r| r.expected == r.actual) {
@@ -334,15 +325,7 @@ async fn restore(
         }
         Ok::<_, Error>((benign, rows))
     };
-    let files = files::restore_files(
-        store,
-        identities.clone(),
-        &manifest,
-        key,
-        &opts,
-        &target,
-        &survey,
-    );
+    let files = files::restore_files(reader, &manifest, key, &opts, &target, &survey);
     let (replayed, restored) = tokio::join!(database, files);
     // Immich's folders and markers, whatever happened above: Immich does not start without them.
     report.warnings = files::make_markers(&target);
@@ -351,7 +334,7 @@ async fn restore(
     opts.progress.finish();
     report.benign_psql_errors = benign;
     report.files_restored = restored.restored;
-    report.damaged = with_sharing(store, restored.damaged).await?;
+    report.damaged = with_sharing(repo, restored.damaged).await?;
     report.row_checks = row_checks;
     report.rows_match = report.row_checks.iter().all(|r| r.expected == r.actual);
     if report.rows_match && report.damaged.is_empty() {
@@ -408,12 +391,12 @@ fn explain_interrupted(
 }
 
 /// Fill in which other snapshots share each damaged object.
-async fn with_sharing(store: &Store, mut damaged: Vec<Damaged>) -> Result<Vec<Damaged>> {
+async fn with_sharing(repo: &Repository, mut damaged: Vec<Damaged>) -> Result<Vec<Damaged>> {
     let ids: HashSet<ContentId> = damaged
         .iter()
         .filter_map(|d| ContentId::from_key(&d.object))
         .collect();
-    let shared = files::shared_by(store, &ids).await?;
+    let shared = files::shared_by(repo, &ids).await?;
     for d in &mut damaged {
         if let Some(s) = ContentId::from_key(&d.object).and_then(|c| shared.get(&c)) {
             d.also_in = s.clone();
@@ -426,7 +409,7 @@ async fn with_sharing(store: &Store, mut damaged: Vec<Damaged>) -> Result<Vec<Da
 fn parse_key(manifest: &Manifest) -> Result<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(&manifest.content_key, &mut key).map_err(|e| Error::Corrupt {
-        object: format::snapshot_key(&manifest.id, format::MANIFEST_OBJECT),
+        object: Object::Manifest(manifest.id.clone()).key(),
         message: format!("bad content key: {e}"),
     })?;
     Ok(key)

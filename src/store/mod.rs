@@ -778,19 +778,6 @@ impl Drop for ObjectWriter {
     }
 }
 
-/// Keys of every object under `dir` in a stream of pages, for large listings.
-pub async fn count_objects(store: &Store, dir: &str) -> Result<(u64, u64)> {
-    let mut n = 0;
-    let mut bytes = 0;
-    let mut s = std::pin::pin!(store.list(dir));
-    while let Some(item) = s.next().await {
-        let (_, size) = item?;
-        n += 1;
-        bytes += size;
-    }
-    Ok((n, bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

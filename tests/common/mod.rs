@@ -18,8 +18,8 @@ use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::demo::sample::{self, PgCluster, SampleLibrary};
 use immich_backup::format::{ContentId, Entry, Manifest, DATA_DIR, MANIFEST_OBJECT};
 use immich_backup::progress::Progress;
+use immich_backup::repo::Repository;
 use immich_backup::restore;
-use immich_backup::store::Store;
 use immich_backup::{db, demo};
 use tempfile::TempDir;
 
@@ -169,13 +169,13 @@ pub fn signing_text(key: &crypto::NewKey) -> String {
 /// Run one backup of `cfg` through the library API.
 pub fn backup_with(cfg: &Config) -> BackupReport {
     rt().block_on(async {
-        let store = Store::open(&cfg.storage).expect("open store");
+        let repo = Repository::open(&cfg.storage).expect("open store");
         let database = db::connect(&cfg.database).expect("database");
         let recipients = Recipients::load(&cfg.encryption.recipients, None).expect("recipients");
         backup::run(
             cfg,
             database.as_ref(),
-            &store,
+            &repo,
             recipients,
             Progress::hidden(),
         )
@@ -378,12 +378,12 @@ pub fn object_key(recipients: &[String], bytes: &[u8]) -> String {
 pub fn manifest(store: &Path, identity: &Path, id: &str) -> Manifest {
     let ids = Identities::load(identity).expect("identity");
     rt().block_on(async {
-        let store = Store::open(&StorageConfig {
+        let repo = Repository::open(&StorageConfig {
             url: format!("file://{}", store.display()),
             ..Default::default()
         })
         .unwrap();
-        restore::read_manifest(&store, &ids, id)
+        restore::read_manifest(&repo.reader(std::sync::Arc::new(ids)), id)
             .await
             .expect("manifest")
     })

@@ -20,7 +20,7 @@ use immich_backup::demo::sample::{self, PgCluster};
 use immich_backup::progress::Progress;
 use immich_backup::repo::trust::Trust;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
-use immich_backup::store::{Store, PART_SIZE};
+use immich_backup::store::PART_SIZE;
 
 /// Size of the large original: more than two multipart parts.
 pub const BIG_FILE_SIZE: usize = 2 * PART_SIZE + PART_SIZE / 2 + 12_345;
@@ -151,7 +151,7 @@ pub fn backup(
     cfg: &Config,
 ) -> immich_backup::error::Result<BackupReport> {
     rt.block_on(async {
-        let store = Store::open(&cfg.storage)?;
+        let store = immich_backup::repo::Repository::open(&cfg.storage)?;
         let database = db::connect(&cfg.database)?;
         let recipients = Recipients::load(&cfg.encryption.recipients, None)?;
         backup::run(
@@ -178,7 +178,7 @@ pub fn restore_and_verify(
     cfg_b.database.port = cluster_b.port;
     let report = rt
         .block_on(async {
-            let store = Store::open(&cfg_b.storage)?;
+            let store = immich_backup::repo::Repository::open(&cfg_b.storage)?;
             let database = db::connect(&cfg_b.database)?;
             let identities = Arc::new(Identities::load(&source.identity)?);
             let trust = Trust::new(&identities, Vec::new(), false);
