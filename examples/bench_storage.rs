@@ -11,7 +11,7 @@
 //!
 //! Usage: bench_storage BINARY [SIZE_MB] [CONCURRENCY]
 
-#[path = "../tests/support/s3.rs"]
+#[path = "../tests/common/s3.rs"]
 #[allow(dead_code)]
 mod s3;
 

@@ -3,7 +3,7 @@
 //! The folders are the layers, lowest first (docs/ARCHITECTURE.md has the map; a test,
 //! tests/architecture.rs, keeps every import pointing down):
 //!
-//! 1. Leaves, no I/O of their own: [`error`], [`format`] (object names and the snapshot types),
+//! 1. Leaves, no I/O of their own: [`error`], [`mod@format`] (object names and the snapshot types),
 //!    [`immich`] (Immich's folders and tables), [`policy`] (what to keep, when to run), [`redact`],
 //!    [`host`], [`progress`].
 //! 2. [`crypto`]: age sealing and opening, content addresses, snapshot signatures.

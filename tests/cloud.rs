@@ -2,16 +2,20 @@
 //! - S3: s3s-fs in this process (a real S3 implementation over a directory that checks SigV4
 //!   signatures), behind a layer that records requests and can misbehave on purpose;
 //! - Azure Blob: Azurite (npm `azurite@3.35.0`, installed by `.ci/run` into `.ci/node_modules`);
-//! - Google Cloud Storage: `support/gcs.rs`, a local server speaking the GCS XML API that object_store
+//! - Google Cloud Storage: `common/gcs.rs`, a local server speaking the GCS XML API that object_store
 //!   uses (see that file for exactly what it does and does not cover).
 
-mod support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::azurite::Azurite;
+use common::gcs::FakeGcs;
+use common::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
+use common::*;
 use immich_backup::config::StorageConfig;
 use immich_backup::error::Error;
 use immich_backup::format;
@@ -19,10 +23,6 @@ use immich_backup::repo::snapshots;
 use immich_backup::repo::Repository;
 use immich_backup::store::check::{self as storecheck, Status};
 use immich_backup::store::{Store, PART_SIZE};
-use support::azurite::Azurite;
-use support::gcs::FakeGcs;
-use support::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
-use support::*;
 
 fn status_of(r: &storecheck::InitReport, check: &str) -> Status {
     r.checks
@@ -37,12 +37,12 @@ fn status_of(r: &storecheck::InitReport, check: &str) -> Status {
 #[test]
 fn s3_backup_restore_round_trip_with_multipart_object() {
     let server = S3Server::start(&["photos"]);
-    let source = Source::new(1500);
-    let cfg = source.config(s3_storage(&server, "photos", "immich/nightly"));
-    let rt = runtime();
+    let source = Source::with_big_file(1500);
+    let cfg = source.config_with(s3_storage(&server, "photos", "immich/nightly"));
+    let rt = rt();
 
     let report = backup(&rt, &cfg).expect("backup to S3");
-    assert_eq!(report.files as usize, source.originals);
+    assert_eq!(report.files as usize, source.lib.original_files);
     assert!(report.files_new > 0);
 
     // The big file went up as a multipart upload of more than two parts, several at once.
@@ -100,9 +100,9 @@ fn s3_backup_restore_round_trip_with_multipart_object() {
 #[test]
 fn s3_repair_replaces_damaged_objects() {
     let server = S3Server::start(&["photos"]);
-    let source = Source::new(300);
-    let cfg = source.config(s3_storage(&server, "photos", "immich/nightly"));
-    let rt = runtime();
+    let source = Source::with_big_file(300);
+    let cfg = source.config_with(s3_storage(&server, "photos", "immich/nightly"));
+    let rt = rt();
     backup(&rt, &cfg).expect("backup to S3");
     let recipients =
         immich_backup::crypto::Recipients::load(std::slice::from_ref(&source.recipient), None)
@@ -169,7 +169,7 @@ fn s3_parallel_multipart_uploads_stay_bounded() {
     let server = S3Server::start(&["bounded"]);
     let mut storage = s3_storage(&server, "bounded", "p");
     storage.concurrency = 3;
-    let rt = runtime();
+    let rt = rt();
     let store = rt.block_on(async { Store::open(&storage) }).unwrap();
     let len = 3 * PART_SIZE + 777;
     let handle = rt.handle().clone();
@@ -207,7 +207,7 @@ fn s3_parallel_multipart_uploads_stay_bounded() {
 #[test]
 fn s3_wrong_secret_is_one_documented_line_without_secrets() {
     let server = S3Server::start(&["photos"]);
-    let work = tempfile::tempdir().unwrap();
+    let work = tempdir();
     let upload = work.path().join("ul");
     std::fs::create_dir_all(upload.join("library")).unwrap();
     let wrong = "WrongSecretValue/abcdefghijklmnopqrstuvwxyz0123";
@@ -236,16 +236,16 @@ fn s3_wrong_secret_is_one_documented_line_without_secrets() {
         &["init"],
         &["-vv", "backup"],
     ] {
-        let out = cli(&config, args, &env);
-        let (stdout, stderr) = texts(&out);
-        assert_eq!(out.status.code(), Some(10), "{args:?}: {stdout}\n{stderr}");
+        let run = cli(Some(&config), args, &env);
+        let (stdout, stderr) = (&run.stdout, &run.stderr);
+        assert_eq!(run.code, 10, "{args:?}: {stdout}\n{stderr}");
         for secret in [wrong, token, SECRET_KEY] {
             assert!(
                 !stdout.contains(secret) && !stderr.contains(secret),
                 "{args:?} leaked a secret:\n{stdout}\n{stderr}"
             );
         }
-        let errors = error_lines(&stderr);
+        let errors = run.error_lines();
         assert_eq!(errors.len(), 1, "{args:?}: {stderr}");
         assert!(
             errors[0].contains("storage s3://photos/immich: ")
@@ -263,17 +263,14 @@ fn s3_wrong_secret_is_one_documented_line_without_secrets() {
         }
     }
     // --json: one object with the failed check and the exit code.
-    let out = cli(&config, &["--json", "init"], &env);
-    assert_eq!(out.status.code(), Some(10));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = cli(Some(&config), &["--json", "init"], &env);
+    assert_eq!(run.code, 10);
+    let v = run.json();
     assert_eq!(v["ok"], false);
     assert_eq!(v["exit_code"], 10);
     assert_eq!(v["checks"][0]["check"], "access");
     assert_eq!(v["checks"][0]["status"], "fail");
-    assert!(!out
-        .stdout
-        .windows(wrong.len())
-        .any(|w| w == wrong.as_bytes()));
+    assert!(!run.stdout.contains(wrong));
 
     // Debug of the config never shows a secret either.
     let storage = StorageConfig {
@@ -295,7 +292,7 @@ fn s3_missing_bucket_is_a_documented_error() {
     let server = S3Server::start(&["photos"]);
     let mut storage = s3_storage(&server, "no-such-bucket", "immich");
     storage.concurrency = 2;
-    let rt = runtime();
+    let rt = rt();
     let store = Store::open(&storage).unwrap();
     let err = rt
         .block_on(snapshots::open_or_init(&Repository::new(store.clone())))
@@ -330,7 +327,7 @@ fn s3_missing_bucket_is_a_documented_error() {
 fn s3_init_checks_the_store() {
     let server = S3Server::start(&["photos"]);
     let storage = s3_storage(&server, "photos", "immich");
-    let rt = runtime();
+    let rt = rt();
     let store = Store::open(&storage).unwrap();
 
     let report = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
@@ -407,9 +404,9 @@ fn s3_init_checks_the_store() {
 #[test]
 fn s3_failing_upload_names_the_object() {
     let server = S3Server::start(&["photos"]);
-    let source = Source::new(200);
-    let cfg = source.config(s3_storage(&server, "photos", "immich"));
-    let rt = runtime();
+    let source = Source::with_big_file(200);
+    let cfg = source.config_with(s3_storage(&server, "photos", "immich"));
+    let rt = rt();
     server
         .behaviour
         .fail_data_puts
@@ -447,20 +444,21 @@ fn s3_failing_upload_names_the_object() {
 #[test]
 fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
     let server = S3Server::start(&["photos"]);
-    let source = Source::new(500);
+    let source = Source::with_big_file(500);
     let mut storage = s3_storage(&server, "photos", "immich");
     storage.concurrency = 4;
-    let cfg = source.config(storage);
-    let config = source.config_file(&cfg, "config.toml");
+    let cfg = source.config_with(storage);
+    let config = source.write_config_with(&cfg.storage, "config.toml");
     let env = [("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", SECRET_KEY)];
-    let rt = runtime();
+    let rt = rt();
     let store = Store::open(&cfg.storage).unwrap();
 
     server
         .behaviour
         .stall_data_parts
         .store(true, Ordering::SeqCst);
-    let mut child = cli_command(&config, &["backup"], &env)
+    let mut child = command(Some(&config), &["backup"])
+        .envs(env)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -495,16 +493,16 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         .unwrap();
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(ids.values().all(|complete| !complete));
-    let out = cli(&config, &["snapshots"], &env);
-    assert!(texts(&out).0.contains("0 snapshot(s)"), "{:?}", texts(&out));
+    let run = cli(Some(&config), &["snapshots"], &env);
+    assert!(run.stdout.contains("0 snapshot(s)"), "{run:?}");
     let before: BTreeSet<String> = server.keys("photos", "immich/data").into_iter().collect();
     assert!(!before.is_empty(), "nothing was stored before the kill");
 
     server.clear_log();
-    let out = cli(&config, &["--json", "backup"], &env);
-    let (stdout, stderr) = texts(&out);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let run = cli(Some(&config), &["--json", "backup"], &env);
+    let (stdout, stderr) = (&run.stdout, &run.stderr);
+    assert_eq!(run.code, 0, "{stdout}\n{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout).unwrap();
     let after: BTreeSet<String> = server.keys("photos", "immich/data").into_iter().collect();
     let written: BTreeSet<String> = server
         .seen()
@@ -532,7 +530,10 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         report["files_new"].as_u64().unwrap() as usize,
         written.len()
     );
-    assert_eq!(report["files"].as_u64().unwrap() as usize, source.originals);
+    assert_eq!(
+        report["files"].as_u64().unwrap() as usize,
+        source.lib.original_files
+    );
     let complete = rt
         .block_on(snapshots::list(&Repository::new(store.clone())))
         .unwrap();
@@ -545,17 +546,17 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
 fn azure_backup_restore_round_trip() {
     let azurite = Azurite::start();
     azurite.create_container("immich");
-    let source = Source::new(800);
+    let source = Source::with_big_file(800);
     let storage = quick(StorageConfig {
         url: "az://immich/nightly".into(),
         endpoint: azurite.endpoint(),
         allow_http: true,
-        account_name: support::azurite::ACCOUNT.into(),
-        account_key: support::azurite::KEY.into(),
+        account_name: common::azurite::ACCOUNT.into(),
+        account_key: common::azurite::KEY.into(),
         ..StorageConfig::default()
     });
-    let cfg = source.config(storage);
-    let rt = runtime();
+    let cfg = source.config_with(storage);
+    let rt = rt();
     let store = Store::open(&cfg.storage).unwrap();
     let init = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
         store.clone(),
@@ -566,7 +567,7 @@ fn azure_backup_restore_round_trip() {
         "{init:#?}"
     );
     let report = backup(&rt, &cfg).expect("backup to Azure");
-    assert_eq!(report.files as usize, source.originals);
+    assert_eq!(report.files as usize, source.lib.original_files);
     restore_and_verify(&rt, &source, &cfg);
     let again = backup(&rt, &cfg).unwrap();
     assert_eq!(again.files_new, 0);
@@ -576,7 +577,7 @@ fn azure_backup_restore_round_trip() {
 fn azure_wrong_key_is_a_storage_error() {
     let azurite = Azurite::start();
     azurite.create_container("immich");
-    let work = tempfile::tempdir().unwrap();
+    let work = tempdir();
     let upload = work.path().join("ul");
     std::fs::create_dir_all(upload.join("library")).unwrap();
     // A well-formed key that is not the account's.
@@ -599,12 +600,12 @@ fn azure_wrong_key_is_a_storage_error() {
         ("IMMICH_BACKUP_LOG", "debug"),
     ];
     for args in [&["backup"][..], &["init"]] {
-        let out = cli(&config, args, &env);
-        let (stdout, stderr) = texts(&out);
-        assert_eq!(out.status.code(), Some(10), "{args:?}: {stdout}\n{stderr}");
+        let run = cli(Some(&config), args, &env);
+        let (stdout, stderr) = (&run.stdout, &run.stderr);
+        assert_eq!(run.code, 10, "{args:?}: {stdout}\n{stderr}");
         assert!(!stdout.contains(wrong) && !stderr.contains(wrong));
-        assert!(!stdout.contains(support::azurite::KEY) && !stderr.contains(support::azurite::KEY));
-        let errors = error_lines(&stderr);
+        assert!(!stdout.contains(common::azurite::KEY) && !stderr.contains(common::azurite::KEY));
+        let errors = run.error_lines();
         assert_eq!(errors.len(), 1, "{stderr}");
         assert!(
             errors[0].contains("denied (Authentication")
@@ -622,7 +623,7 @@ fn azure_wrong_key_is_a_storage_error() {
 #[test]
 fn gcs_backup_restore_round_trip() {
     let gcs = FakeGcs::start(&["immich-gcs"], "");
-    let source = Source::new(800);
+    let source = Source::with_big_file(800);
     let sa = gcs.service_account_file(source.work.path());
     let storage = quick(StorageConfig {
         url: "gs://immich-gcs/nightly".into(),
@@ -630,8 +631,8 @@ fn gcs_backup_restore_round_trip() {
         allow_http: true,
         ..StorageConfig::default()
     });
-    let cfg = source.config(storage);
-    let rt = runtime();
+    let cfg = source.config_with(storage);
+    let rt = rt();
     let store = Store::open(&cfg.storage).unwrap();
     let init = rt.block_on(immich_backup::repo::snapshots::init(&Repository::new(
         store.clone(),
@@ -642,7 +643,7 @@ fn gcs_backup_restore_round_trip() {
         "{init:#?}"
     );
     let report = backup(&rt, &cfg).expect("backup to GCS");
-    assert_eq!(report.files as usize, source.originals);
+    assert_eq!(report.files as usize, source.lib.original_files);
     let seen = gcs.seen();
     assert!(
         seen.iter()
@@ -674,7 +675,7 @@ fn gcs_backup_restore_round_trip() {
 #[test]
 fn gcs_wrong_token_and_missing_bucket_are_storage_errors() {
     let gcs = FakeGcs::start(&["immich-gcs"], "right-token-0123456789");
-    let rt = runtime();
+    let rt = rt();
     let mut storage = quick(StorageConfig {
         url: "gs://immich-gcs/nightly".into(),
         endpoint: gcs.base_url(),

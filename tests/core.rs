@@ -23,16 +23,8 @@ use immich_backup::demo::sample::{
 use immich_backup::error::exit;
 use immich_backup::format::{ContentId, EntryKind};
 
-fn folders() -> Vec<String> {
-    ORIGINAL_FOLDERS.iter().map(|f| f.to_string()).collect()
-}
-
 fn start_cluster() -> PgCluster {
     PgCluster::start(None).expect("start a PostgreSQL cluster")
-}
-
-fn path_arg(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test path")
 }
 
 /// Every path under the original folders of `root` (the folders themselves included), relative.
@@ -96,13 +88,6 @@ fn assert_one_line_error(run: &Run, what: &str) {
 
 /// Logging off, so stderr holds only what the CLI itself says.
 const QUIET: (&str, &str) = ("IMMICH_BACKUP_LOG", "off");
-
-fn restore_args<'a>(identity: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--json", "restore"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--identity", path_arg(identity)]);
-    args
-}
 
 // ---------------------------------------------------------------------------------------------------
 // 1. backup → restore into a fresh install
@@ -206,7 +191,7 @@ fn backup_then_restore_into_fresh_install_is_identical() {
         count_rows(&fresh, "asset"),
         count_rows(&src.cluster, "asset")
     );
-    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    let diff = demo::compare_trees(&src.upload, &target, &original_folders()).unwrap();
     assert!(diff.differences.is_empty(), "{:?}", diff.differences);
     assert_eq!(diff.compared, listed.len());
 
@@ -376,7 +361,7 @@ fn restore_refuses_a_used_target_writes_nothing_and_resumes() {
         "{r}"
     );
     assert_eq!(r["rows_match"], true, "{r}");
-    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    let diff = demo::compare_trees(&src.upload, &target, &original_folders()).unwrap();
     assert!(diff.differences.is_empty(), "{:?}", diff.differences);
     let restored_dump = fresh.canonical_dump(DB).unwrap();
     assert!(src.dump() == restored_dump, "pg_dump differs");
@@ -481,7 +466,7 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
         );
     }
     assert_eq!(partial_files(&target), Vec::<PathBuf>::new());
-    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    let diff = demo::compare_trees(&src.upload, &target, &original_folders()).unwrap();
     assert_eq!(diff.differences.len(), 2, "{:?}", diff.differences);
     assert!(
         target.join("thumbs").join(MARKER_FILE).exists(),
@@ -511,7 +496,7 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
     let r = run.expect_code(exit::OK).json();
     assert_eq!(r["database_resumed"], true, "{r}");
     assert_eq!(r["files_restored"], 2, "{r}");
-    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    let diff = demo::compare_trees(&src.upload, &target, &original_folders()).unwrap();
     assert!(diff.differences.is_empty(), "{:?}", diff.differences);
     assert!(!target.join(".immich-backup-restore.json").exists());
 }
@@ -821,7 +806,7 @@ fn keygen_age_keygen_and_passphrase_protected_identities() {
         src.dump() == fresh.canonical_dump(DB).unwrap(),
         "pg_dump differs"
     );
-    let diff = demo::compare_trees(&src.upload, &target, &folders()).unwrap();
+    let diff = demo::compare_trees(&src.upload, &target, &original_folders()).unwrap();
     assert!(diff.differences.is_empty(), "{:?}", diff.differences);
 }
 
@@ -868,6 +853,7 @@ impl Small {
             bin_dir: cluster.bin_dir.clone(),
             upload_location: upload.clone(),
             store,
+            storage: None,
             cache: work.path().join("cache"),
             signing_key: Some(signing_text(&key)),
             recipients: vec![key.recipient],

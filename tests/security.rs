@@ -24,18 +24,6 @@ use immich_backup::format::{
 };
 use sha2::Digest;
 
-fn path_arg(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 test path")
-}
-
-/// `--json restore <extra…> --identity FILE`.
-fn restore_args<'a>(identity: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--json", "restore"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--identity", path_arg(identity)]);
-    args
-}
-
 /// A marker file outside everything, which a forged dump tries to create.
 fn pwned_marker(work: &Path) -> PathBuf {
     work.join(format!("pwned-{}", rand::random::<u32>()))

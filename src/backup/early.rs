@@ -19,7 +19,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::backup::collect::{self, CacheReader, FileStorer, Found, Stored, Walked};
+use crate::backup::cache::CacheReader;
+use crate::backup::upload::{FileStorer, Stored};
+use crate::backup::walk::{self, Found, Walked};
 use crate::format::{ContentId, EntryKind};
 
 /// At most this many files are read ahead (their results wait in memory for the real walk).
@@ -119,7 +121,7 @@ struct Walk {
 async fn read_ahead(walk: Walk, mut early: Early, mut stopped: oneshot::Receiver<()>) -> Early {
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
     let (root, folders) = (walk.root.clone(), walk.folders.clone());
-    tokio::task::spawn_blocking(move || collect::walk(&root, &folders, tx));
+    tokio::task::spawn_blocking(move || walk::walk(&root, &folders, tx));
     let mut cache = CacheReader::open(&walk.cache_path);
     'walk: loop {
         let batch = tokio::select! {

@@ -1,13 +1,18 @@
 //! Backup: database first, then files (Immich's documented order), then the snapshot's records, and
 //! last the manifest that makes the snapshot visible.
 //!
-//! source → compress → encrypt → store: [`dump`] streams `pg_dumpall` into the store;
-//! [`collect`] walks the originals and stores new content concurrently; the file list,
-//! the plaintext refs and the local cache are written as the results arrive, in walk order.
+//! source → compress → encrypt → store, through the repository's [`Writer`]: [`dump`] streams
+//! `pg_dumpall` into the store; [`walk`] lists the originals in a stable order, the metadata
+//! [`cache`] skips what did not change, [`dedupe`] what the store holds, and [`upload`] stores the
+//! rest, several files at once ([`early`] starts on them while the dump starts); the file list, the
+//! plaintext refs and the new cache are written as the results arrive, in walk order.
 
-pub mod collect;
+pub mod cache;
+pub mod dedupe;
 pub mod dump;
 pub mod early;
+pub mod upload;
+pub mod walk;
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
@@ -24,7 +29,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, OnUnreadable};
-use crate::crypto::sign::{self, SignatureFile, SigningKey, Statement};
+use crate::crypto::sign::SigningKey;
 use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::error::{Error, Result};
@@ -37,10 +42,11 @@ use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
 use crate::repo::{PlainWriter, Repository, SealedWriter, Writer};
 use crate::store::local::{self, Owner, Verdict};
-use collect::{
-    CacheReader, CacheWriter, FileStorer, Found, Known, Repair, StoreFileError, Stored, Walked,
-};
+use cache::{CacheReader, CacheWriter};
+use dedupe::{Known, Repair};
 use dump::HashingWriter;
+use upload::{FileStorer, StoreFileError, Stored};
+use walk::{Found, Walked};
 
 /// What a backup did, for the summary line and `--json`.
 #[derive(Debug, Clone, Serialize)]
@@ -120,12 +126,12 @@ pub async fn run_with(
     if signing.is_empty() {
         require_legacy(repo).await?;
     }
-    let writer = repo.writer(Arc::new(recipients));
+    let writer = repo.writer(Arc::new(recipients), signing);
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
     let lock = Lock::acquire(repo, LockKind::Shared, "backup", &cfg.lock).await?;
     let result = tokio::select! {
-        r = run_locked(cfg, db, &writer, &signing, progress, started, marker, &lock, opts) => r,
+        r = run_locked(cfg, db, &writer, progress, started, marker, &lock, opts) => r,
         e = lock.lost() => Err(e),
     };
     lock.release().await;
@@ -137,7 +143,6 @@ async fn run_locked(
     cfg: &Config,
     db: &dyn Database,
     writer: &Writer,
-    signing: &[SigningKey],
     progress: Progress,
     started: Instant,
     marker: format::RepoMarker,
@@ -150,17 +155,16 @@ async fn run_locked(
         None => None,
     };
     let repo = writer.repo();
-    let store = repo.store();
     let key = writer.content_key();
     let time = Utc::now();
     let id = format::new_snapshot_id(time);
-    tracing::info!(snapshot = %id, store = store.url(), database = db.describe(), "backup started");
+    tracing::info!(snapshot = %id, store = repo.url(), database = db.describe(), "backup started");
 
     // Content a killed run left staged, then this run's staging (local stores).
     recover_staging(repo, cfg).await?;
-    store.begin_staging().await?;
+    repo.begin_staging().await?;
 
-    let cache_path = collect::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
+    let cache_path = cache::cache_file(&cfg.cache_dir(), &marker.id, &key, &root);
     let run = Run {
         cfg,
         db,
@@ -215,12 +219,17 @@ async fn run_locked(
         tracing::warn!(object = %m.key(), "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
     }
     lock.confirm().await?;
-    commit(writer, signing, &summary, &manifest, &files.refs_sha256).await?;
+    // Everything the manifest references must be durable, and the content visible, first.
+    let published = repo.publish().await?;
+    tracing::debug!(published, "content published");
+    writer
+        .commit(&summary, &manifest, &files.refs_sha256)
+        .await?;
     files.cache.commit()?;
 
     let report = BackupReport {
         snapshot: id,
-        store: store.url().to_string(),
+        store: repo.url().to_string(),
         files: files.totals.files,
         dirs: files.totals.dirs,
         symlinks: files.totals.symlinks,
@@ -236,7 +245,7 @@ async fn run_locked(
         skipped: files.skipped,
         duration_secs: started.elapsed().as_secs_f64(),
         row_counts: dumped.row_counts,
-        signed: !signing.is_empty(),
+        signed: writer.signs(),
         repaired: repaired.iter().map(ContentId::key).collect(),
         not_repaired: not_repaired.iter().map(ContentId::key).collect(),
     };
@@ -274,7 +283,6 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
     let Run {
         cfg, db, writer, ..
     } = run;
-    let store = writer.repo().store();
     if db.ready_waits() {
         db.wait_ready().await?;
     }
@@ -293,7 +301,7 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
     let files_fut = async {
         // A repair has listed the store already, sizes and all.
         let known = match run.repair {
-            Some(r) => Known::new(r.stored_ids(), store).with_repair(Some(r.clone())),
+            Some(r) => Known::new(r.stored_ids(), writer.repo()).with_repair(Some(r.clone())),
             None => list_content(writer.repo()).await?,
         };
         let known = Arc::new(known);
@@ -423,47 +431,10 @@ fn signing_keys(cfg: &Config, recipients: &Recipients) -> Result<Vec<SigningKey>
     Ok(keys)
 }
 
-/// Write the plaintext summary, the signature, then the encrypted manifest: the snapshot is now
-/// visible.
-async fn commit(
-    writer: &Writer,
-    signing: &[SigningKey],
-    summary: &Summary,
-    manifest: &Manifest,
-    refs_sha256: &str,
-) -> Result<()> {
-    // Everything the manifest references must be durable, and the content visible, first.
-    let repo = writer.repo();
-    let published = repo.store().publish().await?;
-    tracing::debug!(published, "content published");
-    let summary_json = serde_json::to_vec_pretty(summary).expect("summary serialises");
-    let summary_sha256 = sign::sha256_hex(&summary_json);
-    repo.create(&Object::Summary(summary.id.clone()), summary_json)
-        .await?;
-    let plain = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-    let sealed = writer.seal(&plain)?;
-    if !signing.is_empty() {
-        let statement = Statement {
-            id: manifest.id.clone(),
-            time: manifest.time,
-            manifest_sha256: sign::sha256_hex(sealed.as_bytes()),
-            summary_sha256,
-            refs_sha256: refs_sha256.to_string(),
-        };
-        let file = SignatureFile::sign(&statement, signing);
-        let json = serde_json::to_vec_pretty(&file).expect("signature serialises");
-        repo.create(&Object::Signature(manifest.id.clone()), json)
-            .await?;
-    }
-    repo.create_sealed(&Object::Manifest(manifest.id.clone()), &sealed)
-        .await
-}
-
 /// Staging folders of other runs in a local store: a run that died on this host since the last
 /// boot is adopted (its objects published), one whose bytes cannot be trusted is removed.
 async fn recover_staging(repo: &Repository, cfg: &Config) -> Result<()> {
-    let store = repo.store();
-    let others = store.other_staging().await?;
+    let others = repo.other_staging().await?;
     if others.is_empty() {
         return Ok(());
     }
@@ -478,11 +449,11 @@ async fn recover_staging(repo: &Repository, cfg: &Config) -> Result<()> {
         match local::verdict(owner.as_ref(), &me, host_live, fresh) {
             Verdict::Leave => {}
             Verdict::Adopt => {
-                let n = store.adopt_staging(&name).await?;
+                let n = repo.adopt_staging(&name).await?;
                 tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
             }
             Verdict::Discard => {
-                store.discard_staging(&name).await?;
+                repo.discard_staging(&name).await?;
                 tracing::info!(staging = %name, "removed the staged uploads of a backup interrupted by a restart (they may not have reached the disk)");
             }
         }
@@ -507,7 +478,7 @@ async fn prepare_repair(writer: &Writer, named: HashSet<ContentId>) -> Result<Re
 async fn list_content(repo: &Repository) -> Result<Known> {
     let ids: Vec<ContentId> = repo.content_ids().await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
-    Ok(Known::new(ids, repo.store()))
+    Ok(Known::new(ids, repo))
 }
 
 /// The files phase's result.
@@ -617,7 +588,7 @@ async fn store_files(
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
     let folders = cfg.immich.folders.clone();
     let walk_root = root.clone();
-    tokio::task::spawn_blocking(move || collect::walk(&walk_root, &folders, tx));
+    tokio::task::spawn_blocking(move || walk::walk(&walk_root, &folders, tx));
 
     let mut cache = CacheReader::open(cache_path);
     // `concurrency` files are read and stored at once; results are taken in walk order from a

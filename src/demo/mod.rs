@@ -26,10 +26,6 @@ use crate::repo::Repository;
 use crate::restore::{self, RestoreOptions};
 use sample::PgCluster;
 
-fn sample_err(e: anyhow::Error) -> Error {
-    Error::Other(format!("demo: {e:#}"))
-}
-
 /// Differences between two folder trees (files, symlinks and modes; folders' mtimes are ignored).
 #[derive(Debug, Default, Serialize)]
 pub struct TreeDiff {
@@ -183,9 +179,9 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     let store_dir = work.join("store");
     std::fs::create_dir_all(&store_dir).map_err(|e| Error::io(&store_dir, e))?;
 
-    let cluster_a = PgCluster::start(Some(&work)).map_err(sample_err)?;
-    sample::create_immich_like_db(&cluster_a, "immich", assets).map_err(sample_err)?;
-    let lib = sample::create_sample_library(&source).map_err(sample_err)?;
+    let cluster_a = PgCluster::start(Some(&work))?;
+    sample::create_immich_like_db(&cluster_a, "immich", assets)?;
+    let lib = sample::create_sample_library(&source)?;
     say(format!(
         "1. source: PostgreSQL on 127.0.0.1:{} with an Immich-like database ({assets} assets); sample UPLOAD_LOCATION with {} originals ({} bytes) at {}",
         cluster_a.port, lib.original_files, lib.original_bytes, source.display()
@@ -234,7 +230,7 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
         report.snapshot, repo.url(), report.files, report.files_new, report.bytes_stored, report.dump_sql_bytes, report.dump_stored_bytes, report.row_counts.len(), report.duration_secs
     ));
 
-    let cluster_b = PgCluster::start(Some(&work)).map_err(sample_err)?;
+    let cluster_b = PgCluster::start(Some(&work))?;
     let mut cfg_b = local_config(
         &cluster_b,
         &target,
@@ -264,8 +260,8 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
         }
     ));
 
-    let dump_a = cluster_a.canonical_dump("immich").map_err(sample_err)?;
-    let dump_b = cluster_b.canonical_dump("immich").map_err(sample_err)?;
+    let dump_a = cluster_a.canonical_dump("immich")?;
+    let dump_b = cluster_b.canonical_dump("immich")?;
     let tree = compare_trees(&source, &target, &cfg.immich.folders)?;
     let db_same = dump_a == dump_b;
     say(format!(

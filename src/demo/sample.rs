@@ -7,9 +7,17 @@
 //! agree with each other: asset `n`'s `originalPath` is `/data/` + [`asset_original_path`]`(n)`,
 //! and the sample folder holds the files of assets `1..=`[`SAMPLE_ASSET_FILES`].
 //!
+//! The database's SQL lives in `src/demo/sql/` (`schema.sql`, then one file per group of rows:
+//! `users.sql`, `assets.sql`, `exif.sql`, `albums.sql`, `metadata.sql`, `places.sql`), included at
+//! build time; [`create_immich_like_db`] fills in the asset count and the user ids.
+//!
 //! Nothing here needs a network or a container: the cluster is made with the host's `initdb` and
 //! listens on 127.0.0.1 only. When the process runs as root, the server tools run as the
 //! `postgres` OS user, because `initdb` refuses to run as root.
+//!
+//! Failures are [`Error`]s: [`Error::Database`] for the cluster, its tools and the SQL they run,
+//! [`Error::Io`] for a local path, [`Error::Other`] for the rest; each message says what was being
+//! done and on which path, database or command.
 
 use std::ffi::{CString, OsStr};
 use std::fs;
@@ -20,8 +28,9 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use tempfile::TempDir;
+
+use crate::error::{Error, IoContext, Result};
 
 /// Environment variable that names the directory of the PostgreSQL server binaries to use.
 pub const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
@@ -104,8 +113,11 @@ impl PgCluster {
         base: Option<&Path>,
         pick_port: impl FnMut() -> Result<u16>,
     ) -> Result<PgCluster> {
-        let bin_dir = find_pg_bin_dir()
-            .with_context(|| format!("no PostgreSQL server binaries found (set {PG_BIN_ENV})"))?;
+        let bin_dir = find_pg_bin_dir().ok_or_else(|| {
+            Error::Database(format!(
+                "no PostgreSQL server binaries found (set {PG_BIN_ENV})"
+            ))
+        })?;
         check_server_binaries(&bin_dir)?;
         let server_user = server_user()?;
         let dir = make_cluster_dir(base, server_user.as_ref())?;
@@ -143,9 +155,11 @@ impl PgCluster {
             "-",
         ]);
         let out = run_with_input(cmd, sql.as_bytes())
-            .with_context(|| format!("running psql on database {db:?}"))?;
-        check_output(&out, "psql").with_context(|| format!("SQL on database {db:?} failed"))?;
-        String::from_utf8(out.stdout).context("psql printed text that is not UTF-8")
+            .map_err(|e| context(e, format!("running psql on database {db:?}")))?;
+        check_output(&out, "psql")
+            .map_err(|e| context(e, format!("SQL on database {db:?} failed")))?;
+        String::from_utf8(out.stdout)
+            .map_err(|e| Error::Database(format!("psql printed text that is not UTF-8: {e}")))
     }
 
     /// A canonical, comparable dump of one database: `pg_dump --no-owner --no-privileges <db>`
@@ -156,10 +170,11 @@ impl PgCluster {
         let out = cmd
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("running pg_dump on database {db:?}"))?;
-        check_output(&out, "pg_dump").with_context(|| format!("dumping database {db:?}"))?;
-        let text =
-            String::from_utf8(out.stdout).context("pg_dump printed text that is not UTF-8")?;
+            .map_err(|e| Error::Database(format!("running pg_dump on database {db:?}: {e}")))?;
+        check_output(&out, "pg_dump")
+            .map_err(|e| context(e, format!("dumping database {db:?}")))?;
+        let text = String::from_utf8(out.stdout)
+            .map_err(|e| Error::Database(format!("pg_dump printed text that is not UTF-8: {e}")))?;
         Ok(canonicalize_dump(&text))
     }
 
@@ -179,7 +194,7 @@ impl PgCluster {
             self.kill_postmaster();
         }
         self.running = false;
-        stopped.context("stopping the PostgreSQL cluster")
+        stopped.map_err(|e| context(e, "stopping the PostgreSQL cluster"))
     }
 
     /// The host to connect to (`127.0.0.1`).
@@ -250,8 +265,10 @@ impl PgCluster {
             "--locale=C",
             "-N",
         ];
-        self.server_tool("initdb", &args, &opts)
-            .with_context(|| format!("initdb of {}{}", data.display(), self.traversal_hint()))
+        self.server_tool("initdb", &args, &opts).map_err(|e| {
+            let hint = self.traversal_hint();
+            context(e, format!("initdb of {}{hint}", data.display()))
+        })
     }
 
     /// When the server user cannot reach the cluster directory, say which folder stops it.
@@ -320,12 +337,13 @@ impl PgCluster {
         ];
         let secs = READY_TIMEOUT.as_secs().to_string();
         self.server_tool("pg_ctl", &args, &["-w", "-t", &secs, "-s", "start"])
-            .with_context(|| {
-                format!(
+            .map_err(|e| {
+                let what = format!(
                     "starting PostgreSQL on port {}: {}",
                     self.port,
                     self.log_tail()
-                )
+                );
+                context(e, what)
             })
     }
 
@@ -344,17 +362,17 @@ impl PgCluster {
             let out = cmd
                 .stdin(Stdio::null())
                 .output()
-                .context("running pg_isready")?;
+                .map_err(|e| Error::Database(format!("running pg_isready: {e}")))?;
             if out.status.success() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!(
+                return Err(Error::Database(format!(
                     "PostgreSQL on port {} did not accept connections within {:?}: {}",
                     self.port,
                     READY_TIMEOUT,
                     self.log_tail()
-                );
+                )));
             }
             std::thread::sleep(READY_POLL);
         }
@@ -379,7 +397,7 @@ impl PgCluster {
             .stdin(Stdio::null());
         let out = cmd
             .output()
-            .with_context(|| format!("running {}", program.display()))?;
+            .map_err(|e| Error::Database(format!("running {}: {e}", program.display())))?;
         check_output(&out, tool)
     }
 
@@ -468,11 +486,11 @@ fn check_server_binaries(bin_dir: &Path) -> Result<()> {
     for tool in ["initdb", "pg_ctl", "pg_isready", "psql", "pg_dump"] {
         let path = bin_dir.join(tool);
         if !path.is_file() {
-            bail!(
+            return Err(Error::Database(format!(
                 "{} not found (PostgreSQL binaries dir {})",
                 tool,
                 bin_dir.display()
-            );
+            )));
         }
     }
     Ok(())
@@ -484,14 +502,18 @@ fn server_user() -> Result<Option<OsUser>> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let user = lookup_user(PG_SUPERUSER).context(
-        "running as root, so initdb must run as the `postgres` OS user, which was not found",
-    )?;
+    let user = lookup_user(PG_SUPERUSER).map_err(|e| {
+        context(
+            e,
+            "running as root, so initdb must run as the `postgres` OS user, which was not found",
+        )
+    })?;
     Ok(Some(user))
 }
 
 fn lookup_user(name: &str) -> Result<OsUser> {
-    let c_name = CString::new(name).context("user name contains NUL")?;
+    let c_name = CString::new(name)
+        .map_err(|e| Error::Other(format!("user name {name:?} contains NUL: {e}")))?;
     // SAFETY: an all-zero passwd is a valid value (null pointers, zero ids); getpwnam_r fills it.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
@@ -507,10 +529,11 @@ fn lookup_user(name: &str) -> Result<OsUser> {
         )
     };
     if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc)).context("getpwnam_r failed");
+        let e = std::io::Error::from_raw_os_error(rc);
+        return Err(Error::Other(format!("getpwnam_r({name:?}) failed: {e}")));
     }
     if found.is_null() {
-        bail!("no OS user named {name:?}");
+        return Err(Error::Other(format!("no OS user named {name:?}")));
     }
     Ok(OsUser {
         name: name.to_owned(),
@@ -524,18 +547,18 @@ fn make_cluster_dir(base: Option<&Path>, owner: Option<&OsUser>) -> Result<TempD
     let base = base
         .map(Path::to_path_buf)
         .unwrap_or_else(std::env::temp_dir);
-    fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    fs::create_dir_all(&base).at(&base)?;
     let dir = tempfile::Builder::new()
         .prefix("immich-backup-pg-")
         .tempdir_in(&base)
-        .with_context(|| format!("creating a temp dir under {}", base.display()))?;
+        .at(&base)?;
     set_mode(dir.path(), 0o755)?;
     let pg = dir.path().join("pg");
-    fs::create_dir(&pg).with_context(|| format!("creating {}", pg.display()))?;
+    fs::create_dir(&pg).at(&pg)?;
     set_mode(&pg, 0o755)?;
     if let Some(user) = owner {
         std::os::unix::fs::chown(&pg, Some(user.uid), Some(user.gid))
-            .with_context(|| format!("chown {} to {}", pg.display(), user.name))?;
+            .map_err(|e| Error::Other(format!("chown {} to {}: {e}", pg.display(), user.name)))?;
     }
     Ok(dir)
 }
@@ -550,20 +573,23 @@ fn runuser_path() -> PathBuf {
 
 /// A port on 127.0.0.1 that nothing listened on a moment ago.
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind((PG_HOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener
+    let listener = std::net::TcpListener::bind((PG_HOST, 0))
+        .map_err(|e| Error::Other(format!("binding {PG_HOST}:0: {e}")))?;
+    let addr = listener
         .local_addr()
-        .context("reading the bound address")?
-        .port())
+        .map_err(|e| Error::Other(format!("reading the address bound on {PG_HOST}: {e}")))?;
+    Ok(addr.port())
 }
 
 /// Single-quote a path for the shell that pg_ctl runs the server through.
 fn shell_quote(path: &Path) -> Result<String> {
     let text = path
         .to_str()
-        .with_context(|| format!("path is not UTF-8: {}", path.display()))?;
+        .ok_or_else(|| Error::Other(format!("path is not UTF-8: {}", path.display())))?;
     if text.contains('\'') {
-        bail!("path contains a single quote: {text}");
+        return Err(Error::Other(format!(
+            "path contains a single quote: {text}"
+        )));
     }
     Ok(format!("'{text}'"))
 }
@@ -574,20 +600,28 @@ fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<Output> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let program = cmd.get_program().to_owned();
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    let mut stdin = child.stdin.take().context("child has no stdin")?;
+        .map_err(|e| Error::Database(format!("starting {program:?}: {e}")))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Database(format!("{program:?} has no stdin")))?;
     let (written, output) = std::thread::scope(|s| {
         let writer = s.spawn(move || stdin.write_all(input));
         let output = child.wait_with_output();
         (writer.join(), output)
     });
-    let output = output.context("waiting for the child")?;
+    let output = output.map_err(|e| Error::Database(format!("waiting for {program:?}: {e}")))?;
     match written {
         // A child that failed may close stdin early: its own error says more than EPIPE.
-        Ok(Err(e)) if output.status.success() => Err(e).context("writing the child's stdin"),
-        Err(_) => Err(anyhow!("the thread writing the child's stdin panicked")),
+        Ok(Err(e)) if output.status.success() => Err(Error::Database(format!(
+            "writing the stdin of {program:?}: {e}"
+        ))),
+        Err(_) => Err(Error::Database(format!(
+            "the thread writing the stdin of {program:?} panicked"
+        ))),
         _ => Ok(output),
     }
 }
@@ -603,11 +637,21 @@ fn check_output(out: &Output, what: &str) -> Result<()> {
     } else {
         stderr
     };
-    bail!(
+    Err(Error::Database(format!(
         "{what} failed ({}): {}",
         out.status,
         tail(text.trim(), 4000)
-    )
+    )))
+}
+
+/// `e` with `what` (what was being done) in front of its message; a database or other error keeps
+/// its kind, anything else becomes [`Error::Other`].
+fn context(e: Error, what: impl std::fmt::Display) -> Error {
+    match e {
+        Error::Database(message) => Error::Database(format!("{what}: {message}")),
+        Error::Other(message) => Error::Other(format!("{what}: {message}")),
+        e => Error::Other(format!("{what}: {e}")),
+    }
 }
 
 /// The last `max` bytes of `text` (on a char boundary).
@@ -621,7 +665,7 @@ fn tail(text: &str, max: usize) -> &str {
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+        .map_err(|e| Error::Other(format!("chmod {mode:o} {}: {e}", path.display())))
 }
 
 /// Make a plain-text dump comparable across clusters: drop the `\restrict` / `\unrestrict` lines
@@ -694,13 +738,13 @@ pub fn create_immich_like_db(cluster: &PgCluster, db: &str, asset_count: usize) 
     );
     cluster
         .psql("postgres", &create)
-        .with_context(|| format!("creating database {db:?}"))?;
+        .map_err(|e| context(e, format!("creating database {db:?}")))?;
     cluster
         .psql(db, SCHEMA_SQL)
-        .with_context(|| format!("creating the schema of {db:?}"))?;
+        .map_err(|e| context(e, format!("creating the schema of {db:?}")))?;
     cluster
         .psql(db, &data_sql(asset_count))
-        .with_context(|| format!("filling {db:?} with {asset_count} assets"))?;
+        .map_err(|e| context(e, format!("filling {db:?} with {asset_count} assets")))?;
     Ok(())
 }
 
@@ -724,165 +768,8 @@ pub fn asset_original_path(n: usize) -> String {
     }
 }
 
-const SCHEMA_SQL: &str = r#"
-BEGIN;
-CREATE EXTENSION IF NOT EXISTS "uuid-ossp";
-CREATE EXTENSION IF NOT EXISTS unaccent;
-CREATE EXTENSION IF NOT EXISTS cube;
-CREATE EXTENSION IF NOT EXISTS earthdistance;
-CREATE EXTENSION IF NOT EXISTS pg_trgm;
-
-CREATE FUNCTION f_unaccent(text) RETURNS text
-  LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
-  RETURN unaccent('unaccent', $1);
-
--- Immich's schema-qualified copy of earthdistance's ll_to_earth.
-CREATE FUNCTION ll_to_earth_public(latitude double precision, longitude double precision)
-  RETURNS public.earth PARALLEL SAFE IMMUTABLE STRICT LANGUAGE SQL AS $$
-    SELECT public.cube(public.cube(public.cube(public.earth()*cos(radians(latitude))*cos(radians(longitude))),public.earth()*cos(radians(latitude))*sin(radians(longitude))),public.earth()*sin(radians(latitude)))::public.earth
-$$;
-
-CREATE FUNCTION updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  new."updatedAt" = now();
-  RETURN new;
-END;
-$$;
-
-CREATE TYPE asset_status_enum AS ENUM ('active', 'trashed', 'deleted');
-CREATE TYPE asset_visibility_enum AS ENUM ('archive', 'timeline', 'hidden', 'locked');
-
-CREATE TABLE "user" (
-  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
-  "email" character varying NOT NULL,
-  "name" character varying NOT NULL DEFAULT '',
-  "isAdmin" boolean NOT NULL DEFAULT false,
-  "password" character varying NOT NULL DEFAULT '',
-  "storageLabel" character varying,
-  "profileImagePath" character varying NOT NULL DEFAULT '',
-  "quotaSizeInBytes" bigint,
-  "quotaUsageInBytes" bigint NOT NULL DEFAULT 0,
-  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "deletedAt" timestamp with time zone,
-  CONSTRAINT "user_pkey" PRIMARY KEY ("id"),
-  CONSTRAINT "user_email_uq" UNIQUE ("email"),
-  CONSTRAINT "user_storageLabel_uq" UNIQUE ("storageLabel")
-);
-
-CREATE TABLE "asset" (
-  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
-  "deviceAssetId" character varying NOT NULL,
-  "ownerId" uuid NOT NULL,
-  "deviceId" character varying NOT NULL,
-  "type" character varying NOT NULL,
-  "originalPath" character varying NOT NULL,
-  "originalFileName" character varying NOT NULL,
-  "fileCreatedAt" timestamp with time zone NOT NULL,
-  "fileModifiedAt" timestamp with time zone NOT NULL,
-  "localDateTime" timestamp with time zone NOT NULL,
-  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "deletedAt" timestamp with time zone,
-  "isFavorite" boolean NOT NULL DEFAULT false,
-  "duration" character varying,
-  "checksum" bytea NOT NULL,
-  "thumbhash" bytea,
-  "livePhotoVideoId" uuid,
-  "status" asset_status_enum NOT NULL DEFAULT 'active',
-  "visibility" asset_visibility_enum NOT NULL DEFAULT 'timeline',
-  CONSTRAINT "asset_pkey" PRIMARY KEY ("id"),
-  CONSTRAINT "asset_ownerId_fkey" FOREIGN KEY ("ownerId") REFERENCES "user" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT "asset_livePhotoVideoId_fkey" FOREIGN KEY ("livePhotoVideoId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE SET NULL
-);
-CREATE UNIQUE INDEX "UQ_asset_owner_checksum" ON "asset" ("ownerId", "checksum");
-CREATE INDEX "asset_originalFileName_trigram_idx" ON "asset" USING gin (f_unaccent("originalFileName") gin_trgm_ops);
-CREATE INDEX "asset_localDateTime_month_idx" ON "asset" ((date_trunc('MONTH'::text, ("localDateTime" AT TIME ZONE 'UTC'::text)) AT TIME ZONE 'UTC'::text));
-
-CREATE TABLE "asset_exif" (
-  "assetId" uuid NOT NULL,
-  "make" character varying,
-  "model" character varying,
-  "exifImageWidth" integer,
-  "exifImageHeight" integer,
-  "fileSizeInByte" bigint,
-  "orientation" character varying,
-  "dateTimeOriginal" timestamp with time zone,
-  "latitude" double precision,
-  "longitude" double precision,
-  "city" character varying,
-  "country" character varying,
-  "description" text NOT NULL DEFAULT '',
-  "fNumber" double precision,
-  "iso" integer,
-  "tags" character varying[],
-  "updatedAt" timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
-  CONSTRAINT "asset_exif_pkey" PRIMARY KEY ("assetId"),
-  CONSTRAINT "asset_exif_assetId_fkey" FOREIGN KEY ("assetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE CASCADE
-);
-CREATE INDEX "IDX_asset_exif_gist_earthcoord" ON "asset_exif" USING gist (ll_to_earth_public(latitude, longitude));
-CREATE INDEX "asset_exif_city_idx" ON "asset_exif" ("city");
-CREATE TRIGGER "asset_exif_updatedAt" BEFORE UPDATE ON "asset_exif" FOR EACH ROW EXECUTE FUNCTION updated_at();
-
-CREATE TABLE "album" (
-  "id" uuid NOT NULL DEFAULT uuid_generate_v4(),
-  "ownerId" uuid NOT NULL,
-  "albumName" character varying NOT NULL DEFAULT 'Untitled Album',
-  "description" text NOT NULL DEFAULT '',
-  "albumThumbnailAssetId" uuid,
-  "isActivityEnabled" boolean NOT NULL DEFAULT true,
-  "order" character varying NOT NULL DEFAULT 'desc',
-  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "updatedAt" timestamp with time zone NOT NULL DEFAULT now(),
-  CONSTRAINT "album_pkey" PRIMARY KEY ("id"),
-  CONSTRAINT "album_ownerId_fkey" FOREIGN KEY ("ownerId") REFERENCES "user" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT "album_albumThumbnailAssetId_fkey" FOREIGN KEY ("albumThumbnailAssetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE SET NULL
-);
-
-CREATE TABLE "album_asset" (
-  "albumId" uuid NOT NULL,
-  "assetId" uuid NOT NULL,
-  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
-  CONSTRAINT "album_asset_pkey" PRIMARY KEY ("albumId", "assetId"),
-  CONSTRAINT "album_asset_albumId_fkey" FOREIGN KEY ("albumId") REFERENCES "album" ("id") ON UPDATE CASCADE ON DELETE CASCADE,
-  CONSTRAINT "album_asset_assetId_fkey" FOREIGN KEY ("assetId") REFERENCES "asset" ("id") ON UPDATE CASCADE ON DELETE CASCADE
-);
-
-CREATE TABLE "kysely_migrations" (
-  "name" character varying(255) NOT NULL PRIMARY KEY,
-  "timestamp" character varying(255) NOT NULL
-);
-CREATE TABLE "kysely_migrations_lock" (
-  "id" character varying(255) NOT NULL PRIMARY KEY,
-  "is_locked" integer NOT NULL DEFAULT 0
-);
-CREATE TABLE "system_metadata" (
-  "key" character varying NOT NULL PRIMARY KEY,
-  "value" jsonb NOT NULL
-);
-CREATE TABLE "version_history" (
-  "id" uuid NOT NULL DEFAULT uuid_generate_v4() PRIMARY KEY,
-  "createdAt" timestamp with time zone NOT NULL DEFAULT now(),
-  "version" character varying NOT NULL
-);
-
--- Immich's id is a plain integer; an identity here puts a sequence in the dump.
-CREATE TABLE "geodata_places" (
-  "id" integer GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
-  "name" character varying(200) NOT NULL,
-  "longitude" double precision NOT NULL,
-  "latitude" double precision NOT NULL,
-  "countryCode" character(2) NOT NULL,
-  "admin1Name" character varying(20),
-  "modificationDate" date NOT NULL
-);
--- As Immich created it before ll_to_earth_public: earthdistance's ll_to_earth names cube and
--- earth without a schema, so replaying a dump (which empties search_path) fails on this index
--- with `type "earth" does not exist` unless the documented sed fix is applied.
-CREATE INDEX "IDX_geodata_gist_earthcoord" ON "geodata_places" USING gist (ll_to_earth(latitude, longitude));
-CREATE INDEX "idx_geodata_places_name" ON "geodata_places" USING gin (f_unaccent("name") gin_trgm_ops);
-COMMIT;
-"#;
+/// Extensions, functions, enums, tables, indexes and the trigger, in one transaction.
+const SCHEMA_SQL: &str = include_str!("sql/schema.sql");
 
 /// The rows: users, assets, exif, albums, Immich's bookkeeping tables, places.
 fn data_sql(asset_count: usize) -> String {
@@ -902,121 +789,20 @@ fn data_sql(asset_count: usize) -> String {
         .replace("@KENJI@", KENJI_ID)
 }
 
-const USERS_SQL: &str = r#"
-INSERT INTO "user" ("id", "email", "name", "isAdmin", "storageLabel", "profileImagePath",
-                    "quotaSizeInBytes", "quotaUsageInBytes", "createdAt", "updatedAt") VALUES
-  ('@ADMIN@', 'admin@example.com', 'Ådmin Zoë-Łukasz', true, 'admin',
-   '/data/profile/@ADMIN@/avatar.jpg', NULL, 123456789, '2023-01-02 10:00:00+00', '2025-06-01 12:00:00+00'),
-  ('@ZOE@', 'zoe@example.com', 'Zoë Müller', false, 'zoe', '', 107374182400, 5368709120,
-   '2023-02-03 11:00:00+00', '2025-06-01 12:00:00+00'),
-  ('@KENJI@', 'kenji@example.com', '山田 健二', false, NULL, '', NULL, 0,
-   '2023-03-04 12:00:00+00', '2025-06-01 12:00:00+00');
-"#;
+// The rows, in the order `data_sql` runs them; `@N@`, `@ADMIN@`, `@ZOE@` and `@KENJI@` are
+// placeholders it fills in.
+const USERS_SQL: &str = include_str!("sql/users.sql");
 
 /// Keep the path expression in step with [`asset_original_path`].
-const ASSETS_SQL: &str = r#"
-WITH base AS (
-  SELECT n,
-         CASE WHEN n % 10 = 0 THEN 'zoe' WHEN n % 10 = 5 THEN 'kenji' ELSE 'admin' END AS who,
-         CASE WHEN n % 20 = 7 THEN 'VIDEO' ELSE 'IMAGE' END AS kind,
-         (2024 - (n - 1) / 1000)::int AS year
-  FROM generate_series(1::bigint, @N@) AS n
-), named AS (
-  SELECT base.*,
-    CASE who WHEN 'admin' THEN '@ADMIN@' WHEN 'zoe' THEN '@ZOE@' ELSE '@KENJI@' END::uuid AS owner,
-    make_timestamptz(year, 1, 1, 8, 0, 0, 'UTC') + ((n - 1) % 1000) * interval '8 hours 41 minutes' AS taken,
-    '/data/' || CASE
-      WHEN who = 'kenji' THEN 'upload/@KENJI@/' || lpad(to_hex(n % 256), 2, '0') || '/'
-        || lpad(to_hex((n / 256) % 256), 2, '0') || '/' || lpad(n::text, greatest(8, length(n::text)), '0')
-      ELSE 'library/' || who || '/' || year || '/' || CASE kind WHEN 'VIDEO' THEN 'VID_' ELSE 'IMG_' END
-        || lpad(n::text, greatest(4, length(n::text)), '0')
-    END || CASE kind WHEN 'VIDEO' THEN '.mp4' ELSE '.jpg' END AS path
-  FROM base
-)
-INSERT INTO "asset" ("id", "deviceAssetId", "ownerId", "deviceId", "type", "originalPath",
-  "originalFileName", "fileCreatedAt", "fileModifiedAt", "localDateTime", "createdAt", "updatedAt",
-  "deletedAt", "isFavorite", "duration", "checksum", "thumbhash", "status", "visibility")
-SELECT md5('asset-' || n)::uuid, 'device-asset-' || n, owner,
-  CASE who WHEN 'kenji' THEN 'Pixel 8' ELSE 'iPhone 15 Pro' END, kind, path,
-  regexp_replace(path, '^.*/', ''), taken, taken + interval '5 minutes', taken + interval '2 hours',
-  taken + interval '1 day', taken + interval '1 day',
-  CASE WHEN n % 97 = 0 THEN taken + interval '30 days' END,
-  n % 9 = 0,
-  CASE kind WHEN 'VIDEO' THEN '0:00:12.345000' END,
-  substring(sha256(convert_to('content-' || n, 'UTF8')) from 1 for 20),
-  CASE WHEN n % 4 = 0 THEN NULL ELSE decode(md5('thumb-' || n), 'hex') END,
-  (CASE WHEN n % 97 = 0 THEN 'trashed' ELSE 'active' END)::asset_status_enum,
-  (CASE WHEN n % 31 = 0 THEN 'archive' ELSE 'timeline' END)::asset_visibility_enum
-FROM named;
-"#;
+const ASSETS_SQL: &str = include_str!("sql/assets.sql");
 
-const EXIF_SQL: &str = r#"
-INSERT INTO "asset_exif" ("assetId", "make", "model", "exifImageWidth", "exifImageHeight",
-  "fileSizeInByte", "orientation", "dateTimeOriginal", "latitude", "longitude", "city", "country",
-  "description", "fNumber", "iso", "tags", "updatedAt")
-SELECT a.id, CASE a."deviceId" WHEN 'Pixel 8' THEN 'Google' ELSE 'Apple' END, a."deviceId",
-  CASE WHEN n % 3 = 0 THEN 3024 ELSE 4032 END, CASE WHEN n % 3 = 0 THEN 4032 ELSE 3024 END,
-  800000 + (n * 7919) % 4000000, (n % 8 + 1)::text, a."fileCreatedAt",
-  CASE WHEN n % 13 = 0 THEN NULL ELSE -60 + ((n * 7919) % 12000) / 100.0 END,
-  CASE WHEN n % 13 = 0 THEN NULL ELSE -180 + ((n * 104729) % 36000) / 100.0 END,
-  place.city, place.country,
-  CASE WHEN n % 3 = 0 THEN 'Café ☕ à ' || place.city || ' — naïve façade 🌸' ELSE '' END,
-  1.4 + (n % 7) * 0.4, 50 * (1 + n % 32),
-  CASE WHEN n % 5 = 0 THEN ARRAY['famille', 'été', place.city]::character varying[] END,
-  a."updatedAt"
-FROM (SELECT *, substr("deviceAssetId", 14)::bigint AS n FROM "asset") AS a
-CROSS JOIN LATERAL (SELECT
-  (ARRAY['Zürich', 'Montréal', '東京', 'São Paulo', 'Reykjavík', 'Kraków'])[a.n % 6 + 1] AS city,
-  (ARRAY['Switzerland', 'Canada', '日本', 'Brasil', 'Ísland', 'Polska'])[a.n % 6 + 1] AS country
-) AS place;
-"#;
+const EXIF_SQL: &str = include_str!("sql/exif.sql");
 
-const ALBUMS_SQL: &str = r#"
-INSERT INTO "album" ("id", "ownerId", "albumName", "description", "albumThumbnailAssetId", "order",
-                     "createdAt", "updatedAt") VALUES
-  (md5('album-1')::uuid, '@ADMIN@', 'Été 2024 ☀️', 'Vacances à la mer — 海',
-   (SELECT id FROM "asset" WHERE "deviceAssetId" = 'device-asset-1'), 'desc',
-   '2024-07-01 09:00:00+00', '2024-08-01 09:00:00+00'),
-  (md5('album-2')::uuid, '@ZOE@', 'Family', '', NULL, 'asc',
-   '2024-02-01 09:00:00+00', '2024-02-01 09:00:00+00'),
-  (md5('album-3')::uuid, '@KENJI@', '東京 2023', '桜 🌸',
-   (SELECT id FROM "asset" WHERE "deviceAssetId" = 'device-asset-5'), 'desc',
-   '2023-04-01 09:00:00+00', '2023-04-02 09:00:00+00'),
-  (md5('album-4')::uuid, '@ADMIN@', 'Empty album', '', NULL, 'desc',
-   '2025-01-01 09:00:00+00', '2025-01-01 09:00:00+00');
-INSERT INTO "album_asset" ("albumId", "assetId", "createdAt")
-SELECT md5('album-' || k)::uuid, a.id, a."createdAt"
-FROM (SELECT id, "createdAt", substr("deviceAssetId", 14)::bigint AS n FROM "asset") AS a
-CROSS JOIN generate_series(1, 3) AS k
-WHERE a.n % (k + 6) = 0;
-"#;
+const ALBUMS_SQL: &str = include_str!("sql/albums.sql");
 
-const METADATA_SQL: &str = r#"
-INSERT INTO "kysely_migrations" ("name", "timestamp") VALUES
-  ('1744910873969-InitialMigration', '2025-04-20T10:00:00.000Z'),
-  ('1744991379464-AddNotificationsTable', '2025-04-20T10:00:01.000Z'),
-  ('1746844028242-AddAssetVisibility', '2025-05-12T08:30:00.000Z'),
-  ('1749067526350-AddLockedProperties', '2025-06-01T12:00:00.000Z');
-INSERT INTO "kysely_migrations_lock" ("id", "is_locked") VALUES ('migration_lock', 0);
-INSERT INTO "system_metadata" ("key", "value") VALUES
-  ('admin-onboarding', '{"isOnboarded": true}'),
-  ('reverse-geocoding-state', '{"lastUpdate": "2025-05-01T00:00:00.000Z", "lastImportFileName": "cities500.txt"}'),
-  ('system-flags', '{"mountChecks": {"thumbs": true, "upload": true, "backups": true, "library": true, "profile": true, "encoded-video": true}}'),
-  ('version-check-state', '{"checkedAt": "2025-06-01T12:00:00.000Z", "releaseVersion": "v1.135.3"}');
-INSERT INTO "version_history" ("id", "createdAt", "version") VALUES
-  (md5('version-1')::uuid, '2025-04-20 10:00:00+00', 'v1.132.3'),
-  (md5('version-2')::uuid, '2025-06-01 12:00:00+00', 'v1.135.3');
-"#;
+const METADATA_SQL: &str = include_str!("sql/metadata.sql");
 
-const PLACES_SQL: &str = r#"
-INSERT INTO "geodata_places" ("name", "longitude", "latitude", "countryCode", "admin1Name", "modificationDate")
-SELECT (ARRAY['Zürich', 'Montréal', 'Tōkyō', 'São Paulo', 'Reykjavík', 'Kraków', 'Ålesund', 'Łódź'])[g % 8 + 1] || ' ' || g,
-  -180 + ((g * 104729) % 36000) / 100.0, -80 + ((g * 7919) % 16000) / 100.0,
-  (ARRAY['CH', 'CA', 'JP', 'BR', 'IS', 'PL', 'NO', 'PL'])[g % 8 + 1],
-  CASE WHEN g % 4 = 0 THEN NULL ELSE 'Région ' || (g % 20) END,
-  date '2025-01-01' + (g % 120)
-FROM generate_series(1, 400) AS g;
-"#;
+const PLACES_SQL: &str = include_str!("sql/places.sql");
 
 /// What [`create_sample_library`] wrote.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -1065,10 +851,9 @@ pub fn create_sample_library(root: &Path) -> Result<SampleLibrary> {
 pub fn add_photo(root: &Path, rel: &str, size: usize, seed: u64) -> Result<PathBuf> {
     let path = root.join(checked_relative(rel)?);
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        fs::create_dir_all(parent).at(parent)?;
     }
-    fs::write(&path, photo_bytes(seed, size))
-        .with_context(|| format!("writing {}", path.display()))?;
+    fs::write(&path, photo_bytes(seed, size)).at(&path)?;
     Ok(path)
 }
 
@@ -1183,7 +968,9 @@ fn checked_relative(rel: &str) -> Result<&Path> {
         .components()
         .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if rel.is_empty() || !normal {
-        bail!("{rel:?} is not a relative path below the library root");
+        return Err(Error::Other(format!(
+            "{rel:?} is not a relative path below the library root"
+        )));
     }
     Ok(path)
 }
@@ -1199,7 +986,7 @@ struct LibraryWriter {
 
 impl LibraryWriter {
     fn new(root: &Path) -> Result<Self> {
-        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        fs::create_dir_all(root).at(root)?;
         let dirs = Default::default();
         Ok(Self {
             root: root.to_path_buf(),
@@ -1211,7 +998,7 @@ impl LibraryWriter {
 
     fn file(&mut self, rel: &str, bytes: &[u8], mode: u32) -> Result<()> {
         let path = self.prepare(rel)?;
-        fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        fs::write(&path, bytes).at(&path)?;
         set_mode(&path, mode)?;
         self.stats.files += 1;
         self.stats.bytes += bytes.len() as u64;
@@ -1229,7 +1016,7 @@ impl LibraryWriter {
     fn symlink(&mut self, rel: &str, target: &str) -> Result<()> {
         let path = self.prepare(rel)?;
         std::os::unix::fs::symlink(target, &path)
-            .with_context(|| format!("symlink {} -> {target}", path.display()))?;
+            .map_err(|e| Error::Other(format!("symlink {} -> {target}: {e}", path.display())))?;
         self.stats.symlinks += 1;
         self.entries.push(path);
         Ok(())
@@ -1242,7 +1029,7 @@ impl LibraryWriter {
         for part in rel.parent().into_iter().flat_map(Path::components) {
             dir.push(part);
             if self.dirs.insert(dir.clone()) {
-                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                fs::create_dir_all(&dir).at(&dir)?;
                 set_mode(&dir, 0o755)?;
             }
         }
@@ -1279,15 +1066,18 @@ fn set_mtime_nofollow(path: &Path, secs: i64) -> Result<()> {
         )
     };
     if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(err).with_context(|| format!("setting the mtime of {}", path.display()));
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Other(format!(
+            "setting the mtime of {}: {e}",
+            path.display()
+        )));
     }
     Ok(())
 }
 
 fn path_to_cstring(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes())
-        .with_context(|| format!("path contains NUL: {}", path.display()))
+        .map_err(|_| Error::Other(format!("path contains NUL: {}", path.display())))
 }
 
 #[cfg(test)]

@@ -19,10 +19,12 @@
 //! rest is async.
 
 pub mod lock;
+mod read;
 pub mod snapshots;
 pub mod trust;
+mod write;
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -30,25 +32,26 @@ use futures::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
 
 use crate::config::StorageConfig;
-use crate::crypto::seal::Sealer;
-use crate::crypto::unseal::Opened;
+use crate::crypto::sign::SigningKey;
 use crate::crypto::{Identities, Recipients};
 use crate::error::{Error, Result};
-use crate::format::{ContentId, Object, ObjectRef, DATA_DIR, SNAPSHOTS_DIR};
-use crate::store::{error_from_io, ObjectWriter, Store};
+use crate::format::{ContentId, Object, DATA_DIR, SNAPSHOTS_DIR};
+use crate::store::{error_from_io, Store};
 
 pub use crate::crypto::seal::age_payload_len as sealed_payload_len;
+pub use read::{Fetched, Reader, Unsealed};
 pub use snapshots::{init, StoredObject};
+pub use write::{PlainWriter, SealedWriter, Writer};
 
 /// A store holding (or about to hold) an immich-backup repository.
 #[derive(Clone, Debug)]
 pub struct Repository {
-    store: Store,
+    pub(crate) store: Store,
 }
 
 /// A sealed object's bytes as stored (an age file), e.g. a manifest before it is written.
 #[derive(Clone, Debug)]
-pub struct Sealed(Bytes);
+pub struct Sealed(pub(crate) Bytes);
 
 impl Sealed {
     /// The age file.
@@ -72,7 +75,7 @@ pub fn read_error(key: &str, e: io::Error) -> Error {
 }
 
 /// A programming error: a sealed object handled as plain, or the reverse.
-fn wrong_kind(obj: &Object, sealed: bool) -> Error {
+pub(crate) fn wrong_kind(obj: &Object, sealed: bool) -> Error {
     Error::Other(format!(
         "{} is {}; it is read and written {}",
         obj.key(),
@@ -85,14 +88,14 @@ fn wrong_kind(obj: &Object, sealed: bool) -> Error {
     ))
 }
 
-fn expect_plain(obj: &Object) -> Result<()> {
+pub(crate) fn expect_plain(obj: &Object) -> Result<()> {
     if obj.sealed() {
         return Err(wrong_kind(obj, false));
     }
     Ok(())
 }
 
-fn expect_sealed(obj: &Object) -> Result<()> {
+pub(crate) fn expect_sealed(obj: &Object) -> Result<()> {
     if !obj.sealed() {
         return Err(wrong_kind(obj, true));
     }
@@ -120,20 +123,15 @@ impl Repository {
         self.store.url()
     }
 
-    /// The write side: this repository and the recipients a backup seals to.
-    pub fn writer(&self, recipients: Arc<Recipients>) -> Writer {
-        Writer {
-            repo: self.clone(),
-            recipients,
-        }
+    /// The write side: this repository, the recipients a backup seals to and the keys it signs
+    /// snapshots with (none: unsigned, for stores written before signing existed).
+    pub fn writer(&self, recipients: Arc<Recipients>, signing: Vec<SigningKey>) -> Writer {
+        Writer::new(self.clone(), recipients, signing)
     }
 
     /// The read side: this repository and the identities a restore opens with.
     pub fn reader(&self, identities: Arc<Identities>) -> Reader {
-        Reader {
-            repo: self.clone(),
-            identities,
-        }
+        Reader::new(self.clone(), identities)
     }
 
     /// A whole plain object.
@@ -245,6 +243,45 @@ impl Repository {
             snapshot_bytes,
         })
     }
+
+    /// A backup begins: in a folder store, content it writes is staged (kept out of `data/`)
+    /// until [`Repository::publish`]; elsewhere nothing happens.
+    pub async fn begin_staging(&self) -> Result<()> {
+        self.store.begin_staging().await
+    }
+
+    /// Whether this run stages its content (a folder store during a backup).
+    pub fn is_staging(&self) -> bool {
+        self.store.is_staging()
+    }
+
+    /// Whether this run has staged content object `id`.
+    pub fn is_staged(&self, id: &ContentId) -> bool {
+        self.store.is_staged(id)
+    }
+
+    /// Make this run's staged content durable and visible, and everything written before durable;
+    /// returns how many objects were new. Call before [`Writer::commit`].
+    pub async fn publish(&self) -> Result<u64> {
+        self.store.publish().await
+    }
+
+    /// The staging folders that other (possibly dead) runs left, with their owners.
+    pub async fn other_staging(
+        &self,
+    ) -> Result<Vec<(String, Option<crate::store::local::Owner>, bool)>> {
+        self.store.other_staging().await
+    }
+
+    /// Publish the staging folder of a run that died; returns how many objects were new.
+    pub async fn adopt_staging(&self, name: &str) -> Result<u64> {
+        self.store.adopt_staging(name).await
+    }
+
+    /// Remove the staging folder of a run whose bytes cannot be trusted.
+    pub async fn discard_staging(&self, name: &str) -> Result<()> {
+        self.store.discard_staging(name).await
+    }
 }
 
 /// Deletes in flight at once.
@@ -282,280 +319,9 @@ async fn count_objects(store: &Store, dir: &str) -> Result<(u64, u64)> {
     Ok((n, bytes))
 }
 
-fn parse_json<T: DeserializeOwned>(obj: &Object, body: &[u8]) -> Result<T> {
+pub(crate) fn parse_json<T: DeserializeOwned>(obj: &Object, body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::Corrupt {
         object: obj.key(),
         message: e.to_string(),
     })
-}
-
-/// A plain object being written (synchronous, for a blocking thread).
-pub struct PlainWriter {
-    inner: ObjectWriter,
-    key: String,
-}
-
-impl PlainWriter {
-    /// Our error for an I/O error met while writing this object.
-    pub fn error(&self, e: io::Error) -> Error {
-        write_error(&self.key, e)
-    }
-
-    /// Complete the object; returns its stored size.
-    pub fn finish(self) -> Result<u64> {
-        self.inner.finish()
-    }
-}
-
-impl Write for PlainWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.inner.write(data)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// The write side of a repository: what a backup, which holds only public recipients, needs.
-#[derive(Clone, Debug)]
-pub struct Writer {
-    repo: Repository,
-    recipients: Arc<Recipients>,
-}
-
-impl Writer {
-    /// The repository written to.
-    pub fn repo(&self) -> &Repository {
-        &self.repo
-    }
-
-    /// The recipients every sealed object is encrypted to.
-    pub fn recipients(&self) -> &Recipients {
-        &self.recipients
-    }
-
-    /// The key of the content addresses (derived from the recipients).
-    pub fn content_key(&self) -> [u8; 32] {
-        self.recipients.content_key()
-    }
-
-    /// Seal a small object in memory (a manifest: its signature needs the sealed bytes' hash
-    /// before it is stored).
-    pub fn seal(&self, plain: &[u8]) -> Result<Sealed> {
-        let crypto = |e: io::Error| Error::Crypto(e.to_string());
-        let mut sealer = self.recipients.encrypt(Vec::new()).map_err(crypto)?;
-        sealer.write_all(plain).map_err(crypto)?;
-        Ok(Sealed(sealer.finish().map_err(crypto)?.into()))
-    }
-
-    /// Bytes of the age header (and its line endings) of an object sealed to these recipients:
-    /// with [`sealed_payload_len`], the stored size a plaintext size gives.
-    pub fn header_len(&self) -> Result<u64> {
-        let empty = self.seal(&[])?;
-        Ok(empty.0.len() as u64 - sealed_payload_len(0))
-    }
-
-    /// Stream a new sealed object (a dump, a file list, a content object) into the store; call on
-    /// a blocking thread. It appears only when [`SealedWriter::finish`]ed.
-    pub fn sealed_writer(&self, obj: &Object) -> Result<SealedWriter> {
-        expect_sealed(obj)?;
-        let key = obj.key();
-        self.seal_into(self.repo.store.writer(&key), key)
-    }
-
-    /// Like [`Writer::sealed_writer`] for a content object that exists damaged: the finished
-    /// object replaces it in one step (`backup --repair`).
-    pub fn replacing_writer(&self, id: &ContentId) -> Result<SealedWriter> {
-        let key = id.key();
-        self.seal_into(self.repo.store.replacing_writer(&key), key)
-    }
-
-    /// A content object whose address is known only at its end ([`SealedWriter::finish_as`]):
-    /// a folder store during a backup only, so a new file is read once, hashed as it is sealed.
-    pub fn unnamed_content_writer(&self) -> Option<Result<SealedWriter>> {
-        let inner = self.repo.store.unnamed_writer()?;
-        Some(self.seal_into(inner, format!("{}/(new)", crate::format::DATA_DIR)))
-    }
-
-    fn seal_into(&self, inner: ObjectWriter, key: String) -> Result<SealedWriter> {
-        let sealer = self
-            .recipients
-            .encrypt(inner)
-            .map_err(|e| error_from_io(&key, e))?;
-        Ok(SealedWriter { sealer, key })
-    }
-}
-
-/// A sealed object being written: what is written to it is encrypted on the way to the store.
-/// Dropped unfinished, nothing becomes visible.
-pub struct SealedWriter {
-    sealer: Sealer<ObjectWriter>,
-    key: String,
-}
-
-impl SealedWriter {
-    /// The object's key (for messages).
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// The MAC of the object's age header, which a manifest records to pin it.
-    pub fn header_mac(&self) -> [u8; 32] {
-        self.sealer.header_mac()
-    }
-
-    /// Our error for an I/O error met while writing this object (through any layers on top).
-    pub fn error(&self, e: io::Error) -> Error {
-        write_error(&self.key, e)
-    }
-
-    /// Seal the last chunk and complete the object; returns its stored size.
-    pub fn finish(self) -> Result<u64> {
-        let key = self.key;
-        let inner = self.sealer.finish().map_err(|e| error_from_io(&key, e))?;
-        inner.finish()
-    }
-
-    /// Complete an unnamed content object as `id` ([`Writer::unnamed_content_writer`]).
-    pub fn finish_as(self, id: &ContentId) -> Result<u64> {
-        let key = id.key();
-        let mut inner = self.sealer.finish().map_err(|e| error_from_io(&key, e))?;
-        inner.name(&key);
-        inner.finish()
-    }
-
-    /// Abandon the object and wait until nothing of it is left in flight.
-    pub fn abort(self) {
-        self.sealer.into_inner().abort()
-    }
-}
-
-impl Write for SealedWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.sealer.write(data)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.sealer.flush()
-    }
-}
-
-/// The read side of a repository: what a restore (or a check), holding the identities, needs.
-#[derive(Clone, Debug)]
-pub struct Reader {
-    repo: Repository,
-    identities: Arc<Identities>,
-}
-
-impl Reader {
-    /// The repository read from.
-    pub fn repo(&self) -> &Repository {
-        &self.repo
-    }
-
-    /// The identities objects are opened with.
-    pub fn identities(&self) -> &Arc<Identities> {
-        &self.identities
-    }
-
-    /// Open a small sealed object held in memory.
-    pub fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
-        let key = obj.key();
-        let mut plain = Vec::new();
-        self.identities
-            .decrypt(sealed.as_bytes(), &key)?
-            .read_to_end(&mut plain)
-            .map_err(|e| read_error(&key, e))?;
-        Ok(plain)
-    }
-
-    /// Fetch, open and parse a small sealed JSON object (a manifest), without any check of its
-    /// signature: a restore reads manifests through [`trust`].
-    pub async fn open_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
-        let sealed = self.repo.get_sealed(obj).await?;
-        parse_json(obj, &self.open_bytes(obj, &sealed)?)
-    }
-
-    /// Start reading the sealed object `obj` that a manifest describes as `pinned`: its key must
-    /// be `obj`'s and its age header the one pinned (checked by [`Fetched::open`]).
-    pub async fn fetch(&self, obj: &Object, pinned: &ObjectRef) -> Result<Fetched> {
-        expect_sealed(obj)?;
-        let key = obj.key();
-        if pinned.key != key {
-            return Err(Error::Corrupt {
-                object: key,
-                message: format!(
-                    "the manifest names {:?} for it; a manifest names only its own snapshot's objects",
-                    pinned.key
-                ),
-            });
-        }
-        self.fetch_key(key, pinned.header_mac.clone()).await
-    }
-
-    /// Start reading content object `id` (verified against its address by the caller).
-    pub async fn fetch_content(&self, id: &ContentId) -> Result<Fetched> {
-        self.fetch_key(id.key(), None).await
-    }
-
-    async fn fetch_key(&self, key: String, pin: Option<String>) -> Result<Fetched> {
-        let raw = self.repo.store.reader(&key).await?;
-        Ok(Fetched {
-            raw,
-            key,
-            pin,
-            identities: self.identities.clone(),
-        })
-    }
-}
-
-/// A sealed object on its way from the store, not opened yet. [`Fetched::open`] reads its header,
-/// so it belongs on a blocking thread.
-pub struct Fetched {
-    raw: Box<dyn Read + Send + 'static>,
-    key: String,
-    pin: Option<String>,
-    identities: Arc<Identities>,
-}
-
-impl Fetched {
-    /// The object's key (for messages).
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Read the age header with the identities and check it is the pinned one.
-    pub fn open(self) -> Result<Unsealed> {
-        let inner = self
-            .identities
-            .decrypt_pinned(self.raw, &self.key, self.pin.as_deref())?;
-        Ok(Unsealed {
-            inner,
-            key: self.key,
-        })
-    }
-}
-
-/// The plaintext of a sealed object, authenticated chunk by chunk as it is read.
-pub struct Unsealed {
-    inner: Opened<BufReader<Box<dyn Read + Send + 'static>>>,
-    key: String,
-}
-
-impl Unsealed {
-    /// The object's key (for messages).
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Our error for an I/O error met while reading this object: a chunk that fails
-    /// authentication or a truncated object is a damaged object.
-    pub fn error(&self, e: io::Error) -> Error {
-        read_error(&self.key, e)
-    }
-}
-
-impl Read for Unsealed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
 }

@@ -61,7 +61,7 @@ pub fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
             .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
     if !ok {
         return Err(Error::Corrupt {
-            object: format::snapshot_key(&manifest.id, format::FILES_OBJECT),
+            object: files_object(manifest).key(),
             message: format!(
                 "unsafe path {rel:?} in the file list; refusing to write outside the target"
             ),

@@ -94,7 +94,7 @@ impl Block {
 #[derive(Debug)]
 pub struct NewFiles {
     direct: Arc<Direct>,
-    /// Unnamed files are given their name through /proc/self/fd (`localstore::link_fd`).
+    /// Unnamed files are given their name through /proc/self/fd (`store::local::link_fd`).
     unnamed: AtomicBool,
 }
 
@@ -134,7 +134,7 @@ impl NewFiles {
     }
 
     /// An unnamed file in `folder`, created with `mode`, for `len` bytes, to be named with
-    /// `localstore::link_fd`; `None` where the file system cannot make them (then, or before).
+    /// `store::local::link_fd`; `None` where the file system cannot make them (then, or before).
     pub fn unnamed(
         &self,
         folder: &std::path::Path,

@@ -1,4 +1,5 @@
 //! The store: every backend behind object_store's one trait, plus the small helpers our format needs.
+//! It knows keys and bytes, not what they mean: that is [`crate::repo`]'s.
 //!
 //! Objects are named by relative keys under the configured prefix (`data/ab/abcd…`, `snapshots/…`).
 //! Writes never overwrite: content objects and snapshot objects are created with `PutMode::Create`
@@ -8,7 +9,8 @@
 //!
 //! A `file://` store bypasses object_store on the data path: objects are plain files, staged per
 //! backup and synced once per snapshot ([`crate::store::local`]); listings, locks and small objects
-//! still go through object_store's `LocalFileSystem`.
+//! still go through object_store's `LocalFileSystem`. ([`ObjectWriter`]: the writer; [`cloud`]: the cloud
+//! builders; [`check`]: what `init` tests.)
 //!
 //! Memory stays bounded: a writer buffers at most one part ([`PART_SIZE`]); each object has at most
 //! [`PARTS_IN_FLIGHT`] parts uploading, and the whole store at most `[storage] concurrency` parts
@@ -22,20 +24,22 @@ pub mod check;
 pub mod cloud;
 pub mod directio;
 pub mod local;
+mod writer;
 
-use std::io::{self, Read, Write};
+pub use writer::ObjectWriter;
+
+use std::io::{self, Read};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attribute, Attributes, MultipartUpload, ObjectStore, ObjectStoreExt, ObjectStoreScheme,
-    PutMode, PutMultipartOptions, PutOptions, PutPayload,
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutOptions,
+    PutPayload,
 };
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::config::StorageConfig;
@@ -43,7 +47,7 @@ use crate::error::{Error, Result};
 use crate::format::ContentId;
 use crate::redact::{error_chain, redact_url, Redactor};
 pub use crate::store::cloud::Backend;
-use crate::store::local::{LocalDir, LocalWriter};
+use crate::store::local::LocalDir;
 
 /// Size of one multipart part, and the largest object sent in a single request.
 /// (S3 allows 10,000 parts: objects up to 80 GiB.)
@@ -591,190 +595,6 @@ pub fn error_from_io(key: &str, e: io::Error) -> Error {
     Error::StorageObject {
         object: key.to_string(),
         message: e.to_string(),
-    }
-}
-
-/// A multipart upload in progress: its parts upload on the runtime while the writer goes on.
-struct Multipart {
-    upload: Box<dyn MultipartUpload>,
-    tasks: JoinSet<object_store::Result<()>>,
-}
-
-/// Writes one object from a blocking thread: a single conditional put when it is small, a multipart
-/// upload (visible only once complete) when it is not. Call [`ObjectWriter::finish`]; dropping it
-/// abandons the object.
-pub struct ObjectWriter {
-    store: Store,
-    key: String,
-    handle: Handle,
-    buf: Vec<u8>,
-    upload: Option<Multipart>,
-    written: u64,
-    /// A local store's file (or why it could not be created).
-    local: Option<io::Result<LocalWriter>>,
-    /// Replace an existing object (`backup --repair`) instead of leaving it.
-    replace: bool,
-}
-
-impl ObjectWriter {
-    /// The local file, or the error that prevented creating it.
-    fn local_file(&mut self) -> Option<io::Result<&mut LocalWriter>> {
-        match self.local.as_mut()? {
-            Ok(w) => Some(Ok(w)),
-            Err(e) => Some(Err(io::Error::new(e.kind(), e.to_string()))),
-        }
-    }
-
-    fn fail(&self, e: object_store::Error) -> io::Error {
-        io::Error::other(self.store.error(&self.key, e))
-    }
-
-    /// Wait until at most `max` parts of this object are uploading; the first failure is returned.
-    fn drain(&mut self, max: usize) -> io::Result<()> {
-        loop {
-            let next = match self.upload.as_mut() {
-                Some(mp) if mp.tasks.len() > max => self.handle.block_on(mp.tasks.join_next()),
-                _ => return Ok(()),
-            };
-            match next {
-                Some(Ok(Ok(()))) | None => {}
-                Some(Ok(Err(e))) => return Err(self.fail(e)),
-                Some(Err(join)) => return Err(io::Error::other(join)),
-            }
-        }
-    }
-
-    /// Send the buffer as the next part, starting the multipart upload if needed.
-    fn send_part(&mut self) -> io::Result<()> {
-        if self.upload.is_none() {
-            let path = self.store.path(&self.key);
-            let opts = PutMultipartOptions {
-                attributes: self.store.attributes.clone(),
-                ..Default::default()
-            };
-            let upload = self
-                .handle
-                .block_on(self.store.inner.put_multipart_opts(&path, opts))
-                .map_err(|e| self.fail(e))?;
-            self.upload = Some(Multipart {
-                upload,
-                tasks: JoinSet::new(),
-            });
-        }
-        self.drain(PARTS_IN_FLIGHT - 1)?;
-        let permit = self
-            .handle
-            .block_on(self.store.part_slots.clone().acquire_owned())
-            .map_err(io::Error::other)?;
-        let data = Bytes::from(std::mem::take(&mut self.buf));
-        let mp = self.upload.as_mut().expect("started above");
-        let part = mp.upload.put_part(PutPayload::from(data));
-        mp.tasks.spawn_on(
-            async move {
-                let _slot = permit;
-                part.await
-            },
-            &self.handle,
-        );
-        Ok(())
-    }
-
-    /// Name an object made by [`Store::unnamed_writer`].
-    pub fn name(&mut self, key: &str) {
-        self.key = key.to_string();
-        if let Some(Ok(w)) = self.local.as_mut() {
-            w.name(key);
-        }
-    }
-
-    /// Complete the object. Returns the number of bytes stored; 0 when an object with this key
-    /// already existed (content addresses make that the same content).
-    pub fn finish(mut self) -> Result<u64> {
-        let written = self.written;
-        if let Some(local) = self.local.take() {
-            let key = self.key.clone();
-            return match local.and_then(LocalWriter::finish) {
-                Ok(created) => Ok(if created { written } else { 0 }),
-                Err(e) => Err(self.store.local_error(&key, e)),
-            };
-        }
-        if self.upload.is_none() {
-            let data = Bytes::from(std::mem::take(&mut self.buf));
-            if self.replace {
-                self.handle
-                    .block_on(self.store.put_overwrite(&self.key, data))?;
-                return Ok(written);
-            }
-            let created = self.handle.block_on(self.store.put_new(&self.key, data))?;
-            return Ok(if created { written } else { 0 });
-        }
-        let key = self.key.clone();
-        let result = (|| {
-            if !self.buf.is_empty() {
-                self.send_part()?;
-            }
-            self.drain(0)
-        })();
-        if let Err(e) = result {
-            self.abort();
-            return Err(error_from_io(&key, e));
-        }
-        let mut mp = self.upload.take().expect("multipart");
-        match self.handle.block_on(mp.upload.complete()) {
-            Ok(_) => Ok(written),
-            Err(e) => {
-                let _ = self.handle.block_on(mp.upload.abort());
-                Err(self.store.error(&key, e))
-            }
-        }
-    }
-
-    /// Abandon the object: a multipart upload is aborted, nothing becomes visible.
-    pub fn abort(mut self) {
-        if let Some(mut mp) = self.upload.take() {
-            mp.tasks.abort_all();
-            let _ = self.handle.block_on(async {
-                while mp.tasks.join_next().await.is_some() {}
-                mp.upload.abort().await
-            });
-        }
-    }
-}
-
-impl Write for ObjectWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if let Some(file) = self.local_file() {
-            let n = file?.write(data)?;
-            self.written += n as u64;
-            return Ok(n);
-        }
-        if self.buf.capacity() == 0 && self.upload.is_some() {
-            self.buf.reserve_exact(PART_SIZE);
-        }
-        let n = data.len().min(PART_SIZE - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        self.written += n as u64;
-        if self.buf.len() >= PART_SIZE {
-            self.send_part()?;
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for ObjectWriter {
-    fn drop(&mut self) {
-        if let Some(mut mp) = self.upload.take() {
-            // Best effort: an abandoned multipart upload never becomes a visible object anyway.
-            mp.tasks.abort_all();
-            let handle = self.handle.clone();
-            handle.spawn(async move {
-                let _ = mp.upload.abort().await;
-            });
-        }
     }
 }
 

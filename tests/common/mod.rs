@@ -1,7 +1,26 @@
-//! Shared helpers of the integration tests: a source install (throwaway cluster + sample library +
-//! store + identity), config files for the real binary, running it, and looking inside the store.
+//! The one helper tree of the integration tests (`mod common;` in core.rs, security.rs, readahead.rs
+//! and cloud.rs):
+//!
+//! - [`Source`]: a source Immich install (throwaway cluster with an Immich-like database, sample
+//!   UPLOAD_LOCATION, folder store, cache folder, identity and signing key), optionally with
+//!   [`BIG_FILE`] for multipart uploads, and its library config for the folder store or any other
+//!   `[storage]`;
+//! - backing up through the library ([`backup`]) and restoring into a fresh cluster and folder with
+//!   every check ([`restore_and_verify`], [`assert_same_originals`]);
+//! - config files for the real binary ([`ConfigToml`]) and running it ([`cli`], [`command`], [`Run`]);
+//! - looking inside a folder store (objects, manifests, file lists) and at folders ([`tree_state`]);
+//! - the cloud stores, as servers on 127.0.0.1: [`s3`] (s3s-fs in this process), [`azurite`]
+//!   (Azurite as a child process) and [`gcs`] (a local GCS XML-API server, in this process);
+//!   [`s3_storage`] and [`quick`] make `[storage]` configs for them.
+//!
+//! Each test binary compiles this tree on its own and uses only part of it, hence `dead_code` is
+//! allowed here (and in the server modules below).
 
 #![allow(dead_code)]
+
+pub mod azurite;
+pub mod gcs;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,8 +37,10 @@ use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::demo::sample::{self, PgCluster, SampleLibrary};
 use immich_backup::format::{ContentId, Entry, Manifest, DATA_DIR, MANIFEST_OBJECT};
 use immich_backup::progress::Progress;
+use immich_backup::repo::trust::Trust;
 use immich_backup::repo::Repository;
-use immich_backup::restore;
+use immich_backup::restore::{self, RestoreOptions, RestoreReport};
+use immich_backup::store::PART_SIZE;
 use immich_backup::{db, demo};
 use tempfile::TempDir;
 
@@ -32,10 +53,15 @@ pub const ASSETS: usize = 300;
 /// The Immich database name everywhere in these tests.
 pub const DB: &str = "immich";
 
+/// Size of the large original of [`Source::with_big_file`]: more than two multipart parts.
+pub const BIG_FILE_SIZE: usize = 2 * PART_SIZE + PART_SIZE / 2 + 12_345;
+/// Where it lives (the last originals folder in walk order, so other files go up first).
+pub const BIG_FILE: &str = "upload/upload/a1b2c3/zz/zz/VID_20240601_big.mp4";
+
 /// A tokio runtime for calling the library's async API from plain `#[test]`s.
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(4)
         .enable_all()
         .build()
         .expect("tokio runtime")
@@ -43,9 +69,9 @@ pub fn rt() -> tokio::runtime::Runtime {
 
 /// Sleep until every file written so far has settled: changed long enough before a backup's walk
 /// for the metadata cache (and the read-ahead) to let its metadata stand for its content
-/// (`collect::SETTLE_NS`).
+/// (`walk::SETTLE_NS`).
 pub fn wait_until_settled() {
-    let settle = std::time::Duration::from_nanos(immich_backup::backup::collect::SETTLE_NS as u64);
+    let settle = std::time::Duration::from_nanos(immich_backup::backup::walk::SETTLE_NS as u64);
     std::thread::sleep(settle + std::time::Duration::from_millis(500));
 }
 
@@ -56,6 +82,9 @@ pub fn tempdir() -> TempDir {
         .tempdir()
         .expect("tempdir")
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The source install
 
 /// A source Immich install: a cluster with an Immich-like database, a sample UPLOAD_LOCATION, an
 /// empty folder store, a cache folder and an identity. Everything lives in `work` (and the cluster's
@@ -69,7 +98,10 @@ pub struct Source {
     pub recipient: String,
     /// The backup machine's signing key (made from the identity), as config text.
     pub signing_key: String,
+    /// What UPLOAD_LOCATION holds ([`BIG_FILE`] included when there is one).
     pub lib: SampleLibrary,
+    /// Whether UPLOAD_LOCATION holds [`BIG_FILE`].
+    pub big_file: bool,
     pub work: TempDir,
 }
 
@@ -96,11 +128,25 @@ impl Source {
             signing_key: signing_text(&key),
             recipient: key.recipient,
             lib,
+            big_file: false,
             work,
         }
     }
 
-    /// The library config of this install (as the demo builds it).
+    /// A source with `assets` asset rows whose UPLOAD_LOCATION also holds [`BIG_FILE`] of
+    /// [`BIG_FILE_SIZE`] incompressible bytes (stored in more than two multipart parts).
+    pub fn with_big_file(assets: usize) -> Source {
+        let mut source = Source::new(assets);
+        sample::add_photo(&source.upload, BIG_FILE, BIG_FILE_SIZE, 4242).expect("big file");
+        source.lib.files += 1;
+        source.lib.bytes += BIG_FILE_SIZE as u64;
+        source.lib.original_files += 1;
+        source.lib.original_bytes += BIG_FILE_SIZE as u64;
+        source.big_file = true;
+        source
+    }
+
+    /// The library config of this install (as the demo builds it), backing up into the folder store.
     pub fn config(&self) -> Config {
         let mut cfg = demo::local_config(
             &self.cluster,
@@ -113,6 +159,13 @@ impl Source {
         cfg
     }
 
+    /// The library config of this install, backing up into `storage` instead.
+    pub fn config_with(&self, storage: StorageConfig) -> Config {
+        let mut cfg = self.config();
+        cfg.storage = storage;
+        cfg
+    }
+
     /// The config file contents for the binary, pointing at this install.
     pub fn toml(&self) -> ConfigToml {
         ConfigToml {
@@ -120,6 +173,7 @@ impl Source {
             bin_dir: self.cluster.bin_dir.clone(),
             upload_location: self.upload.clone(),
             store: self.store.clone(),
+            storage: None,
             cache: self.cache.clone(),
             recipients: vec![self.recipient.clone()],
             identity: Some(self.identity.clone()),
@@ -132,6 +186,14 @@ impl Source {
     /// Write the config file for this install as `work/<name>`.
     pub fn write_config(&self, name: &str) -> PathBuf {
         self.toml().write(&self.work.path().join(name))
+    }
+
+    /// Write the config file for this install backing up into `storage` as `work/<name>`, without
+    /// the storage secrets (the tests pass them through `IMMICH_BACKUP__STORAGE__…` variables).
+    pub fn write_config_with(&self, storage: &StorageConfig, name: &str) -> PathBuf {
+        let mut toml = self.toml();
+        toml.storage = Some(storage.clone());
+        toml.write(&self.work.path().join(name))
     }
 
     /// A config for restoring this install's store into `cluster` and `upload_location`.
@@ -149,9 +211,9 @@ impl Source {
         toml.write(&self.work.path().join(name))
     }
 
-    /// Back up through the library API.
+    /// Back up into the folder store through the library API.
     pub fn backup_lib(&self) -> BackupReport {
-        backup_with(&self.config())
+        backup(&rt(), &self.config()).expect("backup")
     }
 
     /// The canonical `pg_dump` of the source's Immich database.
@@ -166,12 +228,18 @@ pub fn signing_text(key: &crypto::NewKey) -> String {
     key.signing.to_text().expose_secret().to_string()
 }
 
-/// Run one backup of `cfg` through the library API.
-pub fn backup_with(cfg: &Config) -> BackupReport {
-    rt().block_on(async {
-        let repo = Repository::open(&cfg.storage).expect("open store");
-        let database = db::connect(&cfg.database).expect("database");
-        let recipients = Recipients::load(&cfg.encryption.recipients, None).expect("recipients");
+// ---------------------------------------------------------------------------------------------------
+// Backup and restore through the library
+
+/// Run one backup of `cfg` through the library API, on `rt`.
+pub fn backup(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+) -> immich_backup::error::Result<BackupReport> {
+    rt.block_on(async {
+        let repo = Repository::open(&cfg.storage)?;
+        let database = db::connect(&cfg.database)?;
+        let recipients = Recipients::load(&cfg.encryption.recipients, None)?;
         backup::run(
             cfg,
             database.as_ref(),
@@ -180,16 +248,83 @@ pub fn backup_with(cfg: &Config) -> BackupReport {
             Progress::hidden(),
         )
         .await
-        .expect("backup")
     })
 }
+
+/// Restore the latest snapshot of `cfg`'s store (backed up from `source`) through the library API
+/// into a fresh cluster and folder, and check that the row counts match and that the database and
+/// every original came back identical.
+pub fn restore_and_verify(
+    rt: &tokio::runtime::Runtime,
+    source: &Source,
+    cfg: &Config,
+) -> RestoreReport {
+    let cluster_b = PgCluster::start(None).expect("second PostgreSQL cluster");
+    let target = source.work.path().join("restored");
+    let mut cfg_b = cfg.clone();
+    cfg_b.database.port = cluster_b.port;
+    let report = rt
+        .block_on(async {
+            let repo = Repository::open(&cfg_b.storage)?;
+            let database = db::connect(&cfg_b.database)?;
+            let identities = Arc::new(Identities::load(&source.identity)?);
+            let trust = Trust::new(&identities, Vec::new(), false);
+            let opts = RestoreOptions::new("latest", target.clone(), trust);
+            restore::run(database.as_ref(), &repo, identities, opts).await
+        })
+        .expect("restore");
+    assert!(
+        report.rows_match,
+        "row counts differ: {:?}",
+        report.row_checks
+    );
+    assert!(
+        source.dump() == cluster_b.canonical_dump(DB).unwrap(),
+        "the restored database differs from the source"
+    );
+    assert_eq!(cfg.immich.folders, original_folders());
+    assert_same_originals(&source.upload, &target);
+    if source.big_file {
+        assert_eq!(
+            std::fs::read(target.join(BIG_FILE)).unwrap(),
+            std::fs::read(source.upload.join(BIG_FILE)).unwrap()
+        );
+    }
+    report
+}
+
+/// The originals under `target` are those under `upload` (in Immich's originals folders), byte for
+/// byte, with modes and times.
+pub fn assert_same_originals(upload: &Path, target: &Path) {
+    let diff = demo::compare_trees(upload, target, &original_folders()).unwrap();
+    assert!(
+        diff.differences.is_empty(),
+        "restored files differ: {:?}",
+        &diff.differences[..diff.differences.len().min(10)]
+    );
+}
+
+/// Immich's originals folders (what a backup takes), as `[immich] folders` lists them.
+pub fn original_folders() -> Vec<String> {
+    sample::ORIGINAL_FOLDERS
+        .iter()
+        .map(|f| f.to_string())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Config files and the binary
 
 /// The pieces of a config file the tests vary.
 pub struct ConfigToml {
     pub port: u16,
     pub bin_dir: PathBuf,
     pub upload_location: PathBuf,
+    /// The folder store (`[storage] url = "file://…"`), unless `storage` is set.
     pub store: PathBuf,
+    /// Another store: its `[storage]` table is written without the secrets (`secret_access_key`,
+    /// `session_token`, `account_key`, `options`).
+    pub storage: Option<StorageConfig>,
     pub cache: PathBuf,
     pub recipients: Vec<String>,
     pub identity: Option<PathBuf>,
@@ -207,7 +342,24 @@ impl ConfigToml {
         let recipients: Vec<String> = self.recipients.iter().map(|r| format!("{r:?}")).collect();
         let upload = self.upload_location.display().to_string();
         let bin_dir = self.bin_dir.display().to_string();
-        let url = format!("file://{}", self.store.display());
+        let storage = match &self.storage {
+            None => format!("url = {:?}\n", format!("file://{}", self.store.display())),
+            Some(s) => format!(
+                "url = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = {}\naccess_key_id = {:?}\n\
+                 account_name = {:?}\nservice_account = {:?}\nconcurrency = {}\n\
+                 retry_timeout_secs = {}\nmax_retries = {}\n",
+                s.url,
+                s.endpoint,
+                s.region,
+                s.allow_http,
+                s.access_key_id,
+                s.account_name,
+                s.service_account,
+                s.concurrency,
+                s.retry_timeout_secs,
+                s.max_retries,
+            ),
+        };
         let identity = self
             .identity
             .as_ref()
@@ -223,7 +375,7 @@ impl ConfigToml {
             "[immich]\nupload_location = {upload:?}\n\n\
              [database]\nmode = \"local\"\nusername = \"postgres\"\ndatabase = \"{DB}\"\n\
              host = \"127.0.0.1\"\nport = {}\nbin_dir = {bin_dir:?}\n\n\
-             [storage]\nurl = {url:?}\n\n\
+             [storage]\n{storage}\n\
              [encryption]\nrecipients = [{}]\nidentity_file = {identity:?}\n{signing}\n\
              [backup]\ncache_dir = {cache:?}\n{}\n{}\n",
             self.port,
@@ -268,21 +420,25 @@ impl Run {
         self
     }
 
-    /// The stderr lines that are not log lines (what the CLI itself printed).
+    /// The stderr lines that are the error report (`error: …`), not log lines.
     pub fn error_lines(&self) -> Vec<&str> {
         self.stderr
             .lines()
-            .filter(|l| l.starts_with("error"))
+            .filter(|l| l.starts_with("error:"))
             .collect()
     }
 }
 
-/// A command for the binary with `--config`, `--no-progress`, and no stray environment.
+/// A command for the binary with `--config`, `--no-progress`, and no stray environment (the test
+/// environment's `IMMICH_BACKUP*`, `PG*`, `AWS_*`, `AZURE_*` and `GOOGLE_*` variables are removed).
 pub fn command(config: Option<&Path>, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().into_owned();
-        if k.starts_with("IMMICH_BACKUP") || k.starts_with("PG") {
+        if ["IMMICH_BACKUP", "PG", "AWS_", "AZURE_", "GOOGLE_"]
+            .iter()
+            .any(|p| k.starts_with(p))
+        {
             cmd.env_remove(k);
         }
     }
@@ -293,7 +449,7 @@ pub fn command(config: Option<&Path>, args: &[&str]) -> Command {
     cmd
 }
 
-/// Run the binary to completion.
+/// Run the binary to completion, with the extra variables `env`.
 pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = command(config, args);
     for (k, v) in env {
@@ -306,6 +462,22 @@ pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// A path as a command-line argument.
+pub fn path_arg(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// `--json restore <extra…> --identity FILE`.
+pub fn restore_args<'a>(identity: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--json", "restore"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--identity", path_arg(identity)]);
+    args
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Inside a folder store, and folders
 
 /// Content objects (`data/xx/<64 hex>`) in a folder store: key → size. Temporary files of
 /// unfinished writes are not objects.
@@ -437,16 +609,6 @@ pub fn tree_state(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The originals under `target` are those under `upload`, byte for byte, with modes and times.
-pub fn assert_same_originals(upload: &Path, target: &Path) {
-    let folders: Vec<String> = sample::ORIGINAL_FOLDERS
-        .iter()
-        .map(|f| f.to_string())
-        .collect();
-    let diff = demo::compare_trees(upload, target, &folders).unwrap();
-    assert!(diff.differences.is_empty(), "{:?}", diff.differences);
-}
-
 /// Files under `root` whose name marks an unfinished restore write.
 pub fn partial_files(root: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(root)
@@ -479,4 +641,28 @@ pub fn flip_middle_byte(path: &Path) {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x55;
     std::fs::write(path, bytes).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Cloud stores
+
+/// A storage config with short retries, so failures show quickly.
+pub fn quick(mut s: StorageConfig) -> StorageConfig {
+    s.retry_timeout_secs = 3;
+    s.max_retries = 2;
+    s.request_timeout_secs = 60;
+    s
+}
+
+/// An S3 `[storage]` for `server`, with its credentials.
+pub fn s3_storage(server: &s3::S3Server, bucket: &str, prefix: &str) -> StorageConfig {
+    quick(StorageConfig {
+        url: format!("s3://{bucket}/{prefix}"),
+        endpoint: server.endpoint(),
+        region: "us-east-1".into(),
+        allow_http: true,
+        access_key_id: s3::ACCESS_KEY.into(),
+        secret_access_key: s3::SECRET_KEY.into(),
+        ..StorageConfig::default()
+    })
 }

@@ -3,6 +3,8 @@
 //!
 //! The binary is `$AZURITE_BLOB`, else `.ci/node_modules/.bin/azurite-blob` in this repository (what
 //! `.ci/run` installs with `npm install --prefix .ci azurite@3.35.0`), else `azurite-blob` on PATH.
+//!
+//! Part of the shared test helpers (`tests/common/`), used by tests/cloud.rs as `common::azurite`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

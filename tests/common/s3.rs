@@ -1,6 +1,10 @@
 //! An S3 server in this test process: s3s-fs (a real S3 implementation over a directory, which checks
 //! SigV4 signatures: a wrong secret gets 403) behind a thin layer that records every request and can
 //! misbehave on purpose (stall part uploads, ignore or reject conditional writes).
+//!
+//! Part of the shared test helpers (`tests/common/`), used by tests/cloud.rs as `common::s3`
+//! ([`super::s3_storage`] makes the `[storage]` config for it). It uses nothing from the rest of the
+//! tree, and must stay that way: examples/bench_storage.rs compiles this file on its own (by path).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

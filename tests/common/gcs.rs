@@ -1,5 +1,6 @@
 //! A small local Google Cloud Storage server speaking the parts of the GCS **XML API** that
-//! object_store's `GoogleCloudStorage` client uses, over a real directory.
+//! object_store's `GoogleCloudStorage` client uses, over a real directory. Part of the shared test
+//! helpers (`tests/common/`), used by tests/cloud.rs as `common::gcs`.
 //!
 //! No emulator from the registries accepts object_store's XML-API writes (fake-gcs-server answers
 //! them with 400 "invalid uploadType"; gcp-storage-emulator fails on everything), so this is the

@@ -1,0 +1,142 @@
+//! The read side of a repository, what a restore or a check holds: the identities that open sealed
+//! objects.
+//!
+//! A small object (a manifest) is opened in memory; a large one is fetched ([`Fetched`]) and then
+//! opened on a blocking thread ([`Unsealed`]), pinned to the age header its manifest names.
+
+use std::io::{self, BufReader, Read};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use crate::crypto::unseal::Opened;
+use crate::crypto::Identities;
+use crate::error::{Error, Result};
+use crate::format::{ContentId, Object, ObjectRef};
+
+use super::{expect_sealed, parse_json, read_error, Repository, Sealed};
+
+/// The read side of a repository: what a restore (or a check), holding the identities, needs.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    repo: Repository,
+    identities: Arc<Identities>,
+}
+
+impl Reader {
+    pub(super) fn new(repo: Repository, identities: Arc<Identities>) -> Reader {
+        Reader { repo, identities }
+    }
+
+    /// The repository read from.
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// The identities objects are opened with.
+    pub fn identities(&self) -> &Arc<Identities> {
+        &self.identities
+    }
+
+    /// Open a small sealed object held in memory.
+    pub fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
+        let key = obj.key();
+        let mut plain = Vec::new();
+        self.identities
+            .decrypt(sealed.as_bytes(), &key)?
+            .read_to_end(&mut plain)
+            .map_err(|e| read_error(&key, e))?;
+        Ok(plain)
+    }
+
+    /// Fetch, open and parse a small sealed JSON object (a manifest), without any check of its
+    /// signature: a restore reads manifests through [`crate::repo::trust`].
+    pub async fn open_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
+        let sealed = self.repo.get_sealed(obj).await?;
+        parse_json(obj, &self.open_bytes(obj, &sealed)?)
+    }
+
+    /// Start reading the sealed object `obj` that a manifest describes as `pinned`: its key must
+    /// be `obj`'s and its age header the one pinned (checked by [`Fetched::open`]).
+    pub async fn fetch(&self, obj: &Object, pinned: &ObjectRef) -> Result<Fetched> {
+        expect_sealed(obj)?;
+        let key = obj.key();
+        if pinned.key != key {
+            return Err(Error::Corrupt {
+                object: key,
+                message: format!(
+                    "the manifest names {:?} for it; a manifest names only its own snapshot's objects",
+                    pinned.key
+                ),
+            });
+        }
+        self.fetch_key(key, pinned.header_mac.clone()).await
+    }
+
+    /// Start reading content object `id` (verified against its address by the caller).
+    pub async fn fetch_content(&self, id: &ContentId) -> Result<Fetched> {
+        self.fetch_key(id.key(), None).await
+    }
+
+    async fn fetch_key(&self, key: String, pin: Option<String>) -> Result<Fetched> {
+        let raw = self.repo.store.reader(&key).await?;
+        Ok(Fetched {
+            raw,
+            key,
+            pin,
+            identities: self.identities.clone(),
+        })
+    }
+}
+
+/// A sealed object on its way from the store, not opened yet. [`Fetched::open`] reads its header,
+/// so it belongs on a blocking thread.
+pub struct Fetched {
+    raw: Box<dyn Read + Send + 'static>,
+    key: String,
+    pin: Option<String>,
+    identities: Arc<Identities>,
+}
+
+impl Fetched {
+    /// The object's key (for messages).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Read the age header with the identities and check it is the pinned one.
+    pub fn open(self) -> Result<Unsealed> {
+        let inner = self
+            .identities
+            .decrypt_pinned(self.raw, &self.key, self.pin.as_deref())?;
+        Ok(Unsealed {
+            inner,
+            key: self.key,
+        })
+    }
+}
+
+/// The plaintext of a sealed object, authenticated chunk by chunk as it is read.
+pub struct Unsealed {
+    inner: Opened<BufReader<Box<dyn Read + Send + 'static>>>,
+    key: String,
+}
+
+impl Unsealed {
+    /// The object's key (for messages).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Our error for an I/O error met while reading this object: a chunk that fails
+    /// authentication or a truncated object is a damaged object.
+    pub fn error(&self, e: io::Error) -> Error {
+        read_error(&self.key, e)
+    }
+}
+
+impl Read for Unsealed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
