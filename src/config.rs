@@ -116,7 +116,7 @@ impl std::fmt::Debug for DatabaseConfig {
 
 impl DatabaseConfig {
     /// The password to use: the configured one, else `PGPASSWORD`, else none.
-    pub fn effective_password(&self) -> Option<String> {
+    pub(crate) fn effective_password(&self) -> Option<String> {
         if !self.password.is_empty() {
             return Some(self.password.clone());
         }
@@ -401,7 +401,7 @@ impl Config {
     }
 
     /// Checks that need no I/O.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         self.retention.validate()?;
         self.schedule.validate()?;
         self.lock.validate()?;
@@ -478,7 +478,7 @@ impl Default for LockConfig {
 }
 
 impl LockConfig {
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.stale_secs < 2 {
             return Err(Error::Config(
                 "[lock] stale_secs must be at least 2 (default 1800)".into(),
@@ -531,7 +531,7 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if !self.listen.is_empty() {
             parse_listen(&self.listen)?;
         }
@@ -562,7 +562,7 @@ impl AgentConfig {
 }
 
 /// Parse `[agent] listen`: `host:port`, `[v6]:port`, or `:port` (all interfaces).
-pub fn parse_listen(listen: &str) -> Result<SocketAddr> {
+pub(crate) fn parse_listen(listen: &str) -> Result<SocketAddr> {
     let full = if let Some(port) = listen.strip_prefix(':') {
         format!("0.0.0.0:{port}")
     } else {

@@ -21,7 +21,7 @@ pub mod exit {
     /// or missing (listed); everything else was restored.
     pub const DAMAGED: i32 = 4;
     /// The store is unreachable, missing, or refuses our credentials.
-    pub const STORAGE: i32 = 10;
+    pub(crate) const STORAGE: i32 = 10;
     /// The store is locked by another run (see `unlock`).
     pub const LOCKED: i32 = 11;
     /// The identity cannot decrypt the snapshot (wrong key or passphrase).
@@ -164,7 +164,7 @@ impl Error {
 }
 
 /// Attach a local path to an `io::Result`.
-pub trait IoContext<T> {
+pub(crate) trait IoContext<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T>;
 }
 

@@ -15,24 +15,24 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Version of the storage format described in docs/FORMAT.md (the repository marker's `format`).
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 /// Version of the manifests this program writes: 2 adds the age header MACs of the dump and the
 /// file list and comes with a signature (`signature.json`); 1 is the unsigned format of 0.1.
 pub const MANIFEST_FORMAT: u32 = 2;
 /// The plaintext repository marker at the top of the store.
-pub const REPO_MARKER: &str = "immich-backup.json";
+pub(crate) const REPO_MARKER: &str = "immich-backup.json";
 /// Prefix of content objects.
 pub const DATA_DIR: &str = "data";
 /// Prefix of snapshots.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 /// Object names inside `snapshots/<id>/`.
 pub const DUMP_OBJECT: &str = "dump.sql.gz.age";
-pub const FILES_OBJECT: &str = "files.jsonl.gz.age";
+pub(crate) const FILES_OBJECT: &str = "files.jsonl.gz.age";
 pub const REFS_OBJECT: &str = "refs.txt.gz";
 pub const SUMMARY_OBJECT: &str = "summary.json";
 pub const MANIFEST_OBJECT: &str = "manifest.json.age";
 /// The signed statement (`sign.rs`), written just before the manifest.
-pub const SIGNATURE_OBJECT: &str = "signature.json";
+pub(crate) const SIGNATURE_OBJECT: &str = "signature.json";
 /// Prefix of lock objects.
 pub const LOCKS_DIR: &str = "locks";
 
@@ -277,7 +277,9 @@ pub fn snapshot_key(id: &str, name: &str) -> String {
 
 /// The content addresses in a `refs.txt.gz` (its bytes `gz`), one a line; an `Err` names what is
 /// wrong with the object at that point (a damaged gzip stream, a line that is not an address).
-pub fn parse_refs(gz: &[u8]) -> impl Iterator<Item = std::result::Result<ContentId, String>> + '_ {
+pub(crate) fn parse_refs(
+    gz: &[u8],
+) -> impl Iterator<Item = std::result::Result<ContentId, String>> + '_ {
     use std::io::BufRead;
     std::io::BufReader::new(flate2::read::GzDecoder::new(gz))
         .lines()
@@ -286,7 +288,7 @@ pub fn parse_refs(gz: &[u8]) -> impl Iterator<Item = std::result::Result<Content
 }
 
 /// Order of two `/`-separated relative paths as the sorted walk produces them.
-pub fn walk_order(a: &str, b: &str) -> Ordering {
+pub(crate) fn walk_order(a: &str, b: &str) -> Ordering {
     a.split('/').cmp(b.split('/'))
 }
 

@@ -16,7 +16,7 @@ pub fn hostname() -> String {
 }
 
 /// Whether a process with this pid exists on this host.
-pub fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };

@@ -34,7 +34,7 @@ impl Progress {
     }
 
     /// Whether anything is drawn (work done only for the bar can be skipped otherwise).
-    pub fn is_visible(&self) -> bool {
+    pub(crate) fn is_visible(&self) -> bool {
         self.bar.is_some()
     }
 
@@ -48,13 +48,13 @@ impl Progress {
         }
     }
 
-    pub fn add_total(&self, bytes: u64) {
+    pub(crate) fn add_total(&self, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc_length(bytes);
         }
     }
 
-    pub fn inc(&self, bytes: u64) {
+    pub(crate) fn inc(&self, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(bytes);
         }

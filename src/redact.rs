@@ -4,7 +4,7 @@
 //! A leaf: the store, the config and the cloud builders all show text that may carry a secret.
 
 /// Hide credentials (user:password@ and query strings) in a store URL before it is shown.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     if url.is_empty() {
         return String::new();
     }
@@ -113,7 +113,7 @@ fn summarize_xml(text: &str) -> String {
 }
 
 /// An error and its sources, each part once.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

@@ -15,7 +15,7 @@ use crate::format::{walk_order, ContentId};
 
 /// One line of the local metadata cache.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CacheLine {
+pub(crate) struct CacheLine {
     pub path: String,
     pub size: u64,
     pub mtime_ns: i64,
@@ -25,7 +25,7 @@ pub struct CacheLine {
 }
 
 /// Reads the previous backup's cache in walk order; a missing or damaged cache just means misses.
-pub struct CacheReader {
+pub(crate) struct CacheReader {
     lines: Option<std::io::Lines<BufReader<File>>>,
     next: Option<CacheLine>,
 }
@@ -52,7 +52,7 @@ impl CacheReader {
     }
 
     /// The cached line for `found`, if its metadata still matches.
-    pub fn lookup(&mut self, found: &Found) -> Option<ContentId> {
+    pub(crate) fn lookup(&mut self, found: &Found) -> Option<ContentId> {
         while let Some(c) = &self.next {
             match walk_order(&c.path, &found.entry.path) {
                 Ordering::Less => self.advance(),
@@ -70,7 +70,7 @@ impl CacheReader {
 }
 
 /// Writes the new cache next to the old one; it replaces the old one only when the snapshot is done.
-pub struct CacheWriter {
+pub(crate) struct CacheWriter {
     tmp: PathBuf,
     dest: PathBuf,
     out: BufWriter<File>,
@@ -122,7 +122,7 @@ impl CacheWriter {
     }
 
     /// Drop the new cache (the backup failed).
-    pub fn discard(self) {
+    pub(crate) fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
     }
 }
@@ -158,7 +158,7 @@ fn remove_stale_temps(dest: &Path) {
 }
 
 /// Where the cache for this store, content key and source lives.
-pub fn cache_file(
+pub(crate) fn cache_file(
     cache_dir: &Path,
     repo_id: &str,
     key: &[u8; 32],

@@ -15,7 +15,7 @@ use crate::repo::Repository;
 /// renamed over the old; on cloud stores an overwriting put, which is atomic), so no reader ever sees
 /// half an object.
 #[derive(Debug, Default)]
-pub struct Repair {
+pub(crate) struct Repair {
     damaged: Mutex<HashSet<ContentId>>,
     /// Stored objects and their sizes (sorted), and the age header length of this store's objects.
     sizes: Vec<(ContentId, u64)>,
@@ -39,7 +39,7 @@ impl Repair {
     }
 
     /// Whether `id` is to be replaced.
-    pub fn is_damaged(&self, id: &ContentId) -> bool {
+    pub(crate) fn is_damaged(&self, id: &ContentId) -> bool {
         self.damaged.lock().expect("not poisoned").contains(id)
     }
 
@@ -55,7 +55,7 @@ impl Repair {
     }
 
     /// Every stored content address (from the listing [`Repair::new`] was given).
-    pub fn stored_ids(&self) -> Vec<ContentId> {
+    pub(crate) fn stored_ids(&self) -> Vec<ContentId> {
         self.sizes.iter().map(|(id, _)| *id).collect()
     }
 
@@ -64,7 +64,7 @@ impl Repair {
     }
 
     /// The objects replaced, and the named ones no file of this backup has (so they could not be).
-    pub fn outcome(&self) -> (Vec<ContentId>, Vec<ContentId>) {
+    pub(crate) fn outcome(&self) -> (Vec<ContentId>, Vec<ContentId>) {
         let mut repaired = self.repaired.lock().expect("not poisoned").clone();
         repaired.sort();
         repaired.dedup();
@@ -117,7 +117,7 @@ impl Known {
     }
 
     /// Content that `repair` marks damaged does not count as stored.
-    pub fn with_repair(mut self, repair: Option<Arc<Repair>>) -> Known {
+    pub(crate) fn with_repair(mut self, repair: Option<Arc<Repair>>) -> Known {
         self.repair = repair;
         self
     }
@@ -129,7 +129,7 @@ impl Known {
     }
 
     /// `backup --repair`: `id`, of a file of `len` bytes, is damaged if its stored size is wrong.
-    pub fn check_size(&self, id: &ContentId, len: u64) {
+    pub(crate) fn check_size(&self, id: &ContentId, len: u64) {
         if let Some(r) = &self.repair {
             r.check_size(id, len);
         }

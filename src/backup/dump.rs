@@ -21,7 +21,7 @@ use crate::repo::{SealedWriter, Writer};
 
 /// What a finished dump left in the store.
 #[derive(Debug, Clone)]
-pub struct DumpOutcome {
+pub(crate) struct DumpOutcome {
     pub object: ObjectRef,
     /// Rows per table of the Immich database, as the dump holds them.
     pub row_counts: BTreeMap<String, u64>,
@@ -30,7 +30,7 @@ pub struct DumpOutcome {
 }
 
 /// What the dump reports while it runs.
-pub struct DumpEvents<F> {
+pub(crate) struct DumpEvents<F> {
     /// Called with each number of SQL bytes read.
     pub on_bytes: F,
     /// Sent once the dump has reached the Immich database ([`RowCounter::reached_database`]);
@@ -40,7 +40,7 @@ pub struct DumpEvents<F> {
 
 /// Dump every database into the sealed object `object`; `database` names the Immich one whose
 /// rows are counted.
-pub async fn dump_to_store<F: Fn(u64) + Send + 'static>(
+pub(crate) async fn dump_to_store<F: Fn(u64) + Send + 'static>(
     db: &dyn Database,
     repo: &Writer,
     object: &Object,
@@ -158,7 +158,7 @@ fn stream_dump_io<F: Fn(u64)>(
 }
 
 /// Passes bytes through while computing their SHA-256 and length.
-pub struct HashingWriter<W> {
+pub(crate) struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
     len: u64,
@@ -174,7 +174,7 @@ impl<W: Write> HashingWriter<W> {
     }
 
     /// The inner writer, the hex digest and the length.
-    pub fn into_parts(self) -> (W, String, u64) {
+    pub(crate) fn into_parts(self) -> (W, String, u64) {
         (self.inner, hex::encode(self.hasher.finalize()), self.len)
     }
 }
@@ -192,7 +192,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Counts the rows of each `COPY … FROM stdin;` block of one database in `pg_dumpall` output.
-pub struct RowCounter {
+pub(crate) struct RowCounter {
     database: String,
     current_db: Option<String>,
     copying: Option<String>,
@@ -217,7 +217,7 @@ impl RowCounter {
     }
 
     /// Feed the next bytes of the dump.
-    pub fn feed(&mut self, mut data: &[u8]) {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while let Some(pos) = memchr::memchr(b'\n', data) {
             self.keep(&data[..pos]);
             let line = std::mem::take(&mut self.line);
@@ -277,7 +277,7 @@ impl RowCounter {
     /// Whether the dump has reached the configured database. Its `\connect` line comes from
     /// `pg_dump`, which writes nothing before it has taken its snapshot: from here on, the dump's
     /// view of that database is fixed.
-    pub fn reached_database(&self) -> bool {
+    pub(crate) fn reached_database(&self) -> bool {
         self.reached
     }
 

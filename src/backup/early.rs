@@ -25,10 +25,10 @@ use crate::backup::walk::{self, Found, Walked};
 use crate::format::{ContentId, EntryKind};
 
 /// At most this many files are read ahead (their results wait in memory for the real walk).
-pub const MAX_FILES: usize = 20_000;
+pub(crate) const MAX_FILES: usize = 20_000;
 
 /// A file being stored ahead: its content address, or `None` if that failed (it is read again).
-pub type Pending = AbortOnDropHandle<Option<(ContentId, Stored)>>;
+pub(crate) type Pending = AbortOnDropHandle<Option<(ContentId, Stored)>>;
 
 /// The read-ahead running in the background; [`Ahead::stop`] it when the dump holds its snapshot.
 /// Dropped, it stops and abandons what it started.

@@ -13,7 +13,7 @@ use crate::format::{ContentId, Object, DATA_DIR};
 use crate::repo::{SealedWriter, Writer};
 
 /// Files up to this size are read once into memory; larger ones are hashed, then streamed.
-pub const SMALL_FILE: u64 = 4 * 1024 * 1024;
+pub(crate) const SMALL_FILE: u64 = 4 * 1024 * 1024;
 /// Read size for large files.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -55,7 +55,7 @@ pub enum Stored {
 
 /// A failure storing one file: its source could not be read, or the store failed.
 #[derive(Debug)]
-pub enum StoreFileError {
+pub(crate) enum StoreFileError {
     Source(String),
     Store(Error),
 }
@@ -69,7 +69,7 @@ pub struct FileStorer {
 }
 
 /// What storing one file on a worker gave: the file, and its content or why it was not stored.
-pub type Worked = (
+pub(crate) type Worked = (
     Found,
     std::result::Result<(ContentId, Stored), StoreFileError>,
 );
@@ -77,7 +77,7 @@ pub type Worked = (
 impl FileStorer {
     /// Store `found` on a blocking thread once one of `workers` is free; `guard` is held until the
     /// thread is done with the file (even if the caller stops waiting).
-    pub async fn store_on_worker(
+    pub(crate) async fn store_on_worker(
         self: Arc<Self>,
         found: Found,
         workers: &tokio::sync::Semaphore,
@@ -97,7 +97,7 @@ impl FileStorer {
     }
 
     /// Hash `found` and upload it unless the store has it. Runs on a blocking thread.
-    pub fn store_file(
+    pub(crate) fn store_file(
         &self,
         found: &Found,
     ) -> std::result::Result<(ContentId, Stored), StoreFileError> {

@@ -54,7 +54,7 @@ impl Found {
 }
 
 /// Now, in nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -73,7 +73,7 @@ pub enum Walked {
 }
 
 /// Items the walk sends at once (one wake-up of the consumer per batch, not per file).
-pub const WALK_BATCH: usize = 256;
+pub(crate) const WALK_BATCH: usize = 256;
 
 /// Walk `folders` under `root` in sorted order, sending what it finds in batches. Runs on a
 /// blocking thread.
@@ -112,7 +112,7 @@ pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Vec<Walked>>) {
 /// Paths at least this long are walked through their open folder: the kernel refuses a path longer
 /// than PATH_MAX (4096 bytes), so deep down each folder is opened relative to its parent
 /// (`openat`, never following a symlink) and named `/proc/self/fd/N`.
-pub const LONG_PATH: usize = 3072;
+pub(crate) const LONG_PATH: usize = 3072;
 
 /// A folder being walked: by its path, or through an open descriptor.
 enum Dir {

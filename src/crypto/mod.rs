@@ -24,10 +24,10 @@ use crate::error::{Error, IoContext, Result};
 use unseal::{Opened, X25519Identity};
 
 /// Context string for deriving the content-address key (BLAKE3 `derive_key`).
-pub const CONTENT_KEY_CONTEXT: &str = "immich-backup 2026-11 content address key v1";
+pub(crate) const CONTENT_KEY_CONTEXT: &str = "immich-backup 2026-11 content address key v1";
 
 /// Environment variable holding the passphrase of a passphrase-protected identity file.
-pub const PASSPHRASE_ENV: &str = "IMMICH_BACKUP_PASSPHRASE";
+pub(crate) const PASSPHRASE_ENV: &str = "IMMICH_BACKUP_PASSPHRASE";
 
 /// The public half: what backup encrypts to.
 pub struct Recipients {
@@ -204,7 +204,7 @@ impl Identities {
 
     /// Decrypt `input` and, when `header_mac` is given (the manifest pins it), check that the
     /// object is the very one the backup wrote: its age header, and so its file key, are the same.
-    pub fn decrypt_pinned<R: Read>(
+    pub(crate) fn decrypt_pinned<R: Read>(
         &self,
         input: R,
         object: &str,
@@ -339,7 +339,7 @@ fn passphrase(prompt: &str, origin: &str) -> Result<SecretString> {
 }
 
 /// Map an age header error to the right kind: wrong key, or a damaged object.
-pub fn decrypt_error(object: &str, e: age::DecryptError) -> Error {
+pub(crate) fn decrypt_error(object: &str, e: age::DecryptError) -> Error {
     match e {
         age::DecryptError::NoMatchingKeys | age::DecryptError::KeyDecryptionFailed => {
             Error::WrongKey {
@@ -357,7 +357,7 @@ pub fn decrypt_error(object: &str, e: age::DecryptError) -> Error {
 
 /// Map an error while reading a decrypted stream: age reports a bad chunk or truncation as
 /// `InvalidData`/`UnexpectedEof`, which means the object is damaged.
-pub fn read_error(object: &str, e: io::Error) -> Error {
+pub(crate) fn read_error(object: &str, e: io::Error) -> Error {
     match e.kind() {
         io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => Error::Corrupt {
             object: object.to_string(),

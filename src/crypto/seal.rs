@@ -31,9 +31,9 @@ use base64::prelude::{Engine, BASE64_STANDARD_NO_PAD};
 pub const CHUNK: usize = 64 * 1024;
 /// Poly1305 tag bytes after each chunk.
 pub const TAG: usize = 16;
-pub const FILE_KEY_BYTES: usize = 16;
-pub const NONCE_BYTES: usize = 16;
-pub const X25519_TAG: &str = "X25519";
+pub(crate) const FILE_KEY_BYTES: usize = 16;
+pub(crate) const NONCE_BYTES: usize = 16;
+pub(crate) const X25519_TAG: &str = "X25519";
 const X25519_LABEL: &[u8] = b"age-encryption.org/v1/X25519";
 
 /// One recipient, as the header wraps the file key for it.
@@ -96,7 +96,7 @@ fn x25519_stanza(public: &[u8; 32], file_key: &[u8; FILE_KEY_BYTES]) -> io::Resu
 /// low-order peer (an all-zero shared secret, which AWS-LC refuses, as the age spec requires).
 /// `share` is the ephemeral public key, `recipient` the recipient's; `peer` is the other side's of
 /// the two (the recipient's when sealing, the share when opening).
-pub fn x25519_wrap_key(
+pub(crate) fn x25519_wrap_key(
     secret: &agreement::PrivateKey,
     peer: &[u8; 32],
     share: &[u8; 32],
@@ -113,7 +113,7 @@ pub fn x25519_wrap_key(
 }
 
 /// HKDF-SHA256 (extract with `salt`, expand with `info`) to 32 bytes.
-pub fn hkdf_sha256(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
+pub(crate) fn hkdf_sha256(salt: &[u8], info: &[u8], ikm: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(ikm)
@@ -134,19 +134,19 @@ fn seal_in_place(key: &[u8; 32], nonce: [u8; 12], data: &mut Vec<u8>) -> io::Res
 }
 
 /// A ChaCha20-Poly1305 key.
-pub fn aead_key(key: &[u8; 32]) -> io::Result<LessSafeKey> {
+pub(crate) fn aead_key(key: &[u8; 32]) -> io::Result<LessSafeKey> {
     UnboundKey::new(&CHACHA20_POLY1305, key)
         .map(LessSafeKey::new)
         .map_err(|_| crypto_failed("ChaCha20-Poly1305 key"))
 }
 
 /// The key of the header's MAC: HKDF(file key, "header").
-pub fn header_mac_key(file_key: &[u8; FILE_KEY_BYTES]) -> hmac::Key {
+pub(crate) fn header_mac_key(file_key: &[u8; FILE_KEY_BYTES]) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, &hkdf_sha256(&[], b"header", file_key))
 }
 
 /// The payload's key: HKDF(file key, payload nonce, "payload").
-pub fn payload_key(
+pub(crate) fn payload_key(
     file_key: &[u8; FILE_KEY_BYTES],
     nonce: &[u8; NONCE_BYTES],
 ) -> io::Result<LessSafeKey> {
@@ -154,7 +154,7 @@ pub fn payload_key(
 }
 
 /// The bytes of a Bech32 string with human-readable part `hrp` (age's key encoding).
-pub fn decode_bech32(text: &str, hrp: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_bech32(text: &str, hrp: &str) -> Option<Vec<u8>> {
     use bech32::FromBase32;
     let (found, data, variant) = bech32::decode(text).ok()?;
     if found != hrp || variant != bech32::Variant::Bech32 {
@@ -221,7 +221,7 @@ fn write_stanza(out: &mut Vec<u8>, stanza: &Stanza) {
 
 /// The STREAM nonce of chunk `counter`: the counter as 11 big-endian bytes, then 1 for the last
 /// chunk, 0 for the others.
-pub fn stream_nonce(counter: u64, last: bool) -> Nonce {
+pub(crate) fn stream_nonce(counter: u64, last: bool) -> Nonce {
     let mut nonce = [0u8; 12];
     nonce[3..11].copy_from_slice(&counter.to_be_bytes());
     nonce[11] = u8::from(last);

@@ -33,15 +33,15 @@ use crate::crypto::seal::{decode_bech32, hkdf_sha256};
 use crate::error::{Error, IoContext, Result};
 
 /// Bech32 human-readable part of signing keys (written upper-case, like age's identities).
-pub const SIGNING_KEY_HRP: &str = "immich-backup-signing-key-";
+pub(crate) const SIGNING_KEY_HRP: &str = "immich-backup-signing-key-";
 /// Bech32 human-readable part of verification keys.
-pub const VERIFY_KEY_HRP: &str = "immich-verify";
+pub(crate) const VERIFY_KEY_HRP: &str = "immich-verify";
 /// HKDF salt of the derivation of a signing key from an identity's secret.
 const DERIVE_SALT: &[u8] = b"immich-backup signing key v1";
 /// First line of every signed statement.
-pub const STATEMENT_HEADER: &str = "immich-backup snapshot signature v1";
+pub(crate) const STATEMENT_HEADER: &str = "immich-backup snapshot signature v1";
 /// Format of `signature.json`.
-pub const SIGNATURE_FORMAT: u32 = 1;
+pub(crate) const SIGNATURE_FORMAT: u32 = 1;
 
 /// The public half: checks signatures.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +73,7 @@ impl std::str::FromStr for VerifyKey {
 
 impl VerifyKey {
     /// Whether `sig` is this key's signature of `message`.
-    pub fn verifies(&self, message: &[u8], sig: &[u8]) -> bool {
+    pub(crate) fn verifies(&self, message: &[u8], sig: &[u8]) -> bool {
         UnparsedPublicKey::new(&signature::ED25519, &self.0)
             .verify(message, sig)
             .is_ok()
@@ -169,7 +169,7 @@ impl SigningKey {
 /// Signing keys as the config gives them: inline (`[encryption] signing_key`, often from the
 /// environment; several separated by commas) and/or in a file (one key per line, `#` comments). Returns the keys and the
 /// recipients the file says they were made for.
-pub fn load_signing_keys(
+pub(crate) fn load_signing_keys(
     inline: &str,
     file: Option<&Path>,
 ) -> Result<(Vec<SigningKey>, Vec<String>)> {
@@ -219,7 +219,7 @@ pub fn load_signing_keys(
 }
 
 /// Warn, as ssh does, when a secret key file can be read by other users.
-pub fn warn_if_readable_by_others(path: &Path, what: &str) {
+pub(crate) fn warn_if_readable_by_others(path: &Path, what: &str) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();

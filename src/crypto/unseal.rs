@@ -28,7 +28,7 @@ use crate::crypto::seal::{
 };
 
 /// The longest header accepted (a damaged object must not make us read without end).
-pub const MAX_HEADER: usize = 64 * 1024;
+pub(crate) const MAX_HEADER: usize = 64 * 1024;
 const VERSION_LINE: &[u8] = b"age-encryption.org/v1\n";
 
 /// Open the age file `input` with the first of `identities` that can: a reader of its plaintext.
@@ -145,7 +145,7 @@ fn unwrap_file_key<'a>(
 
 /// An X25519 identity (`AGE-SECRET-KEY-1…`) that unwraps its stanzas with AWS-LC: the age crate's
 /// own takes three times as long per object, which was a tenth of a restore's time.
-pub struct X25519Identity {
+pub(crate) struct X25519Identity {
     secret: agreement::PrivateKey,
     public: [u8; 32],
 }

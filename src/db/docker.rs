@@ -31,9 +31,9 @@ use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
 
 /// Where the Docker Engine listens when neither `[database] docker_host` nor `DOCKER_HOST` says.
-pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+pub(crate) const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// How long [`DockerDatabase::wait_ready`] polls `pg_isready` in the container.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between two `pg_isready` probes.
 const READY_POLL: Duration = Duration::from_millis(250);
 /// Seconds Docker gives the Immich server to stop before it is killed.
@@ -46,7 +46,7 @@ const STDOUT_CHUNKS: usize = 32;
 const STDERR_LIMIT: usize = 4 << 20;
 
 /// Runs the client tools inside the Postgres container through the Docker Engine API.
-pub struct DockerDatabase {
+pub(crate) struct DockerDatabase {
     cfg: DatabaseConfig,
     /// The Engine address actually used (config, else DOCKER_HOST, else the local socket).
     host: String,
@@ -62,16 +62,6 @@ impl DockerDatabase {
             host,
             docker: OnceCell::new(),
         }
-    }
-
-    /// The Docker Engine address in use.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The Postgres container's name.
-    pub fn container(&self) -> &str {
-        &self.cfg.container
     }
 
     /// The Engine client, connected and version-negotiated on first use.
@@ -201,11 +191,6 @@ impl DockerDatabase {
             format!("--dbname={db}"),
         ]
     }
-
-    /// Which container runs the Immich server, for restore's orchestration.
-    pub fn server_container(&self) -> &str {
-        &self.cfg.server_container
-    }
 }
 
 fn not_running(name: &str, status: &str) -> Error {
@@ -215,7 +200,7 @@ fn not_running(name: &str, status: &str) -> Error {
 }
 
 /// `[database] docker_host`, else `DOCKER_HOST`, else the local socket.
-pub fn resolve_host(configured: &str) -> String {
+pub(crate) fn resolve_host(configured: &str) -> String {
     if !configured.is_empty() {
         return configured.to_string();
     }

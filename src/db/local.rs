@@ -13,7 +13,7 @@ use crate::config::DatabaseConfig;
 use crate::error::{Error, Result};
 
 /// Runs the client tools from `[database] bin_dir` (or PATH) over TCP or a socket.
-pub struct LocalDatabase {
+pub(crate) struct LocalDatabase {
     cfg: DatabaseConfig,
 }
 
@@ -65,7 +65,7 @@ impl LocalDatabase {
 }
 
 /// Turn a client's stderr into one line with a remedy where the cause is known.
-pub fn explain_client_error(tool: &str, stderr: &str) -> Error {
+pub(crate) fn explain_client_error(tool: &str, stderr: &str) -> Error {
     let text = stderr
         .trim()
         .lines()

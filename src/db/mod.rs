@@ -112,7 +112,7 @@ fn parse_extensions<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<Extension> 
 }
 
 /// Server version and the installed extensions of database `name`, in one query (one connection).
-pub async fn server_facts(
+pub(crate) async fn server_facts(
     db: &dyn Database,
     name: &str,
 ) -> Result<((String, i64), Vec<Extension>)> {
@@ -126,7 +126,7 @@ pub async fn server_facts(
 
 /// What restore checks of a target server before it writes anything.
 #[derive(Debug, Clone)]
-pub struct Survey {
+pub(crate) struct Survey {
     pub version: String,
     pub version_num: i64,
     /// Whether database `name` exists.
@@ -137,7 +137,7 @@ pub struct Survey {
 
 /// Version, whether database `name` exists, and the installable extensions, in one query (one
 /// connection, to `postgres`).
-pub async fn survey(db: &dyn Database, name: &str) -> Result<Survey> {
+pub(crate) async fn survey(db: &dyn Database, name: &str) -> Result<Survey> {
     let sql = format!(
         "{VERSION_SQL} SELECT count(*) FROM pg_database WHERE datname = {}; \
          SELECT name FROM pg_available_extensions ORDER BY name;",
@@ -179,7 +179,7 @@ pub async fn row_counts(db: &dyn Database, name: &str) -> Result<BTreeMap<String
 
 /// A client connected to a database, as `pg_stat_activity` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Session {
+pub(crate) struct Session {
     pub database: String,
     pub application: String,
     pub client: String,
@@ -188,7 +188,10 @@ pub struct Session {
 }
 
 /// Other clients' sessions on any of `databases` (not this query's own, not background workers).
-pub async fn other_sessions(db: &dyn Database, databases: &[String]) -> Result<Vec<Session>> {
+pub(crate) async fn other_sessions(
+    db: &dyn Database,
+    databases: &[String],
+) -> Result<Vec<Session>> {
     if databases.is_empty() {
         return Ok(Vec::new());
     }
@@ -220,7 +223,7 @@ pub async fn other_sessions(db: &dyn Database, databases: &[String]) -> Result<V
 pub use crate::immich::TABLES as IMMICH_TABLES;
 
 /// Tables in (existing) database `name` outside the system schemas, Immich's first.
-pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String>> {
+pub(crate) async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String>> {
     let sql = "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
         AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1";
@@ -236,7 +239,7 @@ pub async fn existing_tables(db: &dyn Database, name: &str) -> Result<Vec<String
 
 /// Whether the psql of `psql --version` output `version` knows `\restrict` (added in 17.6, 16.10,
 /// 15.14, 14.19 and 13.22; every 18 has it). Unknown versions are taken not to.
-pub fn psql_knows_restrict(version: &str) -> bool {
+pub(crate) fn psql_knows_restrict(version: &str) -> bool {
     let Some(number) = version
         .split_whitespace()
         .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
@@ -263,7 +266,7 @@ pub fn psql_knows_restrict(version: &str) -> bool {
 
 /// An identifier as pg_dump writes it: bare when it is lower-case letters, digits and `_` (not
 /// starting with a digit), else double-quoted.
-pub fn quote_ident(s: &str) -> String {
+pub(crate) fn quote_ident(s: &str) -> String {
     let bare = s
         .chars()
         .next()
@@ -278,6 +281,6 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 /// A SQL string literal.
-pub fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

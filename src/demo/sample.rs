@@ -33,20 +33,20 @@ use tempfile::TempDir;
 use crate::error::{Error, IoContext, Result};
 
 /// Environment variable that names the directory of the PostgreSQL server binaries to use.
-pub const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
+pub(crate) const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
 /// The address every cluster listens on.
-pub const PG_HOST: &str = "127.0.0.1";
+pub(crate) const PG_HOST: &str = "127.0.0.1";
 /// The cluster's superuser (trust auth, no password).
-pub const PG_SUPERUSER: &str = "postgres";
+pub(crate) const PG_SUPERUSER: &str = "postgres";
 pub use crate::immich::{GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS};
 /// The sample library holds the original files of assets `1..=SAMPLE_ASSET_FILES`.
 pub const SAMPLE_ASSET_FILES: usize = 12;
 /// Owner (storage label `admin`) of most sample assets.
 pub const ADMIN_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b01";
 /// Owner (storage label `zoe`) of assets whose number ends in 0.
-pub const ZOE_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b02";
+pub(crate) const ZOE_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b02";
 /// Owner (no storage label: upload/ layout) of assets whose number ends in 5.
-pub const KENJI_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b03";
+pub(crate) const KENJI_ID: &str = "5b6d2a3e-0c1f-4a8e-9d3b-7e2f1a0c9b03";
 
 /// How long [`PgCluster::start`] waits for the server to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -215,16 +215,6 @@ impl PgCluster {
     /// The cluster's data directory (removed on drop).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
-    }
-
-    /// The directory holding the server's Unix socket.
-    pub fn socket_dir(&self) -> &Path {
-        &self.socket_dir
-    }
-
-    /// The server's log file.
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
     }
 
     /// True between a successful start and [`PgCluster::stop`].

@@ -79,7 +79,7 @@ pub fn retention_timezone(cfg: &Config) -> Result<Tz> {
 }
 
 /// The time in a snapshot id (`YYYYMMDDTHHMMSS.mmmZ-…`, or whole seconds as older ids had).
-pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn id_time(id: &str) -> Option<DateTime<Utc>> {
     let stamp = id.split('-').next()?;
     NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ")
         .or_else(|_| NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ"))
@@ -103,7 +103,7 @@ mod id_tests {
 }
 
 /// Complete snapshots with their times (from `summary.json`, else from the id), oldest first.
-pub async fn candidates(repo: &Repository) -> Result<Vec<Candidate>> {
+pub(crate) async fn candidates(repo: &Repository) -> Result<Vec<Candidate>> {
     let mut out = Vec::new();
     for (id, complete) in snapshots::list_ids(repo).await? {
         if !complete {
@@ -333,7 +333,7 @@ async fn prune_locked(
 }
 
 /// Bytes and objects in the store's `data/` and `snapshots/` (for metrics).
-pub async fn store_usage(repo: &Repository) -> Result<(u64, u64)> {
+pub(crate) async fn store_usage(repo: &Repository) -> Result<(u64, u64)> {
     Ok(repo.usage().await?.total())
 }
 

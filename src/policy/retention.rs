@@ -58,7 +58,7 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// Checks that need no I/O.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         for (name, n) in self.counts() {
             if n < -1 {
                 return Err(Error::Config(format!(
@@ -89,7 +89,7 @@ impl RetentionConfig {
     }
 
     /// "keep 7 daily, 4 weekly, 6 monthly snapshots (Europe/Berlin)".
-    pub fn describe(&self, tz: Tz) -> String {
+    pub(crate) fn describe(&self, tz: Tz) -> String {
         if self.is_empty() {
             return "keep all snapshots (no [retention] rule is set)".into();
         }
@@ -110,7 +110,7 @@ impl RetentionConfig {
 }
 
 /// Parse an IANA zone name ("UTC", "Europe/Berlin"); `what` names the key for the error.
-pub fn parse_timezone(name: &str, what: &str) -> Result<Tz> {
+pub(crate) fn parse_timezone(name: &str, what: &str) -> Result<Tz> {
     name.parse::<Tz>().map_err(|_| {
         Error::Config(format!(
             "{what} {name:?} is not an IANA time zone name (like \"UTC\" or \"Europe/Berlin\")"

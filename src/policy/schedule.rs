@@ -43,7 +43,7 @@ impl Default for ScheduleConfig {
 }
 
 impl ScheduleConfig {
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         Schedule::from_config(self).map(|_| ())
     }
 }
@@ -85,12 +85,12 @@ impl Schedule {
         Ok(s)
     }
 
-    pub fn from_config(cfg: &ScheduleConfig) -> Result<Schedule> {
+    pub(crate) fn from_config(cfg: &ScheduleConfig) -> Result<Schedule> {
         Schedule::parse(&cfg.cron, &cfg.timezone)
     }
 
     /// The first scheduled time strictly after `t`.
-    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let local = t.with_timezone(&self.tz);
         self.cron
             .find_next_occurrence(&local, false)
@@ -98,7 +98,7 @@ impl Schedule {
             .map(|n| n.with_timezone(&Utc))
     }
 
-    pub fn expr(&self) -> &str {
+    pub(crate) fn expr(&self) -> &str {
         &self.expr
     }
 

@@ -392,7 +392,7 @@ impl Lock {
     }
 
     /// Refresh now and confirm the lock is still ours (call right before committing).
-    pub async fn confirm(&self) -> Result<()> {
+    pub(crate) async fn confirm(&self) -> Result<()> {
         self.inner.refresh().await
     }
 

@@ -63,14 +63,14 @@ impl Sealed {
 /// Our error for an I/O error met while writing object `key`, through whatever layers (gzip,
 /// hashing, sealing) sit on the writer: the store's own error when it is one, else a storage error
 /// on `key`.
-pub fn write_error(key: &str, e: io::Error) -> Error {
+pub(crate) fn write_error(key: &str, e: io::Error) -> Error {
     error_from_io(key, e)
 }
 
 /// Our error for an I/O error met while reading the plaintext of object `key` (through gzip or a
 /// hasher on top of an [`Unsealed`]): a chunk that fails authentication, a truncated object or a
 /// damaged gzip stream is a damaged object.
-pub fn read_error(key: &str, e: io::Error) -> Error {
+pub(crate) fn read_error(key: &str, e: io::Error) -> Error {
     crate::crypto::read_error(key, e)
 }
 
@@ -141,7 +141,7 @@ impl Repository {
     }
 
     /// A plain JSON object, parsed; a body that does not parse is a damaged object.
-    pub async fn get_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
+    pub(crate) async fn get_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
         let body = self.get(obj).await?;
         parse_json(obj, &body)
     }
@@ -159,7 +159,7 @@ impl Repository {
     }
 
     /// Create a sealed object from its sealed bytes; it must not exist yet.
-    pub async fn create_sealed(&self, obj: &Object, sealed: &Sealed) -> Result<()> {
+    pub(crate) async fn create_sealed(&self, obj: &Object, sealed: &Sealed) -> Result<()> {
         expect_sealed(obj)?;
         self.create_key(obj, sealed.0.clone()).await
     }
@@ -175,13 +175,13 @@ impl Repository {
     }
 
     /// A sealed object's bytes as stored, not opened (to hash, or to open later).
-    pub async fn get_sealed(&self, obj: &Object) -> Result<Sealed> {
+    pub(crate) async fn get_sealed(&self, obj: &Object) -> Result<Sealed> {
         expect_sealed(obj)?;
         Ok(Sealed(self.store.get_bytes(&obj.key()).await?))
     }
 
     /// A synchronous writer of a plain object (the refs), for a blocking thread.
-    pub fn plain_writer(&self, obj: &Object) -> Result<PlainWriter> {
+    pub(crate) fn plain_writer(&self, obj: &Object) -> Result<PlainWriter> {
         expect_plain(obj)?;
         let key = obj.key();
         Ok(PlainWriter {
@@ -201,12 +201,14 @@ impl Repository {
     }
 
     /// Every content address in the store.
-    pub async fn content_ids(&self) -> Result<Vec<ContentId>> {
+    pub(crate) async fn content_ids(&self) -> Result<Vec<ContentId>> {
         self.store.content_ids().await
     }
 
     /// Every content object with its stored size.
-    pub fn content_sizes(&self) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
+    pub(crate) fn content_sizes(
+        &self,
+    ) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
         self.store.content_sizes()
     }
 
@@ -223,7 +225,10 @@ impl Repository {
 
     /// Delete objects a listing found ([`Repository::data_objects`], [`snapshots::Folder`]),
     /// several at a time.
-    pub async fn delete_listed(&self, objects: impl Iterator<Item = StoredObject>) -> Result<()> {
+    pub(crate) async fn delete_listed(
+        &self,
+        objects: impl Iterator<Item = StoredObject>,
+    ) -> Result<()> {
         futures::stream::iter(objects)
             .map(|o| async move { self.store.delete(&o.key).await })
             .buffer_unordered(DELETE_CONCURRENCY)
@@ -246,40 +251,40 @@ impl Repository {
 
     /// A backup begins: in a folder store, content it writes is staged (kept out of `data/`)
     /// until [`Repository::publish`]; elsewhere nothing happens.
-    pub async fn begin_staging(&self) -> Result<()> {
+    pub(crate) async fn begin_staging(&self) -> Result<()> {
         self.store.begin_staging().await
     }
 
     /// Whether this run stages its content (a folder store during a backup).
-    pub fn is_staging(&self) -> bool {
+    pub(crate) fn is_staging(&self) -> bool {
         self.store.is_staging()
     }
 
     /// Whether this run has staged content object `id`.
-    pub fn is_staged(&self, id: &ContentId) -> bool {
+    pub(crate) fn is_staged(&self, id: &ContentId) -> bool {
         self.store.is_staged(id)
     }
 
     /// Make this run's staged content durable and visible, and everything written before durable;
     /// returns how many objects were new. Call before [`Writer::commit`].
-    pub async fn publish(&self) -> Result<u64> {
+    pub(crate) async fn publish(&self) -> Result<u64> {
         self.store.publish().await
     }
 
     /// The staging folders that other (possibly dead) runs left, with their owners.
-    pub async fn other_staging(
+    pub(crate) async fn other_staging(
         &self,
     ) -> Result<Vec<(String, Option<crate::store::local::Owner>, bool)>> {
         self.store.other_staging().await
     }
 
     /// Publish the staging folder of a run that died; returns how many objects were new.
-    pub async fn adopt_staging(&self, name: &str) -> Result<u64> {
+    pub(crate) async fn adopt_staging(&self, name: &str) -> Result<u64> {
         self.store.adopt_staging(name).await
     }
 
     /// Remove the staging folder of a run whose bytes cannot be trusted.
-    pub async fn discard_staging(&self, name: &str) -> Result<()> {
+    pub(crate) async fn discard_staging(&self, name: &str) -> Result<()> {
         self.store.discard_staging(name).await
     }
 }

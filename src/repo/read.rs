@@ -39,7 +39,7 @@ impl Reader {
     }
 
     /// Open a small sealed object held in memory.
-    pub fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
+    pub(crate) fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
         let key = obj.key();
         let mut plain = Vec::new();
         self.identities
@@ -51,14 +51,14 @@ impl Reader {
 
     /// Fetch, open and parse a small sealed JSON object (a manifest), without any check of its
     /// signature: a restore reads manifests through [`crate::repo::trust`].
-    pub async fn open_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
+    pub(crate) async fn open_json<T: DeserializeOwned>(&self, obj: &Object) -> Result<T> {
         let sealed = self.repo.get_sealed(obj).await?;
         parse_json(obj, &self.open_bytes(obj, &sealed)?)
     }
 
     /// Start reading the sealed object `obj` that a manifest describes as `pinned`: its key must
     /// be `obj`'s and its age header the one pinned (checked by [`Fetched::open`]).
-    pub async fn fetch(&self, obj: &Object, pinned: &ObjectRef) -> Result<Fetched> {
+    pub(crate) async fn fetch(&self, obj: &Object, pinned: &ObjectRef) -> Result<Fetched> {
         expect_sealed(obj)?;
         let key = obj.key();
         if pinned.key != key {
@@ -74,7 +74,7 @@ impl Reader {
     }
 
     /// Start reading content object `id` (verified against its address by the caller).
-    pub async fn fetch_content(&self, id: &ContentId) -> Result<Fetched> {
+    pub(crate) async fn fetch_content(&self, id: &ContentId) -> Result<Fetched> {
         self.fetch_key(id.key(), None).await
     }
 

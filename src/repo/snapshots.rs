@@ -55,7 +55,7 @@ pub struct StoredObject {
 }
 
 /// Every snapshot folder in the store, oldest first.
-pub async fn list_folders(repo: &Repository) -> Result<BTreeMap<String, Folder>> {
+pub(crate) async fn list_folders(repo: &Repository) -> Result<BTreeMap<String, Folder>> {
     let mut ids: BTreeMap<String, Folder> = BTreeMap::new();
     let mut s = std::pin::pin!(repo.store().list(SNAPSHOTS_DIR));
     while let Some(item) = s.next().await {
@@ -137,7 +137,7 @@ pub async fn resolve(repo: &Repository, wanted: &str) -> Result<String> {
 }
 
 /// Read the repository marker, or `None` for an empty store.
-pub async fn read_marker(repo: &Repository) -> Result<Option<RepoMarker>> {
+pub(crate) async fn read_marker(repo: &Repository) -> Result<Option<RepoMarker>> {
     match repo.get_json(&Object::Marker).await {
         Ok(marker) => Ok(Some(marker)),
         Err(Error::Missing { .. }) => Ok(None),

@@ -136,7 +136,7 @@ impl Writer {
 
     /// Stream a new sealed object (a dump, a file list, a content object) into the store; call on
     /// a blocking thread. It appears only when [`SealedWriter::finish`]ed.
-    pub fn sealed_writer(&self, obj: &Object) -> Result<SealedWriter> {
+    pub(crate) fn sealed_writer(&self, obj: &Object) -> Result<SealedWriter> {
         expect_sealed(obj)?;
         let key = obj.key();
         self.seal_into(self.repo.store.writer(&key), key)
@@ -144,14 +144,14 @@ impl Writer {
 
     /// Like [`Writer::sealed_writer`] for a content object that exists damaged: the finished
     /// object replaces it in one step (`backup --repair`).
-    pub fn replacing_writer(&self, id: &ContentId) -> Result<SealedWriter> {
+    pub(crate) fn replacing_writer(&self, id: &ContentId) -> Result<SealedWriter> {
         let key = id.key();
         self.seal_into(self.repo.store.replacing_writer(&key), key)
     }
 
     /// A content object whose address is known only at its end ([`SealedWriter::finish_as`]):
     /// a folder store during a backup only, so a new file is read once, hashed as it is sealed.
-    pub fn unnamed_content_writer(&self) -> Option<Result<SealedWriter>> {
+    pub(crate) fn unnamed_content_writer(&self) -> Option<Result<SealedWriter>> {
         let inner = self.repo.store.unnamed_writer()?;
         Some(self.seal_into(inner, format!("{}/(new)", crate::format::DATA_DIR)))
     }
@@ -196,7 +196,7 @@ impl SealedWriter {
     }
 
     /// Complete an unnamed content object as `id` ([`Writer::unnamed_content_writer`]).
-    pub fn finish_as(self, id: &ContentId) -> Result<u64> {
+    pub(crate) fn finish_as(self, id: &ContentId) -> Result<u64> {
         let key = id.key();
         let mut inner = self.sealer.finish().map_err(|e| write_error(&key, e))?;
         inner.name(&key);

@@ -33,7 +33,7 @@ pub struct RowCheck {
 
 /// The target database must hold no tables, and the server must be able to take the dump. For a
 /// local server this is also the check that it answers. Returns the server's version.
-pub async fn check_target(db: &dyn Database, manifest: &Manifest) -> Result<String> {
+pub(crate) async fn check_target(db: &dyn Database, manifest: &Manifest) -> Result<String> {
     let name = &manifest.database.database;
     let survey = db::survey(db, name).await?;
     let tables = if survey.database_exists {
@@ -81,7 +81,7 @@ pub async fn check_target(db: &dyn Database, manifest: &Manifest) -> Result<Stri
 
 /// Refuse while another client is connected to a database the dump drops and re-creates: the
 /// Immich database, `postgres` and `template1`, and any other the dump names.
-pub async fn check_no_sessions(
+pub(crate) async fn check_no_sessions(
     db: &dyn Database,
     manifest: &Manifest,
     facts: &DumpFacts,
@@ -139,7 +139,7 @@ pub async fn check_no_sessions(
 
 /// Download and decrypt the dump once, check it against the manifest and with [`DumpChecker`],
 /// before the database is touched.
-pub async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<DumpFacts> {
+pub(crate) async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<DumpFacts> {
     let dump = reader
         .fetch(&Object::Dump(manifest.id.clone()), &manifest.dump)
         .await?;
@@ -350,7 +350,7 @@ pub async fn replay(
 }
 
 /// Compare the restored database's rows with the snapshot's counts.
-pub async fn compare_rows(db: &dyn Database, manifest: &Manifest) -> Result<Vec<RowCheck>> {
+pub(crate) async fn compare_rows(db: &dyn Database, manifest: &Manifest) -> Result<Vec<RowCheck>> {
     let actual = db::row_counts(db, &manifest.database.database).await?;
     let mut tables: BTreeMap<&String, RowCheck> = BTreeMap::new();
     for (t, n) in &manifest.database.row_counts {
@@ -391,7 +391,7 @@ impl<R: Read> Read for CountingReader<R> {
 }
 
 /// SHA-256 and length of what passes through.
-pub struct HashingReader<R> {
+pub(crate) struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
     pub len: u64,

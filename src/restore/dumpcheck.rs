@@ -45,7 +45,7 @@ const ALLOWED_SET_CONFIG: &[u8] =
 
 /// What one line of the dump turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Line {
+pub(crate) enum Line {
     /// SQL text (or blank lines and comments).
     Sql {
         /// The line begins outside quotes and comments with no statement pending.
@@ -66,7 +66,7 @@ pub enum Line {
 
 /// An allowed psql meta-command, with its argument decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Meta {
+pub(crate) enum Meta {
     /// `\connect NAME`, `\connect "NAME"` or `\connect -reuse-previous=on "dbname='NAME'"`:
     /// the database name.
     Connect(String),
@@ -82,7 +82,7 @@ pub enum Meta {
 /// Why the dump was refused: the 1-based line, a short reason, and the start of the line with
 /// control characters escaped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     /// 1-based line number.
     pub line: u64,
     /// What is wrong, in a few words.
@@ -101,7 +101,7 @@ impl std::error::Error for Rejection {}
 
 /// What a fully checked dump holds, for the caller's own checks and report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DumpFacts {
+pub(crate) struct DumpFacts {
     /// Lines read.
     pub lines: u64,
     /// `COPY … FROM stdin` blocks.
@@ -134,7 +134,7 @@ enum State {
 /// Streaming checker: feed it every line of the dump with [`DumpChecker::line`], then call
 /// [`DumpChecker::finish`]. After a rejection it only repeats that rejection.
 #[derive(Debug)]
-pub struct DumpChecker {
+pub(crate) struct DumpChecker {
     state: State,
     /// Lines seen so far (the current line's number while it is checked).
     lines: u64,

@@ -46,7 +46,7 @@ pub struct Damaged {
 }
 
 /// A snapshot path made safe: relative, plain components, first one an originals folder.
-pub fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
+pub(crate) fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
     let p = std::path::Path::new(rel);
     let ok = !rel.is_empty()
         && !rel.contains('\0')
@@ -180,7 +180,7 @@ impl Stored {
 
 /// What the target holds already, compared with the snapshot.
 #[derive(Default)]
-pub struct Survey {
+pub(crate) struct Survey {
     /// Files already in place and identical (an interrupted restore being resumed).
     pub present: HashSet<String>,
     /// Immich markers (`<folder>/.immich`) in the target that differ from the snapshot's: made by an
@@ -195,7 +195,7 @@ pub struct Survey {
 
 /// Compare the file list with the target and with the store's listing; refuse when the target
 /// holds anything that is not the snapshot's.
-pub async fn survey(
+pub(crate) async fn survey(
     reader: &Reader,
     manifest: &Manifest,
     key: &[u8; 32],
@@ -471,7 +471,7 @@ struct Job {
 }
 
 /// What [`restore_files`] did.
-pub struct FilesDone {
+pub(crate) struct FilesDone {
     pub restored: u64,
     pub damaged: Vec<Damaged>,
 }
@@ -479,7 +479,7 @@ pub struct FilesDone {
 /// Restore every file of the list that is not `present` (those the survey found damaged are tried
 /// too: the survey's verdict comes from sizes alone); then symlinks, then folder modes and times;
 /// sync once.
-pub async fn restore_files(
+pub(crate) async fn restore_files(
     reader: &Reader,
     manifest: &Manifest,
     key: [u8; 32],
@@ -757,7 +757,7 @@ fn mtime(mtime_ns: i64) -> std::time::SystemTime {
 
 /// Create Immich's six folders with their `.immich` markers, so the server starts; never through a
 /// symlink. Returns what could not be done, as warnings.
-pub fn make_markers(target: &Target) -> Vec<String> {
+pub(crate) fn make_markers(target: &Target) -> Vec<String> {
     let stamp = chrono::Utc::now().timestamp_millis().to_string();
     let mut warnings = Vec::new();
     for f in crate::immich::FOLDERS {
@@ -785,7 +785,7 @@ pub fn make_markers(target: &Target) -> Vec<String> {
 }
 
 /// The complete snapshots that use each of `objects` (from their plaintext `refs.txt.gz`).
-pub async fn shared_by(
+pub(crate) async fn shared_by(
     repo: &Repository,
     objects: &HashSet<ContentId>,
 ) -> Result<HashMap<ContentId, Vec<String>>> {

@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::restore::target::Target;
 
 /// The state file's name, at the top of the target (outside the originals folders).
-pub const STATE_FILE: &str = ".immich-backup-restore.json";
+pub(crate) const STATE_FILE: &str = ".immich-backup-restore.json";
 
 /// How far the database of the restore got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -144,7 +144,7 @@ fn check_name(name: &OsStr) -> io::Result<()> {
 }
 
 /// A clearer message for the errors a refused symlink gives.
-pub fn explain(e: io::Error) -> io::Error {
+pub(crate) fn explain(e: io::Error) -> io::Error {
     match e.raw_os_error() {
         Some(libc::ELOOP) => io::Error::new(
             e.kind(),
@@ -160,7 +160,7 @@ pub fn explain(e: io::Error) -> io::Error {
 
 impl Folder {
     /// The open folder.
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
@@ -236,7 +236,7 @@ impl Folder {
     }
 
     /// Give the unnamed (`O_TMPFILE`) file `file` the name `name`: `Ok(false)` when `name` exists.
-    pub fn link_unnamed(&self, file: &File, name: &OsStr) -> io::Result<bool> {
+    pub(crate) fn link_unnamed(&self, file: &File, name: &OsStr) -> io::Result<bool> {
         check_name(name)?;
         use std::os::fd::AsRawFd;
         let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -287,7 +287,7 @@ impl Folder {
 
     /// Replace the file `name` with `bytes`, durably: written under a temporary name, synced,
     /// renamed over `name`, and the folder synced.
-    pub fn replace_file(&self, name: &OsStr, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn replace_file(&self, name: &OsStr, bytes: &[u8]) -> io::Result<()> {
         check_name(name)?;
         let mut tmp = name.to_os_string();
         tmp.push(".tmp");
@@ -309,13 +309,13 @@ impl Folder {
     }
 
     /// Set this folder's permission bits.
-    pub fn set_mode(&self, mode: u32) -> io::Result<()> {
+    pub(crate) fn set_mode(&self, mode: u32) -> io::Result<()> {
         rustix::fs::fchmod(self.fd(), Mode::from_bits_truncate(mode))?;
         Ok(())
     }
 
     /// Set this folder's modification time (nanoseconds since the epoch).
-    pub fn set_mtime(&self, mtime_ns: i64) -> io::Result<()> {
+    pub(crate) fn set_mtime(&self, mtime_ns: i64) -> io::Result<()> {
         let t = Timespec {
             tv_sec: mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,

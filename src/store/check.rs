@@ -60,7 +60,7 @@ impl InitReport {
 }
 
 /// A failed check: what happened and what to do.
-pub(crate) struct Failure {
+pub struct Failure {
     pub(crate) detail: String,
     pub(crate) remedy: String,
 }

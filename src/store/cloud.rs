@@ -30,7 +30,7 @@ pub enum Backend {
 
 impl Backend {
     /// What the service calls a bucket.
-    pub fn bucket_word(self) -> &'static str {
+    pub(crate) fn bucket_word(self) -> &'static str {
         match self {
             Backend::Azure => "container",
             Backend::Local => "folder",
@@ -39,7 +39,7 @@ impl Backend {
     }
 
     /// Where this backend's credentials come from, for remedies.
-    pub fn credentials_hint(self) -> &'static str {
+    pub(crate) fn credentials_hint(self) -> &'static str {
         match self {
             Backend::S3 => "check [storage] access_key_id and secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE), that the key may read and write the bucket, and [storage] region",
             Backend::Gcs => "check [storage] service_account (or GOOGLE_APPLICATION_CREDENTIALS) and that the account has Storage Object Admin on the bucket",
@@ -52,7 +52,7 @@ impl Backend {
 /// The retry policy: exponential backoff from 100 ms to 15 s, up to `max_retries` retries and
 /// `retry_timeout_secs` seconds from the first attempt. object_store retries 5xx answers, connection
 /// errors and (for idempotent requests) timeouts.
-pub fn retry_config(cfg: &StorageConfig) -> RetryConfig {
+pub(crate) fn retry_config(cfg: &StorageConfig) -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
@@ -207,7 +207,7 @@ pub fn build(
 
 /// Credentials from the AWS shared credentials file.
 #[derive(Debug, PartialEq, Eq)]
-pub struct AwsProfile {
+pub(crate) struct AwsProfile {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: Option<String>,
@@ -275,7 +275,7 @@ fn ini_section(text: &str, wanted: &[String]) -> Option<BTreeMap<String, String>
 }
 
 /// The credentials and region of `profile` in the given file contents.
-pub fn parse_aws_profile(
+pub(crate) fn parse_aws_profile(
     credentials: &str,
     config: Option<&str>,
     profile: &str,

@@ -18,16 +18,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bytes per direct write: large enough that the device is kept busy by few calls.
-pub const BLOCK: usize = 1024 * 1024;
+pub(crate) const BLOCK: usize = 1024 * 1024;
 /// Alignment of buffer, offset and length of each direct write (the largest logical block size in
 /// common use).
-pub const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 /// Blocks kept for reuse (one per writer at a time; a fresh one faults in new pages).
 const KEPT: usize = 16;
 
 /// What the writers of one store share: whether direct writes work there, and spare blocks.
 #[derive(Debug)]
-pub struct Direct {
+pub(crate) struct Direct {
     enabled: AtomicBool,
     spare: Mutex<Vec<Block>>,
 }
@@ -41,12 +41,12 @@ impl Direct {
     }
 
     /// Whether new files should be opened with `O_DIRECT`.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
     }
 
     /// The file system refused direct writes: use the page cache from now on.
-    pub fn disable(&self) {
+    pub(crate) fn disable(&self) {
         if self.enabled.swap(false, Ordering::Relaxed) {
             tracing::debug!(
                 "the store's file system refuses O_DIRECT; writing through the page cache"
@@ -92,7 +92,7 @@ impl Block {
 /// How a store or a restore makes its new files: whether the file system takes direct writes and
 /// unnamed (`O_TMPFILE`) files, each until it says it does not.
 #[derive(Debug)]
-pub struct NewFiles {
+pub(crate) struct NewFiles {
     direct: Arc<Direct>,
     /// Unnamed files are given their name through /proc/self/fd (`store::local::link_fd`).
     unnamed: AtomicBool,
@@ -108,29 +108,16 @@ impl NewFiles {
     }
 
     /// These new files without unnamed (`O_TMPFILE`) files, as on a file system that lacks them.
-    pub fn without_unnamed(self) -> NewFiles {
+    #[cfg(test)]
+    pub(crate) fn without_unnamed(self) -> NewFiles {
         self.unnamed.store(false, Ordering::Relaxed);
         self
     }
 
     /// Whether files are opened with `O_DIRECT` (as far as is known yet).
-    pub fn direct(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn direct(&self) -> bool {
         self.direct.enabled()
-    }
-
-    /// Open `path` with `options` (which must carry no custom flags) for `len` bytes.
-    pub fn open(
-        &self,
-        path: &std::path::Path,
-        options: &std::fs::OpenOptions,
-        len: u64,
-    ) -> io::Result<DirectWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
-        open(
-            &self.direct,
-            |extra| options.clone().custom_flags(extra).open(path),
-            len,
-        )
     }
 
     /// An unnamed file in `folder`, created with `mode`, for `len` bytes, to be named with
@@ -152,7 +139,7 @@ impl NewFiles {
     }
 
     /// An unnamed file in the open folder `dir` (see [`NewFiles::unnamed`]).
-    pub fn unnamed_in(
+    pub(crate) fn unnamed_in(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
         mode: u32,
@@ -166,7 +153,7 @@ impl NewFiles {
     /// File `name` in the open folder `dir`, created (or emptied) with `mode`, for `len` bytes;
     /// never through a symlink. (Not `O_EXCL`: a file system that refuses `O_DIRECT` may create
     /// the file before it says so, and the open is then made again without it.)
-    pub fn create_in(
+    pub(crate) fn create_in(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
         name: &std::ffi::OsStr,
@@ -245,7 +232,7 @@ fn open(
 
 /// Whether direct writes suit the file system holding `path`: not on network or FUSE file
 /// systems, where each would wait for a round trip and caching is the server's business anyway.
-pub fn suits(path: &std::path::Path) -> bool {
+pub(crate) fn suits(path: &std::path::Path) -> bool {
     // statfs(2) magic numbers.
     const REMOTE: [i64; 8] = [
         0x6969,      // NFS
@@ -274,7 +261,7 @@ pub fn suits(path: &std::path::Path) -> bool {
 /// A direct write waits for the device. Many files written side by side keep both the CPU and the
 /// device busy, but a single large one would alternate between them; so once a file has passed
 /// [`PIPELINE_AFTER`] blocks, a helper thread writes each full block while the next one fills.
-pub struct DirectWriter {
+pub(crate) struct DirectWriter {
     file: Option<File>,
     block: Option<Block>,
     filled: usize,
@@ -287,7 +274,7 @@ pub struct DirectWriter {
 }
 
 /// Blocks a file writes itself before a helper thread takes over its full blocks.
-pub const PIPELINE_AFTER: u64 = 8;
+pub(crate) const PIPELINE_AFTER: u64 = 8;
 
 /// The helper thread of a large file: full blocks go to it, written ones (or the error) come back.
 struct Pipe {

@@ -38,13 +38,13 @@ use crate::format::{ContentId, DATA_DIR};
 use crate::store::directio::{DirectWriter, NewFiles};
 
 /// Folder (under the store root) holding the staging folders of running backups.
-pub const STAGING_DIR: &str = "staging";
+pub(crate) const STAGING_DIR: &str = "staging";
 /// The file in a staging folder that names its run.
-pub const OWNER_FILE: &str = "owner.json";
+pub(crate) const OWNER_FILE: &str = "owner.json";
 
 /// Who a staging folder belongs to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Owner {
+pub(crate) struct Owner {
     pub host: String,
     /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`): a different one means the machine
     /// restarted since, and unsynced bytes may have been lost.
@@ -55,7 +55,7 @@ pub struct Owner {
 
 impl Owner {
     /// This process, now.
-    pub fn this_process() -> Owner {
+    pub(crate) fn this_process() -> Owner {
         Owner {
             host: crate::host::hostname(),
             boot_id: boot_id(),
@@ -74,7 +74,7 @@ pub fn boot_id() -> String {
 
 /// What a backup does with another run's staging folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Its run is alive (or may be): leave it.
     Leave,
     /// Its run died on this host since the last boot: its complete objects are safe to publish.
@@ -85,7 +85,7 @@ pub enum Verdict {
 
 /// Decide about a staging folder from its owner, this process, and whether its owner's host holds
 /// a live lock on the store. `fresh` says the folder is too new to judge without an owner file.
-pub fn verdict(
+pub(crate) fn verdict(
     owner: Option<&Owner>,
     me: &Owner,
     host_has_live_lock: bool,
@@ -117,7 +117,7 @@ pub fn verdict(
 
 /// A store that is a local (or mounted) folder.
 #[derive(Debug)]
-pub struct LocalDir {
+pub(crate) struct LocalDir {
     root: PathBuf,
     /// The running backup's staging folder, once it has one.
     staging: Mutex<Option<PathBuf>>,
@@ -150,7 +150,7 @@ impl LocalDir {
     }
 
     /// Start staging this run's content objects; returns the staging folder's name.
-    pub fn begin_staging(&self) -> io::Result<String> {
+    pub(crate) fn begin_staging(&self) -> io::Result<String> {
         let owner = Owner::this_process();
         let name = format!(
             "{}-{}",
@@ -166,12 +166,12 @@ impl LocalDir {
     }
 
     /// Whether a backup is staging into this store.
-    pub fn is_staging(&self) -> bool {
+    pub(crate) fn is_staging(&self) -> bool {
         self.staging.lock().expect("not poisoned").is_some()
     }
 
     /// Whether content object `id` is complete in this run's staging folder.
-    pub fn is_staged(&self, id: &ContentId) -> bool {
+    pub(crate) fn is_staged(&self, id: &ContentId) -> bool {
         let staging = self.staging.lock().expect("not poisoned").clone();
         staging.is_some_and(|dir| staged_path(&dir, &id.key()).exists())
     }
@@ -193,13 +193,13 @@ impl LocalDir {
 
     /// A writer that replaces `key` when complete (`backup --repair`): written under a temporary
     /// name, synced, renamed over `key`, the folder synced. Never staged.
-    pub fn create_replacing(&self, key: &str) -> io::Result<LocalWriter> {
+    pub(crate) fn create_replacing(&self, key: &str) -> io::Result<LocalWriter> {
         self.open_writer(self.path(key), Finish::Replace)
     }
 
     /// A writer for a content object named only when complete ([`LocalWriter::name`]), hashed as
     /// it is written; `None` outside a backup (no staging folder).
-    pub fn create_unnamed(&self) -> Option<io::Result<LocalWriter>> {
+    pub(crate) fn create_unnamed(&self) -> Option<io::Result<LocalWriter>> {
         let dir = self.staging.lock().expect("not poisoned").clone()?;
         Some(self.open_writer(dir.join("unnamed"), Finish::Stage))
     }
@@ -253,7 +253,7 @@ impl LocalDir {
 
     /// Publish this run's staged objects (sync, move into `data/`, sync); returns how many were new.
     /// Everything written before is durable afterwards, staged or not.
-    pub fn publish(&self) -> io::Result<u64> {
+    pub(crate) fn publish(&self) -> io::Result<u64> {
         let Some(dir) = self.staging.lock().expect("not poisoned").take() else {
             self.sync()?;
             return Ok(0);
@@ -319,7 +319,7 @@ impl LocalDir {
     /// Called before a backup begins staging: a folder this process still holds is an earlier
     /// run's that failed (the agent runs backup after backup in one process), and counts as
     /// another's from now on.
-    pub fn other_staging(&self) -> io::Result<Vec<(String, Option<Owner>, bool)>> {
+    pub(crate) fn other_staging(&self) -> io::Result<Vec<(String, Option<Owner>, bool)>> {
         self.staging.lock().expect("not poisoned").take();
         let base = self.root.join(STAGING_DIR);
         let entries = match fs::read_dir(&base) {
@@ -351,7 +351,7 @@ impl LocalDir {
     }
 
     /// Adopt a dead run's staging folder: sync, publish its complete objects; returns how many.
-    pub fn adopt(&self, name: &str) -> io::Result<u64> {
+    pub(crate) fn adopt(&self, name: &str) -> io::Result<u64> {
         self.sync()?;
         let n = self.move_staged(&self.root.join(STAGING_DIR).join(name))?;
         self.sync()?;
@@ -359,12 +359,12 @@ impl LocalDir {
     }
 
     /// Remove a staging folder whose bytes cannot be trusted.
-    pub fn discard(&self, name: &str) -> io::Result<()> {
+    pub(crate) fn discard(&self, name: &str) -> io::Result<()> {
         remove_folder(&self.root.join(STAGING_DIR).join(name))
     }
 
     /// Every content address under `data/`, from the folder names alone (no per-object `stat`).
-    pub fn content_ids(&self) -> io::Result<Vec<ContentId>> {
+    pub(crate) fn content_ids(&self) -> io::Result<Vec<ContentId>> {
         let mut ids = Vec::new();
         let data = self.root.join(DATA_DIR);
         let subdirs = match fs::read_dir(&data) {
@@ -400,7 +400,7 @@ fn staged_path(dir: &Path, key: &str) -> PathBuf {
 }
 
 /// Give the unnamed file `file` the name `to` (create-only: `Ok(false)` when `to` exists).
-pub fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
+pub(crate) fn link_fd(file: &File, to: &Path) -> io::Result<bool> {
     let from = c_path(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
     let to_c = c_path(to)?;
     create_only(to, || {
@@ -538,7 +538,7 @@ enum Out {
 }
 
 /// One object being written to a temporary file. Dropping it unfinished removes the file.
-pub struct LocalWriter {
+pub(crate) struct LocalWriter {
     out: Option<Out>,
     /// The temporary name; `None` for an unnamed (`O_TMPFILE`) file.
     tmp: Option<PathBuf>,
@@ -602,7 +602,7 @@ impl LocalWriter {
 }
 
 /// Ask the kernel to start writing the file out now, so a later sync has little left to do.
-pub fn start_writeback(file: &File) {
+pub(crate) fn start_writeback(file: &File) {
     // SAFETY: sync_file_range on a descriptor we own; failure only loses the head start.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);

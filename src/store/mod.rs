@@ -53,7 +53,7 @@ use crate::store::local::LocalDir;
 /// (S3 allows 10,000 parts: objects up to 80 GiB.)
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts of one object uploaded at once.
-pub const PARTS_IN_FLIGHT: usize = 4;
+pub(crate) const PARTS_IN_FLIGHT: usize = 4;
 
 /// A configured store with its key prefix.
 #[derive(Clone)]
@@ -191,8 +191,9 @@ impl Store {
         })
     }
 
-    /// Wrap an already built object store (used by tests and other backends).
-    pub fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Store {
+    /// Wrap an already built object store (unit tests: an in-memory or plain folder store).
+    #[cfg(test)]
+    pub(crate) fn from_object_store(inner: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Store {
         Store {
             inner,
             prefix: ObjectPath::from(prefix),
@@ -213,7 +214,7 @@ impl Store {
     }
 
     /// Which service this is.
-    pub fn backend(&self) -> Backend {
+    pub(crate) fn backend(&self) -> Backend {
         self.backend
     }
 
@@ -248,11 +249,6 @@ impl Store {
                 .join("/"),
             None => path.to_string(),
         }
-    }
-
-    /// The error's text, cleaned of secrets, one line.
-    pub fn describe(&self, e: &object_store::Error) -> String {
-        self.redactor.clean(&error_chain(e))
     }
 
     /// Map an object_store error on `key` to ours.
@@ -416,7 +412,7 @@ impl Store {
     /// A writer that replaces the object `key` when complete, in one step (`backup --repair`): on a
     /// folder store a synced temporary file renamed over it, on a cloud store an overwriting put
     /// (or a multipart upload, which replaces the object only when complete).
-    pub fn replacing_writer(&self, key: &str) -> ObjectWriter {
+    pub(crate) fn replacing_writer(&self, key: &str) -> ObjectWriter {
         self.object_writer(key, true)
     }
 
@@ -441,7 +437,7 @@ impl Store {
 
     /// A writer for a content object that is named only once complete ([`ObjectWriter::name`]):
     /// local stores during a backup only, so a new file is read once, hashed as it is encrypted.
-    pub fn unnamed_writer(&self) -> Option<ObjectWriter> {
+    pub(crate) fn unnamed_writer(&self) -> Option<ObjectWriter> {
         let local = self.local.as_ref()?.create_unnamed()?;
         Some(ObjectWriter {
             store: self.clone(),
@@ -475,7 +471,7 @@ impl Store {
     }
 
     /// Every content address in `data/` (a local store reads only folder names).
-    pub async fn content_ids(&self) -> Result<Vec<ContentId>> {
+    pub(crate) async fn content_ids(&self) -> Result<Vec<ContentId>> {
         if let Some(local) = self.local.clone() {
             return tokio::task::spawn_blocking(move || local.content_ids())
                 .await
@@ -489,7 +485,9 @@ impl Store {
     }
 
     /// Every content object in `data/` with its stored size.
-    pub fn content_sizes(&self) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
+    pub(crate) fn content_sizes(
+        &self,
+    ) -> impl futures::Stream<Item = Result<(ContentId, u64)>> + '_ {
         self.list(crate::format::DATA_DIR)
             .try_filter_map(
                 |(k, size)| async move { Ok(ContentId::from_key(&k).map(|id| (id, size))) },
@@ -512,25 +510,25 @@ impl Store {
     }
 
     /// A backup starts: content it writes to a local store is staged until [`Store::publish`].
-    pub async fn begin_staging(&self) -> Result<()> {
+    pub(crate) async fn begin_staging(&self) -> Result<()> {
         self.on_local(crate::store::local::STAGING_DIR, |l| l.begin_staging())
             .await
             .map(|_| ())
     }
 
     /// Whether this run stages its content (a local store during a backup).
-    pub fn is_staging(&self) -> bool {
+    pub(crate) fn is_staging(&self) -> bool {
         self.local.as_ref().is_some_and(|l| l.is_staging())
     }
 
     /// Whether this run has staged content object `id` (always false when not staging).
-    pub fn is_staged(&self, id: &ContentId) -> bool {
+    pub(crate) fn is_staged(&self, id: &ContentId) -> bool {
         self.local.as_ref().is_some_and(|l| l.is_staged(id))
     }
 
     /// Make this run's staged content durable and visible in `data/`, and everything written before
     /// durable; returns how many objects were new.
-    pub async fn publish(&self) -> Result<u64> {
+    pub(crate) async fn publish(&self) -> Result<u64> {
         let n = self
             .on_local(crate::store::local::STAGING_DIR, |l| l.publish())
             .await?;
@@ -538,7 +536,7 @@ impl Store {
     }
 
     /// The staging folders of other runs (local stores), with their owners.
-    pub async fn other_staging(
+    pub(crate) async fn other_staging(
         &self,
     ) -> Result<Vec<(String, Option<crate::store::local::Owner>, bool)>> {
         let found = self
@@ -548,7 +546,7 @@ impl Store {
     }
 
     /// Publish the staging folder `name` of a run that died; returns how many objects were new.
-    pub async fn adopt_staging(&self, name: &str) -> Result<u64> {
+    pub(crate) async fn adopt_staging(&self, name: &str) -> Result<u64> {
         let name = name.to_string();
         let n = self
             .on_local(crate::store::local::STAGING_DIR, move |l| l.adopt(&name))
@@ -557,7 +555,7 @@ impl Store {
     }
 
     /// Remove the staging folder `name` of a run whose bytes cannot be trusted.
-    pub async fn discard_staging(&self, name: &str) -> Result<()> {
+    pub(crate) async fn discard_staging(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         self.on_local(crate::store::local::STAGING_DIR, move |l| l.discard(&name))
             .await
@@ -565,7 +563,7 @@ impl Store {
     }
 
     /// Keys of the objects directly under the prefix (not in `data/`, `snapshots/`, …).
-    pub async fn list_top(&self) -> Result<Vec<String>> {
+    pub(crate) async fn list_top(&self) -> Result<Vec<String>> {
         let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
         let listed = self
             .inner
@@ -587,7 +585,7 @@ impl Store {
 
 /// Our error back out of an `io::Error` that an [`ObjectWriter`] (possibly through the encryption
 /// layers) returned; other I/O errors become a storage error on `key`.
-pub fn error_from_io(key: &str, e: io::Error) -> Error {
+pub(crate) fn error_from_io(key: &str, e: io::Error) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
         let inner = e.into_inner().expect("checked above");
         return *inner.downcast::<Error>().expect("checked above");
