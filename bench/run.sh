@@ -173,7 +173,12 @@ fresh_store() { trash "$WORK/$1-store" "$WORK/$1-cache"; mkdir -p "$WORK/$1-stor
 # Ours signs its snapshots (the key through the environment, so that the same config files also
 # suit a baseline build older than signing).
 ours() { echo "IMMICH_BACKUP__ENCRYPTION__SIGNING_KEY_FILE='$SIGN' '$IB' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
-base() { echo "'$BASE' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
+# A baseline build that signs (it has the signing-key command) gets the key too.
+BASE_ENV=""
+if [ -n "$BASE" ] && "$BASE" signing-key --help >/dev/null 2>&1; then
+  BASE_ENV="IMMICH_BACKUP__ENCRYPTION__SIGNING_KEY_FILE='$SIGN' "
+fi
+base() { echo "$BASE_ENV'$BASE' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
 
 gen_once() { # gen_once DIR ARGS…: generate data unless DIR/.done says it is there already
   local dir=$1; shift
@@ -252,7 +257,7 @@ if has 2; then
   log "scenario 2: no-change backup of $SMALL_FILES small files"
   settle_deletes
   fresh_store s2
-  "$IB" --no-progress -c "$WORK/s2.toml" backup >/dev/null 2>&1
+  bash -c "$(ours s2 backup)" >/dev/null 2>&1
   if command -v restic >/dev/null; then
     trash "$WORK/restic2"; restic -q -r "$WORK/restic2" init >/dev/null
     (cd "$SM" && restic -q -r "$WORK/restic2" backup library upload profile >/dev/null)

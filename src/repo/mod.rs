@@ -330,3 +330,140 @@ pub(crate) fn parse_json<T: DeserializeOwned>(obj: &Object, body: &[u8]) -> Resu
         message: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::{generate_key, write_identity_file};
+    use crate::format::ObjectRef;
+
+    /// A repository in memory, with a key pair: (repository, writer, reader).
+    fn repo_with_keys() -> (tempfile::TempDir, Repository, Writer, Reader) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key();
+        let id_file = dir.path().join("id.txt");
+        write_identity_file(&id_file, &key).unwrap();
+        let recipients = Recipients::load(std::slice::from_ref(&key.recipient), None).unwrap();
+        let identities = Identities::load(&id_file).unwrap();
+        let store = Store::from_object_store(
+            Arc::new(object_store::memory::InMemory::new()),
+            "",
+            "memory:///",
+        );
+        let repo = Repository::new(store);
+        let writer = repo.writer(Arc::new(recipients), vec![key.signing]);
+        let reader = repo.reader(Arc::new(identities));
+        (dir, repo, writer, reader)
+    }
+
+    /// Write `plain` as the sealed object `obj`; returns its pin (as a manifest records it).
+    async fn put_sealed(writer: &Writer, obj: &Object, plain: &[u8]) -> ObjectRef {
+        let (writer, obj, plain) = (writer.clone(), obj.clone(), plain.to_vec());
+        tokio::task::spawn_blocking(move || {
+            let mut w = writer.sealed_writer(&obj).unwrap();
+            let mac = hex::encode(w.header_mac());
+            w.write_all(&plain).unwrap();
+            w.finish().unwrap();
+            ObjectRef {
+                key: obj.key(),
+                size: plain.len() as u64,
+                sha256: String::new(),
+                header_mac: Some(mac),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn read_all(fetched: Fetched) -> Result<Vec<u8>> {
+        tokio::task::spawn_blocking(move || {
+            let mut plain = fetched.open()?;
+            let mut out = Vec::new();
+            plain.read_to_end(&mut out).map_err(|e| plain.error(e))?;
+            Ok(out)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sealed_objects_round_trip_only_under_their_own_name_and_pin() {
+        let (_d, repo, writer, reader) = repo_with_keys();
+        let dump = Object::Dump("a".into());
+        let pinned = put_sealed(&writer, &dump, b"SELECT 1;\n").await;
+        let stored = repo.get_sealed(&dump).await.unwrap();
+        assert!(stored.as_bytes().starts_with(b"age-encryption.org/v1"));
+        let fetched = reader.fetch(&dump, &pinned).await.unwrap();
+        assert_eq!(read_all(fetched).await.unwrap(), b"SELECT 1;\n");
+
+        // A manifest naming another snapshot's dump for this one is refused before any read.
+        let other = Object::Dump("b".into());
+        let err = reader.fetch(&other, &pinned).await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+
+        // The same name with another age header (a replaced object) fails at open.
+        put_sealed(&writer, &other, b"SELECT 1;\n").await;
+        let swapped = ObjectRef {
+            key: other.key(),
+            ..pinned.clone()
+        };
+        let fetched = reader.fetch(&other, &swapped).await.unwrap();
+        let err = read_all(fetched).await.unwrap_err();
+        assert!(err.to_string().contains("replaced"), "{err}");
+
+        // A damaged chunk is a damaged object.
+        let mut bytes = stored.as_bytes().to_vec();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 1;
+        let damaged = Object::Dump("c".into());
+        repo.create_sealed(&damaged, &Sealed(bytes.into()))
+            .await
+            .unwrap();
+        let fetched = reader
+            .fetch(
+                &damaged,
+                &ObjectRef {
+                    key: damaged.key(),
+                    ..pinned
+                },
+            )
+            .await
+            .unwrap();
+        let err = read_all(fetched).await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn plain_and_sealed_objects_are_not_mixed_up_and_never_overwritten() {
+        let (_d, repo, writer, reader) = repo_with_keys();
+        let manifest = Object::Manifest("a".into());
+        // A sealed object is not read or written as plain text, nor the reverse.
+        assert!(repo.get(&manifest).await.is_err());
+        assert!(repo.create(&manifest, b"{}".to_vec()).await.is_err());
+        assert!(repo.get_sealed(&Object::Summary("a".into())).await.is_err());
+        assert!(writer.sealed_writer(&Object::Refs("a".into())).is_err());
+        // Small sealed objects: sealed in memory, created once, opened.
+        let sealed = writer.seal(br#"{"x": 1}"#).unwrap();
+        repo.create_sealed(&manifest, &sealed).await.unwrap();
+        let again = writer.seal(br#"{"x": 2}"#).unwrap();
+        assert!(repo.create_sealed(&manifest, &again).await.is_err());
+        let value: serde_json::Value = reader.open_json(&manifest).await.unwrap();
+        assert_eq!(value["x"], 1);
+        // Plain objects: created once, parsed, a body that does not parse is damaged.
+        let summary = Object::Summary("a".into());
+        repo.create(&summary, b"not json".to_vec()).await.unwrap();
+        assert!(repo.create(&summary, b"{}".to_vec()).await.is_err());
+        let err = repo
+            .get_json::<serde_json::Value>(&summary)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+        assert!(matches!(
+            repo.get(&Object::Summary("missing".into())).await,
+            Err(Error::Missing { .. })
+        ));
+    }
+}

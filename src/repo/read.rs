@@ -98,6 +98,12 @@ pub struct Fetched {
     identities: Arc<Identities>,
 }
 
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fetched({})", self.key)
+    }
+}
+
 impl Fetched {
     /// The object's key (for messages).
     pub fn key(&self) -> &str {
