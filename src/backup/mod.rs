@@ -183,11 +183,11 @@ async fn run_locked(
         time,
         host: crate::host::hostname(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        files: files.totals.files,
-        bytes: files.totals.bytes,
-        bytes_added: files.bytes_stored,
+        files: files.counts.totals.files,
+        bytes: files.counts.totals.bytes,
+        bytes_added: files.counts.bytes_stored,
         dump_bytes: dumped.object.size,
-        skipped: files.skipped.len() as u64,
+        skipped: files.counts.skipped.len() as u64,
     };
     let manifest = Manifest {
         format: format::MANIFEST_FORMAT,
@@ -210,10 +210,10 @@ async fn run_locked(
         },
         dump: dumped.object.clone(),
         files: files.list.clone(),
-        totals: files.totals.clone(),
-        skipped: files.skipped.clone(),
+        totals: files.counts.totals.clone(),
+        skipped: files.counts.skipped.clone(),
     };
-    tracing::debug!(files = files.totals.files, "files stored");
+    tracing::debug!(files = files.counts.totals.files, "files stored");
     let (repaired, not_repaired) = repair.map(|r| r.outcome()).unwrap_or_default();
     for m in &not_repaired {
         tracing::warn!(object = %m.key(), "not repaired: no file of this backup has this content any more; the snapshots that use it cannot restore that file");
@@ -230,19 +230,19 @@ async fn run_locked(
     let report = BackupReport {
         snapshot: id,
         store: repo.url().to_string(),
-        files: files.totals.files,
-        dirs: files.totals.dirs,
-        symlinks: files.totals.symlinks,
-        files_new: files.files_new,
-        files_deduplicated: files.files_dedup,
-        files_unchanged: files.files_unchanged,
-        files_read_ahead: files.files_read_ahead,
-        bytes_total: files.totals.bytes,
-        bytes_read: files.bytes_read,
-        bytes_stored: files.bytes_stored,
+        files: files.counts.totals.files,
+        dirs: files.counts.totals.dirs,
+        symlinks: files.counts.totals.symlinks,
+        files_new: files.counts.files_new,
+        files_deduplicated: files.counts.files_dedup,
+        files_unchanged: files.counts.files_unchanged,
+        files_read_ahead: files.counts.files_read_ahead,
+        bytes_total: files.counts.totals.bytes,
+        bytes_read: files.counts.bytes_read,
+        bytes_stored: files.counts.bytes_stored,
         dump_sql_bytes: dumped.sql_bytes,
         dump_stored_bytes: dumped.object.size,
-        skipped: files.skipped,
+        skipped: files.counts.skipped,
         duration_secs: started.elapsed().as_secs_f64(),
         row_counts: dumped.row_counts,
         signed: writer.signs(),
@@ -486,14 +486,7 @@ struct FilesDone {
     list: ObjectRef,
     refs_sha256: String,
     cache: CacheWriter,
-    totals: Totals,
-    skipped: Vec<Skipped>,
-    files_new: u64,
-    files_dedup: u64,
-    files_unchanged: u64,
-    files_read_ahead: u64,
-    bytes_read: u64,
-    bytes_stored: u64,
+    counts: Counts,
 }
 
 /// One walked item after its content is handled.
@@ -645,14 +638,7 @@ async fn store_files(
         list,
         refs_sha256,
         cache,
-        totals: done.totals,
-        skipped: done.skipped,
-        files_new: done.files_new,
-        files_dedup: done.files_dedup,
-        files_unchanged: done.files_unchanged,
-        files_read_ahead: done.files_read_ahead,
-        bytes_read: done.bytes_read,
-        bytes_stored: done.bytes_stored,
+        counts: done,
     })
 }
 

@@ -349,12 +349,16 @@ impl Store {
                 Err(e) => Err(self.local_error(key, e)),
             };
         }
-        let res = self
-            .inner
+        let res = self.get(key).await?;
+        res.bytes().await.map_err(|e| self.error(key, e))
+    }
+
+    /// Start reading `key` through object_store.
+    async fn get(&self, key: &str) -> Result<object_store::GetResult> {
+        self.inner
             .get(&self.path(key))
             .await
-            .map_err(|e| self.error(key, e))?;
-        res.bytes().await.map_err(|e| self.error(key, e))
+            .map_err(|e| self.error(key, e))
     }
 
     /// Size of an object, or `None` when it does not exist.
@@ -461,11 +465,7 @@ impl Store {
                 Err(e) => Err(self.local_error(key, e)),
             };
         }
-        let res = self
-            .inner
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.error(key, e))?;
+        let res = self.get(key).await?;
         let stream = res.into_stream().map_err(io::Error::other);
         Ok(Box::new(SyncIoBridge::new(StreamReader::new(stream))))
     }
