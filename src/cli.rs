@@ -139,6 +139,15 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
+    /// Check that every snapshot in the store is complete: its objects and every content object it
+    /// references exist (a missing or cut-off object is named with the snapshots that need it);
+    /// leftovers are counted. Needs no identity. Exit 4 when something is missing or damaged.
+    Check {
+        /// Do not take the store's shared lock (a store you may only read). A prune running
+        /// meanwhile could then make objects look missing.
+        #[arg(long)]
+        no_lock: bool,
+    },
     /// Remove content no snapshot references and leftovers of interrupted backups. Needs no
     /// identity.
     Prune {
@@ -293,6 +302,21 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Forget { dry_run, prune } => {
             let cfg = Config::load(cli.config.as_deref())?;
             forget(&cfg, dry_run, prune, cli.json).await
+        }
+        Command::Check { no_lock } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let repo = Repository::open(&cfg.storage)?;
+            let report =
+                immich_backup::verify::check(&repo, (!no_lock).then_some(&cfg.lock)).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print_check(&report);
+            }
+            Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
         Command::Prune { dry_run } => {
             let cfg = Config::load(cli.config.as_deref())?;
@@ -882,6 +906,52 @@ async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> R
         );
     }
     Ok(exit::OK)
+}
+
+fn print_check(r: &immich_backup::verify::CheckReport) {
+    println!(
+        "check: {} snapshot(s) in {} reference {} content object(s); the store holds {} ({})",
+        r.snapshots,
+        r.store,
+        r.content_referenced,
+        r.content_stored,
+        human(r.content_bytes)
+    );
+    for p in &r.problems {
+        println!(
+            "  PROBLEM {}: {} (needed by snapshot(s) {})",
+            p.object,
+            p.problem,
+            p.snapshots.join(", ")
+        );
+    }
+    let l = &r.leftovers;
+    let named = [
+        ("incomplete snapshot folder(s)", &l.incomplete_snapshots),
+        ("staging folder(s) of other runs", &l.staging),
+        ("stale lock(s)", &l.stale_locks),
+        ("stray object(s) in data/", &l.stray_objects),
+    ];
+    for (what, list) in named {
+        if !list.is_empty() {
+            println!("  leftover: {} {what}: {}", list.len(), list.join("; "));
+        }
+    }
+    if l.unreferenced_content > 0 {
+        println!(
+            "  leftover: {} content object(s) ({}) no snapshot references (`immich-backup prune` removes them)",
+            l.unreferenced_content,
+            human(l.unreferenced_bytes)
+        );
+    }
+    if r.ok {
+        println!("  no problems: every snapshot's objects are in the store");
+    } else {
+        println!(
+            "  {} problem(s): the snapshots named cannot be restored whole. The next backup stores missing content again from the files still on disk; `immich-backup backup --repair` also replaces cut-off objects",
+            r.problems.len()
+        );
+    }
 }
 
 fn print_prune(p: &maintenance::PruneReport) {

@@ -21,7 +21,7 @@ pub mod exit {
     /// or missing (listed); everything else was restored.
     pub const DAMAGED: i32 = 4;
     /// The store is unreachable, missing, or refuses our credentials.
-    pub(crate) const STORAGE: i32 = 10;
+    pub const STORAGE: i32 = 10;
     /// The store is locked by another run (see `unlock`).
     pub const LOCKED: i32 = 11;
     /// The identity cannot decrypt the snapshot (wrong key or passphrase).

@@ -13,7 +13,7 @@
 //! 5. [`repo`]: the repository, a store plus keys. It owns every object of the format: backups,
 //!    restores and maintenance read and write sealed, typed objects and never touch age or keys.
 //! 6. The commands' work: [`backup`] (dump, walk, upload), [`restore`] (database, files),
-//!    [`maintenance`] (forget, prune).
+//!    [`maintenance`] (forget, prune), [`verify`] (check).
 //! 7. [`agent`] (scheduled runs, health endpoint) and [`demo`] (the embedded sample), over them all.
 //!
 //! The CLI (`cli`, in the binary) is a thin layer over this library.
@@ -35,5 +35,6 @@ pub mod redact;
 pub mod repo;
 pub mod restore;
 pub mod store;
+pub mod verify;
 
 pub use error::{Error, Result};

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["store", "db"],
     &["repo"],
-    &["backup", "restore", "maintenance"],
+    &["backup", "restore", "maintenance", "verify"],
     &["agent", "demo"],
 ];
 

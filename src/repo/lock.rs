@@ -89,7 +89,7 @@ pub struct FoundLock {
 }
 
 impl FoundLock {
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match &self.info {
             Some(i) => format!("{} ({})", i.describe(), self.key),
             None => format!(
