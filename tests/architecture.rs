@@ -36,7 +36,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// `src/backup/collect.rs` → ["backup", "collect"]; `src/backup/mod.rs` → ["backup"].
+/// `src/backup/walk.rs` → ["backup", "walk"]; `src/backup/mod.rs` → ["backup"].
 fn module_path(src: &Path, file: &Path) -> Vec<String> {
     let rel = file.strip_prefix(src).unwrap().with_extension("");
     let mut parts: Vec<String> = rel

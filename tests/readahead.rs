@@ -1,4 +1,4 @@
-//! The read-ahead (src/early.rs): files stored while the dump was still getting its snapshot never put
+//! The read-ahead (src/backup/early.rs): files stored while the dump was still getting its snapshot never put
 //! stale content into a snapshot, with a real PostgreSQL cluster whose dump is held back by a lock.
 
 mod common;

@@ -17,7 +17,7 @@ use crate::format::{Entry, EntryKind};
 pub struct Found {
     pub entry: Entry,
     /// Where to open it: its path, or, deep down, a path through its open folder
-    /// (`/proc/self/fd/N/name`, see [`LONG_PATH`]) that `dir` keeps valid.
+    /// (`/proc/self/fd/N/name`, see `LONG_PATH`) that `dir` keeps valid.
     pub abs: PathBuf,
     /// The open folder `abs` goes through, for paths too long to open by name.
     pub dir: Option<Arc<std::os::fd::OwnedFd>>,
@@ -80,7 +80,7 @@ pub(crate) const WALK_BATCH: usize = 256;
 ///
 /// Each folder's entries are read, sorted by name and `stat`ed relative to the open folder
 /// (`fstatat` through `DirEntry::metadata`), so no path is resolved again from the root: a folder
-/// is listed before its contents, exactly the order the cache is merged in ([`crate::format::walk_order`]).
+/// is listed before its contents, exactly the order the cache is merged in (`crate::format::walk_order`).
 pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Vec<Walked>>) {
     let mut folders: Vec<&String> = folders.iter().collect();
     folders.sort();

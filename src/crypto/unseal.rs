@@ -6,7 +6,7 @@
 //! crate does:
 //!
 //! - the header: `age-encryption.org/v1`, stanzas (any tag, so age's "grease" stanzas and objects
-//!   written by any age implementation open), `--- ` and its MAC; at most [`MAX_HEADER`] bytes;
+//!   written by any age implementation open), `--- ` and its MAC; at most `MAX_HEADER` bytes;
 //! - the file key, from the first identity that unwraps a stanza (the age crate's `Identity`:
 //!   X25519, SSH and passphrase-protected identity files alike); the header MAC under it;
 //! - the payload: 64 KiB chunks, each authenticated, the last one flagged, nothing after it, and no

@@ -42,11 +42,11 @@ pub struct Folder {
     pub complete: bool,
     /// A `signature.json` exists (whether it verifies is another matter).
     pub signed: bool,
-    /// Every object in the folder (known names or not): its [`Listed`] key and stored size.
+    /// Every object in the folder (known names or not), with its stored size.
     pub objects: Vec<StoredObject>,
 }
 
-/// An object as a listing found it: its key, to hand back to [`Repository::delete_listed`], and its
+/// An object as a listing found it: its key, to hand back to `Repository::delete_listed`, and its
 /// stored size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredObject {

@@ -4,7 +4,7 @@
 //! enough and have the snapshot's extensions, no other client may be connected to a database the
 //! dump drops (its `DROP DATABASE` would fail and psql would load into the old one), and the whole
 //! dump is downloaded, decrypted (pinned to the object the signed manifest names), checked against
-//! the manifest's SHA-256 and read by [`DumpChecker`], which refuses anything `pg_dumpall` would not
+//! the manifest's SHA-256 and read by `DumpChecker`, which refuses anything `pg_dumpall` would not
 //! have written (psql meta-commands such as `\!`, `COPY … PROGRAM`). The replay reads the same
 //! object again (its age header pins it to the checked bytes), checks every line again on its way to
 //! psql, and runs psql with `ON_ERROR_STOP`, so psql stops at the first error.
@@ -137,7 +137,7 @@ pub(crate) async fn check_no_sessions(
     })
 }
 
-/// Download and decrypt the dump once, check it against the manifest and with [`DumpChecker`],
+/// Download and decrypt the dump once, check it against the manifest and with `DumpChecker`,
 /// before the database is touched.
 pub(crate) async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<DumpFacts> {
     let dump = reader
@@ -163,7 +163,7 @@ pub(crate) async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<
     .map_err(|e| Error::Other(format!("dump check: {e}")))?
 }
 
-/// Read the dump's SQL `sql` line by line through a [`DumpChecker`], handing each line and what it
+/// Read the dump's SQL `sql` line by line through a `DumpChecker`, handing each line and what it
 /// is to `each`; stops at the first line refused. `key` names the dump in errors.
 fn check_lines(
     sql: impl Read,
@@ -270,7 +270,7 @@ impl Rewrite {
         }
     }
 
-    /// The bytes to send psql for `line`, which [`DumpChecker`] classified as `kind`.
+    /// The bytes to send psql for `line`, which `DumpChecker` classified as `kind`.
     fn apply<'a>(&'a self, line: &'a [u8], kind: &Line) -> &'a [u8] {
         match kind {
             Line::Meta(Meta::Restrict(_) | Meta::Unrestrict(_)) if !self.restrict => b"",

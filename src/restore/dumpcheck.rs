@@ -6,7 +6,7 @@
 //! may have written to. SQL in it only reaches the database, but psql itself runs backslash
 //! meta-commands (`\!` runs a shell, `\copy` and `\o` open files and pipes, backquotes run
 //! commands) wherever it meets a backslash outside quotes and comments — mid-line, too. So before
-//! psql sees a dump, [`DumpChecker`] lexes all of it the way psql's own lexer (psqlscan.l, with
+//! psql sees a dump, `DumpChecker` lexes all of it the way psql's own lexer (psqlscan.l, with
 //! `standard_conforming_strings = on`) does: quotes, `E''` escapes, `$tag$` quotes, nested
 //! comments, number tokens, and psql's statement boundaries (parentheses and `BEGIN ATOMIC`
 //! bodies). Outside quotes it allows only the whole-line `\restrict`, `\unrestrict`, `\connect`

@@ -4,7 +4,7 @@
 //! A backup writes hundreds of gigabytes that nobody reads back soon. Written through the page cache
 //! they cost a copy per byte (on some virtual machines the largest single cost of a first backup),
 //! then evict what the Immich server had cached, then must be written back before the commit's sync
-//! anyway. Written directly, in aligned blocks of [`BLOCK`] bytes, they skip all three. The last
+//! anyway. Written directly, in aligned blocks of `BLOCK` bytes, they skip all three. The last
 //! partial block of each object goes through the page cache as usual (`O_DIRECT` is switched off on
 //! the descriptor for it), and the commit's `syncfs` makes everything durable exactly as before.
 //!
@@ -70,7 +70,7 @@ impl Direct {
     }
 }
 
-/// A buffer of [`BLOCK`] bytes starting at an [`ALIGN`]ed address.
+/// A buffer of `BLOCK` bytes starting at an [`ALIGN`]ed address.
 #[derive(Debug)]
 struct Block {
     raw: Vec<u8>,

@@ -13,7 +13,7 @@
 //! builders; [`check`]: what `init` tests.)
 //!
 //! Memory stays bounded: a writer buffers at most one part ([`PART_SIZE`]); each object has at most
-//! [`PARTS_IN_FLIGHT`] parts uploading, and the whole store at most `[storage] concurrency` parts
+//! `PARTS_IN_FLIGHT` parts uploading, and the whole store at most `[storage] concurrency` parts
 //! (they wait for a slot), so peak upload memory is about (writers + concurrency) × `PART_SIZE`.
 //!
 //! Errors never show secrets: everything object_store reports passes through [`Redactor`], which

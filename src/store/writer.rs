@@ -100,7 +100,7 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Name an object made by [`Store::unnamed_writer`].
+    /// Name an object made by `Store::unnamed_writer`.
     pub fn name(&mut self, key: &str) {
         self.key = key.to_string();
         if let Some(Ok(w)) = self.local.as_mut() {
