@@ -126,16 +126,7 @@ fn check_takes_the_shared_lock_unless_told_not_to() {
     toml.extra = "[lock]\nwait_secs = 1\n".into();
     let config = toml.write(&src.work.path().join("check.toml"));
     // A prune holds the exclusive lock: check waits, then gives up with the lock's exit code.
-    let rt = rt();
-    let repo = immich_backup::repo::Repository::open(&src.config().storage).unwrap();
-    let lock = rt
-        .block_on(immich_backup::repo::lock::Lock::acquire(
-            &repo,
-            immich_backup::repo::lock::LockKind::Exclusive,
-            "prune",
-            &Default::default(),
-        ))
-        .unwrap();
+    let (rt, lock) = hold_exclusive_lock(&src.config());
     cli(Some(&config), &["check"], &[("IMMICH_BACKUP_LOG", "off")]).expect_code(exit::LOCKED);
     let run = cli(Some(&config), &["check", "--no-lock"], &[]);
     run.expect_code(exit::OK);

@@ -593,16 +593,7 @@ fn restore_takes_the_shared_lock_unless_told_not_to() {
     toml.extra = "[lock]\nwait_secs = 1\n".into();
     let rconfig = toml.write(&src.work.path().join("restore.toml"));
     // A prune holds the exclusive lock.
-    let rt = rt();
-    let store = immich_backup::repo::Repository::open(&src.config().storage).unwrap();
-    let lock = rt
-        .block_on(immich_backup::repo::lock::Lock::acquire(
-            &store,
-            immich_backup::repo::lock::LockKind::Exclusive,
-            "prune",
-            &Default::default(),
-        ))
-        .unwrap();
+    let (rt, lock) = hold_exclusive_lock(&src.config());
     let run = cli(
         Some(&rconfig),
         &restore_args(&src.identity, &[]),

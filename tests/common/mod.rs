@@ -251,6 +251,24 @@ pub fn backup(
     })
 }
 
+/// A prune's exclusive lock on `cfg`'s store, held until released on the runtime returned with it.
+pub fn hold_exclusive_lock(
+    cfg: &Config,
+) -> (tokio::runtime::Runtime, immich_backup::repo::lock::Lock) {
+    use immich_backup::repo::lock::{Lock, LockKind};
+    let rt = rt();
+    let repo = Repository::open(&cfg.storage).unwrap();
+    let lock = rt
+        .block_on(Lock::acquire(
+            &repo,
+            LockKind::Exclusive,
+            "prune",
+            &Default::default(),
+        ))
+        .unwrap();
+    (rt, lock)
+}
+
 /// Restore the latest snapshot of `cfg`'s store (backed up from `source`) through the library API
 /// into a fresh cluster and folder, and check that the row counts match and that the database and
 /// every original came back identical.
