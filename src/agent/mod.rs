@@ -112,7 +112,7 @@ async fn load_store_state(repo: &Repository, shared: &Shared) -> Result<()> {
             .ok(),
         None => None,
     };
-    let (objects, bytes) = maintenance::store_usage(repo).await?;
+    let (objects, bytes) = repo.usage().await?.total();
     shared.update(|s| {
         s.snapshots = complete.len() as u64;
         s.store_objects = objects;
@@ -306,7 +306,7 @@ async fn run_once(
         Err(e) => {
             tracing::error!(error = %e, "retention/prune failed; the backup itself is fine");
             shared.update(|s| s.prune_failures_total += 1);
-            if let Ok((objects, bytes)) = maintenance::store_usage(repo).await {
+            if let Ok((objects, bytes)) = repo.usage().await.map(|u| u.total()) {
                 shared.update(|s| {
                     s.store_objects = objects;
                     s.store_bytes = bytes;

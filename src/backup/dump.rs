@@ -15,8 +15,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::db::{Database, DumpRun};
 use crate::error::{Error, Result};
-use crate::format::Object;
-use crate::format::ObjectRef;
+use crate::format::{Object, ObjectRef};
 use crate::repo::{SealedWriter, Writer};
 
 /// What a finished dump left in the store.
@@ -56,6 +55,7 @@ pub(crate) async fn dump_to_store<F: Fn(u64) + Send + 'static>(
         let writer = repo.sealed_writer(&object)?;
         let input = SyncIoBridge::new(stdout);
         stream_dump(input, writer, &database, level, events)
+            .map_err(|e| crate::repo::write_error(&object.key(), e))
     });
     let (piped, exited) = tokio::join!(pipe, done);
     let piped = piped.map_err(|e| Error::Other(format!("dump thread: {e}")))?;
@@ -100,18 +100,6 @@ struct Piped {
 }
 
 fn stream_dump<F: Fn(u64)>(
-    input: impl Read,
-    sealed: SealedWriter,
-    database: &str,
-    level: u32,
-    events: DumpEvents<F>,
-) -> Result<Piped> {
-    let key = sealed.key().to_string();
-    stream_dump_io(input, sealed, database, level, events)
-        .map_err(|e| crate::repo::write_error(&key, e))
-}
-
-fn stream_dump_io<F: Fn(u64)>(
     mut input: impl Read,
     sealed: SealedWriter,
     database: &str,

@@ -40,8 +40,9 @@ use crate::format::{
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
-use crate::repo::{PlainWriter, Repository, SealedWriter, Writer};
+use crate::repo::{Repository, SealedWriter, Writer};
 use crate::store::local::{self, Owner, Verdict};
+use crate::store::ObjectWriter;
 use cache::{CacheReader, CacheWriter};
 use dedupe::{Known, Repair};
 use dump::HashingWriter;
@@ -777,7 +778,7 @@ struct Lists {
 fn write_lists(
     mut rx: mpsc::Receiver<ListItem>,
     sealed: SealedWriter,
-    refs: PlainWriter,
+    refs: ObjectWriter,
     mut cache: CacheWriter,
 ) -> Result<Lists> {
     let files_key = sealed.key().to_string();

@@ -187,26 +187,25 @@ async fn forget_locked(
     })
 }
 
-/// Read a snapshot's plaintext references into `into`.
+/// Read a snapshot's plaintext references into `into`; an error says prune deleted nothing.
 async fn read_refs(repo: &Repository, id: &str, into: &mut HashSet<ContentId>) -> Result<()> {
-    let object = Object::Refs(id.to_string());
-    let gz = repo.get(&object).await.map_err(|e| match e {
+    snapshots::read_refs(repo, id, |c| {
+        into.insert(c);
+    })
+    .await
+    .map_err(|e| match e {
         Error::Missing { object, .. } => Error::Missing {
             object,
             hint: format!(
                 "snapshot {id} has no reference list, so prune cannot tell what it uses; nothing was deleted. Remove that snapshot's folder or restore it from a copy of the store"
             ),
         },
+        Error::Corrupt { object, message } => Error::Corrupt {
+            object,
+            message: format!("{message}; prune stopped before deleting anything"),
+        },
         other => other,
-    })?;
-    let corrupt = |message: String| Error::Corrupt {
-        object: object.key(),
-        message: format!("{message}; prune stopped before deleting anything"),
-    };
-    for id in format::parse_refs(&gz) {
-        into.insert(id.map_err(corrupt)?);
-    }
-    Ok(())
+    })
 }
 
 /// `prune`: take the exclusive lock and remove what no snapshot needs.
@@ -314,12 +313,13 @@ async fn prune_locked(
         repo.delete_listed(unreferenced.into_iter()).await?;
     }
 
-    let usage = repo.usage().await?;
     if dry_run {
-        report.store_objects = data_objects + usage.snapshot_objects - report.objects_removed;
-        report.store_bytes = data_bytes + usage.snapshot_bytes - report.bytes_removed;
+        // `data/` was listed above; nothing was deleted since.
+        let (snap_objects, snap_bytes) = repo.snapshot_usage().await?;
+        report.store_objects = data_objects + snap_objects - report.objects_removed;
+        report.store_bytes = data_bytes + snap_bytes - report.bytes_removed;
     } else {
-        (report.store_objects, report.store_bytes) = usage.total();
+        (report.store_objects, report.store_bytes) = repo.usage().await?.total();
     }
     tracing::info!(
         snapshots = report.snapshots,
@@ -330,11 +330,6 @@ async fn prune_locked(
         "prune done"
     );
     Ok(report)
-}
-
-/// Bytes and objects in the store's `data/` and `snapshots/` (for metrics).
-pub(crate) async fn store_usage(repo: &Repository) -> Result<(u64, u64)> {
-    Ok(repo.usage().await?.total())
 }
 
 #[cfg(test)]

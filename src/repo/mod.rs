@@ -24,7 +24,7 @@ pub mod snapshots;
 pub mod trust;
 mod write;
 
-use std::io::{self};
+use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -36,12 +36,12 @@ use crate::crypto::sign::SigningKey;
 use crate::crypto::{Identities, Recipients};
 use crate::error::{Error, Result};
 use crate::format::{ContentId, Object, DATA_DIR, SNAPSHOTS_DIR};
-use crate::store::{error_from_io, Store};
+use crate::store::{error_from_io, ObjectWriter, Store};
 
 pub use crate::crypto::seal::age_payload_len as sealed_payload_len;
 pub use read::{Fetched, Reader, Unsealed};
 pub use snapshots::{init, StoredObject};
-pub use write::{PlainWriter, SealedWriter, Writer};
+pub use write::{SealedWriter, Writer};
 
 /// A store holding (or about to hold) an immich-backup repository.
 #[derive(Clone, Debug)]
@@ -74,32 +74,26 @@ pub(crate) fn read_error(key: &str, e: io::Error) -> Error {
     crate::crypto::read_error(key, e)
 }
 
-/// A programming error: a sealed object handled as plain, or the reverse.
-pub(crate) fn wrong_kind(obj: &Object, sealed: bool) -> Error {
-    Error::Other(format!(
-        "{} is {}; it is read and written {}",
+/// Whether `obj` is of the kind (sealed or plain) the caller handles; the other kind is a
+/// programming error.
+fn expect_kind(obj: &Object, sealed: bool) -> Result<()> {
+    if obj.sealed() == sealed {
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "{} is {}, not {}",
         obj.key(),
         if sealed { "plain" } else { "sealed" },
-        if sealed {
-            "as it is"
-        } else {
-            "through the repository's Reader and Writer"
-        }
-    ))
+        if sealed { "sealed" } else { "plain" },
+    )))
 }
 
 pub(crate) fn expect_plain(obj: &Object) -> Result<()> {
-    if obj.sealed() {
-        return Err(wrong_kind(obj, false));
-    }
-    Ok(())
+    expect_kind(obj, false)
 }
 
 pub(crate) fn expect_sealed(obj: &Object) -> Result<()> {
-    if !obj.sealed() {
-        return Err(wrong_kind(obj, true));
-    }
-    Ok(())
+    expect_kind(obj, true)
 }
 
 impl Repository {
@@ -181,13 +175,9 @@ impl Repository {
     }
 
     /// A synchronous writer of a plain object (the refs), for a blocking thread.
-    pub(crate) fn plain_writer(&self, obj: &Object) -> Result<PlainWriter> {
+    pub(crate) fn plain_writer(&self, obj: &Object) -> Result<ObjectWriter> {
         expect_plain(obj)?;
-        let key = obj.key();
-        Ok(PlainWriter {
-            inner: self.store.writer(&key),
-            key,
-        })
+        Ok(self.store.writer(&obj.key()))
     }
 
     /// Stored size of an object, or `None` when it does not exist.
@@ -240,13 +230,18 @@ impl Repository {
     /// Objects and bytes in `data/` and in `snapshots/`.
     pub async fn usage(&self) -> Result<Usage> {
         let (data_objects, data_bytes) = count_objects(&self.store, DATA_DIR).await?;
-        let (snapshot_objects, snapshot_bytes) = count_objects(&self.store, SNAPSHOTS_DIR).await?;
+        let (snapshot_objects, snapshot_bytes) = self.snapshot_usage().await?;
         Ok(Usage {
             data_objects,
             data_bytes,
             snapshot_objects,
             snapshot_bytes,
         })
+    }
+
+    /// Objects and bytes in `snapshots/` alone (one listing).
+    pub(crate) async fn snapshot_usage(&self) -> Result<(u64, u64)> {
+        count_objects(&self.store, SNAPSHOTS_DIR).await
     }
 
     /// A backup begins: in a folder store, content it writes is staged (kept out of `data/`)
@@ -382,7 +377,9 @@ mod tests {
         tokio::task::spawn_blocking(move || {
             let mut plain = fetched.open()?;
             let mut out = Vec::new();
-            plain.read_to_end(&mut out).map_err(|e| plain.error(e))?;
+            plain
+                .read_to_end(&mut out)
+                .map_err(|e| read_error("the object under test", e))?;
             Ok(out)
         })
         .await

@@ -33,11 +33,6 @@ impl Reader {
         &self.repo
     }
 
-    /// The identities objects are opened with.
-    pub fn identities(&self) -> &Arc<Identities> {
-        &self.identities
-    }
-
     /// Open a small sealed object held in memory.
     pub(crate) fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
         let key = obj.key();
@@ -105,40 +100,18 @@ impl std::fmt::Debug for Fetched {
 }
 
 impl Fetched {
-    /// The object's key (for messages).
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
     /// Read the age header with the identities and check it is the pinned one.
     pub fn open(self) -> Result<Unsealed> {
         let inner = self
             .identities
             .decrypt_pinned(self.raw, &self.key, self.pin.as_deref())?;
-        Ok(Unsealed {
-            inner,
-            key: self.key,
-        })
+        Ok(Unsealed { inner })
     }
 }
 
 /// The plaintext of a sealed object, authenticated chunk by chunk as it is read.
 pub struct Unsealed {
     inner: Opened<BufReader<Box<dyn Read + Send + 'static>>>,
-    key: String,
-}
-
-impl Unsealed {
-    /// The object's key (for messages).
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Our error for an I/O error met while reading this object: a chunk that fails
-    /// authentication or a truncated object is a damaged object.
-    pub fn error(&self, e: io::Error) -> Error {
-        read_error(&self.key, e)
-    }
 }
 
 impl Read for Unsealed {

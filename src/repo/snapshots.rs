@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    Object, RepoMarker, Summary, FORMAT_VERSION, MANIFEST_OBJECT, SIGNATURE_OBJECT, SNAPSHOTS_DIR,
+    self, ContentId, Object, RepoMarker, Summary, FORMAT_VERSION, MANIFEST_OBJECT,
+    SIGNATURE_OBJECT, SNAPSHOTS_DIR,
 };
 use crate::repo::Repository;
 use crate::store::check::{self, fail, record, Failure, InitReport, Status};
@@ -72,6 +73,21 @@ pub(crate) async fn list_folders(repo: &Repository) -> Result<BTreeMap<String, F
         }
     }
     Ok(ids)
+}
+
+/// Hand each content address snapshot `id` references (its plaintext `refs.txt.gz`) to `each`. A
+/// missing list is [`Error::Missing`]; a damaged one [`Error::Corrupt`] naming it, after the
+/// addresses before the damage were handed over.
+pub async fn read_refs(repo: &Repository, id: &str, mut each: impl FnMut(ContentId)) -> Result<()> {
+    let object = Object::Refs(id.to_string());
+    let gz = repo.get(&object).await?;
+    for c in format::parse_refs(&gz) {
+        each(c.map_err(|message| Error::Corrupt {
+            object: object.key(),
+            message,
+        })?);
+    }
+    Ok(())
 }
 
 /// Delete snapshot `id`: the manifest first, so it is never visible half-deleted, then the rest of

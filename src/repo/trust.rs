@@ -20,7 +20,7 @@ use crate::crypto::Identities;
 use crate::error::{Error, Result};
 use crate::format::{self, Manifest, Object};
 use crate::repo::snapshots;
-use crate::repo::{Reader, Repository, Sealed};
+use crate::repo::{parse_json, Reader, Repository, Sealed};
 
 /// What a restore trusts.
 #[derive(Debug, Clone, Default)]
@@ -70,11 +70,7 @@ pub async fn open(reader: &Reader, trust: &Trust, id: &str) -> Result<Opened> {
     let object = Object::Manifest(id.to_string());
     let sealed = repo.get_sealed(&object).await?;
     // Decrypted first: a wrong identity is told as such, not as an untrusted snapshot.
-    let plain = reader.open_bytes(&object, &sealed)?;
-    let manifest: Manifest = serde_json::from_slice(&plain).map_err(|e| Error::Corrupt {
-        object: object.key(),
-        message: e.to_string(),
-    })?;
+    let manifest: Manifest = parse_json(&object, &reader.open_bytes(&object, &sealed)?)?;
     let statement = match signature_bytes(repo, id).await? {
         Some(bytes) => {
             let file: SignatureFile = serde_json::from_slice(&bytes)

@@ -17,33 +17,6 @@ use crate::store::ObjectWriter;
 
 use super::{expect_sealed, sealed_payload_len, write_error, Repository, Sealed};
 
-/// A plain object being written (synchronous, for a blocking thread).
-pub struct PlainWriter {
-    pub(super) inner: ObjectWriter,
-    pub(super) key: String,
-}
-
-impl PlainWriter {
-    /// Our error for an I/O error met while writing this object.
-    pub fn error(&self, e: io::Error) -> Error {
-        write_error(&self.key, e)
-    }
-
-    /// Complete the object; returns its stored size.
-    pub fn finish(self) -> Result<u64> {
-        self.inner.finish()
-    }
-}
-
-impl Write for PlainWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.inner.write(data)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// The write side of a repository: what a backup, which holds only public recipients, needs.
 #[derive(Clone, Debug)]
 pub struct Writer {
@@ -106,11 +79,6 @@ impl Writer {
     /// The repository written to.
     pub fn repo(&self) -> &Repository {
         &self.repo
-    }
-
-    /// The recipients every sealed object is encrypted to.
-    pub fn recipients(&self) -> &Recipients {
-        &self.recipients
     }
 
     /// The key of the content addresses (derived from the recipients).

@@ -112,6 +112,25 @@ fn for_each_entry(
     Ok(())
 }
 
+/// Start walking the file list on a blocking thread, calling `f` for each entry; the handle gives
+/// `state` back at the end.
+async fn spawn_scan<T: Send + 'static>(
+    reader: &Reader,
+    manifest: &Manifest,
+    state: T,
+    mut f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<Result<T>>> {
+    let list = reader
+        .fetch(&files_object(manifest), &manifest.files)
+        .await?;
+    let manifest = manifest.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut state = state;
+        for_each_entry(list.open()?, &manifest, |e| f(&mut state, e))?;
+        Ok(state)
+    }))
+}
+
 /// Walk the file list on a blocking thread, calling `f` for each entry.
 async fn scan_list<T: Send + 'static>(
     reader: &Reader,
@@ -119,18 +138,10 @@ async fn scan_list<T: Send + 'static>(
     state: T,
     f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
 ) -> Result<T> {
-    let list = reader
-        .fetch(&files_object(manifest), &manifest.files)
-        .await?;
-    let manifest = manifest.clone();
-    let mut f = f;
-    tokio::task::spawn_blocking(move || {
-        let mut state = state;
-        for_each_entry(list.open()?, &manifest, |e| f(&mut state, e))?;
-        Ok(state)
-    })
-    .await
-    .map_err(|e| Error::Other(format!("file list reader: {e}")))?
+    spawn_scan(reader, manifest, state, f)
+        .await?
+        .await
+        .map_err(|e| Error::Other(format!("file list reader: {e}")))?
 }
 
 /// The store's content objects and their sizes, from one listing, and the size of the age header
@@ -488,15 +499,10 @@ pub(crate) async fn restore_files(
     survey: &Survey,
 ) -> Result<FilesDone> {
     let (tx, mut rx) = mpsc::channel::<Entry>(1024);
-    let m = manifest.clone();
-    let list = reader
-        .fetch(&files_object(manifest), &manifest.files)
-        .await?;
-    let lister = tokio::task::spawn_blocking(move || {
-        for_each_entry(list.open()?, &m, |e| {
-            tx.blocking_send(e).map_err(|_| Error::Interrupted)
-        })
-    });
+    let lister = spawn_scan(reader, manifest, (), move |_, e| {
+        tx.blocking_send(e).map_err(|_| Error::Interrupted)
+    })
+    .await?;
     for rel in &survey.stale_partials {
         let (parent, name) = split(rel);
         if let Some(folder) = target.folder(parent, false)? {

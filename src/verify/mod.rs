@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::config::LockConfig;
 use crate::error::{Error, Result};
-use crate::format::{self, ContentId, Object};
+use crate::format::{ContentId, Object};
 use crate::repo::lock::{self, Lock, LockKind};
 use crate::repo::{sealed_payload_len, snapshots, Repository};
 
@@ -127,21 +127,24 @@ async fn check_locked(
             report.problems.push(missing(&refs, id));
             continue;
         }
-        match read_refs(repo, &refs).await? {
-            Ok(list) => {
-                for c in list {
-                    let users = referenced.entry(c).or_default();
-                    if users.last() != Some(&index) {
-                        users.push(index);
-                    }
-                }
+        let found = snapshots::read_refs(repo, id, |c| {
+            let users = referenced.entry(c).or_default();
+            if users.last() != Some(&index) {
+                users.push(index);
             }
-            Err(why) => report.problems.push(Problem {
-                object: refs.key(),
-                problem: format!("{why}: the content this snapshot needs is not known"),
-                snapshots: vec![id.clone()],
-            }),
-        }
+        })
+        .await;
+        let why = match found {
+            Ok(()) => continue,
+            Err(Error::Missing { .. }) => "missing from the store".to_string(),
+            Err(Error::Corrupt { message, .. }) => format!("damaged ({message})"),
+            Err(e) => return Err(e),
+        };
+        report.problems.push(Problem {
+            object: refs.key(),
+            problem: format!("{why}: the content this snapshot needs is not known"),
+            snapshots: vec![id.clone()],
+        });
     }
     report.content_referenced = referenced.len() as u64;
     check_content(repo, &mut report, &mut referenced, &ids).await?;
@@ -152,7 +155,7 @@ async fn check_locked(
         report.problems.push(Problem {
             object: Object::Content(c).key(),
             problem: "missing from the store".into(),
-            snapshots: users.iter().map(|i| ids[*i as usize].clone()).collect(),
+            snapshots: names(&users, &ids),
         });
     }
     leftovers(repo, &mut report, lock_cfg).await?;
@@ -166,28 +169,17 @@ async fn check_locked(
     Ok(report)
 }
 
+/// The ids of the snapshots at `users` (indexes into `ids`).
+fn names(users: &[u32], ids: &[String]) -> Vec<String> {
+    users.iter().map(|i| ids[*i as usize].clone()).collect()
+}
+
 fn missing(obj: &Object, id: &str) -> Problem {
     Problem {
         object: obj.key(),
         problem: "missing from the store".into(),
         snapshots: vec![id.to_string()],
     }
-}
-
-/// The addresses in a snapshot's refs, or why they cannot be read (the store's own errors, other
-/// than a missing object, stop the check).
-async fn read_refs(
-    repo: &Repository,
-    refs: &Object,
-) -> Result<std::result::Result<Vec<ContentId>, String>> {
-    let gz = match repo.get(refs).await {
-        Ok(b) => b,
-        Err(Error::Missing { .. }) => return Ok(Err("missing from the store".into())),
-        Err(e) => return Err(e),
-    };
-    Ok(format::parse_refs(&gz)
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| format!("damaged ({e})")))
 }
 
 /// One listing of `data/`: found objects leave `referenced` (what remains is missing); sizes no
@@ -215,7 +207,7 @@ async fn check_content(
                     "{} bytes: smaller than any age file ({smallest} bytes at least), so truncated",
                     object.size
                 ),
-                snapshots: users.iter().map(|i| ids[*i as usize].clone()).collect(),
+                snapshots: names(&users, ids),
             }),
             Some(_) => {}
             None => {
