@@ -21,6 +21,7 @@ use immich_backup::repo::trust::{self, Trust};
 use immich_backup::repo::Repository;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::check as storecheck;
+use immich_backup::verify;
 use immich_backup::{db, demo, repo};
 
 #[derive(Parser)]
@@ -100,9 +101,8 @@ enum Command {
         /// Snapshot id, unique id prefix, or `latest`.
         #[arg(default_value = "latest")]
         snapshot: String,
-        /// age identity file (or SSH private key); default [encryption] identity_file.
-        #[arg(long, short = 'i')]
-        identity: Option<PathBuf>,
+        #[command(flatten)]
+        keys: KeyArgs,
         /// Where to put the files; default [immich] upload_location.
         #[arg(long)]
         target: Option<PathBuf>,
@@ -113,14 +113,6 @@ enum Command {
         /// writing and start it again at the end, instead of refusing while it runs.
         #[arg(long)]
         stop_server: bool,
-        /// Also restore snapshots that carry no signature (stores written by immich-backup 0.1).
-        /// Anyone who can write to the store could have written such a snapshot.
-        #[arg(long)]
-        allow_unsigned: bool,
-        /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
-        /// made from the identity and [encryption] verify_keys. Repeatable.
-        #[arg(long = "verify-key", value_name = "KEY")]
-        verify_keys: Vec<String>,
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
@@ -139,10 +131,25 @@ enum Command {
         #[arg(long)]
         prune: bool,
     },
-    /// Check that every snapshot in the store is complete: its objects and every content object it
-    /// references exist (a missing or cut-off object is named with the snapshots that need it);
-    /// leftovers are counted. Needs no identity. Exit 4 when something is missing or damaged.
+    /// Check that every snapshot in the store can be restored whole: its objects and every content
+    /// object it references exist (a missing or cut-off object is named with the snapshots, and
+    /// with the identity the paths, that need it); leftovers are counted. Without an identity
+    /// (--identity or [encryption] identity_file) only what the backup machine can read is
+    /// checked; with one, manifests, file lists and dumps are read and verified too. Exit 4 when
+    /// something is missing or damaged.
     Check {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Check without the identity even if [encryption] identity_file is set.
+        #[arg(long, conflicts_with_all = ["identity", "read_data", "read_data_subset"])]
+        no_identity: bool,
+        /// Also download, decrypt and verify every content object (needs the identity).
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        /// Read back only part of the content: `5%` or `50G` (a random sample each run), or `n/m`
+        /// (the n-th of m fixed slices: m runs read everything). Needs the identity.
+        #[arg(long, value_name = "SUBSET")]
+        read_data_subset: Option<String>,
         /// Do not take the store's shared lock (a store you may only read). A prune running
         /// meanwhile could then make objects look missing.
         #[arg(long)]
@@ -303,11 +310,39 @@ async fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(cli.config.as_deref())?;
             forget(&cfg, dry_run, prune, cli.json).await
         }
-        Command::Check { no_lock } => {
+        Command::Check {
+            keys,
+            no_identity,
+            read_data,
+            read_data_subset,
+            no_lock,
+        } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
-            let report =
-                immich_backup::verify::check(&repo, (!no_lock).then_some(&cfg.lock)).await?;
+            let read = match (read_data, read_data_subset) {
+                (true, _) => Some(verify::Subset::All),
+                (false, Some(s)) => Some(s.parse()?),
+                (false, None) => None,
+            };
+            let deep = if no_identity {
+                None
+            } else {
+                match keys.open(&cfg, read.is_some())? {
+                    Some((identities, trust)) => Some(verify::Deep {
+                        reader: repo.reader(identities),
+                        trust,
+                        read,
+                        concurrency: cfg.storage.concurrency,
+                        progress,
+                    }),
+                    None => None,
+                }
+            };
+            let opts = verify::CheckOptions {
+                lock: (!no_lock).then(|| cfg.lock.clone()),
+                deep,
+            };
+            let report = verify::check(&repo, opts).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -339,12 +374,10 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Run => unreachable!("handled before"),
         Command::Restore {
             snapshot,
-            identity,
+            keys,
             target,
             dry_run,
             stop_server,
-            allow_unsigned,
-            verify_keys,
             keep_special_modes,
             no_lock,
         } => {
@@ -356,11 +389,9 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let choices = RestoreChoices {
                 snapshot,
-                identity,
+                keys,
                 target,
                 dry_run,
-                allow_unsigned,
-                verify_keys,
                 keep_special_modes,
                 no_lock,
             };
@@ -663,14 +694,53 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// The identity, and which snapshots to believe: what restore and check take.
+#[derive(clap::Args, Debug)]
+struct KeyArgs {
+    /// age identity file (or SSH private key); default [encryption] identity_file.
+    #[arg(long, short = 'i')]
+    identity: Option<PathBuf>,
+    /// Also believe snapshots that carry no signature (stores written by immich-backup 0.1).
+    /// Anyone who can write to the store could have written such a snapshot.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
+    /// made from the identity and [encryption] verify_keys. Repeatable.
+    #[arg(long = "verify-key", value_name = "KEY")]
+    verify_keys: Vec<String>,
+}
+
+impl KeyArgs {
+    /// The identities and the trust they give, from --identity or [encryption] identity_file;
+    /// `None` when neither is given (an error when `needed`, with the flag that needs it).
+    fn open(&self, cfg: &Config, needed: bool) -> Result<Option<(Arc<Identities>, Trust)>> {
+        let configured = (!cfg.encryption.identity_file.is_empty())
+            .then(|| PathBuf::from(&cfg.encryption.identity_file));
+        let Some(path) = self.identity.clone().or(configured) else {
+            if needed {
+                return Err(Error::Usage("this needs the identity: pass --identity FILE or set [encryption] identity_file".into()));
+            }
+            return Ok(None);
+        };
+        let mut extra = cfg.encryption.verify_keys()?;
+        for k in &self.verify_keys {
+            extra.push(
+                k.parse()
+                    .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
+            );
+        }
+        let identities = Arc::new(Identities::load(&path)?);
+        let trust = Trust::new(&identities, extra, self.allow_unsigned);
+        Ok(Some((identities, trust)))
+    }
+}
+
 /// What the restore command line chose.
 struct RestoreChoices {
     snapshot: String,
-    identity: Option<PathBuf>,
+    keys: KeyArgs,
     target: Option<PathBuf>,
     dry_run: bool,
-    allow_unsigned: bool,
-    verify_keys: Vec<String>,
     keep_special_modes: bool,
     no_lock: bool,
 }
@@ -681,17 +751,12 @@ async fn run_restore(
     server: restore::ServerPolicy,
     progress: Progress,
 ) -> Result<RestoreReport> {
-    let identity = choices.identity
-        .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
-        .ok_or_else(|| Error::Usage("restore needs the identity: pass --identity FILE or set [encryption] identity_file".into()))?;
-    let mut extra = cfg.encryption.verify_keys()?;
-    for k in &choices.verify_keys {
-        extra.push(
-            k.parse()
-                .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
-        );
-    }
-    let identities = Arc::new(Identities::load(&identity)?);
+    let (identities, trust) = choices.keys.open(cfg, true)?.ok_or_else(|| {
+        Error::Usage(
+            "restore needs the identity: pass --identity FILE or set [encryption] identity_file"
+                .into(),
+        )
+    })?;
     let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let opts = RestoreOptions {
@@ -702,7 +767,7 @@ async fn run_restore(
             .unwrap_or_else(|| cfg.immich.upload_location.clone()),
         concurrency: cfg.storage.concurrency,
         progress,
-        trust: Trust::new(&identities, extra, choices.allow_unsigned),
+        trust,
         keep_special_modes: choices.keep_special_modes,
         lock: (!choices.no_lock).then(|| cfg.lock.clone()),
     };
@@ -908,7 +973,7 @@ async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> R
     Ok(exit::OK)
 }
 
-fn print_check(r: &immich_backup::verify::CheckReport) {
+fn print_check(r: &verify::CheckReport) {
     println!(
         "check: {} snapshot(s) in {} reference {} content object(s); the store holds {} ({})",
         r.snapshots,
@@ -917,6 +982,25 @@ fn print_check(r: &immich_backup::verify::CheckReport) {
         r.content_stored,
         human(r.content_bytes)
     );
+    if r.with_identity {
+        println!(
+            "  with the identity: {} manifest(s) and file list(s) verified, {} dump(s) downloaded and verified, every content object's size checked exactly",
+            r.file_lists_verified, r.dumps_verified
+        );
+    } else {
+        println!("  without the identity: file lists, dumps and exact sizes not checked (pass --identity FILE)");
+    }
+    if let Some(d) = &r.read_data {
+        println!(
+            "  read back ({}): {} content object(s), {} in {:.1} s ({}/s), {} damaged",
+            d.subset,
+            d.objects,
+            human(d.bytes),
+            d.duration_secs,
+            human((d.bytes as f64 / d.duration_secs.max(0.001)) as u64),
+            d.damaged
+        );
+    }
     for p in &r.problems {
         println!(
             "  PROBLEM {}: {} (needed by snapshot(s) {})",
@@ -924,6 +1008,12 @@ fn print_check(r: &immich_backup::verify::CheckReport) {
             p.problem,
             p.snapshots.join(", ")
         );
+        for path in &p.paths {
+            println!("      {path}");
+        }
+        if p.paths.len() == verify::MAX_PATHS {
+            println!("      … (the first {} paths)", verify::MAX_PATHS);
+        }
     }
     let l = &r.leftovers;
     let named = [
@@ -948,7 +1038,7 @@ fn print_check(r: &immich_backup::verify::CheckReport) {
         println!("  no problems: every snapshot's objects are in the store");
     } else {
         println!(
-            "  {} problem(s): the snapshots named cannot be restored whole. The next backup stores missing content again from the files still on disk; `immich-backup backup --repair` also replaces cut-off objects",
+            "  {} problem(s): the snapshots named cannot be restored whole (the paths listed would be missing). The next backup stores missing content again from the files still on disk; `immich-backup backup --repair` also replaces damaged objects",
             r.problems.len()
         );
     }

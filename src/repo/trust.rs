@@ -182,7 +182,7 @@ async fn check_statement(
 /// A store in which no complete snapshot carries a signature was written before snapshots were
 /// signed (immich-backup 0.1): it keeps working, loudly. Once any snapshot is signed, an unsigned
 /// one needs `--allow-unsigned` (it may be old, or planted).
-fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshots::Folder>) -> Trust {
+pub(crate) fn legacy_aware(trust: &Trust, folders: &BTreeMap<String, snapshots::Folder>) -> Trust {
     let any_signed = folders.values().any(|f| f.complete && f.signed);
     let mut trust = trust.clone();
     if !any_signed && !trust.allow_unsigned && folders.values().any(|f| f.complete) {

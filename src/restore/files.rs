@@ -132,7 +132,7 @@ async fn spawn_scan<T: Send + 'static>(
 }
 
 /// Walk the file list on a blocking thread, calling `f` for each entry.
-async fn scan_list<T: Send + 'static>(
+pub(crate) async fn scan_list<T: Send + 'static>(
     reader: &Reader,
     manifest: &Manifest,
     state: T,

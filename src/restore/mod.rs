@@ -406,7 +406,7 @@ async fn with_sharing(repo: &Repository, mut damaged: Vec<Damaged>) -> Result<Ve
     Ok(damaged)
 }
 
-fn parse_key(manifest: &Manifest) -> Result<[u8; 32]> {
+pub(crate) fn parse_key(manifest: &Manifest) -> Result<[u8; 32]> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(&manifest.content_key, &mut key).map_err(|e| Error::Corrupt {
         object: Object::Manifest(manifest.id.clone()).key(),

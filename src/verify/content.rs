@@ -1,0 +1,182 @@
+//! The content objects: one listing of `data/` (is each referenced object there, with a size its
+//! file can have?), then, when asked, reading a subset back (downloaded, decrypted, hashed against
+//! its keyed address, its length the file list's).
+//!
+//! Without the identity a size is only checked against the smallest age file; with it, against the
+//! exact size an age file of the file's length has (its header measured on the snapshot's file
+//! list), so any truncation or extension is found from the listing alone.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::time::Instant;
+
+use futures::StreamExt;
+
+use super::subset::{self, Subset};
+use super::{CheckReport, Deep, Index, Problem, ReadSummary, UNKNOWN};
+use crate::error::{Error, Result};
+use crate::format::{ContentId, Object};
+use crate::progress::Progress;
+use crate::repo::{read_error, sealed_payload_len, Fetched, Repository};
+
+/// The smallest stored size a content object can have: an age header with one X25519 stanza, the
+/// payload nonce and one (empty) chunk's tag. Anything smaller cannot decrypt.
+pub const SMALLEST_SEALED: u64 = 150;
+
+/// One listing of `data/`: referenced objects are marked present (with their size), sizes their
+/// files cannot have are problems, the rest is counted; then what is referenced and was not found.
+/// Returns the addresses found damaged.
+pub(super) async fn list(
+    repo: &Repository,
+    report: &mut CheckReport,
+    index: &mut Index,
+) -> Result<HashSet<ContentId>> {
+    let smallest = SMALLEST_SEALED.max(sealed_payload_len(0));
+    let mut damaged = HashSet::new();
+    let mut listing = std::pin::pin!(repo.data_objects());
+    while let Some(item) = listing.next().await {
+        let (object, id) = item?;
+        let Some(id) = id else {
+            report.leftovers.stray_objects.push(object.key);
+            continue;
+        };
+        report.content_stored += 1;
+        report.content_bytes += object.size;
+        let Some(u) = index.content.get_mut(&id) else {
+            report.leftovers.unreferenced_content += 1;
+            report.leftovers.unreferenced_bytes += object.size;
+            continue;
+        };
+        (u.present, u.stored) = (true, object.size);
+        let header = (u.len != UNKNOWN)
+            .then(|| index.keys[u.key as usize].header)
+            .flatten();
+        let why = match header {
+            Some(h) if object.size != h + sealed_payload_len(u.len) => format!(
+                "{} bytes, but an age file of its {}-byte file is {}: truncated or damaged",
+                object.size,
+                u.len,
+                h + sealed_payload_len(u.len)
+            ),
+            None if object.size < smallest => format!(
+                "{} bytes: smaller than any age file ({smallest} bytes at least), so truncated",
+                object.size
+            ),
+            _ => continue,
+        };
+        damaged.insert(id);
+        report.problems.push(content_problem(&id, why));
+    }
+    let mut lost: Vec<ContentId> = index
+        .content
+        .iter()
+        .filter(|(_, u)| !u.present)
+        .map(|(c, _)| *c)
+        .collect();
+    lost.sort_unstable();
+    for c in lost {
+        damaged.insert(c);
+        report
+            .problems
+            .push(content_problem(&c, "missing from the store".into()));
+    }
+    Ok(damaged)
+}
+
+/// A problem of content object `id`; [`super::losses`] fills in who needs it.
+fn content_problem(id: &ContentId, why: String) -> Problem {
+    Problem::new(Object::Content(*id).key(), why, Vec::new())
+}
+
+/// Read `subset` of the content objects back (those found damaged already excepted, and those
+/// whose file list did not open, whose length is not known).
+pub(super) async fn read_back(
+    d: &Deep,
+    which: Subset,
+    index: &Index,
+    damaged: &HashSet<ContentId>,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut candidates: Vec<(ContentId, u64)> = index
+        .content
+        .iter()
+        .filter(|(c, u)| u.present && u.len != UNKNOWN && !damaged.contains(c))
+        .map(|(c, u)| (*c, u.stored))
+        .collect();
+    candidates.sort_unstable();
+    let chosen = subset::select(which, candidates);
+    let mut summary = ReadSummary {
+        subset: which.to_string(),
+        objects: chosen.len() as u64,
+        bytes: chosen.iter().map(|(_, s)| s).sum(),
+        ..Default::default()
+    };
+    let plain: u64 = chosen.iter().map(|(c, _)| index.content[c].len).sum();
+    d.progress.phase("reading", Some(plain));
+    tracing::info!(subset = %which, objects = summary.objects, bytes = summary.bytes, "reading content back");
+    let reads = futures::stream::iter(chosen)
+        .map(|(id, _)| async move {
+            let u = index.content[&id];
+            let key = index.keys[u.key as usize].key;
+            let progress = d.progress.clone();
+            let read = async {
+                let fetched = d.reader.fetch_content(&id).await?;
+                tokio::task::spawn_blocking(move || verify(fetched, &key, &id, u.len, &progress))
+                    .await
+                    .map_err(|e| Error::Other(format!("read-data worker: {e}")))?
+            };
+            (id, read.await)
+        })
+        .buffer_unordered(d.concurrency.max(1));
+    let mut reads = std::pin::pin!(reads);
+    while let Some((id, r)) = reads.next().await {
+        let why = match r {
+            Ok(()) => continue,
+            Err(Error::Missing { .. }) => "missing from the store".to_string(),
+            Err(Error::Corrupt { message, .. } | Error::WrongKey { message, .. }) => {
+                format!("read back, it is damaged: {message}")
+            }
+            Err(e) => return Err(e),
+        };
+        summary.damaged += 1;
+        report.problems.push(content_problem(&id, why));
+    }
+    d.progress.finish();
+    summary.duration_secs = started.elapsed().as_secs_f64();
+    report.read_data = Some(summary);
+    Ok(())
+}
+
+/// Decrypt one content object and check it is the `len` bytes its address `id` names.
+fn verify(
+    fetched: Fetched,
+    key: &[u8; 32],
+    id: &ContentId,
+    len: u64,
+    progress: &Progress,
+) -> Result<()> {
+    let object = id.key();
+    let mut plain = fetched.open()?;
+    let mut hasher = blake3::Hasher::new_keyed(key);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = plain.read(&mut buf).map_err(|e| read_error(&object, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+        progress.inc(n as u64);
+    }
+    if read != len || ContentId(*hasher.finalize().as_bytes()) != *id {
+        return Err(Error::Corrupt {
+            object,
+            message: format!(
+                "its content ({read} bytes) does not match its address (a {len}-byte file)"
+            ),
+        });
+    }
+    Ok(())
+}
