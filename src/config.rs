@@ -26,6 +26,7 @@ pub struct Config {
     pub schedule: crate::policy::schedule::ScheduleConfig,
     pub lock: LockConfig,
     pub agent: AgentConfig,
+    pub check: CheckConfig,
 }
 
 /// `[immich]`: where the Immich files are.
@@ -406,6 +407,7 @@ impl Config {
         self.schedule.validate()?;
         self.lock.validate()?;
         self.agent.validate()?;
+        self.check.validate(&self.schedule.timezone)?;
         if self.immich.folders.is_empty() {
             return Err(Error::Config(
                 "[immich] folders is empty; list the originals folders (library, upload, profile)"
@@ -558,6 +560,68 @@ impl AgentConfig {
 
     pub(crate) fn grace(&self) -> Option<Duration> {
         (self.grace_secs > 0).then(|| Duration::from_secs(self.grace_secs))
+    }
+}
+
+/// `[check]`: the checks the agent runs on its own schedules (besides the backups).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckConfig {
+    /// When the agent runs `check` (a cron expression like `[schedule] cron`, in its time zone);
+    /// empty: never. With `identity_file` it is `check --identity`: file lists and dumps too.
+    pub cron: String,
+    /// When the agent reads a slice of the data back (`check --read-data-subset n/m`, n moving on
+    /// by one each run); empty: never. Needs `identity_file`.
+    pub read_data_cron: String,
+    /// m: in how many runs of `read_data_cron` every content object is read once.
+    pub read_data_slices: u32,
+    /// The identity for what needs one (file lists, dumps, reading data back). Empty: the agent
+    /// never holds it, and `cron` checks only what the backup machine can read.
+    pub identity_file: String,
+    /// healthchecks.io-style URL pinged after each check: `<url>` when it found nothing,
+    /// `<url>/fail` with the problems. Empty: problems go to `[agent]`'s failure ping.
+    pub ping_url: String,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            cron: String::new(),
+            read_data_cron: String::new(),
+            read_data_slices: 7,
+            identity_file: String::new(),
+            ping_url: String::new(),
+        }
+    }
+}
+
+impl CheckConfig {
+    fn validate(&self, timezone: &str) -> Result<()> {
+        for (key, expr) in [
+            ("[check] cron", &self.cron),
+            ("[check] read_data_cron", &self.read_data_cron),
+        ] {
+            if !expr.is_empty() {
+                crate::policy::schedule::Schedule::parse_as(key, expr, timezone)?;
+            }
+        }
+        if !self.read_data_cron.is_empty() && self.identity_file.is_empty() {
+            return Err(Error::Config("[check] read_data_cron needs [check] identity_file: reading data back decrypts it (or remove read_data_cron; see the README's \"Checking the store\" for the trade-off)".into()));
+        }
+        if self.read_data_slices == 0 {
+            return Err(Error::Config(
+                "[check] read_data_slices must be at least 1 (7: a daily read_data_cron reads everything in a week)".into(),
+            ));
+        }
+        if !self.ping_url.is_empty()
+            && !url::Url::parse(&self.ping_url)
+                .is_ok_and(|u| u.scheme() == "http" || u.scheme() == "https")
+        {
+            return Err(Error::Config(
+                "[check] ping_url must be an http:// or https:// URL".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -8,7 +8,9 @@
 //! - next-run computation with a manual clock;
 //! - the real `immich-backup run` binary: backs up on a seconds-level cron, applies retention, serves
 //!   `/healthz` and `/metrics` with the store's values, pings, and exits 0 on SIGTERM in the middle of
-//!   a backup without leaving a visible partial snapshot or a lock.
+//!   a backup without leaving a visible partial snapshot or a lock;
+//! - the agent's `[check]` schedules: the structural check and read-data slices run on their own
+//!   crons, a damaged object makes `/healthz` 503 (and pings `/fail`) until its slice reads clean.
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -959,6 +961,7 @@ fn config_example_shows_the_agent_defaults() {
     assert_eq!(cfg.schedule, defaults.schedule);
     assert_eq!(cfg.lock, defaults.lock);
     assert_eq!(cfg.agent, defaults.agent);
+    assert_eq!(cfg.check, defaults.check);
     assert_eq!(
         (
             defaults.retention.keep_daily,
@@ -972,4 +975,145 @@ fn config_example_shows_the_agent_defaults() {
         defaults.agent.listen.is_empty(),
         "the endpoint is off by default"
     );
+}
+
+/// `[check]` in the agent: `check --identity` and read-data slices on their own crons (no backup
+/// runs: the schedule is yearly); a flipped byte in a content object is found by the slice it is
+/// in, makes `/healthz` 503 with the reason and pings `/fail`; once the object is whole again and
+/// its slice reads clean, the agent is healthy again. The next slice survives a restart (cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_scheduled_checks_and_reports_damage_until_it_is_gone() {
+    let env = Env::new(40);
+    env.backup().await;
+    let port = free_port();
+    let (ping_port, pings) = ping_server();
+    let config = env.config_file(
+        "agent.toml",
+        &format!("[schedule]\ncron = \"@yearly\"\n\n[agent]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[check]\ncron = \"*/2 * * * * *\"\nread_data_cron = \"*/2 * * * * *\"\nread_data_slices = 2\n\
+         identity_file = {:?}\nping_url = \"http://127.0.0.1:{ping_port}/chk\"\n",
+        env.identity.display().to_string()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let log = env.work.path().join("agent-check.log");
+    let mut agent = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let show_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let metrics = || {
+        http_get(port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+    };
+    let has = |m: &str, name: &str| m.lines().any(|l| l.starts_with(&format!("{name} ")));
+
+    // Both kinds run; both slices are read; all is well.
+    wait_for(Duration::from_secs(90), "checks of both kinds", || {
+        let m = metrics();
+        has(&m, "immich_backup_checks_total")
+            && metric(&m, "immich_backup_checks_total") >= 4.0
+            && metric(&m, "immich_backup_read_data_last_timestamp_seconds") > 0.0
+            && metric(&m, "immich_backup_check_last_timestamp_seconds") > 0.0
+    });
+    let m = metrics();
+    assert_eq!(
+        metric(&m, "immich_backup_check_failures_total"),
+        0.0,
+        "{}",
+        show_log()
+    );
+    assert!(metric(&m, "immich_backup_verified_bytes_total") > 0.0);
+    let (code, body) = http_get(port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    wait_for(Duration::from_secs(10), "the success ping", || {
+        pings.lock().unwrap().iter().any(|p| p == "/chk")
+    });
+    let next = std::fs::read_to_string(env.cfg.cache_dir().join("check-next-slice")).unwrap();
+    assert!(["1", "2"].contains(&next.trim()), "{next}");
+
+    // A flipped byte: only reading it back can find it.
+    let objects = content(&env.store).await;
+    let victim = objects.iter().next().unwrap().key();
+    let path = env.store_dir.join(&victim);
+    let whole = std::fs::read(&path).unwrap();
+    let mut bad = whole.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x20;
+    std::fs::write(&path, &bad).unwrap();
+    let mut reason = String::new();
+    wait_for(
+        Duration::from_secs(60),
+        "the damage to show",
+        || match http_get(port, "/healthz") {
+            Some((503, body)) => {
+                reason = body;
+                true
+            }
+            _ => false,
+        },
+    );
+    assert!(
+        reason.contains("read-data") && reason.contains(&victim),
+        "{reason}"
+    );
+    let m = metrics();
+    assert_eq!(metric(&m, "immich_backup_read_data_damaged_slices"), 1.0);
+    assert_eq!(metric(&m, "immich_backup_up"), 0.0);
+    wait_for(Duration::from_secs(10), "the failure ping", || {
+        pings.lock().unwrap().iter().any(|p| p == "/chk/fail")
+    });
+
+    // Whole again: once its slice has been read again, healthy.
+    std::fs::write(&path, &whole).unwrap();
+    wait_for(Duration::from_secs(60), "health to come back", || {
+        matches!(http_get(port, "/healthz"), Some((200, _)))
+    });
+    assert_eq!(
+        metric(&metrics(), "immich_backup_read_data_damaged_slices"),
+        0.0
+    );
+
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(
+        wait_timeout(&mut agent, Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        show_log()
+    );
+}
+
+/// `[check] read_data_cron` without an identity, a bad cron and zero slices are refused at load,
+/// each naming its key.
+#[test]
+fn check_config_mistakes_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (section, wanted) in [
+        (
+            "read_data_cron = \"@daily\"\n",
+            "[check] read_data_cron needs [check] identity_file",
+        ),
+        ("cron = \"61 * * * *\"\n", "[check] cron \"61 * * * *\""),
+        (
+            "read_data_slices = 0\n",
+            "[check] read_data_slices must be at least 1",
+        ),
+        (
+            "ping_url = \"ftp://x\"\n",
+            "[check] ping_url must be an http",
+        ),
+    ] {
+        std::fs::write(&path, format!("[check]\n{section}")).unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains(wanted), "{section}: {err}");
+    }
 }

@@ -1,7 +1,7 @@
 //! The agent's state, its health verdict, Prometheus metrics, and the HTTP endpoint serving them.
 //!
-//! `/healthz` answers 200 when the last backup succeeded and the next one is not overdue, 503 with
-//! the reason otherwise; `/metrics` answers in the Prometheus text format. The verdict is a pure
+//! `/healthz` answers 200 when the last backup succeeded, the next one is not overdue and the last
+//! checks (`[check]`) found nothing, 503 with the reason otherwise; `/metrics` answers in the Prometheus text format. The verdict is a pure
 //! function of the state, the schedule and `now` ([`status`]), so it is tested without a server or
 //! a clock. The server is hyper's HTTP/1 server, off unless `[agent] listen` is set.
 
@@ -45,6 +45,21 @@ pub struct Failure {
     pub error: String,
 }
 
+/// What one scheduled check found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub time: DateTime<Utc>,
+    /// `check`, `check --identity`, or `read-data 3/7`.
+    pub what: String,
+    pub ok: bool,
+    pub problems: u64,
+    /// The first problem, or why the check could not run.
+    pub reason: String,
+    /// Content bytes read back and verified.
+    pub bytes_verified: u64,
+    pub duration_secs: f64,
+}
+
 /// What the agent knows; updated by the agent loop, read by the endpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentState {
@@ -63,6 +78,16 @@ pub struct AgentState {
     /// Objects and bytes in the store (`data/` and `snapshots/`).
     pub store_objects: u64,
     pub store_bytes: u64,
+    /// The last `[check] cron` run.
+    pub last_check: Option<CheckResult>,
+    /// The last `[check] read_data_cron` run.
+    pub last_read: Option<CheckResult>,
+    /// Read-data slices that found damage, by slice number, until a later read of the same slice
+    /// finds none (another slice passing says nothing of them).
+    pub damaged_slices: std::collections::BTreeMap<u32, CheckResult>,
+    pub checks_total: u64,
+    pub check_failures_total: u64,
+    pub bytes_verified_total: u64,
 }
 
 impl AgentState {
@@ -79,6 +104,12 @@ impl AgentState {
             snapshots: 0,
             store_objects: 0,
             store_bytes: 0,
+            last_check: None,
+            last_read: None,
+            damaged_slices: Default::default(),
+            checks_total: 0,
+            check_failures_total: 0,
+            bytes_verified_total: 0,
         }
     }
 }
@@ -116,6 +147,17 @@ pub fn status(
                 "last backup {} is partial: {} file(s) could not be read (see `immich-backup backup` output or the logs)",
                 s.snapshot, s.skipped
             ),
+        };
+    }
+    if let Some(c) = state
+        .last_check
+        .iter()
+        .chain(state.damaged_slices.values())
+        .find(|c| !c.ok)
+    {
+        return Health {
+            ok: false,
+            reason: format!("{} at {} found a problem: {}", c.what, ts(c.time), c.reason),
         };
     }
     let reference = state
@@ -162,103 +204,92 @@ pub fn status(
     }
 }
 
+/// Every metric: name, type, help; one a line. Values come from [`metric_value`].
+const METRICS: &str = "\
+immich_backup_up gauge 1 when /healthz reports healthy.
+immich_backup_last_success_timestamp_seconds gauge Unix time of the last successful backup's snapshot (0: none).
+immich_backup_last_duration_seconds gauge How long the last successful backup took.
+immich_backup_last_files gauge Files in the last successful snapshot.
+immich_backup_last_bytes gauge Bytes of files in the last successful snapshot.
+immich_backup_last_skipped_files gauge Files the last successful snapshot could not read.
+immich_backup_store_bytes gauge Bytes stored in the store (content and snapshots).
+immich_backup_store_objects gauge Objects in the store (content and snapshots).
+immich_backup_snapshots gauge Complete snapshots kept in the store.
+immich_backup_successes_total counter Backups that succeeded since the agent started.
+immich_backup_failures_total counter Backups that failed since the agent started.
+immich_backup_prune_failures_total counter Retention or prune runs that failed since the agent started.
+immich_backup_running gauge 1 while a backup, retention or prune runs.
+immich_backup_next_run_timestamp_seconds gauge Unix time of the next scheduled backup (0: none).
+immich_backup_check_last_timestamp_seconds gauge Unix time of the last [check] cron run (0: none yet).
+immich_backup_check_last_ok gauge 1 when the last [check] cron run found no problem (or none ran yet).
+immich_backup_check_last_problems gauge Problems the last [check] cron run found.
+immich_backup_read_data_last_timestamp_seconds gauge Unix time of the last [check] read_data_cron run (0: none yet).
+immich_backup_read_data_last_ok gauge 1 when the last [check] read_data_cron run found no problem (or none ran yet).
+immich_backup_read_data_last_problems gauge Problems the last [check] read_data_cron run found.
+immich_backup_read_data_damaged_slices gauge Read-data slices whose last read found damage.
+immich_backup_checks_total counter Checks (of both kinds) run since the agent started.
+immich_backup_check_failures_total counter Checks that found a problem or could not run, since the agent started.
+immich_backup_verified_bytes_total counter Content bytes read back and verified by checks since the agent started.";
+
 /// The Prometheus text exposition of `state`.
 pub fn metrics(state: &AgentState, health: &Health) -> String {
     let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
+    for line in METRICS.lines() {
+        let mut parts = line.splitn(3, ' ');
+        let (name, kind, help) = (parts.next(), parts.next(), parts.next());
+        let (Some(name), Some(kind), Some(help)) = (name, kind, help) else {
+            continue;
+        };
+        let value = metric_value(name, state, health);
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+    out
+}
+
+/// The value of metric `name` (one of [`METRICS`]).
+fn metric_value(name: &str, state: &AgentState, health: &Health) -> String {
+    let secs = |t: Option<DateTime<Utc>>| {
+        t.map(|t| format!("{:.3}", t.timestamp_millis() as f64 / 1000.0))
+            .unwrap_or_else(|| "0".into())
     };
-    let secs = |t: DateTime<Utc>| format!("{:.3}", t.timestamp_millis() as f64 / 1000.0);
     let s = state.last_success.as_ref();
-    gauge(
-        "immich_backup_up",
-        "1 when /healthz reports healthy.",
-        "gauge",
-        u8::from(health.ok).to_string(),
-    );
-    gauge(
-        "immich_backup_last_success_timestamp_seconds",
-        "Unix time of the last successful backup's snapshot (0: none).",
-        "gauge",
-        s.map(|s| secs(s.time)).unwrap_or_else(|| "0".into()),
-    );
-    gauge(
-        "immich_backup_last_duration_seconds",
-        "How long the last successful backup took.",
-        "gauge",
-        s.and_then(|s| s.duration_secs)
+    let last = |f: fn(&Success) -> u64| s.map(f).unwrap_or(0).to_string();
+    let (check, read) = (state.last_check.as_ref(), state.last_read.as_ref());
+    let ok = |c: Option<&CheckResult>| c.map(|c| u8::from(c.ok)).unwrap_or(1).to_string();
+    let problems = |c: Option<&CheckResult>| c.map(|c| c.problems).unwrap_or(0).to_string();
+    match name {
+        "immich_backup_up" => u8::from(health.ok).to_string(),
+        "immich_backup_last_success_timestamp_seconds" => secs(s.map(|s| s.time)),
+        "immich_backup_last_duration_seconds" => s
+            .and_then(|s| s.duration_secs)
             .map(|d| format!("{d:.3}"))
             .unwrap_or_else(|| "0".into()),
-    );
-    gauge(
-        "immich_backup_last_files",
-        "Files in the last successful snapshot.",
-        "gauge",
-        s.map(|s| s.files).unwrap_or(0).to_string(),
-    );
-    gauge(
-        "immich_backup_last_bytes",
-        "Bytes of files in the last successful snapshot.",
-        "gauge",
-        s.map(|s| s.bytes).unwrap_or(0).to_string(),
-    );
-    gauge(
-        "immich_backup_last_skipped_files",
-        "Files the last successful snapshot could not read.",
-        "gauge",
-        s.map(|s| s.skipped).unwrap_or(0).to_string(),
-    );
-    gauge(
-        "immich_backup_store_bytes",
-        "Bytes stored in the store (content and snapshots).",
-        "gauge",
-        state.store_bytes.to_string(),
-    );
-    gauge(
-        "immich_backup_store_objects",
-        "Objects in the store (content and snapshots).",
-        "gauge",
-        state.store_objects.to_string(),
-    );
-    gauge(
-        "immich_backup_snapshots",
-        "Complete snapshots kept in the store.",
-        "gauge",
-        state.snapshots.to_string(),
-    );
-    gauge(
-        "immich_backup_successes_total",
-        "Backups that succeeded since the agent started.",
-        "counter",
-        state.successes_total.to_string(),
-    );
-    gauge(
-        "immich_backup_failures_total",
-        "Backups that failed since the agent started.",
-        "counter",
-        state.failures_total.to_string(),
-    );
-    gauge(
-        "immich_backup_prune_failures_total",
-        "Retention or prune runs that failed since the agent started.",
-        "counter",
-        state.prune_failures_total.to_string(),
-    );
-    gauge(
-        "immich_backup_running",
-        "1 while a backup, retention or prune runs.",
-        "gauge",
-        u8::from(state.running_since.is_some()).to_string(),
-    );
-    gauge(
-        "immich_backup_next_run_timestamp_seconds",
-        "Unix time of the next scheduled backup (0: none).",
-        "gauge",
-        state.next_run.map(secs).unwrap_or_else(|| "0".into()),
-    );
-    out
+        "immich_backup_last_files" => last(|s| s.files),
+        "immich_backup_last_bytes" => last(|s| s.bytes),
+        "immich_backup_last_skipped_files" => last(|s| s.skipped),
+        "immich_backup_store_bytes" => state.store_bytes.to_string(),
+        "immich_backup_store_objects" => state.store_objects.to_string(),
+        "immich_backup_snapshots" => state.snapshots.to_string(),
+        "immich_backup_successes_total" => state.successes_total.to_string(),
+        "immich_backup_failures_total" => state.failures_total.to_string(),
+        "immich_backup_prune_failures_total" => state.prune_failures_total.to_string(),
+        "immich_backup_running" => u8::from(state.running_since.is_some()).to_string(),
+        "immich_backup_next_run_timestamp_seconds" => secs(state.next_run),
+        "immich_backup_check_last_timestamp_seconds" => secs(check.map(|c| c.time)),
+        "immich_backup_check_last_ok" => ok(check),
+        "immich_backup_check_last_problems" => problems(check),
+        "immich_backup_read_data_last_timestamp_seconds" => secs(read.map(|c| c.time)),
+        "immich_backup_read_data_last_ok" => ok(read),
+        "immich_backup_read_data_last_problems" => problems(read),
+        "immich_backup_read_data_damaged_slices" => state.damaged_slices.len().to_string(),
+        "immich_backup_checks_total" => state.checks_total.to_string(),
+        "immich_backup_check_failures_total" => state.check_failures_total.to_string(),
+        "immich_backup_verified_bytes_total" => state.bytes_verified_total.to_string(),
+        _ => unreachable!("every metric of METRICS has a value: {name}"),
+    }
 }
 
 /// What the endpoint reads.

@@ -1,14 +1,17 @@
 //! `immich-backup run`: the long-running agent (the Immich compose stack's backup sidecar).
 //!
 //! It backs up on `[schedule]`, and after each successful backup applies `[retention]` and prunes
-//! (forget --prune), all with only the public recipients. It serves `/healthz` and `/metrics` when
-//! `[agent] listen` is set, and calls healthchecks.io-style ping URLs on start, success and failure.
+//! (forget --prune), all with only the public recipients; on `[check]`'s schedules it checks the
+//! store (`checks.rs`). It serves `/healthz` and `/metrics` when `[agent] listen` is set, and calls
+//! healthchecks.io-style ping URLs on start, success and failure. Jobs run one at a time: one that
+//! falls due while another runs starts right after it.
 //!
 //! Shutdown: on SIGTERM/SIGINT ([`run`]'s `shutdown` token) it takes no new work; a running backup
 //! is abandoned where it is — its manifest is written last, so nothing partial becomes visible, and
 //! the next backup reuses what was uploaded — its lock is removed, and `run` returns within a few
 //! seconds.
 
+mod checks;
 pub mod health;
 
 use std::sync::Arc;
@@ -43,7 +46,8 @@ struct Pinger {
 }
 
 impl Pinger {
-    fn new(cfg: &AgentConfig) -> Result<Pinger> {
+    /// The pings of `cfg`; `more`: other URLs will be pinged too (`[check] ping_url`).
+    fn new(cfg: &AgentConfig, more: bool) -> Result<Pinger> {
         let base = cfg.ping_url.trim_end_matches('/');
         let pick = |own: &str, suffix: &str| -> Option<String> {
             if !own.is_empty() {
@@ -57,7 +61,7 @@ impl Pinger {
         let start = pick(&cfg.ping_start_url, "/start");
         let success = pick(&cfg.ping_success_url, "");
         let failure = pick(&cfg.ping_failure_url, "/fail");
-        let client = if start.is_some() || success.is_some() || failure.is_some() {
+        let client = if more || start.is_some() || success.is_some() || failure.is_some() {
             Some(
                 reqwest::Client::builder()
                     .timeout(Duration::from_secs(cfg.ping_timeout_secs.max(1)))
@@ -138,7 +142,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
     load_recipients(&cfg)?; // fail at start-up, not at the first backup
     let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
-    let pinger = Pinger::new(&cfg.agent)?;
+    let pinger = Pinger::new(&cfg.agent, !cfg.check.ping_url.is_empty())?;
     let shared = Arc::new(Shared {
         state: std::sync::Mutex::new(AgentState::new(clock.now())),
         schedule: schedule.clone(),
@@ -161,38 +165,50 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         "agent started"
     );
 
-    let mut planner = Planner::new(schedule, cfg.schedule.backup_on_start);
+    let mut jobs = Jobs::new(&cfg, schedule)?;
     loop {
-        let Some(next) = planner.next(clock.as_ref()) else {
+        let Some((job, next)) = jobs.next(clock.as_ref()) else {
             tracing::warn!("the schedule has no further run; waiting for a signal");
             shutdown.cancelled().await;
             break;
         };
-        shared.update(|s| s.next_run = Some(next));
-        tracing::info!(next = %next, "next backup");
+        shared.update(|s| s.next_run = jobs.due[Job::Backup as usize]);
+        tracing::info!(next = %next, job = ?job, "next job");
         if !wait_until(clock.as_ref(), next, &shutdown).await {
             break;
         }
-        shared.update(|s| {
-            s.running_since = Some(clock.now());
-            s.next_run = None;
-        });
-        let job = run_once(
-            &cfg,
-            database.as_ref(),
-            &repo,
-            tz,
-            &pinger,
-            &shared,
-            clock.as_ref(),
-        );
-        let finished = tokio::select! {
-            _ = job => true,
-            _ = shutdown.cancelled() => false,
+        jobs.due[job as usize] = None;
+        let finished = match job {
+            Job::Backup => {
+                shared.update(|s| {
+                    s.running_since = Some(clock.now());
+                    s.next_run = None;
+                });
+                let run = run_once(
+                    &cfg,
+                    database.as_ref(),
+                    &repo,
+                    tz,
+                    &pinger,
+                    &shared,
+                    clock.as_ref(),
+                );
+                let finished = until_shutdown(run, &shutdown).await;
+                shared.update(|s| s.running_since = None);
+                finished
+            }
+            Job::Check | Job::ReadData => {
+                let kind = if job == Job::Check {
+                    checks::Kind::Check
+                } else {
+                    checks::Kind::ReadData
+                };
+                let run = checks::run(&cfg, &repo, kind, &shared, &pinger, clock.as_ref());
+                until_shutdown(run, &shutdown).await
+            }
         };
-        shared.update(|s| s.running_since = None);
         if !finished {
-            tracing::warn!("shutting down: the running backup was abandoned; nothing partial is visible, the next run resumes");
+            tracing::warn!("shutting down: the running job was abandoned; nothing partial is visible, the next run resumes");
             break;
         }
     }
@@ -202,6 +218,68 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     Ok(())
+}
+
+/// The agent's jobs, in the order they go first when due at the same time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    Backup = 0,
+    Check = 1,
+    ReadData = 2,
+}
+
+/// When each job runs next: a time stays due until its job has run, so a job that fell due while
+/// another ran is not skipped.
+struct Jobs {
+    planners: [Option<Planner>; 3],
+    due: [Option<chrono::DateTime<Utc>>; 3],
+}
+
+impl Jobs {
+    fn new(cfg: &Config, backups: Schedule) -> Result<Jobs> {
+        let tz = &cfg.schedule.timezone;
+        let check = |key: &str, expr: &str| -> Result<Option<Planner>> {
+            if expr.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(Planner::new(
+                Schedule::parse_as(key, expr, tz)?,
+                false,
+            )))
+        };
+        Ok(Jobs {
+            planners: [
+                Some(Planner::new(backups, cfg.schedule.backup_on_start)),
+                check("[check] cron", &cfg.check.cron)?,
+                check("[check] read_data_cron", &cfg.check.read_data_cron)?,
+            ],
+            due: [None; 3],
+        })
+    }
+
+    /// The job due first, and when.
+    fn next(&mut self, clock: &dyn Clock) -> Option<(Job, chrono::DateTime<Utc>)> {
+        for (due, planner) in self.due.iter_mut().zip(&mut self.planners) {
+            if let (None, Some(p)) = (&due, planner) {
+                *due = p.next(clock);
+            }
+        }
+        [Job::Backup, Job::Check, Job::ReadData]
+            .into_iter()
+            .filter_map(|j| self.due[j as usize].map(|t| (j, t)))
+            .min_by_key(|(_, t)| *t)
+    }
+}
+
+/// Run `job` unless shut down first; false when shut down.
+async fn until_shutdown(
+    job: impl std::future::Future<Output = ()>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = job => true,
+        _ = shutdown.cancelled() => false,
+    }
 }
 
 /// Sleep until `clock` reaches `at`, in steps (a suspended machine or a changed clock is noticed);

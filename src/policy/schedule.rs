@@ -59,16 +59,21 @@ pub struct Schedule {
 impl Schedule {
     /// Parse `expr` to be read in zone `tz` (an IANA name).
     pub fn parse(expr: &str, tz: &str) -> Result<Schedule> {
+        Schedule::parse_as("[schedule] cron", expr, tz)
+    }
+
+    /// Parse `expr`, the value of config key `key` (named in errors), to be read in zone `tz`.
+    pub fn parse_as(key: &str, expr: &str, tz: &str) -> Result<Schedule> {
         let tz = parse_timezone(tz, "[schedule] timezone")?;
         let fields = expr.split_whitespace().count();
         if !expr.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
             return Err(Error::Config(format!(
-                "[schedule] cron {expr:?} has {fields} fields; use 5 (minute hour day month weekday), 6 (second first), or @daily/@hourly"
+                "{key} {expr:?} has {fields} fields; use 5 (minute hour day month weekday), 6 (second first), or @daily/@hourly"
             )));
         }
         let cron = Cron::from_str(expr).map_err(|e| {
             Error::Config(format!(
-                "[schedule] cron {expr:?}: {e}; examples: \"@daily\", \"30 3 * * *\" (03:30 every day), \"0 */6 * * *\""
+                "{key} {expr:?}: {e}; examples: \"@daily\", \"30 3 * * *\" (03:30 every day), \"0 */6 * * *\""
             ))
         })?;
         // A pattern that never matches (e.g. 30 February) would stop the agent silently.
@@ -79,7 +84,7 @@ impl Schedule {
         };
         if s.next_after(Utc::now()).is_none() {
             return Err(Error::Config(format!(
-                "[schedule] cron {expr:?} never matches a date"
+                "{key} {expr:?} never matches a date"
             )));
         }
         Ok(s)

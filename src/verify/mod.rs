@@ -9,17 +9,17 @@
 //!   are counted and named, not errors: folders without a manifest (interrupted backups), staging
 //!   folders of dead runs (folder stores), stale locks, objects in `data/` that are not content
 //!   objects, content no snapshot references (what `prune` removes).
-//! - **With the identity** ([`lists`]): every manifest decrypts and is authentic (as a restore
+//! - **With the identity** (`lists.rs`): every manifest decrypts and is authentic (as a restore
 //!   would believe it); every file list decrypts and matches its manifest's SHA-256; its
 //!   addresses are those of `refs.txt.gz` (which prune trusts); every dump downloads, decrypts,
 //!   matches its manifest's length and SHA-256 and holds only what `pg_dumpall` writes (the check
 //!   the restore makes before it replays one). Each content object's stored size must then be
 //!   exactly what an age file of its file's length is: a truncation is found without a download.
-//! - **Reading the data back** ([`content`], `--read-data` or a [`Subset`]): content objects are
+//! - **Reading the data back** (`content.rs`, `--read-data` or a [`Subset`]): content objects are
 //!   downloaded, decrypted and hashed against their address, with the store's concurrency.
 //!
 //! Each problem names the object, the snapshots that need it and, with the identity, the paths
-//! that use it ([`losses`]): what a restore of each would miss.
+//! that use it (`losses.rs`): what a restore of each would miss.
 
 mod content;
 mod lists;
