@@ -6,8 +6,9 @@
 #   bench/run.sh --scale 1 --reps 5    # the full size: 1.5 GB library, ≈ 700 MB dump
 #   bench/run.sh --scenarios 5         # peak RSS: one 4 GiB file and 1,000,000 small files
 #   bench/run.sh --scenarios 2 --small-files 100000 --reps 5
+#   bench/run.sh --scenarios 6         # check --read-data of the scenario-1 library's store
 #
-# Options: --scale S, --reps N, --scenarios LIST (1,2,3,4,5), --work DIR (data and stores; default
+# Options: --scale S, --reps N, --scenarios LIST (1,2,3,4,5,6), --work DIR (data and stores; default
 # $BENCH_WORK or /var/tmp/immich-backup-bench), --small-files N (scenario 2, default 100000),
 # --big-gib G and --huge-files N (scenario 5, defaults 4 and 1000000), --keep (keep stores).
 # Needs: cargo, PostgreSQL server binaries, GNU time; installs age, restic, borg, hyperfine and time
@@ -185,15 +186,17 @@ gen_once() { # gen_once DIR ARGS…: generate data unless DIR/.done says it is t
   if [ ! -e "$dir.done" ]; then rm -rf "$dir"; "$GEN" "$@" "$dir" >&2; touch "$dir.done"; fi
 }
 
-if has 1 || has 2 || has 4 || has 5; then
+if has 1 || has 2 || has 4 || has 5 || has 6; then
   start_db small --assets 200
 fi
 
 # --- 1: first backup, and 4: restore ------------------------------------------------------------
-if has 1 || has 4; then
+if has 1 || has 4 || has 6; then
   UL=$WORK/library-$SCALE
   gen_once "$UL" library --scale "$SCALE"
   config s1 "$UL" "$small_PORT"
+fi
+if has 1 || has 4; then
   log "scenario 1: first backup of $(du -sc --apparent-size -BM "$UL"/library "$UL"/upload "$UL"/profile | tail -1 | cut -f1) (library upload profile)"
   settle_deletes
   TAR=$WORK/s1.tar.age
@@ -246,6 +249,27 @@ if has 4; then
   done
   diff -r "$UL/library" "$WORK/restored/library" >/dev/null || { echo "restored files differ!" >&2; exit 1; }
   trash "$WORK/restored" "$WORK/untarred"; empty_trash
+fi
+# --- 6: reading the whole store back (check --read-data) ----------------------------------------
+if has 6; then
+  TAR=$WORK/s1.tar.age
+  [ -e "$TAR" ] || tar -cf - -C "$UL" library upload profile | age -r "$RCPT" > "$TAR"
+  [ -d "$WORK/s1-store/snapshots" ] || { fresh_store s1; bash -c "$(ours s1 backup)" >/dev/null 2>&1; }
+  if command -v restic >/dev/null && [ ! -d "$WORK/restic6" ]; then
+    restic -q -r "$WORK/restic6" init >/dev/null
+    (cd "$UL" && restic -q -r "$WORK/restic6" backup library upload profile >/dev/null)
+  fi
+  log "scenario 6: check --read-data of the store of scenario 1"
+  for rep in $(seq "$REPS"); do
+    run_anchor() { measure "6 read-data check" "age -d > /dev/null" anchor "age -d -i '$ID' '$TAR' > /dev/null"; }
+    run_ours() { measure "6 read-data check" "immich-backup check --read-data" ours "$(ours s1 check --read-data)"; }
+    if [ $((rep % 2)) = 1 ]; then run_anchor; run_ours; else run_ours; run_anchor; fi
+    if command -v restic >/dev/null; then
+      measure "6 read-data check" "restic check --read-data" other "restic -q -r '$WORK/restic6' check --read-data"
+    fi
+    measure "6 read-data check" "immich-backup check (identity, no read)" other "$(ours s1 check)"
+  done
+  [ "$KEEP" = 1 ] || trash "$WORK/restic6"
 fi
 [ "$KEEP" = 1 ] || { trash "$WORK/s1-store" "$WORK/s1-cache" "$WORK/s1.tar.age"; empty_trash; }
 

@@ -361,3 +361,41 @@ fn check_without_the_right_identity_says_what_to_do() {
     let objects: BTreeSet<String> = data_objects(&src.store).into_keys().collect();
     assert_eq!(run.json()["content_stored"], objects.len() as u64);
 }
+
+/// A snapshot copied under a newer id (what someone with write access to the store could plant)
+/// is not authentic, and a removed summary is one problem (the listing and the signature check
+/// both find it), with the identity; the structural check counts the copy as complete.
+#[test]
+fn check_with_the_identity_names_planted_snapshots_and_missing_summaries() {
+    let src = Source::new(ASSETS);
+    let snap = src.backup_lib().snapshot;
+    let config = src.write_config("check.toml");
+    let planted = format!("2999{}", &snap[4..]);
+    let from = src.store.join("snapshots").join(&snap);
+    let to = src.store.join("snapshots").join(&planted);
+    fs::create_dir_all(&to).unwrap();
+    for f in fs::read_dir(&from).unwrap() {
+        let f = f.unwrap();
+        fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    }
+    let run = cli(Some(&config), &["--json", "check", "--no-identity"], &[]);
+    run.expect_code(exit::OK);
+    assert_eq!(run.json()["snapshots"], 2);
+
+    let run = cli(Some(&config), &["--json", "check"], &[]);
+    run.expect_code(exit::DAMAGED);
+    let found = problems(&run);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, format!("snapshots/{planted}/manifest.json.age"));
+    assert!(found[0].1.contains("not authentic"), "{found:?}");
+    assert_eq!(found[0].2, [planted.clone()]);
+    assert_eq!(run.json()["file_lists_verified"], 1);
+
+    fs::remove_dir_all(&to).unwrap();
+    fs::remove_file(from.join("summary.json")).unwrap();
+    let run = cli(Some(&config), &["--json", "check"], &[]);
+    run.expect_code(exit::DAMAGED);
+    let found = problems(&run);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, format!("snapshots/{snap}/summary.json"));
+}

@@ -101,15 +101,20 @@ pub(super) async fn read_back(
     let mut candidates: Vec<(ContentId, u64)> = index
         .content
         .iter()
-        .filter(|(c, u)| u.present && u.len != UNKNOWN && !damaged.contains(c))
+        .filter(|(c, u)| u.present && !damaged.contains(c))
         .map(|(c, u)| (*c, u.stored))
         .collect();
+    let known = |c: &ContentId| index.content[c].len != UNKNOWN;
+    let before = candidates.len();
+    candidates.retain(|(c, _)| known(c));
+    let not_readable = (before - candidates.len()) as u64;
     candidates.sort_unstable();
     let chosen = subset::select(which, candidates);
     let mut summary = ReadSummary {
         subset: which.to_string(),
         objects: chosen.len() as u64,
         bytes: chosen.iter().map(|(_, s)| s).sum(),
+        not_readable,
         ..Default::default()
     };
     let plain: u64 = chosen.iter().map(|(c, _)| index.content[c].len).sum();

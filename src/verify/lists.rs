@@ -36,16 +36,24 @@ pub(super) enum Outcome {
 /// A problem of `obj` in snapshot `id` when `e` is one a damaged or missing object gives;
 /// anything else (the store unreachable) stops the check.
 fn damage(obj: &Object, id: &str, e: Error) -> Result<Problem> {
+    let mut object = obj.key();
     let why = match e {
-        Error::Missing { .. } => "missing from the store".to_string(),
-        Error::Corrupt { message, .. } => format!("damaged: {message}"),
+        // The object the error names: opening a manifest reads the summary too.
+        Error::Missing { object: o, .. } => {
+            object = o;
+            "missing from the store".to_string()
+        }
+        Error::Corrupt { object: o, message } => {
+            object = o;
+            format!("damaged: {message}")
+        }
         Error::Unauthentic { message, .. } => {
             format!("not authentic ({message}): a restore refuses this snapshot")
         }
         Error::WrongKey { message, .. } => format!("does not decrypt ({message})"),
         e => return Err(e),
     };
-    Ok(Problem::new(obj.key(), why, vec![id.to_string()]))
+    Ok(Problem::new(object, why, vec![id.to_string()]))
 }
 
 /// Open snapshot `id`'s manifest and read its file list (stored as `files_size` bytes), comparing

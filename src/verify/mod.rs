@@ -128,6 +128,9 @@ pub struct ReadSummary {
     pub bytes: u64,
     /// Of those, how many were damaged or missing.
     pub damaged: u64,
+    /// Referenced objects not read: their snapshot's file list did not open (a problem already),
+    /// so their length and key are not known.
+    pub not_readable: u64,
     pub duration_secs: f64,
 }
 
@@ -247,7 +250,16 @@ async fn check_locked(
             content::read_back(deep, subset, &index, &listed, &mut report).await?;
         }
     }
+    // One problem can be found twice (a missing summary: by the listing, and by the manifest's
+    // signature check, which reads it).
+    let mut seen = std::collections::HashSet::new();
+    report
+        .problems
+        .retain(|p| seen.insert((p.object.clone(), p.problem.clone())));
     losses::name(repo, opts.deep.as_ref(), &index, &mut report.problems).await?;
+    if let Some(d) = &opts.deep {
+        d.progress.finish();
+    }
     leftovers(repo, &mut report, opts.lock.as_ref()).await?;
     report.ok = report.problems.is_empty();
     tracing::info!(
