@@ -388,7 +388,7 @@ fn check_with_the_identity_names_planted_snapshots_and_missing_summaries() {
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].0, format!("snapshots/{planted}/manifest.json.age"));
     assert!(found[0].1.contains("not authentic"), "{found:?}");
-    assert_eq!(found[0].2, [planted.clone()]);
+    assert_eq!(found[0].2, std::slice::from_ref(&planted));
     assert_eq!(run.json()["file_lists_verified"], 1);
 
     fs::remove_dir_all(&to).unwrap();
