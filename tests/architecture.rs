@@ -17,7 +17,8 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["store", "db"],
     &["repo"],
-    &["backup", "restore", "maintenance", "verify"],
+    &["backup", "restore", "maintenance"],
+    &["verify"],
     &["agent", "demo"],
 ];
 
