@@ -21,6 +21,7 @@ use immich_backup::repo::trust::{self, Trust};
 use immich_backup::repo::Repository;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::check as storecheck;
+use immich_backup::verify::drill::{self, DrillOptions, DrillReport, Status};
 use immich_backup::{db, demo, repo};
 
 #[derive(Parser)]
@@ -100,9 +101,8 @@ enum Command {
         /// Snapshot id, unique id prefix, or `latest`.
         #[arg(default_value = "latest")]
         snapshot: String,
-        /// age identity file (or SSH private key); default [encryption] identity_file.
-        #[arg(long, short = 'i')]
-        identity: Option<PathBuf>,
+        #[command(flatten)]
+        access: Access,
         /// Where to put the files; default [immich] upload_location.
         #[arg(long)]
         target: Option<PathBuf>,
@@ -113,21 +113,20 @@ enum Command {
         /// writing and start it again at the end, instead of refusing while it runs.
         #[arg(long)]
         stop_server: bool,
-        /// Also restore snapshots that carry no signature (stores written by immich-backup 0.1).
-        /// Anyone who can write to the store could have written such a snapshot.
-        #[arg(long)]
-        allow_unsigned: bool,
-        /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
-        /// made from the identity and [encryption] verify_keys. Repeatable.
-        #[arg(long = "verify-key", value_name = "KEY")]
-        verify_keys: Vec<String>,
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
-        /// Do not take the store's shared lock (a store you may only read). A prune running
-        /// meanwhile could then delete what the restore still has to read.
-        #[arg(long)]
-        no_lock: bool,
+    },
+    /// Restore drill: replay a snapshot's dump into a throwaway Postgres (Docker mode: a container
+    /// from the snapshot's image; local mode: an initdb cluster), compare its row counts with the
+    /// snapshot's, run Immich's queries, remove the server, and report the time as the expected
+    /// restore time. Never touches the real database or UPLOAD_LOCATION. Exit 4 when a check fails.
+    Drill {
+        /// Snapshot id, unique id prefix, or `latest`.
+        #[arg(default_value = "latest")]
+        snapshot: String,
+        #[command(flatten)]
+        access: Access,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
     /// Needs no identity.
@@ -176,6 +175,50 @@ enum Command {
     },
 }
 
+/// How a command that reads snapshots with the identity gets at them (restore, drill).
+#[derive(clap::Args)]
+struct Access {
+    /// age identity file (or SSH private key); default [encryption] identity_file.
+    #[arg(long, short = 'i')]
+    identity: Option<PathBuf>,
+    /// Also accept snapshots that carry no signature (stores written by immich-backup 0.1).
+    /// Anyone who can write to the store could have written such a snapshot.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
+    /// made from the identity and [encryption] verify_keys. Repeatable.
+    #[arg(long = "verify-key", value_name = "KEY")]
+    verify_keys: Vec<String>,
+    /// Do not take the store's shared lock (a store you may only read). A prune running
+    /// meanwhile could then delete what is still to be read.
+    #[arg(long)]
+    no_lock: bool,
+}
+
+impl Access {
+    /// The identity and which snapshots to believe; `what` names the command in the error.
+    fn load(&self, cfg: &Config, what: &str) -> Result<(Arc<Identities>, Trust)> {
+        let identity = self.identity.clone()
+            .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
+            .ok_or_else(|| Error::Usage(format!("{what} needs the identity: pass --identity FILE or set [encryption] identity_file")))?;
+        let mut extra = cfg.encryption.verify_keys()?;
+        for k in &self.verify_keys {
+            extra.push(
+                k.parse()
+                    .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
+            );
+        }
+        let identities = Arc::new(Identities::load(&identity)?);
+        let trust = Trust::new(&identities, extra, self.allow_unsigned);
+        Ok((identities, trust))
+    }
+
+    /// The store lock to take: `None` with --no-lock.
+    fn lock(&self, cfg: &Config) -> Option<immich_backup::config::LockConfig> {
+        (!self.no_lock).then(|| cfg.lock.clone())
+    }
+}
+
 /// Parse, run, print; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -212,8 +255,11 @@ pub fn main() -> i32 {
             _ = terminate() => Err(Error::Interrupted),
         };
         if matches!(r, Err(Error::Interrupted)) {
-            // Remove the lock of the abandoned run.
-            lock::settle(std::time::Duration::from_secs(2)).await;
+            // Remove the lock of the abandoned run, and a drill's throwaway server.
+            tokio::join!(
+                lock::settle(std::time::Duration::from_secs(2)),
+                db::scratch::settle(std::time::Duration::from_secs(20)),
+            );
         }
         r
     });
@@ -339,14 +385,11 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Run => unreachable!("handled before"),
         Command::Restore {
             snapshot,
-            identity,
+            access,
             target,
             dry_run,
             stop_server,
-            allow_unsigned,
-            verify_keys,
             keep_special_modes,
-            no_lock,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let server = if stop_server {
@@ -356,13 +399,10 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let choices = RestoreChoices {
                 snapshot,
-                identity,
+                access,
                 target,
                 dry_run,
-                allow_unsigned,
-                verify_keys,
                 keep_special_modes,
-                no_lock,
             };
             let report = run_restore(&cfg, choices, server, progress).await?;
             print_restore(&report, cli.json);
@@ -373,6 +413,20 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 exit::OK
             })
+        }
+        Command::Drill { snapshot, access } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let (identities, trust) = access.load(&cfg, "drill")?;
+            let repo = Repository::open(&cfg.storage)?;
+            let opts = DrillOptions {
+                snapshot,
+                trust,
+                lock: access.lock(&cfg),
+                progress,
+            };
+            let report = drill::drill(&cfg.database, &repo, identities, opts).await?;
+            print_drill(&report, cli.json);
+            Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
     }
 }
@@ -666,13 +720,10 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
 /// What the restore command line chose.
 struct RestoreChoices {
     snapshot: String,
-    identity: Option<PathBuf>,
+    access: Access,
     target: Option<PathBuf>,
     dry_run: bool,
-    allow_unsigned: bool,
-    verify_keys: Vec<String>,
     keep_special_modes: bool,
-    no_lock: bool,
 }
 
 async fn run_restore(
@@ -681,17 +732,7 @@ async fn run_restore(
     server: restore::ServerPolicy,
     progress: Progress,
 ) -> Result<RestoreReport> {
-    let identity = choices.identity
-        .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
-        .ok_or_else(|| Error::Usage("restore needs the identity: pass --identity FILE or set [encryption] identity_file".into()))?;
-    let mut extra = cfg.encryption.verify_keys()?;
-    for k in &choices.verify_keys {
-        extra.push(
-            k.parse()
-                .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
-        );
-    }
-    let identities = Arc::new(Identities::load(&identity)?);
+    let (identities, trust) = choices.access.load(cfg, "restore")?;
     let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let opts = RestoreOptions {
@@ -702,9 +743,9 @@ async fn run_restore(
             .unwrap_or_else(|| cfg.immich.upload_location.clone()),
         concurrency: cfg.storage.concurrency,
         progress,
-        trust: Trust::new(&identities, extra, choices.allow_unsigned),
+        trust,
         keep_special_modes: choices.keep_special_modes,
-        lock: (!choices.no_lock).then(|| cfg.lock.clone()),
+        lock: choices.access.lock(cfg),
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
@@ -792,6 +833,64 @@ fn print_restore(r: &RestoreReport, json: bool) {
         println!("  warning: {w}");
     }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+fn print_drill(r: &DrillReport, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serialises")
+        );
+        return;
+    }
+    let signed = match &r.signed_by {
+        Some(k) => format!("signed by {k}"),
+        None => "NOT SIGNED".into(),
+    };
+    println!(
+        "drill of snapshot {} (taken {} on {}, {}): {}",
+        r.snapshot,
+        r.snapshot_time,
+        r.source_host,
+        signed,
+        if r.ok { "restorable" } else { "FAILED" }
+    );
+    for l in &r.leftovers_removed {
+        println!("  removed the leftover of an interrupted drill: {l}");
+    }
+    if !r.server.is_empty() {
+        println!(
+            "  replayed into {}: PostgreSQL {}",
+            r.server, r.server_version
+        );
+    }
+    for c in &r.checks {
+        let status = match c.status {
+            Status::Pass => "ok  ",
+            Status::Fail => "FAIL",
+            Status::Skipped => "skip",
+        };
+        println!("  {status} {:<16} {}", c.name, c.detail);
+    }
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {:.1}s", p.name, p.secs))
+        .collect();
+    println!("  phases: {}", phases.join(", "));
+    println!(
+        "  expected restore time of the database: {:.1}s (dump {}); the {} files ({}) come on top, in a time that grows with the library's size",
+        r.expected_restore_secs,
+        human(r.dump_bytes),
+        r.files,
+        human(r.bytes)
+    );
+    if !r.server.is_empty() {
+        println!("  throwaway server removed in {:.1}s", r.cleanup_secs);
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
 }
 
 /// Who signed the restored snapshot, for the summary line.

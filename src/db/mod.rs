@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod docker;
 pub mod local;
+pub mod scratch;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

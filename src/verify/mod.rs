@@ -12,6 +12,10 @@
 //!   content objects, content that no snapshot references (what `prune` removes).
 //!
 //! Each problem names the object and the snapshots that need it: what a restore of each would miss.
+//!
+//! [`drill`] goes further, with the identity: it replays a snapshot's dump into a throwaway server.
+
+pub mod drill;
 
 use std::collections::HashMap;
 
