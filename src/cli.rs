@@ -835,13 +835,15 @@ fn print_restore(r: &RestoreReport, json: bool) {
     println!("  duration: {:.1}s", r.duration_secs);
 }
 
+/// A report as pretty JSON on stdout.
+fn print_json(report: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(report).expect("report serialises");
+    println!("{text}");
+}
+
 fn print_drill(r: &DrillReport, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).expect("report serialises")
-        );
-        return;
+        return print_json(r);
     }
     let signed = match &r.signed_by {
         Some(k) => format!("signed by {k}"),

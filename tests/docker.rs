@@ -913,6 +913,23 @@ impl DrillRun {
     }
 }
 
+/// A backed-up Docker-mode source and the drill's config file; `None` without a daemon (skipped).
+fn drill_source() -> Option<(Setup, PgContainer, String)> {
+    if !docker_or_skip() {
+        return None;
+    }
+    let s = Setup::new();
+    let source = backed_up_source(&s);
+    let cfg = s.config("drill", &s.source(), &source.name, "");
+    let cfg = cfg.to_str().unwrap().to_string();
+    Some((s, source, cfg))
+}
+
+/// Postgres in the drill container `name` accepts connections.
+fn serving(name: &str) -> bool {
+    docker(&["exec", name, "pg_isready", "-q"]).status.success()
+}
+
 /// What must not change while a drill runs: the real database, its container, UPLOAD_LOCATION.
 fn real_state(s: &Setup, source: &PgContainer) -> (String, String, Vec<String>) {
     (
@@ -924,15 +941,12 @@ fn real_state(s: &Setup, source: &PgContainer) -> (String, String, Vec<String>) 
 
 #[test]
 fn drill_replays_into_a_throwaway_container_and_removes_it() {
-    if !docker_or_skip() {
+    let Some((s, source, cfg)) = drill_source() else {
         return;
-    }
-    let s = Setup::new();
-    let source = backed_up_source(&s);
-    let cfg = s.config("drill", &s.source(), &source.name, "");
+    };
     let before = real_state(&s, &source);
 
-    let mut drill = DrillRun::spawn(&["--config", cfg.to_str().unwrap(), "--json", "drill"]);
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "--json", "drill"]);
     let pid = drill.child.id();
     // Its data volume and network mode, read while it runs.
     let seen = std::cell::RefCell::new(None);
@@ -1023,18 +1037,14 @@ fn drill_replays_into_a_throwaway_container_and_removes_it() {
 
 #[test]
 fn a_killed_drill_leaves_a_container_that_the_next_drill_removes() {
-    if !docker_or_skip() {
+    let Some((_s, _source, cfg)) = drill_source() else {
         return;
-    }
-    let s = Setup::new();
-    let source = backed_up_source(&s);
-    let cfg = s.config("drill", &s.source(), &source.name, "");
-    let cfg = cfg.to_str().unwrap();
+    };
+    let cfg = cfg.as_str();
 
     // Killed (SIGKILL: nothing can clean up) once its Postgres runs.
     let mut drill = DrillRun::spawn(&["--config", cfg, "drill"]);
     let killed_pid = drill.child.id();
-    let serving = |name: &str| docker(&["exec", name, "pg_isready", "-q"]).status.success();
     let name = drill.container(serving).expect("the drill's Postgres runs");
     drill.child.kill().unwrap();
     drill.wait();
@@ -1069,20 +1079,17 @@ fn a_killed_drill_leaves_a_container_that_the_next_drill_removes() {
 
 #[test]
 fn a_drill_of_a_damaged_dump_fails_with_exit_4_and_starts_nothing() {
-    if !docker_or_skip() {
+    let Some((s, _source, cfg)) = drill_source() else {
         return;
-    }
-    let s = Setup::new();
-    let source = backed_up_source(&s);
+    };
     let m = manifest(&s);
     let dump = s.path().join("store").join(&m.dump.key);
     let mut bytes = std::fs::read(&dump).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&dump, bytes).unwrap();
-    let cfg = s.config("drill", &s.source(), &source.name, "");
 
-    let mut drill = DrillRun::spawn(&["--config", cfg.to_str().unwrap(), "--json", "drill"]);
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "--json", "drill"]);
     let pid = drill.child.id();
     assert_eq!(drill.container(|_| true), None, "no container was made");
     let r = drill.wait();
@@ -1100,4 +1107,21 @@ fn a_drill_of_a_damaged_dump_fails_with_exit_4_and_starts_nothing() {
         "{detail}"
     );
     assert!(drill_containers(pid).is_empty());
+}
+
+#[test]
+fn an_interrupted_drill_removes_its_container_before_it_exits() {
+    let Some((_s, _source, cfg)) = drill_source() else {
+        return;
+    };
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "drill"]);
+    let pid = drill.child.id();
+    let name = drill.container(serving).expect("the drill's Postgres runs");
+    // SAFETY: kill(2) with plain integers, to our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let r = drill.wait();
+    assert_eq!(r.code, exit::INTERRUPTED, "{}", r.stderr);
+    assert!(r.stderr.contains("stopped half-way"), "{}", r.stderr);
+    assert!(drill_containers(pid).is_empty(), "its container is removed");
+    assert!(!docker(&["inspect", &name]).status.success());
 }

@@ -256,3 +256,33 @@ fn a_drill_takes_the_shared_lock_unless_told_not_to() {
     cli(Some(&config), &["drill"], &env).expect_code(exit::OK);
     assert_eq!(fs::read_dir(src.store.join("locks")).unwrap().count(), 0);
 }
+
+/// Whether any process runs with `path` in its command line.
+fn any_process_uses(path: &Path) -> bool {
+    let needle = path.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        fs::read(p.path().join("cmdline"))
+            .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+    })
+}
+
+#[test]
+fn a_local_drill_interrupted_while_it_makes_its_cluster_removes_it() {
+    let (_src, config, tmp) = backed_up();
+    let child = spawn_drill(&config, &tmp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let cluster = loop {
+        if let Some(dir) = clusters(&tmp).into_iter().next() {
+            break dir;
+        }
+        assert!(Instant::now() < deadline, "no cluster folder within 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: kill(2) with plain integers, to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let run = finish(child);
+    run.expect_code(exit::INTERRUPTED);
+    assert!(run.stderr.contains("stopped half-way"), "{}", run.stderr);
+    assert!(!cluster.exists(), "the cluster folder is removed");
+    assert!(!any_process_uses(&cluster), "no server of it runs");
+}

@@ -3,12 +3,12 @@
 //!
 //! Under the store's shared lock: the snapshot is chosen as restore chooses it (signed by a
 //! trusted key), its dump downloaded, decrypted and checked as restore checks it
-//! ([`database::verify_dump`]); then a throwaway Postgres is started ([`scratch::start`]: a
-//! container from the snapshot's image in Docker mode, an `initdb` cluster in local mode), the
-//! dump replayed into it exactly as restore replays it ([`database::replay_outcome`]), its row
-//! counts compared with the snapshot's ([`database::compare_rows`]), and a few questions asked that
-//! Immich asks of its database ([`queries`]). The throwaway server is removed whatever happened;
-//! the servers of drills that were killed are removed at the start of the next one.
+//! (`restore::database::verify_dump`); then a throwaway Postgres is started ([`scratch::start`]:
+//! a container from the snapshot's image in Docker mode, an `initdb` cluster in local mode), the
+//! dump replayed into it exactly as restore replays it (`replay_outcome`), its row counts compared
+//! with the snapshot's (`compare_rows`), and a few questions asked that Immich asks of its
+//! database (`drill/queries.rs`). The throwaway server is removed whatever happened; the servers
+//! of drills that were killed are removed at the start of the next one.
 //!
 //! Nothing is written to the real database (the dump only ever goes to the throwaway server) or to
 //! UPLOAD_LOCATION (the drill writes no files). The time of each phase is reported, and their sum
@@ -179,12 +179,25 @@ async fn run(cfg: &DatabaseConfig, reader: &Reader, opts: &DrillOptions) -> Resu
         image: m.database.image.clone(),
         username: m.database.username.clone(),
         database: m.database.database.clone(),
+        extensions: m
+            .database
+            .extensions
+            .iter()
+            .map(|e| e.name.clone())
+            .collect(),
     };
     let server = scratch::start(cfg, &wanted).await?;
     report.phase("server", since);
     report.server = server.describe().to_string();
     tracing::info!(server = %report.server, "drill: replaying into a throwaway server");
-    let checked = on_server(server.db(), reader, m, &opts.progress, &mut report).await;
+    let checked = on_server(server.db(), reader, m, &opts.progress, &mut report)
+        .await
+        .map_err(|e| match e {
+            Error::Database(message) => {
+                Error::Database(format!("the drill's throwaway server: {message}"))
+            }
+            other => other,
+        });
     let since = Instant::now();
     let removed = server.remove().await;
     report.cleanup_secs = since.elapsed().as_secs_f64();
@@ -289,4 +302,75 @@ fn rows_check(rows: &[RowCheck]) -> Check {
             differ.join("; ")
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(table: &str, expected: Option<u64>, actual: Option<u64>) -> RowCheck {
+        RowCheck {
+            table: table.into(),
+            expected,
+            actual,
+        }
+    }
+
+    #[test]
+    fn row_counts_pass_only_when_every_table_matches() {
+        let same = [
+            row("public.asset", Some(3), Some(3)),
+            row("public.album", Some(1), Some(1)),
+        ];
+        let check = rows_check(&same);
+        assert_eq!((check.status, check.count), (Status::Pass, Some(2)));
+        assert!(check.detail.contains("4 rows"), "{}", check.detail);
+        let differ = [
+            row("public.asset", Some(3), Some(2)),
+            row("public.extra", None, Some(1)),
+        ];
+        let check = rows_check(&differ);
+        assert_eq!(check.status, Status::Fail);
+        assert!(
+            check
+                .detail
+                .contains("public.asset: snapshot 3, replayed 2"),
+            "{}",
+            check.detail
+        );
+        assert!(
+            check
+                .detail
+                .contains("public.extra: snapshot none, replayed 1"),
+            "{}",
+            check.detail
+        );
+    }
+
+    #[test]
+    fn a_drill_is_ok_when_it_checked_something_and_nothing_failed() {
+        let report = |checks: Vec<Check>| {
+            DrillReport {
+                checks,
+                phases: vec![
+                    Phase {
+                        name: "dump".into(),
+                        secs: 1.5,
+                    },
+                    Phase {
+                        name: "replay".into(),
+                        secs: 2.0,
+                    },
+                ],
+                ..Default::default()
+            }
+            .finish()
+        };
+        assert!(!report(Vec::new()).ok, "nothing checked is not a pass");
+        let skipped = Check::new("vector indexes", Status::Skipped, None, String::new());
+        let done = report(vec![Check::pass("dump", None, String::new()), skipped]);
+        assert!(done.ok);
+        assert_eq!(done.expected_restore_secs, 3.5);
+        assert!(!report(vec![Check::fail("replay", "psql stopped".into())]).ok);
+    }
 }

@@ -22,7 +22,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 
-use super::{Guard, Owner, Scratch, Wanted};
+use super::{preload, shell_word, Guard, Owner, Scratch, Wanted};
 use crate::config::DatabaseConfig;
 use crate::db::docker::{engine_error, DockerDatabase};
 use crate::db::Database;
@@ -36,7 +36,9 @@ const LABEL_HOST: &str = "immich-backup.drill.host";
 const LABEL_PID: &str = "immich-backup.drill.pid";
 const LABEL_STARTED: &str = "immich-backup.drill.started";
 /// Settings of the real server's command that must not reach the throwaway one.
-const NOT_COPIED: [&str; 7] = [
+const NOT_COPIED: [&str; 8] = [
+    // The image's entrypoint may write it at start-up, and the drill does not run the entrypoint.
+    "config_file",
     "data_directory",
     "listen_addresses",
     "port",
@@ -178,7 +180,7 @@ async fn run_postgres(
         format!("--pgdata={DIR}/data"),
         format!("--log={DIR}/postgres.log"),
         "-o".into(),
-        server_options(&model_cmd(model)),
+        server_options(&model_cmd(model), &wanted.extensions),
     ];
     if let Err(e) = step(scratch, &user, start).await {
         let log = scratch
@@ -404,9 +406,31 @@ fn bin_prefix(cmd: &[String]) -> String {
 }
 
 /// The `postgres` options for `pg_ctl -o`: the `-c` settings of `cmd` but those in
-/// [`NOT_COPIED`], then socket only, in [`DIR`]; each quoted for the shell pg_ctl runs.
-fn server_options(cmd: &[String]) -> String {
-    let mut settings = Vec::new();
+/// [`NOT_COPIED`], the libraries the snapshot's `extensions` need preloaded, then socket only, in
+/// [`DIR`]; each quoted for the shell pg_ctl runs.
+fn server_options(cmd: &[String], extensions: &[String]) -> String {
+    let mut configured_preload = None;
+    let mut options = Vec::new();
+    for (key, value) in settings(cmd) {
+        if key == "shared_preload_libraries" {
+            configured_preload = Some(value);
+        } else if !NOT_COPIED.contains(&key.as_str()) {
+            options.push(format!("-c {}", shell_word(&format!("{key}={value}"))));
+        }
+    }
+    if let Some(libs) = preload(extensions, configured_preload.as_deref()) {
+        options.push(format!(
+            "-c {}",
+            shell_word(&format!("shared_preload_libraries={libs}"))
+        ));
+    }
+    options.push(format!("-k {DIR} -c listen_addresses=''"));
+    options.join(" ")
+}
+
+/// The `-c key=value` (and `--key=value`) settings of the `postgres` in `cmd`, keys with `_`.
+fn settings(cmd: &[String]) -> Vec<(String, String)> {
+    let mut found = Vec::new();
     let mut args = cmd.iter().skip_while(|a| !a.ends_with("postgres"));
     while let Some(arg) = args.next() {
         let setting = match arg.as_str() {
@@ -414,23 +438,13 @@ fn server_options(cmd: &[String]) -> String {
             a => a
                 .strip_prefix("-c")
                 .or_else(|| a.strip_prefix("--"))
-                .filter(|s| s.contains('='))
                 .map(str::to_string),
         };
-        if let Some(s) = setting.filter(|s| {
-            let key = s.split('=').next().unwrap_or_default();
-            !NOT_COPIED.contains(&key.replace('-', "_").as_str())
-        }) {
-            settings.push(format!("-c {}", shell_word(&s)));
+        if let Some((key, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            found.push((key.replace('-', "_"), value.to_string()));
         }
     }
-    settings.push(format!("-k {DIR} -c listen_addresses=''"));
-    settings.join(" ")
-}
-
-/// `s` single-quoted for a POSIX shell.
-fn shell_word(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
+    found
 }
 
 /// Remove the drill containers whose drill is gone; what was removed.
@@ -500,18 +514,17 @@ mod tests {
     #[test]
     fn the_real_servers_settings_are_kept_but_where_it_listens_and_keeps_data() {
         let cmd = words(
-            "docker-entrypoint.sh postgres -c shared_preload_libraries=vchord.so -c listen_addresses=* --port=5433 -cconfig_file=/etc/postgresql/postgresql.conf -D /x",
+            "docker-entrypoint.sh postgres -c shared_preload_libraries=vectors.so -c max_wal_size=2GB -c listen_addresses=* --port=5433 -cconfig_file=/etc/postgresql/postgresql.conf -D /x",
         );
         assert_eq!(
-            server_options(&cmd),
-            format!("-c 'shared_preload_libraries=vchord.so' -c 'config_file=/etc/postgresql/postgresql.conf' -k {DIR} -c listen_addresses=''")
+            server_options(&cmd, &["vchord".into(), "cube".into()]),
+            format!("-c 'max_wal_size=2GB' -c 'shared_preload_libraries=vectors.so,vchord.so' -k {DIR} -c listen_addresses=''")
         );
         let cmd = words("/usr/lib/postgresql/15/bin/postgres -D /pgd/data -c listen_addresses= -c search_path=\"$user\",public,vectors");
         assert_eq!(
-            server_options(&cmd),
+            server_options(&cmd, &[]),
             format!("-c 'search_path=\"$user\",public,vectors' -k {DIR} -c listen_addresses=''")
         );
-        assert_eq!(shell_word("it's"), "'it'\\''s'");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use super::{Guard, Owner, Scratch, Wanted, NAME_PREFIX};
+use super::{preload, shell_word, Guard, Owner, Scratch, Wanted, NAME_PREFIX};
 use crate::config::{DatabaseConfig, DatabaseMode};
 use crate::db::cluster::{self, ServerTools};
 use crate::db::local::LocalDatabase;
@@ -71,10 +71,10 @@ pub(super) async fn start(cfg: &DatabaseConfig, wanted: &Wanted, owner: &Owner) 
     };
     let guard = Guard::new(super::Removal::Local(removal), owner);
     let held = starting.lock_owned().await;
-    let (made, owner, user) = (dir.clone(), owner.clone(), wanted.username.clone());
+    let (made, owner, wanted_there) = (dir.clone(), owner.clone(), wanted.clone());
     let task = tokio::task::spawn_blocking(move || {
         let _held = held;
-        init_and_start(&tools, &made, &owner, &user)
+        init_and_start(&tools, &made, &owner, &wanted_there)
     });
     let started = task
         .await
@@ -125,7 +125,8 @@ fn server_tools(configured: &str) -> Result<ServerTools> {
     ServerTools::new(dir, &TOOLS)
 }
 
-fn init_and_start(tools: &ServerTools, dir: &Path, owner: &Owner, superuser: &str) -> Result<()> {
+fn init_and_start(tools: &ServerTools, dir: &Path, owner: &Owner, wanted: &Wanted) -> Result<()> {
+    let (superuser, extensions) = (&wanted.username, &wanted.extensions);
     let marker = dir.join(OWNER_FILE);
     let text = serde_json::to_vec_pretty(owner).expect("owner serialises");
     fs::write(&marker, text).at(&marker)?;
@@ -133,10 +134,14 @@ fn init_and_start(tools: &ServerTools, dir: &Path, owner: &Owner, superuser: &st
     tools.initdb(&data, superuser)?;
     let socket_dir = dir.join("pg");
     let log = socket_dir.join("postgres.log");
-    let opts = format!(
+    let mut opts = format!(
         "-p {SOCKET_PORT} -k {} -c listen_addresses=''",
         cluster::shell_quote(&socket_dir)?
     );
+    if let Some(libs) = preload(extensions, None) {
+        let setting = format!("shared_preload_libraries={libs}");
+        opts.push_str(&format!(" -c {}", shell_word(&setting)));
+    }
     tools
         .start(&data, &log, &opts, START_TIMEOUT)
         .map_err(|e| started_error(e, &log))

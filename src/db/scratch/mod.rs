@@ -40,6 +40,37 @@ pub struct Wanted {
     pub username: String,
     /// The Immich database's name.
     pub database: String,
+    /// The extensions of the snapshot's database (some must be preloaded).
+    pub extensions: Vec<String>,
+}
+
+/// Extensions whose library must be loaded at server start (`shared_preload_libraries`), or
+/// `CREATE EXTENSION` fails: VectorChord and pgvecto.rs (pgvector needs nothing).
+const PRELOADED: [(&str, &str); 2] = [("vchord", "vchord.so"), ("vectors", "vectors.so")];
+
+/// `shared_preload_libraries` for a throwaway server: the `configured` ones plus those the
+/// snapshot's `extensions` need; `None` when there are none.
+fn preload(extensions: &[String], configured: Option<&str>) -> Option<String> {
+    let mut libs: Vec<String> = configured
+        .unwrap_or_default()
+        .split(',')
+        .map(|l| l.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    for (extension, lib) in PRELOADED {
+        let loaded = libs
+            .iter()
+            .any(|l| l == lib || Some(l.as_str()) == lib.strip_suffix(".so"));
+        if extensions.iter().any(|e| e == extension) && !loaded {
+            libs.push(lib.to_string());
+        }
+    }
+    (!libs.is_empty()).then(|| libs.join(","))
+}
+
+/// `s` single-quoted for a POSIX shell (pg_ctl runs the server through one).
+fn shell_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// A running throwaway server: the transport to it, and what removes it.
@@ -245,5 +276,24 @@ mod tests {
         other.host = format!("{}-elsewhere", host::hostname());
         assert_eq!(other.fate(), Fate::Elsewhere);
         assert!(mine.name().starts_with(NAME_PREFIX));
+    }
+
+    #[test]
+    fn vector_extensions_get_their_library_preloaded() {
+        let ext = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(preload(&ext(&["cube", "vector"]), None), None);
+        assert_eq!(
+            preload(&ext(&["vchord", "vector"]), None).as_deref(),
+            Some("vchord.so")
+        );
+        assert_eq!(
+            preload(&ext(&["vectors"]), Some("'vectors'")).as_deref(),
+            Some("vectors")
+        );
+        assert_eq!(
+            preload(&ext(&["vchord"]), Some("pg_stat_statements")).as_deref(),
+            Some("pg_stat_statements,vchord.so")
+        );
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
     }
 }

@@ -40,7 +40,7 @@ impl Check {
         Check::new(name, Status::Fail, None, detail)
     }
 
-    fn new(name: &str, status: Status, count: Option<u64>, detail: String) -> Check {
+    pub(super) fn new(name: &str, status: Status, count: Option<u64>, detail: String) -> Check {
         Check {
             name: name.to_string(),
             status,
