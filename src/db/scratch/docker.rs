@@ -152,25 +152,44 @@ async fn run_postgres(
         .start_container(name, None::<StartContainerOptions>)
         .await
         .map_err(|e| engine_error(scratch.host(), &format!("starting container {name}"), &e))?;
-    step(
-        scratch,
-        "0",
-        vec!["chmod".into(), "1777".into(), DIR.into()],
-    )
-    .await?;
-    let user = server_user(model);
-    let bin = bin_prefix(&model_cmd(model));
-    let initdb = vec![
+    let chmod = vec!["chmod".into(), "1777".into(), DIR.into()];
+    step(scratch, "0", chmod).await?;
+    let (user, cmd) = (server_user(model), model_cmd(model));
+    let bin = bin_prefix(&cmd);
+    step(scratch, &user, initdb_cmd(&bin, &wanted.username)).await?;
+    let options = server_options(&cmd, &wanted.extensions);
+    match step(scratch, &user, pg_ctl_start_cmd(&bin, options)).await {
+        Ok(()) => scratch.wait_ready().await,
+        Err(Error::Database(failed)) => {
+            let log = scratch
+                .run_as(&user, vec!["cat".into(), format!("{DIR}/postgres.log")])
+                .await
+                .map(|o| last_lines(&o.stdout, 3))
+                .unwrap_or_default();
+            Err(Error::Database(format!(
+                "{failed}; the server's log says: {log}. The image cannot run the drill's Postgres as it is configured here"
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `initdb` of the data folder, with the snapshot's role as superuser.
+fn initdb_cmd(bin: &str, superuser: &str) -> Vec<String> {
+    vec![
         format!("{bin}initdb"),
         format!("--pgdata={DIR}/data"),
-        format!("--username={}", wanted.username),
+        format!("--username={superuser}"),
         "--auth=trust".into(),
         "--encoding=UTF8".into(),
         "--locale=C".into(),
         "--no-sync".into(),
-    ];
-    step(scratch, &user, initdb).await?;
-    let start = vec![
+    ]
+}
+
+/// `pg_ctl start` of the data folder with the server `options`, waiting until it serves.
+fn pg_ctl_start_cmd(bin: &str, options: String) -> Vec<String> {
+    vec![
         format!("{bin}pg_ctl"),
         "start".into(),
         "-w".into(),
@@ -180,19 +199,8 @@ async fn run_postgres(
         format!("--pgdata={DIR}/data"),
         format!("--log={DIR}/postgres.log"),
         "-o".into(),
-        server_options(&model_cmd(model), &wanted.extensions),
-    ];
-    if let Err(e) = step(scratch, &user, start).await {
-        let log = scratch
-            .run_as(&user, vec!["cat".into(), format!("{DIR}/postgres.log")])
-            .await
-            .map(|o| last_lines(&o.stdout, 3))
-            .unwrap_or_default();
-        return Err(Error::Database(format!(
-            "{e}; the server's log says: {log}. The image cannot run the drill's Postgres as it is configured here"
-        )));
-    }
-    scratch.wait_ready().await
+        options,
+    ]
 }
 
 /// Run one step of the set-up in the container; a failure names the step and what it printed.
