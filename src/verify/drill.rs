@@ -50,18 +50,6 @@ pub struct DrillOptions {
     pub progress: Progress,
 }
 
-impl DrillOptions {
-    /// Drill `snapshot`, believing what `trust` says, under the default lock settings.
-    pub fn new(snapshot: &str, trust: Trust) -> DrillOptions {
-        DrillOptions {
-            snapshot: snapshot.to_string(),
-            trust,
-            lock: Some(LockConfig::default()),
-            progress: Progress::hidden(),
-        }
-    }
-}
-
 /// One timed phase of the drill.
 #[derive(Debug, Clone, Serialize)]
 pub struct Phase {
