@@ -21,7 +21,8 @@ use immich_backup::repo::trust::{self, Trust};
 use immich_backup::repo::Repository;
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::check as storecheck;
-use immich_backup::verify;
+use immich_backup::verify::drill::{self, DrillOptions, DrillReport, Status};
+use immich_backup::verify::{self, Subset};
 use immich_backup::{db, demo, repo};
 
 #[derive(Parser)]
@@ -102,7 +103,7 @@ enum Command {
         #[arg(default_value = "latest")]
         snapshot: String,
         #[command(flatten)]
-        keys: KeyArgs,
+        access: Access,
         /// Where to put the files; default [immich] upload_location.
         #[arg(long)]
         target: Option<PathBuf>,
@@ -116,10 +117,24 @@ enum Command {
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
-        /// Do not take the store's shared lock (a store you may only read). A prune running
-        /// meanwhile could then delete what the restore still has to read.
-        #[arg(long)]
-        no_lock: bool,
+    },
+    /// Restore drill: replay a snapshot's dump into a throwaway Postgres (Docker mode: a container
+    /// from the snapshot's image; local mode: an initdb cluster), compare its row counts with the
+    /// snapshot's, run Immich's queries, remove the server, and report the time as the expected
+    /// restore time. Never touches the real database or UPLOAD_LOCATION. Exit 4 when a check fails.
+    Drill {
+        /// Snapshot id, unique id prefix, or `latest`.
+        #[arg(default_value = "latest")]
+        snapshot: String,
+        #[command(flatten)]
+        access: Access,
+        /// Which of the snapshot's files to read back and verify beside the replay: `5%`, `2G`
+        /// (random), or `n/m` (a fixed slice).
+        #[arg(long, value_name = "SUBSET", default_value = "2%")]
+        read_data_subset: Subset,
+        /// Read no files back (the database only).
+        #[arg(long, conflicts_with = "read_data_subset")]
+        no_read_data: bool,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
     /// Needs no identity.
@@ -139,7 +154,7 @@ enum Command {
     /// something is missing or damaged.
     Check {
         #[command(flatten)]
-        keys: KeyArgs,
+        access: Access,
         /// Check without the identity even if [encryption] identity_file is set.
         #[arg(long, conflicts_with_all = ["identity", "read_data", "read_data_subset"])]
         no_identity: bool,
@@ -150,10 +165,6 @@ enum Command {
         /// (the n-th of m fixed slices: m runs read everything). Needs the identity.
         #[arg(long, value_name = "SUBSET")]
         read_data_subset: Option<String>,
-        /// Do not take the store's shared lock (a store you may only read). A prune running
-        /// meanwhile could then make objects look missing.
-        #[arg(long)]
-        no_lock: bool,
     },
     /// Remove content no snapshot references and leftovers of interrupted backups. Needs no
     /// identity.
@@ -181,6 +192,59 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         assets: usize,
     },
+}
+
+/// How a command that reads snapshots with the identity gets at them (restore, drill, check).
+#[derive(clap::Args)]
+struct Access {
+    /// age identity file (or SSH private key); default [encryption] identity_file.
+    #[arg(long, short = 'i')]
+    identity: Option<PathBuf>,
+    /// Also accept snapshots that carry no signature (stores written by immich-backup 0.1).
+    /// Anyone who can write to the store could have written such a snapshot.
+    #[arg(long)]
+    allow_unsigned: bool,
+    /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
+    /// made from the identity and [encryption] verify_keys. Repeatable.
+    #[arg(long = "verify-key", value_name = "KEY")]
+    verify_keys: Vec<String>,
+    /// Do not take the store's shared lock (a store you may only read). A prune running
+    /// meanwhile could then delete what is still to be read.
+    #[arg(long)]
+    no_lock: bool,
+}
+
+impl Access {
+    /// The identity and which snapshots to believe; `what` names the command in the error.
+    fn load(&self, cfg: &Config, what: &str) -> Result<(Arc<Identities>, Trust)> {
+        let identity = self.identity.clone()
+            .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
+            .ok_or_else(|| Error::Usage(format!("{what} needs the identity: pass --identity FILE or set [encryption] identity_file")))?;
+        let mut extra = cfg.encryption.verify_keys()?;
+        for k in &self.verify_keys {
+            extra.push(
+                k.parse()
+                    .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
+            );
+        }
+        let identities = Arc::new(Identities::load(&identity)?);
+        let trust = Trust::new(&identities, extra, self.allow_unsigned);
+        Ok((identities, trust))
+    }
+
+    /// The identity when one is given or configured; without one, `None`, or when `needed` (to
+    /// read data back) an error saying how to give it.
+    fn load_if_any(&self, cfg: &Config, needed: bool) -> Result<Option<(Arc<Identities>, Trust)>> {
+        if needed || self.identity.is_some() || !cfg.encryption.identity_file.is_empty() {
+            return self.load(cfg, "reading data back").map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The store lock to take: `None` with --no-lock.
+    fn lock(&self, cfg: &Config) -> Option<immich_backup::config::LockConfig> {
+        (!self.no_lock).then(|| cfg.lock.clone())
+    }
 }
 
 /// Parse, run, print; returns the process exit code.
@@ -219,8 +283,11 @@ pub fn main() -> i32 {
             _ = terminate() => Err(Error::Interrupted),
         };
         if matches!(r, Err(Error::Interrupted)) {
-            // Remove the lock of the abandoned run.
-            lock::settle(std::time::Duration::from_secs(2)).await;
+            // Remove the lock of the abandoned run, and a drill's throwaway server.
+            tokio::join!(
+                lock::settle(std::time::Duration::from_secs(2)),
+                db::scratch::settle(std::time::Duration::from_secs(20)),
+            );
         }
         r
     });
@@ -311,23 +378,22 @@ async fn run(cli: Cli) -> Result<i32> {
             forget(&cfg, dry_run, prune, cli.json).await
         }
         Command::Check {
-            keys,
+            access,
             no_identity,
             read_data,
             read_data_subset,
-            no_lock,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
             let read = match (read_data, read_data_subset) {
-                (true, _) => Some(verify::Subset::All),
+                (true, _) => Some(Subset::All),
                 (false, Some(s)) => Some(s.parse()?),
                 (false, None) => None,
             };
             let deep = if no_identity {
                 None
             } else {
-                match keys.open(&cfg, read.is_some())? {
+                match access.load_if_any(&cfg, read.is_some())? {
                     Some((identities, trust)) => Some(verify::Deep {
                         reader: repo.reader(identities),
                         trust,
@@ -339,7 +405,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             };
             let opts = verify::CheckOptions {
-                lock: (!no_lock).then(|| cfg.lock.clone()),
+                lock: access.lock(&cfg),
                 deep,
             };
             let report = verify::check(&repo, opts).await?;
@@ -374,12 +440,11 @@ async fn run(cli: Cli) -> Result<i32> {
         Command::Run => unreachable!("handled before"),
         Command::Restore {
             snapshot,
-            keys,
+            access,
             target,
             dry_run,
             stop_server,
             keep_special_modes,
-            no_lock,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
             let server = if stop_server {
@@ -389,11 +454,10 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let choices = RestoreChoices {
                 snapshot,
-                keys,
+                access,
                 target,
                 dry_run,
                 keep_special_modes,
-                no_lock,
             };
             let report = run_restore(&cfg, choices, server, progress).await?;
             print_restore(&report, cli.json);
@@ -404,6 +468,27 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 exit::OK
             })
+        }
+        Command::Drill {
+            snapshot,
+            access,
+            read_data_subset,
+            no_read_data,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            let (identities, trust) = access.load(&cfg, "drill")?;
+            let repo = Repository::open(&cfg.storage)?;
+            let opts = DrillOptions {
+                snapshot,
+                trust,
+                lock: access.lock(&cfg),
+                progress,
+                read: (!no_read_data).then_some(read_data_subset),
+                concurrency: cfg.storage.concurrency,
+            };
+            let report = drill::drill(&cfg.database, &repo, identities, opts).await?;
+            print_drill(&report, cli.json);
+            Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
     }
 }
@@ -694,55 +779,13 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
-/// The identity, and which snapshots to believe: what restore and check take.
-#[derive(clap::Args, Debug)]
-struct KeyArgs {
-    /// age identity file (or SSH private key); default [encryption] identity_file.
-    #[arg(long, short = 'i')]
-    identity: Option<PathBuf>,
-    /// Also believe snapshots that carry no signature (stores written by immich-backup 0.1).
-    /// Anyone who can write to the store could have written such a snapshot.
-    #[arg(long)]
-    allow_unsigned: bool,
-    /// Trust signatures by this verification key (`immich-verify1…`) too, besides the one
-    /// made from the identity and [encryption] verify_keys. Repeatable.
-    #[arg(long = "verify-key", value_name = "KEY")]
-    verify_keys: Vec<String>,
-}
-
-impl KeyArgs {
-    /// The identities and the trust they give, from --identity or [encryption] identity_file;
-    /// `None` when neither is given (an error when `needed`, with the flag that needs it).
-    fn open(&self, cfg: &Config, needed: bool) -> Result<Option<(Arc<Identities>, Trust)>> {
-        let configured = (!cfg.encryption.identity_file.is_empty())
-            .then(|| PathBuf::from(&cfg.encryption.identity_file));
-        let Some(path) = self.identity.clone().or(configured) else {
-            if needed {
-                return Err(Error::Usage("this needs the identity: pass --identity FILE or set [encryption] identity_file".into()));
-            }
-            return Ok(None);
-        };
-        let mut extra = cfg.encryption.verify_keys()?;
-        for k in &self.verify_keys {
-            extra.push(
-                k.parse()
-                    .map_err(|e| Error::Usage(format!("--verify-key: {e}")))?,
-            );
-        }
-        let identities = Arc::new(Identities::load(&path)?);
-        let trust = Trust::new(&identities, extra, self.allow_unsigned);
-        Ok(Some((identities, trust)))
-    }
-}
-
 /// What the restore command line chose.
 struct RestoreChoices {
     snapshot: String,
-    keys: KeyArgs,
+    access: Access,
     target: Option<PathBuf>,
     dry_run: bool,
     keep_special_modes: bool,
-    no_lock: bool,
 }
 
 async fn run_restore(
@@ -751,12 +794,7 @@ async fn run_restore(
     server: restore::ServerPolicy,
     progress: Progress,
 ) -> Result<RestoreReport> {
-    let (identities, trust) = choices.keys.open(cfg, true)?.ok_or_else(|| {
-        Error::Usage(
-            "restore needs the identity: pass --identity FILE or set [encryption] identity_file"
-                .into(),
-        )
-    })?;
+    let (identities, trust) = choices.access.load(cfg, "restore")?;
     let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let opts = RestoreOptions {
@@ -769,7 +807,7 @@ async fn run_restore(
         progress,
         trust,
         keep_special_modes: choices.keep_special_modes,
-        lock: (!choices.no_lock).then(|| cfg.lock.clone()),
+        lock: choices.access.lock(cfg),
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
@@ -857,6 +895,77 @@ fn print_restore(r: &RestoreReport, json: bool) {
         println!("  warning: {w}");
     }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+/// A report as pretty JSON on stdout.
+fn print_json(report: &impl serde::Serialize) {
+    let text = serde_json::to_string_pretty(report).expect("report serialises");
+    println!("{text}");
+}
+
+fn print_drill(r: &DrillReport, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    let signed = match &r.signed_by {
+        Some(k) => format!("signed by {k}"),
+        None => "NOT SIGNED".into(),
+    };
+    println!(
+        "drill of snapshot {} (taken {} on {}, {}): {}",
+        r.snapshot,
+        r.snapshot_time,
+        r.source_host,
+        signed,
+        if r.ok { "restorable" } else { "FAILED" }
+    );
+    for l in &r.leftovers_removed {
+        println!("  removed the leftover of an interrupted drill: {l}");
+    }
+    if !r.server.is_empty() {
+        println!(
+            "  replayed into {}: PostgreSQL {}",
+            r.server, r.server_version
+        );
+    }
+    for c in &r.checks {
+        let status = match c.status {
+            Status::Pass => "ok  ",
+            Status::Fail => "FAIL",
+            Status::Skipped => "skip",
+        };
+        println!("  {status} {:<16} {}", c.name, c.detail);
+    }
+    let phases: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {:.1}s", p.name, p.secs))
+        .collect();
+    println!("  phases: {}", phases.join(", "));
+    println!(
+        "  expected restore time of the database: {:.1}s (dump {}); the {} files ({}) come on top, in a time that grows with the library's size",
+        r.expected_restore_secs,
+        human(r.dump_bytes),
+        r.files,
+        human(r.bytes)
+    );
+    if let (Some(read), Some(est)) = (&r.files_read, r.files_estimated_secs) {
+        println!(
+            "  files: a sample of {} ({}) read back in {:.1}s; all {} files ({}) at that rate: about {:.0}s, while the dump replays",
+            read.objects,
+            human(read.bytes),
+            r.files_read_secs,
+            r.files,
+            human(r.bytes),
+            est
+        );
+    }
+    if !r.server.is_empty() {
+        println!("  throwaway server removed in {:.1}s", r.cleanup_secs);
+    }
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
 }
 
 /// Who signed the restored snapshot, for the summary line.

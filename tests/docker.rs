@@ -389,8 +389,14 @@ struct Run {
 /// `IB_TEST_LOG` (a tracing filter) and `IB_TEST_LINES` (stderr lines shown) help debugging.
 fn run(args: &[&str]) -> Run {
     let t = Instant::now();
-    let out = Command::new(BIN)
-        .args(args)
+    let out = command(args).output().expect("run immich-backup");
+    finished(args, t, out)
+}
+
+/// The binary with `args`, as [`run`] runs it.
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
         .arg("--no-progress")
         .env("PATH", "/nonexistent")
         .env_remove("DOCKER_HOST")
@@ -399,9 +405,12 @@ fn run(args: &[&str]) -> Run {
             "IMMICH_BACKUP_LOG",
             std::env::var("IB_TEST_LOG").unwrap_or_else(|_| "immich_backup=info".into()),
         )
-        .stdin(Stdio::null())
-        .output()
-        .expect("run immich-backup");
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// What a run of `args`, started at `t`, printed; shown on the test's stderr.
+fn finished(args: &[&str], t: Instant, out: Output) -> Run {
     let r = Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -822,4 +831,297 @@ fn docker_socket_permission_denied_has_its_message() {
         "{msg}"
     );
     assert!(msg.contains("docker` group"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The restore drill (serialised with each other by .config/nextest.toml: a drill removes the
+// leftovers of any killed drill on the host).
+
+const DRILL_LABEL: &str = "immich-backup.drill";
+
+/// The drill containers (all, running or not) made by the drill process `pid`.
+fn drill_containers(pid: u32) -> Vec<String> {
+    let filter = format!("label={DRILL_LABEL}.pid={pid}");
+    let names = docker_ok(&["ps", "-a", "--filter", &filter, "--format", "{{.Names}}"]);
+    names.lines().map(str::to_string).collect()
+}
+
+/// Every file and folder under `root`, with size, mode and mtime: "nothing was written" checks.
+fn listing(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    walkdir::WalkDir::new(root)
+        .sort_by_file_name()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let m = e.path().symlink_metadata().unwrap();
+            format!(
+                "{} {} {:o} {}.{}",
+                e.path().display(),
+                m.len(),
+                m.mode(),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+        })
+        .collect()
+}
+
+/// A drill running in the background, and the drill container it made once it has one.
+struct DrillRun {
+    child: std::process::Child,
+    args: Vec<String>,
+    started: Instant,
+}
+
+impl DrillRun {
+    fn spawn(args: &[&str]) -> DrillRun {
+        let child = command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the drill");
+        DrillRun {
+            child,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The drill container, once it exists (and `ready` says so of it), or `None` when the drill
+    /// ended first.
+    fn container(&mut self, ready: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(name) = drill_containers(self.child.id()).into_iter().next() {
+                if ready(&name) {
+                    return Some(name);
+                }
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the drill made no container within 120 s");
+    }
+
+    fn wait(self) -> Run {
+        let out = self.child.wait_with_output().unwrap();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        finished(&args, self.started, out)
+    }
+}
+
+/// A backed-up Docker-mode source and the drill's config file; `None` without a daemon (skipped).
+fn drill_source() -> Option<(Setup, PgContainer, String)> {
+    if !docker_or_skip() {
+        return None;
+    }
+    let s = Setup::new();
+    let source = backed_up_source(&s);
+    let cfg = s.config("drill", &s.source(), &source.name, "");
+    let cfg = cfg.to_str().unwrap().to_string();
+    Some((s, source, cfg))
+}
+
+/// Postgres in the drill container `name` accepts connections.
+fn serving(name: &str) -> bool {
+    docker(&["exec", name, "pg_isready", "-q"]).status.success()
+}
+
+/// What must not change while a drill runs: the real database, its container, UPLOAD_LOCATION.
+fn real_state(s: &Setup, source: &PgContainer) -> (String, String, Vec<String>) {
+    (
+        source.canonical_dump("immich"),
+        source.inspect("{{.State.StartedAt}} {{.State.Running}}"),
+        listing(&s.source()),
+    )
+}
+
+#[test]
+fn drill_replays_into_a_throwaway_container_and_removes_it() {
+    let Some((s, source, cfg)) = drill_source() else {
+        return;
+    };
+    let before = real_state(&s, &source);
+
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "--json", "drill"]);
+    let pid = drill.child.id();
+    // Its data volume and network mode, read while it runs.
+    let seen = std::cell::RefCell::new(None);
+    let found = drill.container(|name| {
+        let format = "{{.State.Running}} {{.HostConfig.NetworkMode}} {{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}}{{end}}{{end}}";
+        let out = docker(&["inspect", "--format", format, name]);
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let running = text.starts_with("true ");
+        if running {
+            *seen.borrow_mut() = Some(text);
+        }
+        running
+    });
+    let r = drill.wait();
+    assert_eq!(r.code, exit::OK, "{}", r.stderr);
+    let name = found.expect("a drill container ran while the drill ran");
+    assert!(name.starts_with("immich-backup-drill-"), "{name}");
+    let seen = seen.into_inner().unwrap();
+    let mut seen = seen.split(' ').skip(1);
+    let (network, volume) = (
+        seen.next().unwrap().to_string(),
+        seen.next().unwrap_or_default().to_string(),
+    );
+
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let server = report["server"].as_str().unwrap();
+    assert!(server.contains(&name), "{server}");
+    assert!(
+        server.contains("the snapshot's image hostroot:latest (sha256:"),
+        "{server}"
+    );
+    assert_eq!(network, "none", "the drill container has no network");
+    let checks: Vec<(&str, &str)> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    for (check, status) in [
+        ("dump", "pass"),
+        ("replay", "pass"),
+        ("row counts", "pass"),
+        ("assets per user", "pass"),
+        ("albums", "pass"),
+        ("earthdistance", "pass"),
+        ("vector indexes", "skipped"),
+    ] {
+        assert!(
+            checks.contains(&(check, status)),
+            "{check} {status}: {checks:?}"
+        );
+    }
+    let assets = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "assets per user");
+    assert_eq!(assets.unwrap()["count"], ASSETS);
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["dump", "server", "replay", "checks"]);
+    let expected = report["expected_restore_secs"].as_f64().unwrap();
+    assert!(expected > 0.0);
+    eprintln!(
+        "docker drill: expected restore time {expected:.2}s, phases {}",
+        report["phases"]
+    );
+
+    assert!(
+        drill_containers(pid).is_empty(),
+        "the drill container is removed"
+    );
+    assert!(!volume.is_empty(), "the drill's data volume");
+    assert!(
+        !docker(&["volume", "inspect", &volume]).status.success(),
+        "its data volume {volume} is removed with it"
+    );
+    assert!(
+        before == real_state(&s, &source),
+        "the real database or UPLOAD_LOCATION changed"
+    );
+}
+
+#[test]
+fn a_killed_drill_leaves_a_container_that_the_next_drill_removes() {
+    let Some((_s, _source, cfg)) = drill_source() else {
+        return;
+    };
+    let cfg = cfg.as_str();
+
+    // Killed (SIGKILL: nothing can clean up) once its Postgres runs.
+    let mut drill = DrillRun::spawn(&["--config", cfg, "drill"]);
+    let killed_pid = drill.child.id();
+    let name = drill.container(serving).expect("the drill's Postgres runs");
+    drill.child.kill().unwrap();
+    drill.wait();
+    assert_eq!(
+        docker_ok(&["inspect", "--format", "{{.State.Running}}", &name]),
+        "true",
+        "a killed drill leaves its container running"
+    );
+
+    let r = run(&["--config", cfg, "--json", "drill"]);
+    assert_eq!(r.code, exit::OK, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let removed = report["leftovers_removed"].to_string();
+    assert!(removed.contains(&name), "{removed}");
+    assert!(
+        removed.contains(&format!("drill pid {killed_pid}")),
+        "{removed}"
+    );
+    assert!(
+        r.stderr
+            .contains("removed the throwaway server of an interrupted drill: container"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        drill_containers(killed_pid).is_empty(),
+        "the leftover is gone"
+    );
+    assert!(!docker(&["inspect", &name]).status.success());
+    assert_eq!(report["ok"], true, "{report}");
+}
+
+#[test]
+fn a_drill_of_a_damaged_dump_fails_with_exit_4_and_starts_nothing() {
+    let Some((s, _source, cfg)) = drill_source() else {
+        return;
+    };
+    let m = manifest(&s);
+    let dump = s.path().join("store").join(&m.dump.key);
+    let mut bytes = std::fs::read(&dump).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&dump, bytes).unwrap();
+
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "--json", "drill"]);
+    let pid = drill.child.id();
+    assert_eq!(drill.container(|_| true), None, "no container was made");
+    let r = drill.wait();
+    assert_eq!(r.code, exit::DAMAGED, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["server"], "", "{report}");
+    let checks = report["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 1, "{report}");
+    assert_eq!(checks[0]["name"], "dump");
+    assert_eq!(checks[0]["status"], "fail");
+    let detail = checks[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&m.dump.key) && detail.contains("corrupted"),
+        "{detail}"
+    );
+    assert!(drill_containers(pid).is_empty());
+}
+
+#[test]
+fn an_interrupted_drill_removes_its_container_before_it_exits() {
+    let Some((_s, _source, cfg)) = drill_source() else {
+        return;
+    };
+    let mut drill = DrillRun::spawn(&["--config", &cfg, "drill"]);
+    let pid = drill.child.id();
+    let name = drill.container(serving).expect("the drill's Postgres runs");
+    // SAFETY: kill(2) with plain integers, to our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let r = drill.wait();
+    assert_eq!(r.code, exit::INTERRUPTED, "{}", r.stderr);
+    assert!(r.stderr.contains("stopped half-way"), "{}", r.stderr);
+    assert!(drill_containers(pid).is_empty(), "its container is removed");
+    assert!(!docker(&["inspect", &name]).status.success());
 }

@@ -65,12 +65,17 @@ impl DockerDatabase {
     }
 
     /// The Engine client, connected and version-negotiated on first use.
-    async fn docker(&self) -> Result<&Docker> {
+    pub(super) async fn docker(&self) -> Result<&Docker> {
         self.docker.get_or_try_init(|| connect(&self.host)).await
     }
 
+    /// The Engine address used.
+    pub(super) fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Inspect a container; `None` when it does not exist.
-    async fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
+    pub(super) async fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>> {
         let docker = self.docker().await?;
         match docker
             .inspect_container(name, None::<InspectContainerOptions>)
@@ -131,6 +136,30 @@ impl DockerDatabase {
 
     /// Create and start an exec of `cmd` in the Postgres container; `stdin` attaches its stdin.
     async fn start(&self, cmd: Vec<String>, stdin: bool) -> Result<Exec> {
+        self.start_as(cmd, stdin, None).await
+    }
+
+    /// Run `cmd` in the container as OS user `user` (name or uid) and wait for it: its exit code,
+    /// stdout and stderr. A tool that cannot run at all is a Docker error naming it.
+    pub(super) async fn run_as(&self, user: &str, cmd: Vec<String>) -> Result<ExecOutput> {
+        let tool = cmd.first().cloned().unwrap_or_default();
+        let f = self
+            .start_as(cmd, false, Some(user))
+            .await?
+            .finish(None)
+            .await?;
+        if let Some(e) = tool_missing(&tool, &self.cfg.container, &f) {
+            return Err(e);
+        }
+        Ok(ExecOutput {
+            code: f.exit_code,
+            stdout: String::from_utf8_lossy(&f.stdout).into_owned(),
+            stderr: f.stderr,
+        })
+    }
+
+    /// [`DockerDatabase::start`] as OS user `user` (the container's own user when `None`).
+    async fn start_as(&self, cmd: Vec<String>, stdin: bool, user: Option<&str>) -> Result<Exec> {
         self.running_container().await?;
         let docker = self.docker().await?.clone();
         let tool = cmd.first().cloned().unwrap_or_default();
@@ -148,6 +177,7 @@ impl DockerDatabase {
                     tty: Some(false),
                     env: Some(env),
                     cmd: Some(cmd),
+                    user: user.map(str::to_string),
                     ..Default::default()
                 },
             )
@@ -269,7 +299,7 @@ fn socket_error(path: &str, e: &io::Error) -> Error {
 }
 
 /// An Engine error that is not about a particular container.
-fn engine_error(host: &str, what: &str, e: &BollardError) -> Error {
+pub(super) fn engine_error(host: &str, what: &str, e: &BollardError) -> Error {
     if let BollardError::SocketNotFoundError(path) = e {
         return socket_error(path, &io::Error::from(io::ErrorKind::NotFound));
     }
@@ -318,6 +348,13 @@ struct ExecHandle {
     tool: String,
     container: String,
     host: String,
+}
+
+/// What an exec of [`DockerDatabase::run_as`] printed, and how it ended.
+pub(super) struct ExecOutput {
+    pub code: i64,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// How an exec ended.

@@ -4,8 +4,10 @@
 //! Docker issue, one that execs inside the `immich_postgres` container. Everything else here is
 //! transport-independent SQL: server version, extensions, row counts, and the fresh-install check.
 
+pub mod cluster;
 pub mod docker;
 pub mod local;
+pub mod scratch;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;

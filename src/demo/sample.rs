@@ -19,21 +19,22 @@
 //! [`Error::Io`] for a local path, [`Error::Other`] for the rest; each message says what was being
 //! done and on which path, database or command.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub use crate::db::cluster::find_pg_bin_dir;
+use crate::db::cluster::{
+    check_output, context, set_mode, shell_quote, tail, ServerTools, PG_BIN_ENV,
+};
 use crate::error::{Error, IoContext, Result};
 
-/// Environment variable that names the directory of the PostgreSQL server binaries to use.
-pub(crate) const PG_BIN_ENV: &str = "IMMICH_BACKUP_PG_BIN";
 /// The address every cluster listens on.
 pub(crate) const PG_HOST: &str = "127.0.0.1";
 /// The cluster's superuser (trust auth, no password).
@@ -84,19 +85,11 @@ pub struct PgCluster {
     data_dir: PathBuf,
     socket_dir: PathBuf,
     log_path: PathBuf,
-    /// The OS user the server tools run as, when this process is root.
-    server_user: Option<OsUser>,
+    /// initdb and pg_ctl of `bin_dir`, run as the server user.
+    tools: ServerTools,
     running: bool,
     /// Removed when the cluster is dropped (after `Drop::drop` stopped the server).
     _dir: TempDir,
-}
-
-/// An OS account looked up by name.
-#[derive(Clone, Debug)]
-struct OsUser {
-    name: String,
-    uid: u32,
-    gid: u32,
 }
 
 impl PgCluster {
@@ -118,9 +111,11 @@ impl PgCluster {
                 "no PostgreSQL server binaries found (set {PG_BIN_ENV})"
             ))
         })?;
-        check_server_binaries(&bin_dir)?;
-        let server_user = server_user()?;
-        let dir = make_cluster_dir(base, server_user.as_ref())?;
+        let tools = ServerTools::new(
+            bin_dir.clone(),
+            &["initdb", "pg_ctl", "pg_isready", "psql", "pg_dump"],
+        )?;
+        let dir = tools.make_dir(base, "immich-backup-pg-")?;
         let root = dir.path().join("pg");
         let mut cluster = PgCluster {
             port: 0,
@@ -128,7 +123,7 @@ impl PgCluster {
             data_dir: root.join("data"),
             log_path: root.join("postgres.log"),
             socket_dir: root,
-            server_user,
+            tools,
             running: false,
             _dir: dir,
         };
@@ -183,18 +178,8 @@ impl PgCluster {
         if !self.running {
             return Ok(());
         }
-        if !self.data_dir.join("postmaster.pid").exists() {
-            self.running = false;
-            return Ok(());
-        }
-        let data = self.data_dir.clone();
-        let args = [OsStr::new("-D"), data.as_os_str()];
-        let stopped = self.server_tool("pg_ctl", &args, &["-m", "immediate", "-w", "-s", "stop"]);
-        if stopped.is_err() {
-            self.kill_postmaster();
-        }
         self.running = false;
-        stopped.map_err(|e| context(e, "stopping the PostgreSQL cluster"))
+        self.tools.stop(&self.data_dir)
     }
 
     /// The host to connect to (`127.0.0.1`).
@@ -244,48 +229,7 @@ impl PgCluster {
     }
 
     fn initdb(&self) -> Result<()> {
-        let data = self.data_dir.clone();
-        let args = [OsStr::new("-D"), data.as_os_str()];
-        let opts = [
-            "-U",
-            PG_SUPERUSER,
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "-N",
-        ];
-        self.server_tool("initdb", &args, &opts).map_err(|e| {
-            let hint = self.traversal_hint();
-            context(e, format!("initdb of {}{hint}", data.display()))
-        })
-    }
-
-    /// When the server user cannot reach the cluster directory, say which folder stops it.
-    fn traversal_hint(&self) -> String {
-        let Some(user) = &self.server_user else {
-            return String::new();
-        };
-        let blocked = self.socket_dir.ancestors().skip(1).find(|dir| {
-            use std::os::unix::fs::MetadataExt;
-            let Ok(meta) = fs::metadata(dir) else {
-                return false;
-            };
-            let needed = match (meta.uid() == user.uid, meta.gid() == user.gid) {
-                (true, _) => 0o100,
-                (false, true) => 0o010,
-                _ => 0o001,
-            };
-            meta.mode() & needed == 0
-        });
-        match blocked {
-            Some(dir) => format!(
-                " (hint: OS user {} may not traverse {}: make it mode 0755 or pick another base)",
-                user.name,
-                dir.display()
-            ),
-            None => String::new(),
-        }
+        self.tools.initdb(&self.data_dir, PG_SUPERUSER)
     }
 
     /// `pg_ctl start` on a port from `pick_port`; tries again on the next port when a parallel
@@ -316,17 +260,8 @@ impl PgCluster {
             self.port,
             shell_quote(&self.socket_dir)?
         );
-        let (data, log) = (self.data_dir.clone(), self.log_path.clone());
-        let args = [
-            OsStr::new("-D"),
-            data.as_os_str(),
-            OsStr::new("-l"),
-            log.as_os_str(),
-            OsStr::new("-o"),
-            OsStr::new(&server_opts),
-        ];
-        let secs = READY_TIMEOUT.as_secs().to_string();
-        self.server_tool("pg_ctl", &args, &["-w", "-t", &secs, "-s", "start"])
+        self.tools
+            .start(&self.data_dir, &self.log_path, &server_opts, READY_TIMEOUT)
             .map_err(|e| {
                 let what = format!(
                     "starting PostgreSQL on port {}: {}",
@@ -368,45 +303,6 @@ impl PgCluster {
         }
     }
 
-    /// Run a server tool (initdb, pg_ctl) as the server user, with a clean environment.
-    fn server_tool(&self, tool: &str, paths: &[&OsStr], opts: &[&str]) -> Result<()> {
-        let program = self.bin_dir.join(tool);
-        let mut cmd = match &self.server_user {
-            Some(user) => {
-                let mut c = Command::new(runuser_path());
-                c.args(["-u", &user.name, "--"]).arg(&program);
-                c
-            }
-            None => Command::new(&program),
-        };
-        cmd.args(paths).args(opts);
-        cmd.env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("LC_ALL", "C")
-            .current_dir(&self.socket_dir)
-            .stdin(Stdio::null());
-        let out = cmd
-            .output()
-            .map_err(|e| Error::Database(format!("running {}: {e}", program.display())))?;
-        check_output(&out, tool)
-    }
-
-    /// Last resort when `pg_ctl stop` failed: SIGKILL the postmaster named in postmaster.pid.
-    fn kill_postmaster(&self) {
-        let pid_file = fs::read_to_string(self.data_dir.join("postmaster.pid")).unwrap_or_default();
-        let Some(pid) = pid_file
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse::<i32>().ok())
-        else {
-            return;
-        };
-        if pid > 0 {
-            // SAFETY: kill(2) takes plain integers; pid > 0 targets exactly one process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-
     /// The end of the server log, for error messages.
     fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log_path).unwrap_or_default();
@@ -439,128 +335,6 @@ impl std::fmt::Debug for PgCluster {
     }
 }
 
-/// Locate PostgreSQL server binaries: `$IMMICH_BACKUP_PG_BIN` if set, else the newest
-/// `/usr/lib/postgresql/*/bin` that has initdb, else the directory of `initdb` on `PATH`.
-pub fn find_pg_bin_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os(PG_BIN_ENV).filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(dir));
-    }
-    newest_debian_pg_bin(Path::new("/usr/lib/postgresql")).or_else(initdb_dir_on_path)
-}
-
-/// The `bin` of the highest version under a Debian-style `/usr/lib/postgresql`.
-fn newest_debian_pg_bin(root: &Path) -> Option<PathBuf> {
-    let entries = fs::read_dir(root).ok()?;
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let version = parse_version(&e.file_name().to_string_lossy())?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .max_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, bin)| bin)
-}
-
-/// "15" -> [15], "9.6" -> [9, 6]; None for anything else.
-fn parse_version(name: &str) -> Option<Vec<u32>> {
-    name.split('.').map(|p| p.parse().ok()).collect()
-}
-
-fn initdb_dir_on_path() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file())
-}
-
-fn check_server_binaries(bin_dir: &Path) -> Result<()> {
-    for tool in ["initdb", "pg_ctl", "pg_isready", "psql", "pg_dump"] {
-        let path = bin_dir.join(tool);
-        if !path.is_file() {
-            return Err(Error::Database(format!(
-                "{} not found (PostgreSQL binaries dir {})",
-                tool,
-                bin_dir.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The OS user the server must run as: None when we are not root, else `postgres`.
-fn server_user() -> Result<Option<OsUser>> {
-    // SAFETY: geteuid(2) has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
-    }
-    let user = lookup_user(PG_SUPERUSER).map_err(|e| {
-        context(
-            e,
-            "running as root, so initdb must run as the `postgres` OS user, which was not found",
-        )
-    })?;
-    Ok(Some(user))
-}
-
-fn lookup_user(name: &str) -> Result<OsUser> {
-    let c_name = CString::new(name)
-        .map_err(|e| Error::Other(format!("user name {name:?} contains NUL: {e}")))?;
-    // SAFETY: an all-zero passwd is a valid value (null pointers, zero ids); getpwnam_r fills it.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call and `buf.len()` is the buffer's real length.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c_name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::from_raw_os_error(rc);
-        return Err(Error::Other(format!("getpwnam_r({name:?}) failed: {e}")));
-    }
-    if found.is_null() {
-        return Err(Error::Other(format!("no OS user named {name:?}")));
-    }
-    Ok(OsUser {
-        name: name.to_owned(),
-        uid: pwd.pw_uid,
-        gid: pwd.pw_gid,
-    })
-}
-
-/// A fresh temp dir (mode 0755) under `base` with a `pg` subdir owned by the server user.
-fn make_cluster_dir(base: Option<&Path>, owner: Option<&OsUser>) -> Result<TempDir> {
-    let base = base
-        .map(Path::to_path_buf)
-        .unwrap_or_else(std::env::temp_dir);
-    fs::create_dir_all(&base).at(&base)?;
-    let dir = tempfile::Builder::new()
-        .prefix("immich-backup-pg-")
-        .tempdir_in(&base)
-        .at(&base)?;
-    set_mode(dir.path(), 0o755)?;
-    let pg = dir.path().join("pg");
-    fs::create_dir(&pg).at(&pg)?;
-    set_mode(&pg, 0o755)?;
-    if let Some(user) = owner {
-        std::os::unix::fs::chown(&pg, Some(user.uid), Some(user.gid))
-            .map_err(|e| Error::Other(format!("chown {} to {}: {e}", pg.display(), user.name)))?;
-    }
-    Ok(dir)
-}
-
-fn runuser_path() -> PathBuf {
-    ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("runuser"))
-}
-
 /// A port on 127.0.0.1 that nothing listened on a moment ago.
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind((PG_HOST, 0))
@@ -569,19 +343,6 @@ fn free_port() -> Result<u16> {
         .local_addr()
         .map_err(|e| Error::Other(format!("reading the address bound on {PG_HOST}: {e}")))?;
     Ok(addr.port())
-}
-
-/// Single-quote a path for the shell that pg_ctl runs the server through.
-fn shell_quote(path: &Path) -> Result<String> {
-    let text = path
-        .to_str()
-        .ok_or_else(|| Error::Other(format!("path is not UTF-8: {}", path.display())))?;
-    if text.contains('\'') {
-        return Err(Error::Other(format!(
-            "path contains a single quote: {text}"
-        )));
-    }
-    Ok(format!("'{text}'"))
 }
 
 /// Run `cmd` with `input` on its stdin (written from another thread, so a chatty child cannot
@@ -614,48 +375,6 @@ fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<Output> {
         ))),
         _ => Ok(output),
     }
-}
-
-fn check_output(out: &Output, what: &str) -> Result<()> {
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let text = if stderr.trim().is_empty() {
-        stdout
-    } else {
-        stderr
-    };
-    Err(Error::Database(format!(
-        "{what} failed ({}): {}",
-        out.status,
-        tail(text.trim(), 4000)
-    )))
-}
-
-/// `e` with `what` (what was being done) in front of its message; a database or other error keeps
-/// its kind, anything else becomes [`Error::Other`].
-fn context(e: Error, what: impl std::fmt::Display) -> Error {
-    match e {
-        Error::Database(message) => Error::Database(format!("{what}: {message}")),
-        Error::Other(message) => Error::Other(format!("{what}: {message}")),
-        e => Error::Other(format!("{what}: {e}")),
-    }
-}
-
-/// The last `max` bytes of `text` (on a char boundary).
-fn tail(text: &str, max: usize) -> &str {
-    let mut start = text.len().saturating_sub(max);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
-}
-
-fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::Other(format!("chmod {mode:o} {}: {e}", path.display())))
 }
 
 /// Make a plain-text dump comparable across clusters: drop the `\restrict` / `\unrestrict` lines
@@ -1091,27 +810,5 @@ mod tests {
         assert_eq!(picks, 2);
         assert_ne!(cluster.port, taken_port);
         assert_eq!(cluster.psql("postgres", "select 42").unwrap(), "42\n");
-    }
-
-    #[test]
-    fn newest_debian_version_wins() {
-        let root = tempfile::tempdir().unwrap();
-        for (version, has_initdb) in [("9.6", true), ("15", true), ("16", false), ("13", true)] {
-            let bin = root.path().join(version).join("bin");
-            fs::create_dir_all(&bin).unwrap();
-            if has_initdb {
-                fs::write(bin.join("initdb"), "").unwrap();
-            }
-        }
-        fs::create_dir_all(root.path().join("not-a-version/bin")).unwrap();
-        let found = newest_debian_pg_bin(root.path()).unwrap();
-        assert_eq!(found, root.path().join("15/bin"));
-        assert_eq!(newest_debian_pg_bin(&root.path().join("missing")), None);
-    }
-
-    #[test]
-    fn tail_keeps_char_boundaries() {
-        assert_eq!(tail("héllo", 4), "llo");
-        assert_eq!(tail("abc", 10), "abc");
     }
 }

@@ -385,6 +385,24 @@ impl Lock {
         }
     }
 
+    /// Run `work` under a lock of `kind` for `operation`: it is stopped (dropped) with the lock's
+    /// error when the lock is lost, and the lock is released when it ends.
+    pub async fn hold<T>(
+        repo: &Repository,
+        kind: LockKind,
+        operation: &str,
+        cfg: &LockConfig,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let lock = Lock::acquire(repo, kind, operation, cfg).await?;
+        let result = tokio::select! {
+            r = work => r,
+            e = lock.lost() => Err(e),
+        };
+        lock.release().await;
+        result
+    }
+
     /// Resolves (with the error to return) when the lock is lost; never otherwise.
     pub async fn lost(&self) -> Error {
         self.inner.lost.cancelled().await;

@@ -299,6 +299,31 @@ pub async fn replay(
     manifest: &Manifest,
     progress: &Progress,
 ) -> Result<Vec<String>> {
+    let replayed = replay_outcome(db, reader, manifest, progress).await?;
+    match replayed.stopped_at {
+        Some(first) => Err(Error::Database(format!(
+            "replaying the dump failed (psql stopped at the first error): {first}. The database is partly restored: recreate it before trying again (the files restored are kept)"
+        ))),
+        None => Ok(replayed.benign),
+    }
+}
+
+/// How psql took the dump.
+pub(crate) struct Replayed {
+    /// psql's harmless messages.
+    pub benign: Vec<String>,
+    /// The error psql stopped at, when it did.
+    pub stopped_at: Option<String>,
+}
+
+/// Replay the dump through psql (checking every line on its way); an error that stopped psql is
+/// an outcome, not an error.
+pub(crate) async fn replay_outcome(
+    db: &dyn Database,
+    reader: &Reader,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> Result<Replayed> {
     let version = db.client_version().await?;
     let rewrite = Rewrite::new(
         db::psql_knows_restrict(&version),
@@ -341,12 +366,16 @@ pub async fn replay(
             .first()
             .cloned()
             .unwrap_or_else(|| output.stderr.trim().to_string());
-        return Err(Error::Database(format!(
-            "replaying the dump failed (psql stopped at the first error): {first}. The database is partly restored: recreate it before trying again (the files restored are kept)"
-        )));
+        return Ok(Replayed {
+            benign,
+            stopped_at: Some(first),
+        });
     }
     fed?;
-    Ok(benign)
+    Ok(Replayed {
+        benign,
+        stopped_at: None,
+    })
 }
 
 /// Compare the restored database's rows with the snapshot's counts.

@@ -6,18 +6,20 @@
 //! exact size an age file of the file's length has (its header measured on the snapshot's file
 //! list), so any truncation or extension is found from the listing alone.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
+use serde::Serialize;
 
 use super::subset::{self, Subset};
 use super::{CheckReport, Deep, Index, Problem, ReadSummary, UNKNOWN};
 use crate::error::{Error, Result};
-use crate::format::{ContentId, Object};
+use crate::format::{ContentId, EntryKind, Manifest, Object};
 use crate::progress::Progress;
-use crate::repo::{read_error, sealed_payload_len, Fetched, Repository};
+use crate::repo::{read_error, sealed_payload_len, Fetched, Reader, Repository};
 
 /// The smallest stored size a content object can have: an age header with one X25519 stanza, the
 /// payload nonce and one (empty) chunk's tag. Anything smaller cannot decrypt.
@@ -117,24 +119,48 @@ pub(super) async fn read_back(
         not_readable,
         ..Default::default()
     };
-    let plain: u64 = chosen.iter().map(|(c, _)| index.content[c].len).sum();
-    d.progress.phase("reading", Some(plain));
+    let items: Vec<(ContentId, u64, [u8; 32])> = chosen
+        .iter()
+        .map(|(c, _)| {
+            let u = index.content[c];
+            (*c, u.len, index.keys[u.key as usize].key)
+        })
+        .collect();
     tracing::info!(subset = %which, objects = summary.objects, bytes = summary.bytes, "reading content back");
-    let reads = futures::stream::iter(chosen)
-        .map(|(id, _)| async move {
-            let u = index.content[&id];
-            let key = index.keys[u.key as usize].key;
-            let progress = d.progress.clone();
+    for (id, why) in read_objects(&d.reader, d.concurrency, &d.progress, items).await? {
+        summary.damaged += 1;
+        report.problems.push(content_problem(&id, why));
+    }
+    d.progress.finish();
+    summary.duration_secs = started.elapsed().as_secs_f64();
+    report.read_data = Some(summary);
+    Ok(())
+}
+
+/// Read `items` (address, plaintext length, content key) back, `concurrency` at once, with a
+/// progress phase; returns the damaged or missing ones, each with why. Other errors (the store
+/// unreachable) stop it.
+async fn read_objects(
+    reader: &Reader,
+    concurrency: usize,
+    progress: &Progress,
+    items: Vec<(ContentId, u64, [u8; 32])>,
+) -> Result<Vec<(ContentId, String)>> {
+    progress.phase("reading", Some(items.iter().map(|(_, len, _)| len).sum()));
+    let reads = futures::stream::iter(items)
+        .map(|(id, len, key)| async move {
+            let progress = progress.clone();
             let read = async {
-                let fetched = d.reader.fetch_content(&id).await?;
-                tokio::task::spawn_blocking(move || verify(fetched, &key, &id, u.len, &progress))
+                let fetched = reader.fetch_content(&id).await?;
+                tokio::task::spawn_blocking(move || verify(fetched, &key, &id, len, &progress))
                     .await
                     .map_err(|e| Error::Other(format!("read-data worker: {e}")))?
             };
             (id, read.await)
         })
-        .buffer_unordered(d.concurrency.max(1));
+        .buffer_unordered(concurrency.max(1));
     let mut reads = std::pin::pin!(reads);
+    let mut damaged = Vec::new();
     while let Some((id, r)) = reads.next().await {
         let why = match r {
             Ok(()) => continue,
@@ -144,13 +170,68 @@ pub(super) async fn read_back(
             }
             Err(e) => return Err(e),
         };
-        summary.damaged += 1;
-        report.problems.push(content_problem(&id, why));
+        damaged.push((id, why));
     }
-    d.progress.finish();
-    summary.duration_secs = started.elapsed().as_secs_f64();
-    report.read_data = Some(summary);
-    Ok(())
+    progress.finish();
+    Ok(damaged)
+}
+
+/// What reading a sample of one snapshot's files back found ([`read_sample`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SampleRead {
+    /// Distinct content objects read, and their files' bytes.
+    pub objects: u64,
+    pub bytes: u64,
+    /// `(path, object, why)` of each file whose object is damaged or missing.
+    pub damaged: Vec<(String, String, String)>,
+}
+
+/// Read `which` of snapshot `m`'s files back (its file list opened with `reader`), as a restore
+/// would read them: what a drill samples.
+pub async fn read_sample(
+    reader: &Reader,
+    m: &Manifest,
+    which: Subset,
+    concurrency: usize,
+    progress: &Progress,
+) -> Result<SampleRead> {
+    let key = crate::restore::parse_key(m)?;
+    let mut files = crate::restore::files::scan_list(reader, m, Vec::new(), |v, e| {
+        if let (EntryKind::File, Some(c)) = (e.kind, e.content) {
+            v.push((c, e.size));
+        }
+        Ok(())
+    })
+    .await?;
+    files.sort_unstable();
+    files.dedup_by_key(|(c, _)| *c);
+    let chosen = subset::select(which, files);
+    let mut read = SampleRead {
+        objects: chosen.len() as u64,
+        bytes: chosen.iter().map(|(_, len)| len).sum(),
+        ..Default::default()
+    };
+    let items = chosen.into_iter().map(|(c, len)| (c, len, key)).collect();
+    let damaged: HashMap<ContentId, String> = read_objects(reader, concurrency, progress, items)
+        .await?
+        .into_iter()
+        .collect();
+    if damaged.is_empty() {
+        return Ok(read);
+    }
+    let wanted = Arc::new(damaged.keys().copied().collect::<HashSet<ContentId>>());
+    let paths = crate::restore::files::scan_list(reader, m, Vec::new(), move |v, e| {
+        if let Some(c) = e.content.filter(|c| wanted.contains(c)) {
+            v.push((e.path, c));
+        }
+        Ok(())
+    })
+    .await?;
+    read.damaged = paths
+        .into_iter()
+        .map(|(path, c)| (path, c.key(), damaged[&c].clone()))
+        .collect();
+    Ok(read)
 }
 
 /// Decrypt one content object and check it is the `len` bytes its address `id` names.

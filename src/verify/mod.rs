@@ -20,8 +20,11 @@
 //!
 //! Each problem names the object, the snapshots that need it and, with the identity, the paths
 //! that use it (`losses.rs`): what a restore of each would miss.
+//!
+//! [`drill`] goes further, with the identity: it replays a snapshot's dump into a throwaway server.
 
 mod content;
+pub mod drill;
 mod lists;
 mod losses;
 pub mod subset;
@@ -38,7 +41,7 @@ use crate::repo::lock::{self, Lock, LockKind};
 use crate::repo::trust::Trust;
 use crate::repo::{snapshots, Reader, Repository};
 
-pub use content::SMALLEST_SEALED;
+pub use content::{read_sample, SampleRead, SMALLEST_SEALED};
 pub use losses::MAX_PATHS;
 pub use subset::Subset;
 
