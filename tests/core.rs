@@ -1099,3 +1099,15 @@ fn every_object_is_a_plain_age_file_the_age_command_decrypts() {
             .unwrap();
     assert_eq!(manifest["id"], id.as_str());
 }
+
+/// `demo --dir` into a folder that holds anything (an earlier demo) is refused with what to do,
+/// before anything is written there.
+#[test]
+fn demo_refuses_a_folder_that_is_not_empty() {
+    let dir = tempdir();
+    std::fs::write(dir.path().join("earlier.txt"), b"x").unwrap();
+    let run = cli(None, &["demo", "--dir", path_arg(dir.path())], &[]);
+    run.expect_code(exit::USAGE);
+    assert!(run.stderr.contains("not empty"), "{}", run.stderr);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}

@@ -158,6 +158,16 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     let work: PathBuf = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+            let used = std::fs::read_dir(d)
+                .map_err(|e| Error::io(d, e))?
+                .next()
+                .is_some();
+            if used {
+                return Err(Error::Usage(format!(
+                    "demo --dir {}: the folder is not empty (an earlier demo?); give a new or empty folder, or remove it first",
+                    d.display()
+                )));
+            }
             d.to_path_buf()
         }
         None => {
