@@ -268,8 +268,8 @@ fn check_with_the_identity_finds_any_truncation_and_read_data_any_damage_with_th
     assert_eq!(run.json()["dumps_verified"], 1);
 }
 
-/// `--read-data-subset n/m`: the m slices together read every referenced object exactly once; a
-/// damaged object is found by the one slice it falls in. On an S3 server.
+/// `--read-data-subset n/m`: the m slices together read every referenced object (and every dump)
+/// exactly once; a damaged object is found by the one slice it falls in. On an S3 server.
 #[test]
 fn read_data_subset_slices_cover_every_object_once_on_s3() {
     let server = s3::S3Server::start(&["photos"]);
@@ -290,6 +290,7 @@ fn read_data_subset_slices_cover_every_object_once_on_s3() {
     let victim = victim.strip_prefix("immich/").unwrap().to_string();
 
     let mut read = 0;
+    let mut dumps = 0;
     let mut found_in = Vec::new();
     for n in 1..=3 {
         let slice = format!("{n}/3");
@@ -301,6 +302,7 @@ fn read_data_subset_slices_cover_every_object_once_on_s3() {
         let r = run.json();
         assert_eq!(r["read_data"]["subset"], slice);
         read += r["read_data"]["objects"].as_u64().unwrap();
+        dumps += r["dumps_verified"].as_u64().unwrap();
         if problems(&run).iter().any(|p| p.0 == victim) {
             run.expect_code(exit::DAMAGED);
             found_in.push(n);
@@ -309,6 +311,7 @@ fn read_data_subset_slices_cover_every_object_once_on_s3() {
         }
     }
     assert_eq!(read, total, "the slices cover every object once");
+    assert_eq!(dumps, 1, "and the dump once");
     assert_eq!(found_in.len(), 1, "{found_in:?}");
 
     // A random 100 % sample is everything; a size reads at least that much.

@@ -7,6 +7,7 @@
 
 use futures::StreamExt;
 
+use super::subset::{self, Subset};
 use super::{CheckReport, Deep, Index, Problem};
 use crate::error::{Error, Result};
 use crate::format::{ContentId, EntryKind, Manifest, Object};
@@ -201,6 +202,7 @@ pub(super) async fn check_dumps(d: &Deep, index: &Index, report: &mut CheckRepor
         .flatten()
         .filter(|m| !known_missing.contains(&m.dump.key))
         .collect();
+    let manifests = dumps_to_read(d.read, manifests);
     let total = manifests.iter().map(|m| m.dump.size).sum();
     d.progress.phase("dumps", Some(total));
     let checks = futures::stream::iter(manifests)
@@ -220,6 +222,31 @@ pub(super) async fn check_dumps(d: &Deep, index: &Index, report: &mut CheckRepor
         }
     }
     Ok(())
+}
+
+/// The dumps a check reads: all of them, or with a subset, the part of them that subset takes (a
+/// dump stands for its snapshot like an address: `n/m` slices partition the dumps too, so that m
+/// scheduled runs read every dump once instead of every dump every run).
+fn dumps_to_read(read: Option<Subset>, manifests: Vec<&Manifest>) -> Vec<&Manifest> {
+    let which = match read {
+        None | Some(Subset::All) => return manifests,
+        Some(s) => s,
+    };
+    let stand_in = |m: &Manifest| ContentId(*blake3::hash(m.dump.key.as_bytes()).as_bytes());
+    let chosen: Vec<ContentId> = subset::select(
+        which,
+        manifests
+            .iter()
+            .map(|m| (stand_in(m), m.dump.size))
+            .collect(),
+    )
+    .into_iter()
+    .map(|(c, _)| c)
+    .collect();
+    manifests
+        .into_iter()
+        .filter(|m| chosen.contains(&stand_in(m)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //!   would believe it); every file list decrypts and matches its manifest's SHA-256; its
 //!   addresses are those of `refs.txt.gz` (which prune trusts); every dump downloads, decrypts,
 //!   matches its manifest's length and SHA-256 and holds only what `pg_dumpall` writes (the check
-//!   the restore makes before it replays one). Each content object's stored size must then be
+//!   the restore makes before it replays one); with a [`Subset`], only that part of the dumps. Each content object's stored size must then be
 //!   exactly what an age file of its file's length is: a truncation is found without a download.
 //! - **Reading the data back** (`content.rs`, `--read-data` or a [`Subset`]): content objects are
 //!   downloaded, decrypted and hashed against their address, with the store's concurrency.
