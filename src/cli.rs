@@ -580,12 +580,8 @@ fn recipients(cfg: &Config) -> Result<Recipients> {
 }
 
 async fn init(cfg: &Config, json: bool) -> Result<i32> {
-    if let Ok(url) = url::Url::parse(&cfg.storage.url) {
-        if url.scheme() == "file" {
-            if let Ok(dir) = url.to_file_path() {
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            }
-        }
+    if let Some(dir) = immich_backup::store::folder_of(&cfg.storage.url)? {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     let repo = Repository::open(&cfg.storage)?;
     let report = repo::snapshots::init(&repo).await;

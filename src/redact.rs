@@ -5,8 +5,9 @@
 
 /// Hide credentials (user:password@ and query strings) in a store URL before it is shown.
 pub(crate) fn redact_url(url: &str) -> String {
-    if url.is_empty() {
-        return String::new();
+    if url.is_empty() || url.starts_with('/') {
+        // Empty, or a folder store's plain path: nothing secret in it.
+        return url.to_string();
     }
     match url::Url::parse(url) {
         Ok(mut u) => {

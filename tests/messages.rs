@@ -1,0 +1,98 @@
+//! The messages of issue 16 ("Messages and behaviour"), through the real binary: each mistake a
+//! user can make in the config or around the store gets one line with the cause and what to do, and
+//! the documented exit code. These runs need no database: each stops at the mistake it is about
+//! (or goes only as far as `init` and `check`, which need none).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use immich_backup::error::exit;
+
+/// Logging off, so stderr holds only what the CLI itself says.
+const QUIET: (&str, &str) = ("IMMICH_BACKUP_LOG", "off");
+
+/// Exactly one stderr line, `error: …`, containing every one of `needles`.
+fn assert_one_line_error(run: &Run, code: i32, needles: &[&str]) {
+    run.expect_code(code);
+    let stderr = run.stderr.trim_end();
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "expected a one-line error, got:\n{stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "error does not say {n:?}: {stderr}");
+    }
+}
+
+/// Run the binary in `cwd` with `config`.
+fn cli_in(cwd: &Path, config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = command(config, args);
+    cmd.current_dir(cwd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run immich-backup");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A config file `config.toml` in `dir` holding `text`.
+fn config_file(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 1. Store URLs
+
+#[test]
+fn store_url_plain_absolute_path_is_a_folder_store() {
+    let work = tempdir();
+    let store = work.path().join("nas").join("backup");
+    let config = config_file(
+        work.path(),
+        &format!("[storage]\nurl = {:?}\n", store.display().to_string()),
+    );
+    let run = cli_in(work.path(), Some(&config), &["--json", "init"], &[QUIET]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(store.join("config").exists() || store.read_dir().unwrap().next().is_some());
+    // And the store opens again for listing.
+    let run = cli_in(work.path(), Some(&config), &["--json", "snapshots"], &[QUIET]);
+    assert_eq!(run.expect_code(exit::OK).json(), serde_json::json!([]));
+}
+
+#[test]
+fn store_url_ambiguous_spellings_are_refused_with_the_right_one() {
+    let work = tempdir();
+    let cases = [
+        ("file:store", "ambiguous"),
+        ("file://./store", "\".\" after file:// is read as a host name"),
+        ("file://tmp/x", "\"tmp\" after file:// is read as a host name"),
+        ("store", "a relative path"),
+        ("./store", "a relative path"),
+    ];
+    for (url, why) in cases {
+        let config = config_file(work.path(), &format!("[storage]\nurl = {url:?}\n"));
+        let run = cli_in(work.path(), Some(&config), &["init"], &[QUIET]);
+        assert_one_line_error(
+            &run,
+            exit::USAGE,
+            &[&format!("[storage] url = {url:?}"), why, "file:///absolute/path", "absolute path"],
+        );
+        assert!(!work.path().join("store").exists(), "{url}");
+    }
+    // file://tmp/x suggests /tmp/x.
+    let config = config_file(work.path(), "[storage]\nurl = \"file://tmp/x\"\n");
+    let run = cli_in(work.path(), Some(&config), &["snapshots"], &[QUIET]);
+    assert_one_line_error(&run, exit::USAGE, &["e.g. \"/tmp/x\""]);
+}
