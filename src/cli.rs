@@ -217,9 +217,13 @@ struct Access {
 impl Access {
     /// The identity and which snapshots to believe; `what` names the command in the error.
     fn load(&self, cfg: &Config, what: &str) -> Result<(Arc<Identities>, Trust)> {
-        let identity = self.identity.clone()
-            .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
-            .ok_or_else(|| Error::Usage(format!("{what} needs the identity: pass --identity FILE or set [encryption] identity_file")))?;
+        let identity = match (&self.identity, cfg.encryption.identity_file.as_str()) {
+            (Some(path), _) => path.clone(),
+            (None, "") => return Err(Error::Usage(format!(
+                "{what} needs the identity: pass --identity FILE or set [encryption] identity_file"
+            ))),
+            (None, file) => cfg.existing_file("[encryption] identity_file", file)?,
+        };
         let mut extra = cfg.encryption.verify_keys()?;
         for k in &self.verify_keys {
             extra.push(
@@ -574,8 +578,10 @@ fn signing_key(
 }
 
 fn recipients(cfg: &Config) -> Result<Recipients> {
-    let file = (!cfg.encryption.recipients_file.is_empty())
-        .then(|| PathBuf::from(&cfg.encryption.recipients_file));
+    let file = match cfg.encryption.recipients_file.as_str() {
+        "" => None,
+        f => Some(cfg.existing_file("[encryption] recipients_file", f)?),
+    };
     Recipients::load(&cfg.encryption.recipients, file.as_deref())
 }
 

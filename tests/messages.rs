@@ -67,7 +67,12 @@ fn store_url_plain_absolute_path_is_a_folder_store() {
     assert_eq!(r["ok"], true, "{r}");
     assert!(store.join("config").exists() || store.read_dir().unwrap().next().is_some());
     // And the store opens again for listing.
-    let run = cli_in(work.path(), Some(&config), &["--json", "snapshots"], &[QUIET]);
+    let run = cli_in(
+        work.path(),
+        Some(&config),
+        &["--json", "snapshots"],
+        &[QUIET],
+    );
     assert_eq!(run.expect_code(exit::OK).json(), serde_json::json!([]));
 }
 
@@ -76,8 +81,14 @@ fn store_url_ambiguous_spellings_are_refused_with_the_right_one() {
     let work = tempdir();
     let cases = [
         ("file:store", "ambiguous"),
-        ("file://./store", "\".\" after file:// is read as a host name"),
-        ("file://tmp/x", "\"tmp\" after file:// is read as a host name"),
+        (
+            "file://./store",
+            "\".\" after file:// is read as a host name",
+        ),
+        (
+            "file://tmp/x",
+            "\"tmp\" after file:// is read as a host name",
+        ),
         ("store", "a relative path"),
         ("./store", "a relative path"),
     ];
@@ -87,7 +98,12 @@ fn store_url_ambiguous_spellings_are_refused_with_the_right_one() {
         assert_one_line_error(
             &run,
             exit::USAGE,
-            &[&format!("[storage] url = {url:?}"), why, "file:///absolute/path", "absolute path"],
+            &[
+                &format!("[storage] url = {url:?}"),
+                why,
+                "file:///absolute/path",
+                "absolute path",
+            ],
         );
         assert!(!work.path().join("store").exists(), "{url}");
     }
@@ -95,4 +111,77 @@ fn store_url_ambiguous_spellings_are_refused_with_the_right_one() {
     let config = config_file(work.path(), "[storage]\nurl = \"file://tmp/x\"\n");
     let run = cli_in(work.path(), Some(&config), &["snapshots"], &[QUIET]);
     assert_one_line_error(&run, exit::USAGE, &["e.g. \"/tmp/x\""]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 2. Relative paths in the config file are read from its folder
+
+#[test]
+fn relative_paths_in_the_config_file_are_read_from_its_folder() {
+    let work = tempdir();
+    let etc = work.path().join("etc");
+    let elsewhere = work.path().join("elsewhere");
+    fs::create_dir_all(&etc).unwrap();
+    fs::create_dir_all(&elsewhere).unwrap();
+    let key = immich_backup::crypto::generate_key();
+    immich_backup::crypto::write_identity_file(&etc.join("identity.txt"), &key).unwrap();
+    fs::write(etc.join("signing.key"), signing_text(&key)).unwrap();
+    let store = work.path().join("store");
+    let config = config_file(
+        &etc,
+        &format!(
+            "[storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\n\
+             identity_file = \"identity.txt\"\nsigning_key_file = \"./signing.key\"\n",
+            store.display().to_string(),
+            key.recipient
+        ),
+    );
+    // Run from another folder: the signing key and the identity are found beside the config file.
+    let run = cli_in(&elsewhere, Some(&config), &["--json", "init"], &[QUIET]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["verify_keys"].as_array().unwrap().len(), 1, "{r}");
+    let run = cli_in(&elsewhere, Some(&config), &["--json", "check"], &[QUIET]);
+    let r = run.expect_code(exit::OK).json();
+    assert_eq!(r["with_identity"], true, "{r}");
+
+    // A relative path from the environment stays relative to the current folder.
+    let env = [
+        QUIET,
+        ("IMMICH_BACKUP__ENCRYPTION__IDENTITY_FILE", "identity.txt"),
+    ];
+    let run = cli_in(&elsewhere, Some(&config), &["check"], &env);
+    assert_one_line_error(
+        &run,
+        exit::USAGE,
+        &["[encryption] identity_file = \"identity.txt\": no such file"],
+    );
+    fs::copy(etc.join("identity.txt"), elsewhere.join("identity.txt")).unwrap();
+    let run = cli_in(&elsewhere, Some(&config), &["--json", "check"], &env);
+    assert_eq!(run.expect_code(exit::OK).json()["with_identity"], true);
+}
+
+#[test]
+fn a_missing_recipients_file_names_the_key_and_where_it_was_looked_for() {
+    let work = tempdir();
+    let etc = work.path().join("etc");
+    fs::create_dir_all(&etc).unwrap();
+    let config = config_file(
+        &etc,
+        &format!(
+            "[storage]\nurl = {:?}\n\n[encryption]\nrecipients_file = \"recipients.txt\"\n",
+            work.path().join("store").display().to_string()
+        ),
+    );
+    let run = cli_in(work.path(), Some(&config), &["backup"], &[QUIET]);
+    let looked = etc.join("recipients.txt").display().to_string();
+    assert_one_line_error(
+        &run,
+        exit::USAGE,
+        &[
+            "[encryption] recipients_file = \"recipients.txt\"",
+            &looked,
+            "read from the config file's folder",
+            "no such file",
+        ],
+    );
 }

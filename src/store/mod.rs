@@ -100,7 +100,11 @@ pub fn folder_of(url: &str) -> Result<Option<std::path::PathBuf>> {
     if url.starts_with('/') {
         return Ok(Some(std::path::PathBuf::from(url)));
     }
-    let Some(rest) = url.get(..5).filter(|s| s.eq_ignore_ascii_case("file:")).map(|_| &url[5..]) else {
+    let Some(rest) = url
+        .get(..5)
+        .filter(|s| s.eq_ignore_ascii_case("file:"))
+        .map(|_| &url[5..])
+    else {
         if !url.is_empty() && !url.contains(':') {
             return Err(bad("a relative path, which would depend on the folder the command runs in; write the absolute path of the folder (\"/mnt/nas/backup\") or file:///absolute/path".into()));
         }
@@ -115,17 +119,20 @@ pub fn folder_of(url: &str) -> Result<Option<std::path::PathBuf>> {
             )));
         }
         None => {
-            let guess = if rest.starts_with('/') { rest.to_string() } else { format!("/absolute/path/to/{rest}") };
+            let guess = if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/absolute/path/to/{rest}")
+            };
             return Err(bad(format!(
                 "ambiguous (file: without //); write file:///absolute/path or the plain absolute path, e.g. \"{guess}\""
             )));
         }
     };
     let parsed = url::Url::parse(&format!("file://{path}")).map_err(|e| bad(e.to_string()))?;
-    parsed
-        .to_file_path()
-        .map(Some)
-        .map_err(|_| bad("not a local path; write file:///absolute/path or the plain absolute path".into()))
+    parsed.to_file_path().map(Some).map_err(|_| {
+        bad("not a local path; write file:///absolute/path or the plain absolute path".into())
+    })
 }
 
 impl Store {
