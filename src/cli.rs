@@ -219,9 +219,11 @@ impl Access {
     fn load(&self, cfg: &Config, what: &str) -> Result<(Arc<Identities>, Trust)> {
         let identity = match (&self.identity, cfg.encryption.identity_file.as_str()) {
             (Some(path), _) => path.clone(),
-            (None, "") => return Err(Error::Usage(format!(
+            (None, "") => {
+                return Err(Error::Usage(format!(
                 "{what} needs the identity: pass --identity FILE or set [encryption] identity_file"
-            ))),
+            )))
+            }
             (None, file) => cfg.existing_file("[encryption] identity_file", file)?,
         };
         let mut extra = cfg.encryption.verify_keys()?;
@@ -338,6 +340,18 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// The configuration of a command that needs one: `--config`/`IMMICH_BACKUP_CONFIG`, or an
+/// environment that at least names the store. Without either it would run on the built-in
+/// defaults (a store at /var/backups/immich, no recipients), which is never what was meant.
+fn load_config(file: Option<&std::path::Path>) -> Result<Config> {
+    if file.is_none() && std::env::var_os("IMMICH_BACKUP__STORAGE__URL").is_none() {
+        return Err(Error::Usage(
+            "no config file: pass --config FILE or set IMMICH_BACKUP_CONFIG=FILE (start from config.example.toml, beside the README in the immich-backup sources and at /usr/share/doc/immich-backup/ in the Docker image); a config from the environment alone must at least set IMMICH_BACKUP__STORAGE__URL".into(),
+        ));
+    }
+    Config::load(file)
+}
+
 async fn run(cli: Cli) -> Result<i32> {
     let progress = Progress::new(!cli.no_progress && !cli.json);
     match cli.command {
@@ -354,11 +368,11 @@ async fn run(cli: Cli) -> Result<i32> {
             .await
             .map(|_| exit::OK),
         Command::Init => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             init(&cfg, cli.json).await
         }
         Command::Backup { repair, damaged } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let opts = backup::BackupOptions {
                 repair: match damaged {
                     Some(path) => Some(read_damaged(&path)?),
@@ -374,11 +388,11 @@ async fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::Snapshots => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             snapshots(&cfg, cli.json).await
         }
         Command::Forget { dry_run, prune } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             forget(&cfg, dry_run, prune, cli.json).await
         }
         Command::Check {
@@ -387,7 +401,7 @@ async fn run(cli: Cli) -> Result<i32> {
             read_data,
             read_data_subset,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
             let read = match (read_data, read_data_subset) {
                 (true, _) => Some(Subset::All),
@@ -424,7 +438,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
         Command::Prune { dry_run } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
             let report = maintenance::prune(&repo, &cfg.lock, dry_run).await?;
             if cli.json {
@@ -438,7 +452,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Unlock { remove_all } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             unlock(&cfg, remove_all, cli.json).await
         }
         Command::Run => unreachable!("handled before"),
@@ -450,7 +464,7 @@ async fn run(cli: Cli) -> Result<i32> {
             stop_server,
             keep_special_modes,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let server = if stop_server {
                 restore::ServerPolicy::StopAndRestart
             } else {
@@ -479,7 +493,7 @@ async fn run(cli: Cli) -> Result<i32> {
             read_data_subset,
             no_read_data,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let (identities, trust) = access.load(&cfg, "drill")?;
             let repo = Repository::open(&cfg.storage)?;
             let opts = DrillOptions {
@@ -1021,7 +1035,7 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
         signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
     let (mut term, mut int) =
         signals.map_err(|e| Error::Other(format!("cannot handle signals: {e}")))?;
-    let cfg = Config::load(config)?;
+    let cfg = load_config(config)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {

@@ -185,3 +185,51 @@ fn a_missing_recipients_file_names_the_key_and_where_it_was_looked_for() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 3. No config at all
+
+#[test]
+fn no_config_says_so_and_where_the_example_is() {
+    let work = tempdir();
+    for args in [
+        &["backup"][..],
+        &["snapshots"],
+        &["init"],
+        &["check"],
+        &["unlock"],
+    ] {
+        let run = cli_in(work.path(), None, args, &[QUIET]);
+        assert_one_line_error(
+            &run,
+            exit::USAGE,
+            &[
+                "no config file",
+                "--config FILE",
+                "IMMICH_BACKUP_CONFIG",
+                "config.example.toml",
+            ],
+        );
+    }
+    // The commands that need no config still run without one.
+    let key = work.path().join("key.txt");
+    let run = cli_in(
+        work.path(),
+        None,
+        &["keygen", "-o", path_arg(&key)],
+        &[QUIET],
+    );
+    run.expect_code(exit::OK);
+    let signing = work.path().join("new.key");
+    let run = cli_in(
+        work.path(),
+        None,
+        &["signing-key", "--new", "-o", path_arg(&signing)],
+        &[QUIET],
+    );
+    run.expect_code(exit::OK);
+    // A config from the environment alone, naming the store, is a config.
+    let store = work.path().join("store").display().to_string();
+    let env = [QUIET, ("IMMICH_BACKUP__STORAGE__URL", store.as_str())];
+    cli_in(work.path(), None, &["--json", "init"], &env).expect_code(exit::OK);
+}
