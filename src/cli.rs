@@ -353,7 +353,10 @@ fn load_config(file: Option<&std::path::Path>) -> Result<Config> {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
-    let progress = Progress::new(!cli.no_progress && !cli.json);
+    // The bar is made where a command starts its work, after any passphrase prompt: a bar ticks
+    // from the moment it exists and would hide the prompt.
+    let bar = !cli.no_progress && !cli.json;
+    let progress = || Progress::new(bar);
     match cli.command {
         Command::Keygen {
             output,
@@ -379,7 +382,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     None => repair.then(Default::default),
                 },
             };
-            let report = run_backup(&cfg, progress, opts).await?;
+            let report = run_backup(&cfg, progress(), opts).await?;
             print_backup(&report, cli.json);
             Ok(if report.skipped.is_empty() {
                 exit::OK
@@ -417,7 +420,7 @@ async fn run(cli: Cli) -> Result<i32> {
                         trust,
                         read,
                         concurrency: cfg.storage.concurrency,
-                        progress,
+                        progress: progress(),
                     }),
                     None => None,
                 }
@@ -477,7 +480,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 dry_run,
                 keep_special_modes,
             };
-            let report = run_restore(&cfg, choices, server, progress).await?;
+            let report = run_restore(&cfg, choices, server, bar).await?;
             print_restore(&report, cli.json);
             Ok(if !report.dry_run && !report.rows_match {
                 exit::DATABASE
@@ -500,7 +503,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 snapshot,
                 trust,
                 lock: access.lock(&cfg),
-                progress,
+                progress: progress(),
                 read: (!no_read_data).then_some(read_data_subset),
                 concurrency: cfg.storage.concurrency,
             };
@@ -808,7 +811,7 @@ async fn run_restore(
     cfg: &Config,
     choices: RestoreChoices,
     server: restore::ServerPolicy,
-    progress: Progress,
+    bar: bool,
 ) -> Result<RestoreReport> {
     let (identities, trust) = choices.access.load(cfg, "restore")?;
     let repo = Repository::open(&cfg.storage)?;
@@ -820,7 +823,8 @@ async fn run_restore(
             .target
             .unwrap_or_else(|| cfg.immich.upload_location.clone()),
         concurrency: cfg.storage.concurrency,
-        progress,
+        // After the identity (and its passphrase prompt).
+        progress: Progress::new(bar),
         trust,
         keep_special_modes: choices.keep_special_modes,
         lock: choices.access.lock(cfg),

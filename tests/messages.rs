@@ -233,3 +233,48 @@ fn no_config_says_so_and_where_the_example_is() {
     let env = [QUIET, ("IMMICH_BACKUP__STORAGE__URL", store.as_str())];
     cli_in(work.path(), None, &["--json", "init"], &env).expect_code(exit::OK);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 4. A passphrase-protected identity (`age -p`) without a terminal
+
+#[test]
+fn a_passphrase_identity_without_terminal_or_variable_says_how_to_give_the_passphrase() {
+    use std::io::Write;
+    let work = tempdir();
+    let id = age::x25519::Identity::generate();
+    let encryptor = age::Encryptor::with_user_passphrase(age::secrecy::SecretString::from(
+        "correct horse battery staple",
+    ));
+    let mut sealed = Vec::new();
+    let mut w = encryptor.wrap_output(&mut sealed).unwrap();
+    use age::secrecy::ExposeSecret;
+    writeln!(w, "{}", id.to_string().expose_secret()).unwrap();
+    w.finish().unwrap();
+    let protected = work.path().join("protected.age");
+    fs::write(&protected, &sealed).unwrap();
+    let store = work.path().join("store");
+    let config = config_file(
+        work.path(),
+        &format!("[storage]\nurl = {:?}\n", store.display().to_string()),
+    );
+    cli_in(work.path(), Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);
+    // stdin is not a terminal (the test's null device), and IMMICH_BACKUP_PASSPHRASE is unset;
+    // an empty one counts as unset.
+    for env in [&[QUIET][..], &[QUIET, ("IMMICH_BACKUP_PASSPHRASE", "")]] {
+        for args in [
+            &["check", "--identity", path_arg(&protected)][..],
+            &["restore", "--dry-run", "--identity", path_arg(&protected)],
+        ] {
+            let run = cli_in(work.path(), Some(&config), args, env);
+            assert_one_line_error(
+                &run,
+                exit::USAGE,
+                &[
+                    "this identity needs a passphrase: set IMMICH_BACKUP_PASSPHRASE or run on a terminal",
+                    "protected.age",
+                ],
+            );
+            assert!(!run.stderr.contains("wrong identity"), "{}", run.stderr);
+        }
+    }
+}
