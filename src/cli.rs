@@ -1227,8 +1227,14 @@ async fn unlock(cfg: &Config, remove_all: bool, json: bool) -> Result<i32> {
     for l in &kept {
         if let Some(i) = &l.info {
             println!(
-                "kept live lock {}: {:?} `{}` by pid {} on {}, refreshed {} (use --remove-all only if that run is gone)",
-                l.key, i.kind, i.operation, i.pid, i.host, i.time
+                "kept live lock {}: {:?} `{}` by pid {} on {}, refreshed {} ago; it is stale (and removed by `unlock`) once not refreshed for {}s. Use --remove-all only if you are sure that run is gone (e.g. another machine that died)",
+                l.key,
+                i.kind,
+                i.operation,
+                i.pid,
+                i.host,
+                lock::ago(chrono::Utc::now(), i.time),
+                cfg.lock.stale_secs
             );
         }
     }

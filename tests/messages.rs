@@ -278,3 +278,52 @@ fn a_passphrase_identity_without_terminal_or_variable_says_how_to_give_the_passp
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 5. A live lock: who holds it, and when --remove-all is right
+
+#[test]
+fn a_live_lock_says_who_holds_it_and_when_remove_all_is_right() {
+    let work = tempdir();
+    let store = work.path().join("store");
+    let config = config_file(
+        work.path(),
+        &format!(
+            "[storage]\nurl = {:?}\n\n[lock]\nwait_secs = 0\n",
+            store.display().to_string()
+        ),
+    );
+    cli_in(work.path(), Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);
+    let cfg = immich_backup::config::Config::load(Some(&config)).unwrap();
+    let (rt, lock) = hold_exclusive_lock(&cfg);
+    let host = immich_backup::host::hostname();
+    let pid = format!("pid {}", std::process::id());
+
+    let run = cli_in(work.path(), Some(&config), &["prune"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::LOCKED,
+        &[
+            "exclusive lock of `prune`",
+            &pid,
+            &format!("on {host} (this machine)"),
+            "s ago, refreshed ",
+            "That run is alive",
+            "`immich-backup unlock` removes it",
+            "`immich-backup unlock --remove-all` only if you are sure the holder is gone",
+        ],
+    );
+    // unlock keeps it, and says why and when --remove-all is right.
+    let run = cli_in(work.path(), Some(&config), &["unlock"], &[QUIET]);
+    run.expect_code(exit::OK);
+    assert!(run.stdout.contains("kept live lock"), "{}", run.stdout);
+    assert!(run.stdout.contains(&pid), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("Use --remove-all only if you are sure that run is gone"),
+        "{}",
+        run.stdout
+    );
+    drop(lock);
+    drop(rt);
+}
