@@ -52,15 +52,54 @@ impl Default for ImmichConfig {
     }
 }
 
-/// How the database is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// How the database is reached (`"docker"` or `"local"`, in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DatabaseMode {
     /// Local `pg_dumpall`/`psql` binaries over TCP or a socket.
     Local,
     /// Inside the `immich_postgres` container through the Docker Engine API (the default).
     #[default]
     Docker,
+}
+
+/// A one-word setting read case-insensitively; an unknown word names the key and the valid ones.
+fn one_of<'de, D: serde::Deserializer<'de>, T: Copy>(
+    d: D,
+    key: &str,
+    words: &[(&str, T)],
+) -> std::result::Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    words
+        .iter()
+        .find(|(w, _)| w.eq_ignore_ascii_case(text.trim()))
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let valid: Vec<String> = words.iter().map(|(w, _)| format!("{w:?}")).collect();
+            serde::de::Error::custom(format!("{key} = {text:?}: use {}", valid.join(" or ")))
+        })
+}
+
+impl<'de> Deserialize<'de> for DatabaseMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[database] mode",
+            &[
+                ("docker", DatabaseMode::Docker),
+                ("local", DatabaseMode::Local),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for OnUnreadable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[backup] on_unreadable",
+            &[("warn", OnUnreadable::Warn), ("fail", OnUnreadable::Fail)],
+        )
+    }
 }
 
 /// `[database]`.
@@ -316,9 +355,8 @@ impl EncryptionConfig {
     }
 }
 
-/// What to do with a file that cannot be read during backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// What to do with a file that cannot be read during backup (`"warn"` or `"fail"`, in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnreadable {
     /// Record it in the snapshot as skipped, warn, finish, exit with code 3.
     #[default]
@@ -398,9 +436,15 @@ impl Config {
             }
         }
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
-        let mut cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| Error::Config(format!("{e} (see config.example.toml for every key)")))?;
+        let mut cfg: Config = built.try_deserialize().map_err(|e| {
+            // Our own messages name their key already ("[database] mode = …: use …").
+            let text = e.to_string();
+            let text = match text.find(" for key `") {
+                Some(at) if text.starts_with('[') => text[..at].to_string(),
+                _ => text,
+            };
+            Error::Config(format!("{text} (see config.example.toml for every key)"))
+        })?;
         if let Some(path) = file {
             let folder = std::path::absolute(path)
                 .ok()

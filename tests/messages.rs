@@ -327,3 +327,174 @@ fn a_live_lock_says_who_holds_it_and_when_remove_all_is_right() {
     drop(lock);
     drop(rt);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 6. Settings that name the key to fix
+
+/// A config in `dir` that a backup gets through up to the database: an UPLOAD_LOCATION with
+/// Immich's folders, an initialised store, a key; `database` is the `[database]` table's body.
+fn backup_ready(dir: &Path, database: &str) -> std::path::PathBuf {
+    for f in ["library", "upload", "profile"] {
+        fs::create_dir_all(dir.join("upload").join(f)).unwrap();
+    }
+    let key = immich_backup::crypto::generate_key();
+    fs::write(dir.join("signing.key"), signing_text(&key)).unwrap();
+    let config = config_file(
+        dir,
+        &format!(
+            "[immich]\nupload_location = \"upload\"\n\n[database]\n{database}\n\n\
+             [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\nsigning_key_file = \"signing.key\"\n\n\
+             [backup]\ncache_dir = \"cache\"\n",
+            dir.join("store").display().to_string(),
+            key.recipient
+        ),
+    );
+    cli_in(dir, Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);
+    config
+}
+
+#[test]
+fn database_mode_is_read_in_any_case_and_a_wrong_one_names_the_valid_values() {
+    let work = tempdir();
+    let store = work.path().join("store").display().to_string();
+    for mode in ["Local", "DOCKER", "local"] {
+        let config = config_file(
+            work.path(),
+            &format!("[storage]\nurl = {store:?}\n[database]\nmode = {mode:?}\n[backup]\non_unreadable = \"Fail\"\n"),
+        );
+        cli_in(work.path(), Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);
+    }
+    let config = config_file(
+        work.path(),
+        &format!("[storage]\nurl = {store:?}\n[database]\nmode = \"lokal\"\n"),
+    );
+    let run = cli_in(work.path(), Some(&config), &["snapshots"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::USAGE,
+        &["[database] mode = \"lokal\": use \"docker\" or \"local\""],
+    );
+    assert!(!run.stderr.contains("variant"), "{}", run.stderr);
+    let config = config_file(
+        work.path(),
+        &format!("[storage]\nurl = {store:?}\n[backup]\non_unreadable = \"skip\"\n"),
+    );
+    let run = cli_in(work.path(), Some(&config), &["snapshots"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::USAGE,
+        &["[backup] on_unreadable = \"skip\": use \"warn\" or \"fail\""],
+    );
+}
+
+#[test]
+fn a_store_folder_without_write_permission_names_the_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let work = tempdir();
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let store = work.path().join("store");
+    let config = config_file(
+        work.path(),
+        &format!(
+            "[storage]\nurl = {:?}\n[lock]\nwait_secs = 0\n",
+            store.display().to_string()
+        ),
+    );
+    cli_in(work.path(), Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);
+    // A real folder this run may not write to: as root (where permissions do not bite) the run is
+    // another user (nobody) and the folder stays root's; otherwise the folder is made read-only.
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        fs::set_permissions(&store, fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let mut cmd = command(Some(&config), &["prune"]);
+    cmd.current_dir(work.path()).env("IMMICH_BACKUP_LOG", "off");
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_one_line_error(
+        &run,
+        exit::STORAGE,
+        &[
+            "permission denied writing locks/",
+            &format!("in the folder {}", store.display()),
+            "write access",
+        ],
+    );
+    assert!(!run.stderr.contains("Generic"), "{}", run.stderr);
+}
+
+#[test]
+fn an_unreachable_docker_host_names_the_key() {
+    let work = tempdir();
+    let config = backup_ready(work.path(), "docker_host = \"tcp://127.0.0.1:1\"");
+    let run = cli_in(work.path(), Some(&config), &["backup"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::DOCKER,
+        &[
+            "the Docker Engine at tcp://127.0.0.1:1 ([database] docker_host, or DOCKER_HOST) is unreachable",
+            "Connection refused",
+            "mode = \"local\"",
+        ],
+    );
+    assert!(!run.stderr.contains("hyper"), "{}", run.stderr);
+}
+
+#[test]
+fn an_unknown_database_role_or_database_names_the_key() {
+    let work = tempdir();
+    let cluster = immich_backup::demo::sample::PgCluster::start(None).unwrap();
+    let local = |user: &str, db: &str| {
+        format!(
+            "mode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\nusername = {user:?}\ndatabase = {db:?}",
+            cluster.port,
+            cluster.bin_dir.display().to_string()
+        )
+    };
+    let config = backup_ready(work.path(), &local("nobody_here", "postgres"));
+    let run = cli_in(work.path(), Some(&config), &["backup"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::DATABASE,
+        &[
+            "role \"nobody_here\" does not exist",
+            "set [database] username",
+        ],
+    );
+    let config = backup_ready(work.path(), &local("postgres", "no_such_db"));
+    let run = cli_in(work.path(), Some(&config), &["backup"], &[QUIET]);
+    assert_one_line_error(
+        &run,
+        exit::DATABASE,
+        &[
+            "database \"no_such_db\" does not exist",
+            "set [database] database",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 7. Nothing said about nothing
+
+#[test]
+fn a_failed_run_leaves_no_reused_uploads_line_in_the_next() {
+    let work = tempdir();
+    let config = backup_ready(work.path(), "docker_host = \"tcp://127.0.0.1:1\"");
+    let info = [("IMMICH_BACKUP_LOG", "immich_backup=info")];
+    for _ in 0..2 {
+        let run = cli_in(work.path(), Some(&config), &["backup"], &info);
+        run.expect_code(exit::DOCKER);
+        assert!(run.stderr.contains("backup started"), "{}", run.stderr);
+        assert!(!run.stderr.contains("reused the uploads"), "{}", run.stderr);
+    }
+}

@@ -451,7 +451,12 @@ async fn recover_staging(repo: &Repository, cfg: &Config) -> Result<()> {
             Verdict::Leave => {}
             Verdict::Adopt => {
                 let n = repo.adopt_staging(&name).await?;
-                tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
+                // A run that failed before it uploaded anything leaves nothing worth a word.
+                if n > 0 {
+                    tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
+                } else {
+                    tracing::debug!(staging = %name, "an interrupted backup's staging folder, with no uploads");
+                }
             }
             Verdict::Discard => {
                 repo.discard_staging(&name).await?;

@@ -303,6 +303,13 @@ impl Store {
             Some("NoSuchBucket" | "ContainerNotFound" | "ContainerBeingDeleted")
         );
         let denied = matches!(http_status(&raw), Some(401 | 403));
+        if self.backend == Backend::Local {
+            if let Some(io) = crate::redact::io_error_in(&e) {
+                if let Some(e) = self.local_io_error(key, io) {
+                    return e;
+                }
+            }
+        }
         match e {
             _ if missing_bucket => Error::Storage {
                 url: self.url.clone(),
@@ -326,6 +333,27 @@ impl Store {
                 message: self.redactor.clean(&error_chain(&other)),
             },
         }
+    }
+
+    /// A folder store's file-system refusal, naming the folder and what to do.
+    fn local_io_error(&self, key: &str, io: &io::Error) -> Option<Error> {
+        let why = match io.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EPERM) => format!(
+                "permission denied writing {key} in the folder {}: give the user running immich-backup (uid {}) write access to the folder and everything in it (chown/chmod, or the NAS share's permissions), or run as a user that has it",
+                self.bucket,
+                // SAFETY: geteuid(2) has no arguments and cannot fail.
+                unsafe { libc::geteuid() }
+            ),
+            Some(libc::EROFS) => format!(
+                "the folder {} is on a read-only file system (writing {key}): mount it read-write, or choose another [storage] url",
+                self.bucket
+            ),
+            _ => return None,
+        };
+        Some(Error::Storage {
+            url: self.url.clone(),
+            message: why,
+        })
     }
 
     fn denied(&self, key: &str, code: Option<String>) -> Error {
