@@ -45,8 +45,19 @@ struct Cli {
     /// No progress bar.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Log lines as text (coloured only on a terminal, never with NO_COLOR set) or as JSON, one
+    /// object a line (for Loki, journald pipelines, …); also IMMICH_BACKUP_LOG_FORMAT.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "IMMICH_BACKUP_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -266,7 +277,7 @@ pub fn main() -> i32 {
             };
         }
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -322,7 +333,7 @@ async fn terminate() {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 if std::io::stderr().is_terminal() => "warn",
         0 => "info",
@@ -333,11 +344,20 @@ fn init_logging(verbose: u8) {
         tracing_subscriber::EnvFilter::try_from_env("IMMICH_BACKUP_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("immich_backup={default},warn"))
         });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => {
+            // Colours only for a person at a terminal: not in `docker logs`, journald or a file,
+            // and never with NO_COLOR (https://no-color.org) set to anything.
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).try_init()
+        }
+    };
 }
 
 /// The configuration of a command that needs one: `--config`/`IMMICH_BACKUP_CONFIG`, or an

@@ -498,3 +498,113 @@ fn a_failed_run_leaves_no_reused_uploads_line_in_the_next() {
         assert!(!run.stderr.contains("reused the uploads"), "{}", run.stderr);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 8. Log format: colours only on a terminal, never with NO_COLOR; JSON on request
+
+/// Run the binary with stderr on a new pseudo-terminal; what it wrote there.
+fn stderr_on_a_terminal(mut cmd: std::process::Command) -> String {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes the two descriptors it opens into the given integers; the other
+    // arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened by openpty and are owned by nothing else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = cmd.stderr(slave).spawn().unwrap();
+    drop(cmd);
+    child.wait().unwrap();
+    let mut out = Vec::new();
+    let mut master = std::fs::File::from(master);
+    let mut buf = [0u8; 4096];
+    // Reading the master ends with EIO once every slave descriptor is closed.
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn logs_are_coloured_only_on_a_terminal_without_no_color_and_json_on_request() {
+    let work = tempdir();
+    let config = backup_ready(work.path(), "docker_host = \"tcp://127.0.0.1:1\"");
+    let info = ("IMMICH_BACKUP_LOG", "immich_backup=info");
+    const ESC: &str = "\x1b[";
+
+    // Not a terminal (a pipe: docker logs, journald): no colours.
+    let run = cli_in(work.path(), Some(&config), &["backup"], &[info]);
+    run.expect_code(exit::DOCKER);
+    assert!(run.stderr.contains("backup started"), "{}", run.stderr);
+    assert!(!run.stderr.contains(ESC), "{:?}", run.stderr);
+
+    // A terminal: colours, unless NO_COLOR is set.
+    let on_terminal = |no_color: Option<&str>| {
+        let mut cmd = command(Some(&config), &["backup"]);
+        cmd.current_dir(work.path()).env(info.0, info.1);
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        stderr_on_a_terminal(cmd)
+    };
+    let coloured = on_terminal(None);
+    assert!(coloured.contains("backup started"), "{coloured:?}");
+    assert!(coloured.contains(ESC), "{coloured:?}");
+    let plain = on_terminal(Some("1"));
+    assert!(plain.contains("backup started"), "{plain:?}");
+    assert!(!plain.contains(ESC), "{plain:?}");
+
+    // --log-format json: one JSON object a line; the error stays one `error: …` line.
+    for how in [&["--log-format", "json"][..], &[]] {
+        let mut args = how.to_vec();
+        args.push("backup");
+        let env: &[(&str, &str)] = if how.is_empty() {
+            &[info, ("IMMICH_BACKUP_LOG_FORMAT", "json")]
+        } else {
+            &[info]
+        };
+        let run = cli_in(work.path(), Some(&config), &args, env);
+        run.expect_code(exit::DOCKER);
+        let mut events = 0;
+        for line in run.stderr.lines() {
+            if line.starts_with("error: ") {
+                assert!(line.contains("docker_host"), "{line}");
+                continue;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(v["level"].is_string(), "{v}");
+            events += 1;
+            if v["fields"]["message"] == "backup started" {
+                assert!(v["fields"]["snapshot"].is_string(), "{v}");
+            }
+        }
+        assert!(events >= 1, "{}", run.stderr);
+        assert_eq!(run.error_lines().len(), 1, "{}", run.stderr);
+    }
+    // A wrong format is a usage error naming the valid ones.
+    let run = cli_in(
+        work.path(),
+        Some(&config),
+        &["--log-format", "xml", "snapshots"],
+        &[],
+    );
+    run.expect_code(exit::USAGE);
+    assert!(
+        run.stderr.contains("text") && run.stderr.contains("json"),
+        "{}",
+        run.stderr
+    );
+}
