@@ -32,16 +32,8 @@ fn assert_one_line_error(run: &Run, code: i32, needles: &[&str]) {
 /// Run the binary in `cwd` with `config`.
 fn cli_in(cwd: &Path, config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = command(config, args);
-    cmd.current_dir(cwd);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run immich-backup");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    cmd.current_dir(cwd).envs(env.iter().copied());
+    run_to_end(cmd)
 }
 
 /// A config file `config.toml` in `dir` holding `text`.
@@ -414,12 +406,7 @@ fn a_store_folder_without_write_permission_names_the_folder() {
     if root {
         cmd.uid(65534).gid(65534);
     }
-    let out = cmd.output().unwrap();
-    let run = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let run = run_to_end(cmd);
     fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).unwrap();
     assert_one_line_error(
         &run,
