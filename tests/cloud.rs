@@ -718,7 +718,10 @@ fn bad_urls_and_options_are_config_errors() {
             "plain http(s) stores are not supported",
         ),
         ("not a url", "a relative path"),
-        ("s3:bucket", "use /absolute/path, file:///absolute/path, s3://bucket/prefix"),
+        (
+            "s3:bucket",
+            "use /absolute/path, file:///absolute/path, s3://bucket/prefix",
+        ),
     ] {
         let s = StorageConfig {
             url: url.into(),
