@@ -26,6 +26,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /cache /config
 COPY --from=build /src/target/release/immich-backup /usr/local/bin/immich-backup
+COPY config.example.toml /usr/share/doc/immich-backup/config.example.toml
 ENV IMMICH_BACKUP_CONFIG=/config/immich-backup.toml \
     IMMICH_BACKUP__BACKUP__CACHE_DIR=/cache \
     IMMICH_BACKUP_LOG=immich_backup=info

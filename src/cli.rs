@@ -45,8 +45,19 @@ struct Cli {
     /// No progress bar.
     #[arg(long, global = true)]
     no_progress: bool,
+    /// Log lines as text (coloured only on a terminal, never with NO_COLOR set) or as JSON, one
+    /// object a line (for Loki, journald pipelines, …); also IMMICH_BACKUP_LOG_FORMAT.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "IMMICH_BACKUP_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -217,9 +228,15 @@ struct Access {
 impl Access {
     /// The identity and which snapshots to believe; `what` names the command in the error.
     fn load(&self, cfg: &Config, what: &str) -> Result<(Arc<Identities>, Trust)> {
-        let identity = self.identity.clone()
-            .or_else(|| (!cfg.encryption.identity_file.is_empty()).then(|| PathBuf::from(&cfg.encryption.identity_file)))
-            .ok_or_else(|| Error::Usage(format!("{what} needs the identity: pass --identity FILE or set [encryption] identity_file")))?;
+        let identity = match (&self.identity, cfg.encryption.identity_file.as_str()) {
+            (Some(path), _) => path.clone(),
+            (None, "") => {
+                return Err(Error::Usage(format!(
+                "{what} needs the identity: pass --identity FILE or set [encryption] identity_file"
+            )))
+            }
+            (None, file) => cfg.existing_file("[encryption] identity_file", file)?,
+        };
         let mut extra = cfg.encryption.verify_keys()?;
         for k in &self.verify_keys {
             extra.push(
@@ -260,7 +277,7 @@ pub fn main() -> i32 {
             };
         }
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -316,7 +333,7 @@ async fn terminate() {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 if std::io::stderr().is_terminal() => "warn",
         0 => "info",
@@ -327,15 +344,39 @@ fn init_logging(verbose: u8) {
         tracing_subscriber::EnvFilter::try_from_env("IMMICH_BACKUP_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("immich_backup={default},warn"))
         });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => {
+            // Colours only for a person at a terminal: not in `docker logs`, journald or a file,
+            // and never with NO_COLOR (https://no-color.org) set to anything.
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            builder.with_ansi(colour).try_init()
+        }
+    };
+}
+
+/// The configuration of a command that needs one: `--config`/`IMMICH_BACKUP_CONFIG`, or an
+/// environment that at least names the store. Without either it would run on the built-in
+/// defaults (a store at /var/backups/immich, no recipients), which is never what was meant.
+fn load_config(file: Option<&std::path::Path>) -> Result<Config> {
+    if file.is_none() && std::env::var_os("IMMICH_BACKUP__STORAGE__URL").is_none() {
+        return Err(Error::Usage(
+            "no config file: pass --config FILE or set IMMICH_BACKUP_CONFIG=FILE (start from config.example.toml, beside the README in the immich-backup sources and at /usr/share/doc/immich-backup/ in the Docker image); a config from the environment alone must at least set IMMICH_BACKUP__STORAGE__URL".into(),
+        ));
+    }
+    Config::load(file)
 }
 
 async fn run(cli: Cli) -> Result<i32> {
-    let progress = Progress::new(!cli.no_progress && !cli.json);
+    // The bar is made where a command starts its work, after any passphrase prompt: a bar ticks
+    // from the moment it exists and would hide the prompt.
+    let bar = !cli.no_progress && !cli.json;
+    let progress = || Progress::new(bar);
     match cli.command {
         Command::Keygen {
             output,
@@ -350,18 +391,18 @@ async fn run(cli: Cli) -> Result<i32> {
             .await
             .map(|_| exit::OK),
         Command::Init => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             init(&cfg, cli.json).await
         }
         Command::Backup { repair, damaged } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let opts = backup::BackupOptions {
                 repair: match damaged {
                     Some(path) => Some(read_damaged(&path)?),
                     None => repair.then(Default::default),
                 },
             };
-            let report = run_backup(&cfg, progress, opts).await?;
+            let report = run_backup(&cfg, progress(), opts).await?;
             print_backup(&report, cli.json);
             Ok(if report.skipped.is_empty() {
                 exit::OK
@@ -370,11 +411,11 @@ async fn run(cli: Cli) -> Result<i32> {
             })
         }
         Command::Snapshots => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             snapshots(&cfg, cli.json).await
         }
         Command::Forget { dry_run, prune } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             forget(&cfg, dry_run, prune, cli.json).await
         }
         Command::Check {
@@ -383,7 +424,7 @@ async fn run(cli: Cli) -> Result<i32> {
             read_data,
             read_data_subset,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
             let read = match (read_data, read_data_subset) {
                 (true, _) => Some(Subset::All),
@@ -399,7 +440,7 @@ async fn run(cli: Cli) -> Result<i32> {
                         trust,
                         read,
                         concurrency: cfg.storage.concurrency,
-                        progress,
+                        progress: progress(),
                     }),
                     None => None,
                 }
@@ -420,7 +461,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(if report.ok { exit::OK } else { exit::DAMAGED })
         }
         Command::Prune { dry_run } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let repo = Repository::open(&cfg.storage)?;
             let report = maintenance::prune(&repo, &cfg.lock, dry_run).await?;
             if cli.json {
@@ -434,7 +475,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Command::Unlock { remove_all } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             unlock(&cfg, remove_all, cli.json).await
         }
         Command::Run => unreachable!("handled before"),
@@ -446,7 +487,7 @@ async fn run(cli: Cli) -> Result<i32> {
             stop_server,
             keep_special_modes,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let server = if stop_server {
                 restore::ServerPolicy::StopAndRestart
             } else {
@@ -459,7 +500,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 dry_run,
                 keep_special_modes,
             };
-            let report = run_restore(&cfg, choices, server, progress).await?;
+            let report = run_restore(&cfg, choices, server, bar).await?;
             print_restore(&report, cli.json);
             Ok(if !report.dry_run && !report.rows_match {
                 exit::DATABASE
@@ -475,14 +516,14 @@ async fn run(cli: Cli) -> Result<i32> {
             read_data_subset,
             no_read_data,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
+            let cfg = load_config(cli.config.as_deref())?;
             let (identities, trust) = access.load(&cfg, "drill")?;
             let repo = Repository::open(&cfg.storage)?;
             let opts = DrillOptions {
                 snapshot,
                 trust,
                 lock: access.lock(&cfg),
-                progress,
+                progress: progress(),
                 read: (!no_read_data).then_some(read_data_subset),
                 concurrency: cfg.storage.concurrency,
             };
@@ -574,18 +615,16 @@ fn signing_key(
 }
 
 fn recipients(cfg: &Config) -> Result<Recipients> {
-    let file = (!cfg.encryption.recipients_file.is_empty())
-        .then(|| PathBuf::from(&cfg.encryption.recipients_file));
+    let file = match cfg.encryption.recipients_file.as_str() {
+        "" => None,
+        f => Some(cfg.existing_file("[encryption] recipients_file", f)?),
+    };
     Recipients::load(&cfg.encryption.recipients, file.as_deref())
 }
 
 async fn init(cfg: &Config, json: bool) -> Result<i32> {
-    if let Ok(url) = url::Url::parse(&cfg.storage.url) {
-        if url.scheme() == "file" {
-            if let Ok(dir) = url.to_file_path() {
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            }
-        }
+    if let Some(dir) = immich_backup::store::folder_of(&cfg.storage.url)? {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     let repo = Repository::open(&cfg.storage)?;
     let report = repo::snapshots::init(&repo).await;
@@ -792,7 +831,7 @@ async fn run_restore(
     cfg: &Config,
     choices: RestoreChoices,
     server: restore::ServerPolicy,
-    progress: Progress,
+    bar: bool,
 ) -> Result<RestoreReport> {
     let (identities, trust) = choices.access.load(cfg, "restore")?;
     let repo = Repository::open(&cfg.storage)?;
@@ -804,7 +843,8 @@ async fn run_restore(
             .target
             .unwrap_or_else(|| cfg.immich.upload_location.clone()),
         concurrency: cfg.storage.concurrency,
-        progress,
+        // After the identity (and its passphrase prompt).
+        progress: Progress::new(bar),
         trust,
         keep_special_modes: choices.keep_special_modes,
         lock: choices.access.lock(cfg),
@@ -1019,7 +1059,7 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
         signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
     let (mut term, mut int) =
         signals.map_err(|e| Error::Other(format!("cannot handle signals: {e}")))?;
-    let cfg = Config::load(config)?;
+    let cfg = load_config(config)?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
@@ -1207,8 +1247,14 @@ async fn unlock(cfg: &Config, remove_all: bool, json: bool) -> Result<i32> {
     for l in &kept {
         if let Some(i) = &l.info {
             println!(
-                "kept live lock {}: {:?} `{}` by pid {} on {}, refreshed {} (use --remove-all only if that run is gone)",
-                l.key, i.kind, i.operation, i.pid, i.host, i.time
+                "kept live lock {}: {:?} `{}` by pid {} on {}, refreshed {} ago; it is stale (and removed by `unlock`) once not refreshed for {}s. Use --remove-all only if you are sure that run is gone (e.g. another machine that died)",
+                l.key,
+                i.kind,
+                i.operation,
+                i.pid,
+                i.host,
+                lock::ago(chrono::Utc::now(), i.time),
+                cfg.lock.stale_secs
             );
         }
     }

@@ -27,6 +27,10 @@ pub struct Config {
     pub lock: LockConfig,
     pub agent: AgentConfig,
     pub check: CheckConfig,
+    /// The path keys the config file gave as relative paths (`"[encryption] recipients_file"` →
+    /// the text typed), now read from the config file's folder; for messages.
+    #[serde(skip)]
+    pub typed_paths: BTreeMap<String, String>,
 }
 
 /// `[immich]`: where the Immich files are.
@@ -48,15 +52,54 @@ impl Default for ImmichConfig {
     }
 }
 
-/// How the database is reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// How the database is reached (`"docker"` or `"local"`, in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DatabaseMode {
     /// Local `pg_dumpall`/`psql` binaries over TCP or a socket.
     Local,
     /// Inside the `immich_postgres` container through the Docker Engine API (the default).
     #[default]
     Docker,
+}
+
+/// A one-word setting read case-insensitively; an unknown word names the key and the valid ones.
+fn one_of<'de, D: serde::Deserializer<'de>, T: Copy>(
+    d: D,
+    key: &str,
+    words: &[(&str, T)],
+) -> std::result::Result<T, D::Error> {
+    let text = String::deserialize(d)?;
+    words
+        .iter()
+        .find(|(w, _)| w.eq_ignore_ascii_case(text.trim()))
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let valid: Vec<String> = words.iter().map(|(w, _)| format!("{w:?}")).collect();
+            serde::de::Error::custom(format!("{key} = {text:?}: use {}", valid.join(" or ")))
+        })
+}
+
+impl<'de> Deserialize<'de> for DatabaseMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[database] mode",
+            &[
+                ("docker", DatabaseMode::Docker),
+                ("local", DatabaseMode::Local),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for OnUnreadable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[backup] on_unreadable",
+            &[("warn", OnUnreadable::Warn), ("fail", OnUnreadable::Fail)],
+        )
+    }
 }
 
 /// `[database]`.
@@ -312,9 +355,8 @@ impl EncryptionConfig {
     }
 }
 
-/// What to do with a file that cannot be read during backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// What to do with a file that cannot be read during backup (`"warn"` or `"fail"`, in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnreadable {
     /// Record it in the snapshot as skipped, warn, finish, exit with code 3.
     #[default]
@@ -394,11 +436,92 @@ impl Config {
             }
         }
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .map_err(|e| Error::Config(format!("{e} (see config.example.toml for every key)")))?;
+        let mut cfg: Config = built.try_deserialize().map_err(|e| {
+            // Our own messages name their key already ("[database] mode = …: use …").
+            let text = e.to_string();
+            let text = match text.find(" for key `") {
+                Some(at) if text.starts_with('[') => text[..at].to_string(),
+                _ => text,
+            };
+            Error::Config(format!("{text} (see config.example.toml for every key)"))
+        })?;
+        if let Some(path) = file {
+            let folder = std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_default();
+            cfg.resolve_paths(&folder);
+        }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Relative paths from the config file are read from its folder, `folder`; those from the
+    /// environment (`IMMICH_BACKUP__…`) stay relative to the current folder.
+    fn resolve_paths(&mut self, folder: &Path) {
+        let mut typed = BTreeMap::new();
+        let mut resolve = |section: &str, key: &str, value: &mut String| {
+            let var = format!("IMMICH_BACKUP__{section}__{key}").to_uppercase();
+            let from_env =
+                std::env::vars_os().any(|(k, _)| k.to_string_lossy().eq_ignore_ascii_case(&var));
+            if value.is_empty() || from_env || Path::new(value.as_str()).is_absolute() {
+                return;
+            }
+            typed.insert(format!("[{section}] {key}"), value.clone());
+            *value = folder.join(value.as_str()).display().to_string();
+        };
+        let mut upload = self.immich.upload_location.display().to_string();
+        resolve("immich", "upload_location", &mut upload);
+        self.immich.upload_location = PathBuf::from(upload);
+        resolve("database", "bin_dir", &mut self.database.bin_dir);
+        resolve(
+            "storage",
+            "service_account",
+            &mut self.storage.service_account,
+        );
+        let e = &mut self.encryption;
+        resolve("encryption", "recipients_file", &mut e.recipients_file);
+        resolve("encryption", "identity_file", &mut e.identity_file);
+        resolve("encryption", "signing_key_file", &mut e.signing_key_file);
+        resolve("backup", "cache_dir", &mut self.backup.cache_dir);
+        resolve("check", "identity_file", &mut self.check.identity_file);
+        self.typed_paths = typed;
+    }
+
+    /// Path key `key` (`"[encryption] recipients_file"`) with its value, for a message: the text
+    /// typed and, when it was relative, where it was looked for.
+    pub fn describe_path(&self, key: &str, value: &Path) -> String {
+        match self.typed_paths.get(key) {
+            Some(typed) => format!(
+                "{key} = {typed:?} (read as {}: a relative path in the config file is read from the config file's folder)",
+                value.display()
+            ),
+            None => format!("{key} = {:?}", value.display().to_string()),
+        }
+    }
+
+    /// The file path key `key` names (its value `value`), or an error naming the key when it
+    /// cannot be opened.
+    pub fn existing_file(&self, key: &str, value: &str) -> Result<PathBuf> {
+        let path = PathBuf::from(value);
+        match std::fs::File::open(&path) {
+            Ok(_) => Ok(path),
+            Err(e) => {
+                let why = match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        "no such file; correct the path (or create the file)".to_string()
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        "permission denied; run as a user that may read it".to_string()
+                    }
+                    _ => e.to_string(),
+                };
+                Err(Error::Config(format!(
+                    "{}: {why}",
+                    self.describe_path(key, &path)
+                )))
+            }
+        }
     }
 
     /// Checks that need no I/O.
@@ -667,5 +790,57 @@ mod env_tests {
             cfg.immich.folders,
             vec!["library".to_string(), "upload".to_string()]
         );
+    }
+}
+
+#[cfg(test)]
+mod path_tests {
+    use super::*;
+
+    /// Every path key given as a relative path in the file is read from the file's folder;
+    /// absolute ones and empty ones stay as they are.
+    #[test]
+    fn relative_path_keys_are_read_from_the_config_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "[immich]\nupload_location = \"photos\"\n[database]\nbin_dir = \"pg/bin\"\n\
+             [storage]\nservice_account = \"gcs.json\"\n\
+             [encryption]\nrecipients_file = \"r.txt\"\nidentity_file = \"../id.txt\"\nsigning_key_file = \"/abs/s.key\"\n\
+             [backup]\ncache_dir = \"cache\"\n[check]\nidentity_file = \"check-id.txt\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&file)).unwrap();
+        let d = dir.path();
+        assert_eq!(cfg.immich.upload_location, d.join("photos"));
+        assert_eq!(cfg.database.bin_dir, d.join("pg/bin").display().to_string());
+        assert_eq!(
+            cfg.storage.service_account,
+            d.join("gcs.json").display().to_string()
+        );
+        assert_eq!(
+            cfg.encryption.recipients_file,
+            d.join("r.txt").display().to_string()
+        );
+        assert_eq!(
+            cfg.encryption.identity_file,
+            d.join("../id.txt").display().to_string()
+        );
+        assert_eq!(cfg.encryption.signing_key_file, "/abs/s.key");
+        assert_eq!(cfg.backup.cache_dir, d.join("cache").display().to_string());
+        assert_eq!(
+            cfg.check.identity_file,
+            d.join("check-id.txt").display().to_string()
+        );
+        let e = cfg
+            .existing_file("[check] identity_file", &cfg.check.identity_file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[check] identity_file = \"check-id.txt\""),
+            "{e}"
+        );
+        assert!(e.contains("no such file"), "{e}");
     }
 }

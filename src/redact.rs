@@ -5,8 +5,9 @@
 
 /// Hide credentials (user:password@ and query strings) in a store URL before it is shown.
 pub(crate) fn redact_url(url: &str) -> String {
-    if url.is_empty() {
-        return String::new();
+    if url.is_empty() || url.starts_with('/') {
+        // Empty, or a folder store's plain path: nothing secret in it.
+        return url.to_string();
     }
     match url::Url::parse(url) {
         Ok(mut u) => {
@@ -125,6 +126,20 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         src = s.source();
     }
     out
+}
+
+/// The first `io::Error` in an error's source chain (itself included).
+pub(crate) fn io_error_in<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a std::io::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 #[cfg(test)]

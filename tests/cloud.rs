@@ -717,7 +717,11 @@ fn bad_urls_and_options_are_config_errors() {
             "https://example.com/bucket",
             "plain http(s) stores are not supported",
         ),
-        ("not a url", "use file:///path, s3://bucket/prefix"),
+        ("not a url", "a relative path"),
+        (
+            "s3:bucket",
+            "use /absolute/path, file:///absolute/path, s3://bucket/prefix",
+        ),
     ] {
         let s = StorageConfig {
             url: url.into(),

@@ -71,7 +71,8 @@ fn options(cfg: &Config, repo: &Repository, read: Option<Subset>) -> Result<Chec
     let deep = if cfg.check.identity_file.is_empty() {
         None
     } else {
-        let identities = Arc::new(Identities::load(Path::new(&cfg.check.identity_file))?);
+        let file = cfg.existing_file("[check] identity_file", &cfg.check.identity_file)?;
+        let identities = Arc::new(Identities::load(&file)?);
         let trust = Trust::new(&identities, cfg.encryption.verify_keys()?, false);
         Some(Deep {
             reader: repo.reader(identities),

@@ -121,7 +121,7 @@ pub async fn run_with(
 ) -> Result<BackupReport> {
     let started = Instant::now();
     let root = cfg.immich.upload_location.clone();
-    check_upload_location(&root, &cfg.immich.folders)?;
+    check_upload_location(cfg, &root, &cfg.immich.folders)?;
     let signing = signing_keys(cfg, &recipients)?;
     let marker = snapshots::open_or_init(repo).await?;
     if signing.is_empty() {
@@ -380,11 +380,11 @@ async fn server_facts(db: &dyn Database, database: &str) -> Result<ServerFacts> 
     })
 }
 
-fn check_upload_location(root: &std::path::Path, folders: &[String]) -> Result<()> {
+fn check_upload_location(cfg: &Config, root: &std::path::Path, folders: &[String]) -> Result<()> {
     if !root.is_dir() {
         return Err(Error::Config(format!(
-            "[immich] upload_location {} is not a folder; set it to the host path of Immich's UPLOAD_LOCATION",
-            root.display()
+            "{} is not a folder; set it to the host path of Immich's UPLOAD_LOCATION",
+            cfg.describe_path("[immich] upload_location", root)
         )));
     }
     if !folders.iter().any(|f| root.join(f).is_dir()) {
@@ -451,7 +451,12 @@ async fn recover_staging(repo: &Repository, cfg: &Config) -> Result<()> {
             Verdict::Leave => {}
             Verdict::Adopt => {
                 let n = repo.adopt_staging(&name).await?;
-                tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
+                // A run that failed before it uploaded anything leaves nothing worth a word.
+                if n > 0 {
+                    tracing::info!(staging = %name, objects = n, "reused the uploads of an interrupted backup");
+                } else {
+                    tracing::debug!(staging = %name, "an interrupted backup's staging folder, with no uploads");
+                }
             }
             Verdict::Discard => {
                 repo.discard_staging(&name).await?;

@@ -321,12 +321,13 @@ fn decrypt_passphrase_file(data: Vec<u8>, origin: &str) -> Result<Vec<u8>> {
 
 /// A passphrase: from `IMMICH_BACKUP_PASSPHRASE`, else asked on the terminal.
 fn passphrase(prompt: &str, origin: &str) -> Result<SecretString> {
-    if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+    // An empty variable is an unset one: no age passphrase is empty.
+    if let Some(p) = std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty()) {
         return Ok(SecretString::from(p));
     }
     if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         return Err(Error::Config(format!(
-            "identity file {origin} needs a passphrase: set {PASSPHRASE_ENV} or run on a terminal"
+            "identity file {origin}: this identity needs a passphrase: set {PASSPHRASE_ENV} or run on a terminal"
         )));
     }
     rpassword::prompt_password(format!("{prompt}: "))

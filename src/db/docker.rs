@@ -315,6 +315,14 @@ pub(super) fn engine_error(host: &str, what: &str, e: &BollardError) -> Error {
             }
         }
     }
+    if socket_path(host).is_none() && matches!(e, BollardError::HyperLegacyError { .. }) {
+        let cause = find_io_error(e)
+            .map(|io| io.to_string())
+            .unwrap_or_else(|| crate::redact::error_chain(e));
+        return Error::Docker(format!(
+            "the Docker Engine at {host} ([database] docker_host, or DOCKER_HOST) is unreachable ({cause}): check the address and port, that the Engine listens there and that no firewall is in the way, or use [database] mode = \"local\""
+        ));
+    }
     Error::Docker(format!("{what} (Docker at {host}): {e}"))
 }
 

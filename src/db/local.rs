@@ -72,7 +72,11 @@ pub(crate) fn explain_client_error(tool: &str, stderr: &str) -> Error {
         .filter(|l| !l.trim().is_empty())
         .collect::<Vec<_>>()
         .join(" | ");
-    let remedy = if text.contains("server version mismatch") {
+    let remedy = if text.contains("role \"") && text.contains("\" does not exist") {
+        " (no such database user: set [database] username to Immich's DB_USERNAME)"
+    } else if text.contains("database \"") && text.contains("\" does not exist") {
+        " (no such database: set [database] database to Immich's DB_DATABASE_NAME)"
+    } else if text.contains("server version mismatch") {
         " (the client is older than the server: install the matching PostgreSQL client or use mode = \"docker\")"
     } else if text.contains("Connection refused")
         || text.contains("could not connect")

@@ -63,8 +63,9 @@ pub struct LockInfo {
 
 impl LockInfo {
     fn describe(&self) -> String {
+        let now = Utc::now();
         format!(
-            "{} lock of `{}` by pid {} on {}, taken {}, refreshed {}",
+            "{} lock of `{}` by pid {} on {}{}, taken {} ago, refreshed {} ago",
             match self.kind {
                 LockKind::Shared => "shared",
                 LockKind::Exclusive => "exclusive",
@@ -72,9 +73,25 @@ impl LockInfo {
             self.operation,
             self.pid,
             self.host,
-            self.created.format("%Y-%m-%d %H:%M:%S UTC"),
-            self.time.format("%Y-%m-%d %H:%M:%S UTC"),
+            if self.host == hostname() {
+                " (this machine)"
+            } else {
+                ""
+            },
+            ago(now, self.created),
+            ago(now, self.time),
         )
+    }
+}
+
+/// How long ago `then` was, roughly: `42s`, `5 min`, `3 h`, `2 days`.
+pub fn ago(now: DateTime<Utc>, then: DateTime<Utc>) -> String {
+    let secs = now.signed_duration_since(then).num_seconds().max(0);
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{} min", secs / 60),
+        7200..=172_799 => format!("{} h", secs / 3600),
+        _ => format!("{} days", secs / 86_400),
     }
 }
 
@@ -340,7 +357,7 @@ impl Lock {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
                         return Err(Error::Locked(format!(
-                            "{held_by}. Wait for it to finish; if that run is gone (crashed, machine off), the lock goes stale after {}s, or remove it with `immich-backup unlock`",
+                            "{held_by}. That run is alive (it refreshes its lock): wait for it to finish, or stop it. A lock not refreshed for {}s ([lock] stale_secs), or whose process is gone on this machine, is stale: runs ignore it and `immich-backup unlock` removes it. Use `immich-backup unlock --remove-all` only if you are sure the holder is gone (e.g. another machine that died) and cannot wait",
                             cfg.stale_secs
                         )));
                     }

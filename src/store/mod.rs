@@ -91,34 +91,77 @@ fn http_status(text: &str) -> Option<u16> {
     text.get(at..at + 3)?.parse().ok()
 }
 
+/// The folder of a folder store: a plain absolute path (`/mnt/nas/backup`) or
+/// `file:///absolute/path`; `None` for any other URL. The spellings that would not mean what they
+/// seem (`file:store`, `file://./store`, `file://tmp/x`, a relative path) are refused, naming
+/// what was typed and the right spelling.
+pub fn folder_of(url: &str) -> Result<Option<std::path::PathBuf>> {
+    let bad = |why: String| Error::Config(format!("[storage] url = {url:?}: {why}"));
+    if url.starts_with('/') {
+        return Ok(Some(std::path::PathBuf::from(url)));
+    }
+    let Some(rest) = url
+        .get(..5)
+        .filter(|s| s.eq_ignore_ascii_case("file:"))
+        .map(|_| &url[5..])
+    else {
+        if !url.is_empty() && !url.contains(':') {
+            return Err(bad("a relative path, which would depend on the folder the command runs in; write the absolute path of the folder (\"/mnt/nas/backup\") or file:///absolute/path".into()));
+        }
+        return Ok(None);
+    };
+    let path = match rest.strip_prefix("//") {
+        Some(abs) if abs.starts_with('/') => abs,
+        Some(host_first) => {
+            let host = host_first.split('/').next().unwrap_or_default();
+            return Err(bad(format!(
+                "{host:?} after file:// is read as a host name, not a folder; a folder store is file:///absolute/path (three slashes) or the plain absolute path, e.g. \"/{host_first}\" if that is what you mean"
+            )));
+        }
+        None => {
+            let guess = if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/absolute/path/to/{rest}")
+            };
+            return Err(bad(format!(
+                "ambiguous (file: without //); write file:///absolute/path or the plain absolute path, e.g. \"{guess}\""
+            )));
+        }
+    };
+    let parsed = url::Url::parse(&format!("file://{path}")).map_err(|e| bad(e.to_string()))?;
+    parsed.to_file_path().map(Some).map_err(|_| {
+        bad("not a local path; write file:///absolute/path or the plain absolute path".into())
+    })
+}
+
 impl Store {
     /// Open the store named by `[storage] url`.
     pub fn open(cfg: &StorageConfig) -> Result<Store> {
         let shown = redact_url(&cfg.url);
+        if let Some(dir) = folder_of(&cfg.url)? {
+            if !cfg.storage_class.is_empty() {
+                return Err(Error::Config(
+                    "[storage] storage_class applies to cloud stores only".into(),
+                ));
+            }
+            let mut store = Self::open_local(&dir, shown, cfg.direct_io)?;
+            store.part_slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+            return Ok(store);
+        }
         let url = url::Url::parse(&cfg.url).map_err(|e| {
             Error::Config(format!(
-                "[storage] url {shown:?}: {e}; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
             ))
         })?;
-        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| {
+        let unknown = || {
             Error::Config(format!(
-                "[storage] url {shown}: unknown scheme; use file:///path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
             ))
-        })?;
+        };
+        let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| unknown())?;
         let backend = match scheme {
-            ObjectStoreScheme::Local => {
-                let dir = url.to_file_path().map_err(|_| {
-                    Error::Config(format!("[storage] url {shown}: not a local path"))
-                })?;
-                if !cfg.storage_class.is_empty() {
-                    return Err(Error::Config(
-                        "[storage] storage_class applies to cloud stores only".into(),
-                    ));
-                }
-                let mut store = Self::open_local(&dir, shown, cfg.direct_io)?;
-                store.part_slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-                return Ok(store);
-            }
+            ObjectStoreScheme::Local => return Err(unknown()),
             ObjectStoreScheme::AmazonS3 => Backend::S3,
             ObjectStoreScheme::GoogleCloudStorage => Backend::Gcs,
             ObjectStoreScheme::MicrosoftAzure => Backend::Azure,
@@ -260,6 +303,13 @@ impl Store {
             Some("NoSuchBucket" | "ContainerNotFound" | "ContainerBeingDeleted")
         );
         let denied = matches!(http_status(&raw), Some(401 | 403));
+        if self.backend == Backend::Local {
+            if let Some(io) = crate::redact::io_error_in(&e) {
+                if let Some(e) = self.local_io_error(key, io) {
+                    return e;
+                }
+            }
+        }
         match e {
             _ if missing_bucket => Error::Storage {
                 url: self.url.clone(),
@@ -283,6 +333,27 @@ impl Store {
                 message: self.redactor.clean(&error_chain(&other)),
             },
         }
+    }
+
+    /// A folder store's file-system refusal, naming the folder and what to do.
+    fn local_io_error(&self, key: &str, io: &io::Error) -> Option<Error> {
+        let why = match io.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EPERM) => format!(
+                "permission denied writing {key} in the folder {}: give the user running immich-backup (uid {}) write access to the folder and everything in it (chown/chmod, or the NAS share's permissions), or run as a user that has it",
+                self.bucket,
+                // SAFETY: geteuid(2) has no arguments and cannot fail.
+                unsafe { libc::geteuid() }
+            ),
+            Some(libc::EROFS) => format!(
+                "the folder {} is on a read-only file system (writing {key}): mount it read-write, or choose another [storage] url",
+                self.bucket
+            ),
+            _ => return None,
+        };
+        Some(Error::Storage {
+            url: self.url.clone(),
+            message: why,
+        })
     }
 
     fn denied(&self, key: &str, code: Option<String>) -> Error {

@@ -1,5 +1,5 @@
-//! The one helper tree of the integration tests (`mod common;` in core.rs, security.rs, readahead.rs
-//! and cloud.rs):
+//! The one helper tree of the integration tests (`mod common;` in core.rs, security.rs, readahead.rs,
+//! cloud.rs, check.rs, drill.rs and messages.rs):
 //!
 //! - [`Source`]: a source Immich install (throwaway cluster with an Immich-like database, sample
 //!   UPLOAD_LOCATION, folder store, cache folder, identity and signing key), optionally with
@@ -473,6 +473,11 @@ pub fn cli(config: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Run {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    run_to_end(cmd)
+}
+
+/// Run a [`command`] to completion.
+pub fn run_to_end(mut cmd: Command) -> Run {
     let out = cmd.output().expect("run immich-backup");
     Run {
         code: out.status.code().unwrap_or(-1),
