@@ -5,9 +5,12 @@
 //! `pg_dumpall` into the store; [`walk`] lists the originals in a stable order, the metadata
 //! [`cache`] skips what did not change, [`dedupe`] what the store holds, and [`upload`] stores the
 //! rest, several files at once ([`early`] starts on them while the dump starts); the file list, the
-//! plaintext refs and the new cache are written as the results arrive, in walk order.
+//! plaintext refs and the new cache are written as the results arrive, in walk order. Where both
+//! meet, before the commit, `consistency` compares the files the dump's asset rows name with the
+//! file list.
 
 pub mod cache;
+pub(crate) mod consistency;
 pub mod dedupe;
 pub mod dump;
 pub mod early;
@@ -28,15 +31,16 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, OnUnreadable};
+use crate::config::{Config, OnMissingOriginal, OnUnreadable};
 use crate::crypto::sign::SigningKey;
 use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef, Skipped, Summary,
-    Totals,
+    self, Consistency, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef,
+    Skipped, Summary, Totals,
 };
+use crate::immich::paths::PathMap;
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
@@ -80,6 +84,11 @@ pub struct BackupReport {
     pub repaired: Vec<String>,
     /// `--repair`: named damaged objects whose content no file has any more.
     pub not_repaired: Vec<String>,
+    /// The database compared with the snapshot's files (with example paths).
+    pub consistency: Consistency,
+    /// The snapshot is partial (exit code 3): files could not be read, or files the database names
+    /// are missing and `[backup] on_missing_original` is `warn`.
+    pub partial: bool,
 }
 
 /// How a backup runs, beyond the config.
@@ -178,6 +187,7 @@ async fn run_locked(
     };
     let (dumped, facts, files) = dump_then_files(run).await?;
     progress.finish();
+    let consistency = check_consistency(dumped.paths, files.paths).await?;
 
     let summary = Summary {
         id: id.clone(),
@@ -189,6 +199,7 @@ async fn run_locked(
         bytes_added: files.counts.bytes_stored,
         dump_bytes: dumped.object.size,
         skipped: files.counts.skipped.len() as u64,
+        consistency: Some(consistency.counts_only()),
     };
     let manifest = Manifest {
         format: format::MANIFEST_FORMAT,
@@ -213,6 +224,8 @@ async fn run_locked(
         files: files.list.clone(),
         totals: files.counts.totals.clone(),
         skipped: files.counts.skipped.clone(),
+        external_libraries: Vec::new(),
+        consistency: Some(consistency.clone()),
     };
     tracing::debug!(files = files.counts.totals.files, "files stored");
     let (repaired, not_repaired) = repair.map(|r| r.outcome()).unwrap_or_default();
@@ -227,6 +240,7 @@ async fn run_locked(
         .commit(&summary, &manifest, &files.refs_sha256)
         .await?;
     files.cache.commit()?;
+    let partial = tell_consistency(cfg, &consistency) || !files.counts.skipped.is_empty();
 
     let report = BackupReport {
         snapshot: id,
@@ -249,6 +263,8 @@ async fn run_locked(
         signed: writer.signs(),
         repaired: repaired.iter().map(ContentId::key).collect(),
         not_repaired: not_repaired.iter().map(ContentId::key).collect(),
+        consistency,
+        partial,
     };
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
@@ -352,11 +368,13 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
     run: Run<'_>,
     events: dump::DumpEvents<F>,
 ) -> Result<dump::DumpOutcome> {
+    let paths = consistency::DbPaths::new(path_map(run.cfg));
+    let counter = dump::RowCounter::new(&run.cfg.database.database, Some(paths));
     let dumped = dump::dump_to_store(
         run.db,
         run.writer,
         &Object::Dump(run.id.to_string()),
-        &run.cfg.database.database,
+        counter,
         run.cfg.backup.compression_level,
         events,
     )
@@ -368,6 +386,72 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
         "database dumped"
     );
     Ok(dumped)
+}
+
+/// How Immich's container paths map into this install's snapshots.
+fn path_map(cfg: &Config) -> PathMap {
+    let external = cfg.immich.external_libraries.iter();
+    PathMap::new(
+        &cfg.immich.media_location,
+        external.map(|l| l.container_path.as_str()),
+    )
+}
+
+/// Compare the dump's paths with the file list (a second or so for a million-asset library: on a
+/// blocking thread).
+async fn check_consistency(
+    db: Option<consistency::DbPaths>,
+    files: consistency::FilePaths,
+) -> Result<Consistency> {
+    tokio::task::spawn_blocking(move || consistency::compare(db, &files))
+        .await
+        .map_err(|e| Error::Other(format!("consistency check: {e}")))
+}
+
+/// Log the consistency verdict; returns whether it makes the snapshot partial (missing files and
+/// `[backup] on_missing_original = "warn"`).
+fn tell_consistency(cfg: &Config, c: &Consistency) -> bool {
+    if c.verdict == format::Verdict::Unchecked {
+        tracing::warn!(
+            "consistency not checked: {}",
+            c.note.as_deref().unwrap_or("")
+        );
+    }
+    if c.external_assets > 0 {
+        tracing::warn!(
+            assets = c.external_assets,
+            import_paths = ?c.external_import_paths,
+            first = ?c.external_examples.first(),
+            "assets outside UPLOAD_LOCATION (external libraries, or [immich] media_location not set) are NOT in this snapshot; back them up with [immich] external_libraries"
+        );
+    }
+    if c.missing() == 0 {
+        tracing::info!(
+            assets = c.assets,
+            orphans = c.orphans,
+            "consistency: every file the database names is in the snapshot"
+        );
+        return false;
+    }
+    let warn = cfg.backup.on_missing_original == OnMissingOriginal::Warn;
+    let first = c.missing_examples.first().map(String::as_str).unwrap_or("");
+    let what = "file(s) the database names are NOT in this snapshot (deleted or moved outside Immich?); a restore would lack them";
+    if warn {
+        tracing::warn!(
+            originals = c.missing_originals,
+            sidecars = c.missing_sidecars,
+            first,
+            "{what}"
+        );
+    } else {
+        tracing::info!(
+            originals = c.missing_originals,
+            sidecars = c.missing_sidecars,
+            first,
+            "{what} ([backup] on_missing_original = \"ignore\")"
+        );
+    }
+    warn
 }
 
 async fn server_facts(db: &dyn Database, database: &str) -> Result<ServerFacts> {
@@ -488,6 +572,8 @@ struct FilesDone {
     refs_sha256: String,
     cache: CacheWriter,
     counts: Counts,
+    /// The file list's paths, for the consistency check.
+    paths: consistency::FilePaths,
 }
 
 /// One walked item after its content is handled.
@@ -603,6 +689,7 @@ async fn store_files(
 
     let mut list = ListWriter::start(writer, id, cache_path)?;
     let mut done = Counts::default();
+    let mut paths = consistency::FilePaths::default();
     while let Some(outcome) = outcomes.next().await {
         match outcome? {
             Outcome::Skipped(s) => {
@@ -623,6 +710,7 @@ async fn store_files(
             } => {
                 done.files_read_ahead += u64::from(ahead);
                 tally(&mut done, &entry, stored, progress);
+                paths.push(&entry);
                 list.push(entry, found).await?;
             }
         }
@@ -640,6 +728,7 @@ async fn store_files(
         refs_sha256,
         cache,
         counts: done,
+        paths,
     })
 }
 

@@ -112,7 +112,7 @@ impl Source {
         let cluster = PgCluster::start(None).expect("start the source cluster");
         sample::create_immich_like_db(&cluster, DB, assets).expect("Immich-like database");
         let upload = work.path().join("upload-location");
-        let lib = sample::create_sample_library(&upload).expect("sample library");
+        let lib = sample::create_sample_library_for(&upload, assets).expect("sample library");
         let store = work.path().join("store");
         std::fs::create_dir_all(&store).unwrap();
         let cache = work.path().join("cache");
