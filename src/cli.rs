@@ -769,6 +769,12 @@ async fn run_restore(
         trust: Trust::new(&identities, extra, choices.allow_unsigned),
         keep_special_modes: choices.keep_special_modes,
         lock: (!choices.no_lock).then(|| cfg.lock.clone()),
+        external_targets: cfg
+            .immich
+            .external_libraries
+            .iter()
+            .map(|l| (l.container_path.clone(), l.host_path.clone()))
+            .collect(),
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
@@ -802,6 +808,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
             r.dirs,
             r.symlinks
         );
+        print_external_targets(r);
         print_damaged(r);
         println!("nothing was written.");
         return;
@@ -828,6 +835,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
         human(r.bytes),
         r.target
     );
+    print_external_targets(r);
     let bad: Vec<_> = r
         .row_checks
         .iter()
@@ -856,6 +864,16 @@ fn print_restore(r: &RestoreReport, json: bool) {
         println!("  warning: {w}");
     }
     println!("  duration: {:.1}s", r.duration_secs);
+}
+
+/// Where the snapshot's external libraries go.
+fn print_external_targets(r: &RestoreReport) {
+    for t in &r.external_targets {
+        println!(
+            "  external library {} (as Immich sees it) into {}",
+            t.container_path, t.target
+        );
+    }
 }
 
 /// Who signed the restored snapshot, for the summary line.

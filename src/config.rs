@@ -403,14 +403,45 @@ pub enum OnUnreadable {
 
 /// What to do when files Immich's database names are not in the snapshot (deleted or moved
 /// outside Immich).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnMissingOriginal {
     /// Record them in the snapshot, warn, finish, exit with code 3.
     #[default]
     Warn,
     /// Record them and log them at INFO; exit 0.
     Ignore,
+}
+
+impl<'de> Deserialize<'de> for OnMissingOriginal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let values = [
+            ("warn", OnMissingOriginal::Warn),
+            ("ignore", OnMissingOriginal::Ignore),
+        ];
+        one_of(d, "[backup] on_missing_original", &values)
+    }
+}
+
+/// A setting that is one of a few words: an unknown one is an error that names `key` and the words.
+fn one_of<'de, D: serde::Deserializer<'de>, T: Copy>(
+    d: D,
+    key: &str,
+    values: &[(&str, T)],
+) -> std::result::Result<T, D::Error> {
+    let word = String::deserialize(d)?;
+    match values
+        .iter()
+        .find(|(w, _)| w.eq_ignore_ascii_case(word.trim()))
+    {
+        Some((_, v)) => Ok(*v),
+        None => {
+            let valid: Vec<String> = values.iter().map(|(w, _)| format!("{w:?}")).collect();
+            Err(serde::de::Error::custom(format!(
+                "{key} = {word:?} is not one of {}",
+                valid.join(", ")
+            )))
+        }
+    }
 }
 
 /// `[backup]`.

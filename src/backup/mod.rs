@@ -19,7 +19,6 @@ pub mod walk;
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,7 +39,7 @@ use crate::format::{
     self, Consistency, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef,
     Skipped, Summary, Totals,
 };
-use crate::immich::paths::PathMap;
+use crate::immich::paths::{external_folder, PathMap};
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
@@ -224,7 +223,7 @@ async fn run_locked(
         files: files.list.clone(),
         totals: files.counts.totals.clone(),
         skipped: files.counts.skipped.clone(),
-        external_libraries: Vec::new(),
+        external_libraries: external_libraries(cfg),
         consistency: Some(consistency.clone()),
     };
     tracing::debug!(files = files.counts.totals.files, "files stored");
@@ -330,8 +329,7 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         });
         let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
         let ahead = early::start(
-            cfg.immich.upload_location.clone(),
-            cfg.immich.folders.clone(),
+            walk::tops(cfg),
             run.cache_path.to_path_buf(),
             storer.clone(),
             workers.clone(),
@@ -386,6 +384,20 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
         "database dumped"
     );
     Ok(dumped)
+}
+
+/// The backed-up external libraries, as the manifest records them.
+fn external_libraries(cfg: &Config) -> Vec<format::ExternalLibrary> {
+    let libraries = cfg.immich.external_libraries.iter();
+    libraries
+        .filter_map(|l| {
+            Some(format::ExternalLibrary {
+                container_path: l.container_path.clone(),
+                host_path: l.host_path.display().to_string(),
+                folder: external_folder(&l.container_path)?,
+            })
+        })
+        .collect()
 }
 
 /// How Immich's container paths map into this install's snapshots.
@@ -660,15 +672,13 @@ async fn store_files(
         progress,
         ..
     } = run;
-    let root: PathBuf = cfg.immich.upload_location.clone();
     progress.phase("files", Some(0));
+    let tops = walk::tops(cfg);
     if progress.is_visible() {
-        spawn_scanner(root.clone(), cfg.immich.folders.clone(), progress.clone());
+        spawn_scanner(tops.clone(), progress.clone());
     }
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
-    let folders = cfg.immich.folders.clone();
-    let walk_root = root.clone();
-    tokio::task::spawn_blocking(move || walk::walk(&walk_root, &folders, tx));
+    tokio::task::spawn_blocking(move || walk::walk(&tops, tx));
 
     let mut cache = CacheReader::open(cache_path);
     // `concurrency` files are read and stored at once; results are taken in walk order from a
@@ -777,10 +787,10 @@ fn tally(done: &mut Counts, entry: &Entry, stored: Option<Stored>, progress: &Pr
 }
 
 /// Counts the bytes to back up in the background, so the bar has a total and an ETA.
-fn spawn_scanner(root: PathBuf, folders: Vec<String>, progress: Progress) {
+fn spawn_scanner(tops: Vec<walk::Top>, progress: Progress) {
     tokio::task::spawn_blocking(move || {
-        for f in folders {
-            for e in walkdir::WalkDir::new(root.join(f))
+        for top in tops {
+            for e in walkdir::WalkDir::new(&top.path)
                 .follow_links(false)
                 .into_iter()
                 .flatten()
