@@ -65,6 +65,18 @@ fn summary(src: &Source, id: &str) -> (Summary, String) {
     (serde_json::from_str(&text).unwrap(), text)
 }
 
+/// Restore the latest snapshot with `config` (through the binary); its JSON report.
+fn restore_json(src: &Source, config: &Path, code: i32) -> (Run, serde_json::Value) {
+    let run = cli(Some(config), &restore_args(&src.identity, &["latest"]), &[]);
+    run.expect_code(code);
+    let json = if code == exit::OK {
+        run.json()
+    } else {
+        serde_json::Value::Null
+    };
+    (run, json)
+}
+
 fn backup_json(config: &Path, code: i32) -> serde_json::Value {
     let run = cli(Some(config), &["--json", "backup"], &[]);
     run.expect_code(code);
@@ -298,12 +310,7 @@ fn an_external_library_is_reported_then_backed_up_and_restored() {
     let fresh = PgCluster::start(None).expect("fresh cluster");
     let target = src.work.path().join("restored");
     let rconfig = src.write_restore_config("restore.toml", &fresh, &target);
-    let run = cli(
-        Some(&rconfig),
-        &restore_args(&src.identity, &["latest"]),
-        &[],
-    );
-    run.expect_code(exit::NOT_FRESH);
+    let (run, _) = restore_json(&src, &rconfig, exit::NOT_FRESH);
     assert!(
         run.stderr.contains("beach.jpg") && run.stderr.contains("external library"),
         "{}",
@@ -323,13 +330,7 @@ fn an_external_library_is_reported_then_backed_up_and_restored() {
         moved.display().to_string()
     );
     let rconfig = rtoml.write(&src.work.path().join("restore-moved.toml"));
-    let run = cli(
-        Some(&rconfig),
-        &restore_args(&src.identity, &["latest"]),
-        &[],
-    );
-    run.expect_code(exit::OK);
-    let r = run.json();
+    let (_, r) = restore_json(&src, &rconfig, exit::OK);
     assert_eq!(
         r["external_targets"][0]["target"],
         moved.display().to_string(),
@@ -357,13 +358,7 @@ fn an_external_library_is_reported_then_backed_up_and_restored() {
     let fresh2 = PgCluster::start(None).expect("fresh cluster");
     let target2 = src.work.path().join("restored-2");
     let rconfig = src.write_restore_config("restore-2.toml", &fresh2, &target2);
-    let run = cli(
-        Some(&rconfig),
-        &restore_args(&src.identity, &["latest"]),
-        &[],
-    );
-    run.expect_code(exit::OK);
-    let r = run.json();
+    let (_, r) = restore_json(&src, &rconfig, exit::OK);
     assert_eq!(
         r["external_targets"][0]["target"],
         host.display().to_string(),

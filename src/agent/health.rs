@@ -247,36 +247,36 @@ pub fn metrics(state: &AgentState, health: &Health) -> String {
         "gauge",
         u8::from(c.is_some_and(|c| c.verdict != Verdict::Unchecked)).to_string(),
     );
-    gauge(
-        "immich_backup_last_assets",
-        "Assets whose original the last successful snapshot should hold.",
-        "gauge",
-        count(|c| c.assets),
-    );
-    gauge(
-        "immich_backup_last_missing_originals",
-        "Assets whose original is not in the last successful snapshot.",
-        "gauge",
-        count(|c| c.missing_originals),
-    );
-    gauge(
-        "immich_backup_last_missing_sidecars",
-        "Sidecars the database names that are not in the last successful snapshot.",
-        "gauge",
-        count(|c| c.missing_sidecars),
-    );
-    gauge(
-        "immich_backup_last_orphan_files",
-        "Files under library/ and upload/ that no asset names, in the last successful snapshot.",
-        "gauge",
-        count(|c| c.orphans),
-    );
-    gauge(
-        "immich_backup_last_external_assets",
-        "Assets outside UPLOAD_LOCATION and every backed-up external library (not in the snapshot).",
-        "gauge",
-        count(|c| c.external_assets),
-    );
+    let counts: [(&str, &str, fn(&Consistency) -> u64); 5] = [
+        (
+            "immich_backup_last_assets",
+            "Assets whose original the last successful snapshot should hold.",
+            |c| c.assets,
+        ),
+        (
+            "immich_backup_last_missing_originals",
+            "Assets whose original is not in the last successful snapshot.",
+            |c| c.missing_originals,
+        ),
+        (
+            "immich_backup_last_missing_sidecars",
+            "Sidecars the database names that are not in the last successful snapshot.",
+            |c| c.missing_sidecars,
+        ),
+        (
+            "immich_backup_last_orphan_files",
+            "Files under library/ and upload/ that no asset names, in the last successful snapshot.",
+            |c| c.orphans,
+        ),
+        (
+            "immich_backup_last_external_assets",
+            "Assets outside UPLOAD_LOCATION and every backed-up external library (not in the snapshot).",
+            |c| c.external_assets,
+        ),
+    ];
+    for (name, help, value) in counts {
+        gauge(name, help, "gauge", count(value));
+    }
     gauge(
         "immich_backup_store_bytes",
         "Bytes stored in the store (content and snapshots).",

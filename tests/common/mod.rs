@@ -106,7 +106,8 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source with `assets` asset rows.
+    /// A source with `assets` asset rows, each with its original in UPLOAD_LOCATION (as in a real
+    /// Immich: a backup finds nothing missing).
     pub fn new(assets: usize) -> Source {
         let work = tempdir();
         let cluster = PgCluster::start(None).expect("start the source cluster");
