@@ -50,19 +50,19 @@ pub struct Damaged {
 /// of the snapshot's external libraries.
 pub(crate) fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
     let p = std::path::Path::new(rel);
-    let ok = !rel.is_empty()
+    let plain = !rel.is_empty()
         && !rel.contains('\0')
         && p.components()
             .all(|c| matches!(c, std::path::Component::Normal(_)))
         && rel
             .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..")
-        && p.components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .is_some_and(|f| manifest.folders.iter().any(|m| m == f))
-        || ok_external(manifest, rel);
-    if !ok {
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    let in_folders = p
+        .components()
+        .next()
+        .and_then(|c| c.as_os_str().to_str())
+        .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
+    if !(plain && (in_folders || view::in_external_library(manifest, rel))) {
         return Err(Error::Corrupt {
             object: files_object(manifest).key(),
             message: format!(
@@ -71,14 +71,6 @@ pub(crate) fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// A safe path (see [`check_path`]) in one of the snapshot's external libraries.
-fn ok_external(manifest: &Manifest, rel: &str) -> bool {
-    rel.split('/')
-        .all(|c| !c.is_empty() && c != "." && c != "..")
-        && !rel.contains('\0')
-        && view::in_external_library(manifest, rel)
 }
 
 /// The snapshot's file list, as an object.
