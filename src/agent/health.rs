@@ -247,7 +247,9 @@ pub fn metrics(state: &AgentState, health: &Health) -> String {
         "gauge",
         u8::from(c.is_some_and(|c| c.verdict != Verdict::Unchecked)).to_string(),
     );
-    let counts: [(&str, &str, fn(&Consistency) -> u64); 5] = [
+    /// A gauge of the consistency counts: name, help, value.
+    type Count = (&'static str, &'static str, fn(&Consistency) -> u64);
+    let counts: [Count; 5] = [
         (
             "immich_backup_last_assets",
             "Assets whose original the last successful snapshot should hold.",

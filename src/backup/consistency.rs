@@ -20,6 +20,7 @@
 //! snapshot's: for a million files, a chance of one in 10^13 per missing file.)
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ops::ControlFlow;
 
 use crate::format::{Consistency, Entry, EntryKind, Verdict};
 use crate::immich::copy::{self, CopyHeader};
@@ -59,8 +60,8 @@ impl PathList {
         self.len += 1;
     }
 
-    /// Every path with its tag, in order.
-    fn for_each(&self, mut f: impl FnMut(u8, &str)) {
+    /// Every path with its tag, in order, while `f` says to go on.
+    fn for_each(&self, mut f: impl FnMut(u8, &str) -> ControlFlow<()>) {
         let mut path = String::new();
         let mut at = 0;
         while at < self.bytes.len() {
@@ -71,7 +72,9 @@ impl PathList {
             path.truncate(shared);
             path.push_str(std::str::from_utf8(&self.bytes[at..at + n]).expect("pushed as str"));
             at += n;
-            f(tag, &path);
+            if f(tag, &path).is_break() {
+                return;
+            }
         }
     }
 
@@ -103,10 +106,11 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
     }
 }
 
+/// A path's hash, with its lowest bit clear (for a tag).
 fn hash(path: &str) -> u64 {
     let mut h = DefaultHasher::new();
     path.hash(&mut h);
-    h.finish()
+    h.finish() & !1
 }
 
 /// Tags of the expected paths.
@@ -322,7 +326,7 @@ pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths) -> Consistency {
         ..Consistency::default()
     };
     let expected = missing(&db.expected, &files.list, &mut c);
-    orphans(&files.list, expected, &mut c);
+    orphans(&files.list, &expected, &mut c);
     c.verdict = if c.missing() > 0 {
         Verdict::Missing
     } else if c.external_assets > 0 {
@@ -333,47 +337,80 @@ pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths) -> Consistency {
     c
 }
 
-/// Count the expected paths the snapshot lacks; returns the expected paths' hashes, sorted.
+/// Count the expected paths the snapshot lacks, and name the first; returns the expected paths'
+/// hashes (a sidecar's with its lowest bit set), sorted.
 fn missing(expected: &PathList, files: &PathList, c: &mut Consistency) -> Vec<u64> {
-    let present = sorted_hashes(files);
-    let mut hashes = Vec::with_capacity(expected.len as usize);
-    expected.for_each(|tag, path| {
-        let h = hash(path);
-        hashes.push(h);
-        if present.binary_search(&h).is_err() {
-            match tag {
-                SIDECAR => c.missing_sidecars += 1,
-                _ => c.missing_originals += 1,
-            }
-            if c.missing_examples.len() < EXAMPLES {
+    let present = sorted_hashes(files, |_| Some(0));
+    let sidecar = |tag| u64::from(tag == SIDECAR);
+    let hashes = sorted_hashes(expected, |tag| Some(sidecar(tag)));
+    let gone = absent(&hashes, &present);
+    drop(present);
+    c.missing_sidecars = gone.iter().filter(|h| *h & 1 == 1).count() as u64;
+    c.missing_originals = gone.len() as u64 - c.missing_sidecars;
+    if !gone.is_empty() {
+        expected.for_each(|tag, path| {
+            if gone.binary_search(&(hash(path) | sidecar(tag))).is_ok() {
                 c.missing_examples.push(path.to_string());
             }
-        }
-    });
-    drop(present);
-    hashes.sort_unstable();
-    hashes.dedup();
+            go_on(c.missing_examples.len())
+        });
+    }
     hashes
 }
 
-/// Count the files under the asset folders that no expected path names.
-fn orphans(files: &PathList, expected: Vec<u64>, c: &mut Consistency) {
-    files.for_each(|tag, path| {
-        if tag == ASSET_FOLDER_FILE && expected.binary_search(&hash(path)).is_err() {
-            c.orphans += 1;
-            if c.orphan_examples.len() < EXAMPLES {
+/// Count the files under the asset folders that no expected path names (`expected`: their
+/// hashes, sorted), and name the first.
+fn orphans(files: &PathList, expected: &[u64], c: &mut Consistency) {
+    let candidate = |tag| (tag == ASSET_FOLDER_FILE).then_some(0);
+    let orphans = absent(&sorted_hashes(files, candidate), expected);
+    c.orphans = orphans.len() as u64;
+    if !orphans.is_empty() {
+        files.for_each(|tag, path| {
+            if candidate(tag).is_some() && orphans.binary_search(&hash(path)).is_ok() {
                 c.orphan_examples.push(path.to_string());
             }
-        }
-    });
+            go_on(c.orphan_examples.len())
+        });
+    }
 }
 
-/// The hashes of the paths of `list`, sorted.
-fn sorted_hashes(list: &PathList) -> Vec<u64> {
+/// Go on until [`EXAMPLES`] examples are found.
+fn go_on(found: usize) -> ControlFlow<()> {
+    if found < EXAMPLES {
+        ControlFlow::Continue(())
+    } else {
+        ControlFlow::Break(())
+    }
+}
+
+/// The hashes of the paths of `list` whose tag `bit` takes, each with the bit it gives for the
+/// tag in its lowest bit, sorted (duplicates kept: two rows may name one file).
+fn sorted_hashes(list: &PathList, bit: impl Fn(u8) -> Option<u64>) -> Vec<u64> {
     let mut out = Vec::with_capacity(list.len as usize);
-    list.for_each(|_, path| out.push(hash(path)));
+    list.for_each(|tag, path| {
+        if let Some(b) = bit(tag) {
+            out.push(hash(path) | b);
+        }
+        ControlFlow::Continue(())
+    });
     out.sort_unstable();
-    out.dedup();
+    out
+}
+
+/// The hashes of `sorted` whose path (lowest bit aside) is not among `other`'s: one pass over
+/// both, sorted.
+fn absent(sorted: &[u64], other: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for &h in sorted {
+        let key = h & !1;
+        while j < other.len() && other[j] & !1 < key {
+            j += 1;
+        }
+        if other.get(j).is_none_or(|o| o & !1 != key) {
+            out.push(h);
+        }
+    }
     out
 }
 
@@ -403,7 +440,10 @@ mod tests {
             list.push(i as u8, p);
         }
         let mut back = Vec::new();
-        list.for_each(|t, p| back.push((t, p.to_string())));
+        list.for_each(|t, p| {
+            back.push((t, p.to_string()));
+            ControlFlow::Continue(())
+        });
         let want: Vec<(u8, String)> = paths
             .iter()
             .enumerate()
@@ -495,6 +535,45 @@ mod tests {
         let summary = c.counts_only();
         assert!(summary.missing_examples.is_empty() && summary.external_import_paths.is_empty());
         assert_eq!(summary.missing_originals, 1);
+    }
+
+    #[test]
+    fn counts_are_exact_and_examples_stop_at_twenty() {
+        let mut db = DbPaths::new(PathMap::default());
+        db.begin(&header(
+            "COPY public.asset (id, \"originalPath\") FROM stdin;",
+        ));
+        for n in 0..30 {
+            db.row(format!("{n}\t/data/library/a/{n}.jpg").as_bytes(), false);
+        }
+        // Two rows naming one missing file count twice.
+        db.row(b"30\t/data/library/a/29.jpg", false);
+        let mut files = FilePaths::default();
+        for n in 0..5 {
+            files.push(&entry(&format!("library/a/{n}.jpg"), EntryKind::File));
+        }
+        for n in 0..25 {
+            files.push(&entry(&format!("library/b/{n}.jpg"), EntryKind::File));
+        }
+        let c = compare(Some(db), &files);
+        assert_eq!(c.missing_originals, 26);
+        assert_eq!(c.missing_examples.len(), EXAMPLES);
+        assert_eq!(c.missing_examples[0], "library/a/5.jpg");
+        assert_eq!(c.orphans, 25);
+        assert_eq!(c.orphan_examples.len(), EXAMPLES);
+        assert_eq!(c.orphan_examples[0], "library/b/0.jpg");
+    }
+
+    #[test]
+    fn absent_compares_paths_whatever_their_tag() {
+        let (a, b, x) = (hash("a"), hash("b"), hash("x"));
+        let mut tagged = vec![a, a | 1, b | 1, x];
+        tagged.sort_unstable();
+        let mut present = vec![a, x];
+        present.sort_unstable();
+        assert_eq!(absent(&tagged, &present), [b | 1]);
+        assert_eq!(absent(&present, &tagged), Vec::<u64>::new());
+        assert_eq!(absent(&tagged, &[]).len(), 4);
     }
 
     #[test]
