@@ -20,7 +20,7 @@
 //! snapshot's: for a million files, a chance of one in 10^13 per missing file.)
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 
 use crate::format::{Consistency, Entry, EntryKind, Verdict};
 use crate::immich::copy::{self, CopyHeader};
@@ -135,6 +135,24 @@ enum Plan {
 }
 
 impl Plan {
+    /// The last field a row's reading needs.
+    fn last(&self) -> usize {
+        match *self {
+            Plan::Asset {
+                path,
+                sidecar,
+                status,
+                offline,
+            } => [Some(path), sidecar, status, offline]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(path),
+            Plan::AssetFile { kind, path } => kind.max(path),
+            Plan::Library { import_paths } => import_paths,
+        }
+    }
+
     /// The plan for `header`'s table, if it is one of those that name files.
     fn of(header: &CopyHeader) -> Option<Plan> {
         let table = header.table.as_str();
@@ -175,6 +193,9 @@ pub(crate) struct DbPaths {
     external: u64,
     external_examples: Vec<String>,
     import_paths: Vec<String>,
+    /// Reused for each row: where its fields are, and a mapped path.
+    fields: Vec<Range<usize>>,
+    mapped: String,
 }
 
 impl DbPaths {
@@ -191,6 +212,8 @@ impl DbPaths {
             external: 0,
             external_examples: Vec::new(),
             import_paths: Vec::new(),
+            fields: Vec::new(),
+            mapped: String::new(),
         }
     }
 
@@ -208,8 +231,18 @@ impl DbPaths {
 
     /// One row of the block (without its newline); `truncated` when only its beginning was kept.
     pub fn row(&mut self, line: &[u8], truncated: bool) {
-        let fields = copy::fields(line, truncated);
-        let get = |i: usize| fields.get(i).copied();
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        let mut fields = std::mem::take(&mut self.fields);
+        copy::fields(line, truncated, plan.last(), &mut fields);
+        let get = |i: usize| fields.get(i).map(|r| &line[r.clone()]);
+        self.read(get);
+        self.fields = fields;
+    }
+
+    /// Read one row of the current block, whose field `i` is `get(i)`.
+    fn read<'r>(&mut self, get: impl Fn(usize) -> Option<&'r [u8]> + Copy) {
         match self.plan {
             Some(Plan::Asset {
                 path,
@@ -260,13 +293,12 @@ impl DbPaths {
         let Some(path) = copy::text_field(raw) else {
             return;
         };
-        match self.map.map(&path) {
-            Some(rel) => self.expected.push(tag, &rel),
-            None => {
-                self.external += 1;
-                if self.external_examples.len() < EXAMPLES {
-                    self.external_examples.push(path);
-                }
+        if self.map.map_into(&path, &mut self.mapped) {
+            self.expected.push(tag, &self.mapped);
+        } else {
+            self.external += 1;
+            if self.external_examples.len() < EXAMPLES {
+                self.external_examples.push(path.into_owned());
             }
         }
     }

@@ -196,6 +196,8 @@ pub(crate) struct RowCounter {
     paths: Option<DbPaths>,
     /// The rows of the current block go to `paths`.
     keep_rows: bool,
+    /// Rows of the current block so far (of the configured database).
+    block_rows: u64,
 }
 
 /// The longest line prefix kept for parsing; longer lines are only counted.
@@ -214,32 +216,43 @@ impl RowCounter {
             reached: false,
             paths,
             keep_rows: false,
+            block_rows: 0,
         }
     }
 
     /// Feed the next bytes of the dump.
     pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while let Some(pos) = memchr::memchr(b'\n', data) {
-            self.keep(&data[..pos]);
-            let line = std::mem::take(&mut self.line);
-            self.end_line(&line);
-            self.line = line;
-            self.line.clear();
+            if self.line.is_empty() && !self.truncated {
+                // A whole line in this piece: read where it is.
+                let line = &data[..pos.min(self.limit())];
+                self.truncated = line.len() < pos;
+                self.end_line(line);
+            } else {
+                self.keep(&data[..pos]);
+                let line = std::mem::take(&mut self.line);
+                self.end_line(&line);
+                self.line = line;
+                self.line.clear();
+            }
             self.truncated = false;
             data = &data[pos + 1..];
         }
         self.keep(data);
     }
 
-    fn keep(&mut self, part: &[u8]) {
-        // Inside a COPY block only `\.` matters, unless its rows are wanted: keep just enough to
-        // recognise it.
-        let limit = if self.copying.is_some() && !self.keep_rows {
+    /// How much of a line is kept. Inside a COPY block only `\.` matters, unless its rows are
+    /// wanted: just enough to recognise it.
+    fn limit(&self) -> usize {
+        if self.copying.is_some() && !self.keep_rows {
             3
         } else {
             LINE_PREFIX
-        };
-        let room = limit.saturating_sub(self.line.len());
+        }
+    }
+
+    fn keep(&mut self, part: &[u8]) {
+        let room = self.limit().saturating_sub(self.line.len());
         self.truncated |= part.len() > room;
         self.line.extend_from_slice(&part[..part.len().min(room)]);
     }
@@ -251,12 +264,15 @@ impl RowCounter {
     fn end_line(&mut self, line: &[u8]) {
         if let Some(table) = &self.copying {
             if line == b"\\." {
+                if let Some(n) = self.counts.get_mut(table) {
+                    *n += std::mem::take(&mut self.block_rows);
+                }
                 self.copying = None;
                 if std::mem::take(&mut self.keep_rows) {
                     self.paths.as_mut().expect("rows kept for it").end();
                 }
             } else if self.current_db.as_deref() == Some(self.database.as_str()) {
-                *self.counts.entry(table.clone()).or_default() += 1;
+                self.block_rows += 1;
                 if self.keep_rows {
                     let paths = self.paths.as_mut().expect("rows kept for it");
                     paths.row(line, self.truncated);
@@ -274,6 +290,7 @@ impl RowCounter {
         } else if let Some(header) = copy::parse_header(text) {
             if self.in_database() {
                 self.counts.entry(header.table.clone()).or_default();
+                self.block_rows = 0;
                 self.keep_rows = self.paths.as_mut().is_some_and(|p| p.begin(&header));
             }
             self.copying = Some(header.table);

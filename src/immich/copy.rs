@@ -5,6 +5,9 @@
 //! Pure functions over bytes, no I/O: the backup reads Immich's asset paths out of the dump with
 //! them while it streams (`backup::consistency`).
 
+use std::borrow::Cow;
+use std::ops::Range;
+
 /// A `COPY … FROM stdin;` header: the table as `schema.table` (quotes removed) and its columns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyHeader {
@@ -68,14 +71,22 @@ pub fn unquote_ident(s: &str) -> String {
         .replace('\u{0}', "\"")
 }
 
-/// The raw (still escaped) fields of one COPY row. When the row was cut short (`truncated`: only
-/// its beginning was kept), the last field, which may be cut, is left out.
-pub fn fields(row: &[u8], truncated: bool) -> Vec<&[u8]> {
-    let mut out: Vec<&[u8]> = row.split(|&b| b == b'\t').collect();
-    if truncated {
-        out.pop();
+/// Where the raw (still escaped) fields `0..=last` of one COPY row are, into `out` (cleared first).
+/// When the row was cut short (`truncated`: only its beginning was kept), the last field, which may
+/// be cut, is left out.
+pub fn fields(row: &[u8], truncated: bool, last: usize, out: &mut Vec<Range<usize>>) {
+    out.clear();
+    let mut start = 0;
+    for tab in memchr::memchr_iter(b'\t', row) {
+        out.push(start..tab);
+        if out.len() > last {
+            return;
+        }
+        start = tab + 1;
     }
-    out
+    if !truncated {
+        out.push(start..row.len());
+    }
 }
 
 /// Decode one field of the COPY text format: `None` for `\N` (NULL), else its bytes with the
@@ -129,11 +140,15 @@ pub fn decode_field(raw: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A decoded field as text (`None` for NULL); bytes that are not UTF-8 are replaced.
-pub fn text_field(raw: &[u8]) -> Option<String> {
+/// A decoded field as text (`None` for NULL); bytes that are not UTF-8 are replaced. A field
+/// without escapes is not copied.
+pub fn text_field(raw: &[u8]) -> Option<Cow<'_, str>> {
+    if memchr::memchr(b'\\', raw).is_none() {
+        return Some(String::from_utf8_lossy(raw));
+    }
     decode_field(raw).map(|b| match String::from_utf8(b) {
-        Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Ok(s) => Cow::Owned(s),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
     })
 }
 
@@ -238,11 +253,19 @@ mod tests {
     #[test]
     fn rows_split_at_tabs_and_a_cut_row_loses_its_last_field() {
         let row = b"1\t/data/a\\tb.jpg\t\\N\tlast";
-        let f = fields(row, false);
+        let mut f = Vec::new();
+        fields(row, false, 9, &mut f);
         assert_eq!(f.len(), 4);
-        assert_eq!(decode_field(f[1]).unwrap(), b"/data/a\tb.jpg");
-        assert_eq!(decode_field(f[2]), None);
-        assert_eq!(fields(row, true).len(), 3);
+        assert_eq!(decode_field(&row[f[1].clone()]).unwrap(), b"/data/a\tb.jpg");
+        assert_eq!(decode_field(&row[f[2].clone()]), None);
+        assert_eq!(&row[f[3].clone()], b"last");
+        fields(row, true, 9, &mut f);
+        assert_eq!(f.len(), 3);
+        // Only what is asked for is split.
+        fields(row, false, 1, &mut f);
+        assert_eq!(f.len(), 2);
+        fields(b"", false, 3, &mut f);
+        assert_eq!((f.len(), f[0].clone()), (1, 0..0));
     }
 
     #[test]

@@ -43,6 +43,14 @@ impl PathMap {
     /// The snapshot path of the file Immich records at `path`; `None` when it is outside
     /// UPLOAD_LOCATION and every backed-up external library.
     pub fn map(&self, path: &str) -> Option<String> {
+        let mut out = String::new();
+        self.map_into(path, &mut out).then_some(out)
+    }
+
+    /// [`PathMap::map`] into `out` (cleared first), without allocating for the common case;
+    /// `false` when the path is outside.
+    pub fn map_into(&self, path: &str, out: &mut String) -> bool {
+        out.clear();
         let abs;
         let path = if path.starts_with('/') {
             path
@@ -52,17 +60,35 @@ impl PathMap {
         };
         let media = self.media.iter().map(|m| (m.as_str(), ""));
         let external = self.external.iter().map(|(c, f)| (c.as_str(), f.as_str()));
-        let (rest, folder) = media
+        let found = media
             .chain(external)
             .filter_map(|(prefix, folder)| Some((under(path, prefix)?, folder, prefix.len())))
-            .max_by_key(|(_, _, len)| *len)
-            .map(|(rest, folder, _)| (rest, folder))?;
-        let rest = relative(rest)?;
-        Some(match folder {
-            "" => rest,
-            f => format!("{f}/{rest}"),
-        })
+            .max_by_key(|(_, _, len)| *len);
+        let Some((rest, folder, _)) = found else {
+            return false;
+        };
+        if !folder.is_empty() {
+            out.push_str(folder);
+            out.push('/');
+        }
+        if is_plain(rest) {
+            out.push_str(rest);
+            return true;
+        }
+        match relative(rest) {
+            Some(rest) => {
+                out.push_str(&rest);
+                true
+            }
+            None => false,
+        }
     }
+}
+
+/// A relative path of plain components only (no empty, `.` or `..` one).
+fn is_plain(path: &str) -> bool {
+    path.split('/')
+        .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 impl Default for PathMap {
