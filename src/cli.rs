@@ -12,7 +12,7 @@ use immich_backup::config::Config;
 use immich_backup::crypto::sign;
 use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
-use immich_backup::format::ContentId;
+use immich_backup::format::{Consistency, ContentId, Verdict};
 use immich_backup::maintenance;
 use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
@@ -404,10 +404,10 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let report = run_backup(&cfg, progress(), opts).await?;
             print_backup(&report, cli.json);
-            Ok(if report.skipped.is_empty() {
-                exit::OK
-            } else {
+            Ok(if report.partial {
                 exit::PARTIAL
+            } else {
+                exit::OK
             })
         }
         Command::Snapshots => {
@@ -755,6 +755,66 @@ fn print_backup(r: &BackupReport, json: bool) {
             println!("    {}: {}", s.path, s.error);
         }
     }
+    print_consistency(&r.consistency, r.partial);
+}
+
+/// The consistency lines of `backup`: the verdict, and what is missing or outside.
+fn print_consistency(c: &Consistency, partial: bool) {
+    if c.verdict == Verdict::Unchecked {
+        println!(
+            "  consistency: NOT checked ({})",
+            c.note.as_deref().unwrap_or("no asset table")
+        );
+        return;
+    }
+    println!(
+        "  consistency: {} asset(s), {} sidecar(s) checked; {} orphan file(s) no asset names{}",
+        c.assets,
+        c.sidecars,
+        c.orphans,
+        if c.ignored_assets > 0 {
+            format!(
+                "; {} deleted or offline asset(s) not expected",
+                c.ignored_assets
+            )
+        } else {
+            String::new()
+        }
+    );
+    if c.external_assets > 0 {
+        println!(
+            "  WARNING: {} asset(s) are outside UPLOAD_LOCATION and NOT in this snapshot (external libraries: {}); back them up with [immich] external_libraries (or set [immich] media_location if Immich's IMMICH_MEDIA_LOCATION is not /data). First: {}",
+            c.external_assets,
+            if c.external_import_paths.is_empty() {
+                "none in the database".to_string()
+            } else {
+                c.external_import_paths.join(", ")
+            },
+            c.external_examples.first().map(String::as_str).unwrap_or("")
+        );
+    }
+    if c.missing() > 0 {
+        println!(
+            "  {}: {} original(s) and {} sidecar(s) the database names are NOT in this snapshot (deleted or moved outside Immich?){}:",
+            if partial { "WARNING" } else { "note" },
+            c.missing_originals,
+            c.missing_sidecars,
+            if partial {
+                ""
+            } else {
+                " ([backup] on_missing_original = \"ignore\")"
+            }
+        );
+        for p in &c.missing_examples {
+            println!("    {p}");
+        }
+        if c.missing() > c.missing_examples.len() as u64 {
+            println!(
+                "    … and {} more",
+                c.missing() - c.missing_examples.len() as u64
+            );
+        }
+    }
 }
 
 async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
@@ -786,8 +846,8 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
         return Ok(exit::OK);
     }
     println!(
-        "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  SIGNATURE",
-        "ID", "TIME (UTC)", "HOST", "FILES", "SIZE", "DUMP"
+        "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  {:<22} SIGNATURE",
+        "ID", "TIME (UTC)", "HOST", "FILES", "SIZE", "DUMP", "CONSISTENCY"
     );
     for (s, status) in list.iter().zip(&statuses) {
         let status = match status {
@@ -798,13 +858,17 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
         };
         match &s.summary {
             Some(m) => println!(
-                "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  {status}{}",
+                "{:<29} {:<20} {:<16} {:>9} {:>10} {:>10}  {:<22} {status}{}",
                 s.id,
                 m.time.format("%Y-%m-%d %H:%M:%S"),
                 m.host,
                 m.files,
                 human(m.bytes),
                 human(m.dump_bytes),
+                m.consistency
+                    .as_ref()
+                    .map(Consistency::short)
+                    .unwrap_or_else(|| "—".into()),
                 if m.skipped > 0 {
                     format!("  (partial: {} unreadable)", m.skipped)
                 } else {
@@ -848,6 +912,12 @@ async fn run_restore(
         trust,
         keep_special_modes: choices.keep_special_modes,
         lock: choices.access.lock(cfg),
+        external_targets: cfg
+            .immich
+            .external_libraries
+            .iter()
+            .map(|l| (l.container_path.clone(), l.host_path.clone()))
+            .collect(),
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
@@ -881,6 +951,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
             r.dirs,
             r.symlinks
         );
+        print_external_targets(r);
         print_damaged(r);
         println!("nothing was written.");
         return;
@@ -907,6 +978,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
         human(r.bytes),
         r.target
     );
+    print_external_targets(r);
     let bad: Vec<_> = r
         .row_checks
         .iter()
@@ -1005,6 +1077,16 @@ fn print_drill(r: &DrillReport, json: bool) {
     }
     for w in &r.warnings {
         println!("  warning: {w}");
+    }
+}
+
+/// Where the snapshot's external libraries go.
+fn print_external_targets(r: &RestoreReport) {
+    for t in &r.external_targets {
+        println!(
+            "  external library {} (as Immich sees it) into {}",
+            t.container_path, t.target
+        );
     }
 }
 

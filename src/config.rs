@@ -41,6 +41,11 @@ pub struct ImmichConfig {
     pub upload_location: PathBuf,
     /// The folders under it that hold originals; generated ones are not backed up.
     pub folders: Vec<String>,
+    /// Where Immich's server container has UPLOAD_LOCATION when it is not `/data` (nor the older
+    /// `/usr/src/app/upload`): its IMMICH_MEDIA_LOCATION. Empty: not set.
+    pub media_location: String,
+    /// External libraries to back up with every snapshot (and restore to their host paths).
+    pub external_libraries: Vec<ExternalLibraryConfig>,
 }
 
 impl Default for ImmichConfig {
@@ -48,8 +53,82 @@ impl Default for ImmichConfig {
         ImmichConfig {
             upload_location: PathBuf::from("/srv/immich/library"),
             folders: crate::immich::ORIGINAL_FOLDERS.map(String::from).to_vec(),
+            media_location: String::new(),
+            external_libraries: Vec::new(),
         }
     }
+}
+
+/// One `[immich] external_libraries` entry: an Immich external library, as its import path is
+/// mounted in the server container and where that folder is on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalLibraryConfig {
+    /// The path Immich sees (the library's import path, or a folder above it).
+    pub container_path: String,
+    /// The same folder on this machine: backed up from here, and restored to here.
+    pub host_path: PathBuf,
+}
+
+impl ImmichConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Config(format!("[immich] {what}")));
+        if !self.media_location.is_empty() && !self.media_location.starts_with('/') {
+            return bad(format!(
+                "media_location {:?} must be an absolute path (Immich's IMMICH_MEDIA_LOCATION, e.g. \"/data\"), or empty",
+                self.media_location
+            ));
+        }
+        let mut seen: Vec<(String, &Path)> = Vec::new();
+        for l in &self.external_libraries {
+            let Some(folder) = crate::immich::paths::external_folder(&l.container_path) else {
+                return bad(format!(
+                    "external_libraries: container_path {:?} must be an absolute path other than \"/\" (the library's import path as Immich sees it)",
+                    l.container_path
+                ));
+            };
+            if !l.host_path.is_absolute() {
+                return bad(format!(
+                    "external_libraries: host_path {} (for {}) must be an absolute path",
+                    l.host_path.display(),
+                    l.container_path
+                ));
+            }
+            if nested(&l.host_path, &self.upload_location) {
+                return bad(format!(
+                    "external_libraries: host_path {} and upload_location {} are inside one another; an external library is a folder of its own",
+                    l.host_path.display(),
+                    self.upload_location.display()
+                ));
+            }
+            for (other, host) in &seen {
+                if nested(Path::new(other), Path::new(&folder)) || nested(host, &l.host_path) {
+                    return bad(format!(
+                        "external_libraries: {} ({}) and an earlier entry are inside one another; list each library once",
+                        l.container_path,
+                        l.host_path.display()
+                    ));
+                }
+            }
+            seen.push((folder, &l.host_path));
+        }
+        if self
+            .folders
+            .iter()
+            .any(|f| f == crate::immich::paths::EXTERNAL_FOLDER)
+        {
+            return bad(format!(
+                "folders: {:?} is reserved for external libraries in snapshots; it is not an Immich folder",
+                crate::immich::paths::EXTERNAL_FOLDER
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether one of `a` and `b` is inside the other (or they are the same), component-wise.
+fn nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 /// How the database is reached (`"docker"` or `"local"`, in any case).
@@ -365,11 +444,33 @@ pub enum OnUnreadable {
     Fail,
 }
 
+/// What to do when files Immich's database names are not in the snapshot (deleted or moved
+/// outside Immich).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMissingOriginal {
+    /// Record them in the snapshot, warn, finish, exit with code 3.
+    #[default]
+    Warn,
+    /// Record them and log them at INFO; exit 0.
+    Ignore,
+}
+
+impl<'de> Deserialize<'de> for OnMissingOriginal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let values = [
+            ("warn", OnMissingOriginal::Warn),
+            ("ignore", OnMissingOriginal::Ignore),
+        ];
+        one_of(d, "[backup] on_missing_original", &values)
+    }
+}
+
 /// `[backup]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackupConfig {
     pub on_unreadable: OnUnreadable,
+    pub on_missing_original: OnMissingOriginal,
     /// gzip level of the database dump, 1 (fast) to 9 (small).
     pub compression_level: u32,
     /// Local cache of file metadata; empty means `$XDG_CACHE_HOME/immich-backup` or `~/.cache/immich-backup`.
@@ -380,6 +481,7 @@ impl Default for BackupConfig {
     fn default() -> Self {
         BackupConfig {
             on_unreadable: OnUnreadable::Warn,
+            on_missing_original: OnMissingOriginal::Warn,
             compression_level: 1,
             cache_dir: String::new(),
         }
@@ -531,6 +633,7 @@ impl Config {
         self.lock.validate()?;
         self.agent.validate()?;
         self.check.validate(&self.schedule.timezone)?;
+        self.immich.validate()?;
         if self.immich.folders.is_empty() {
             return Err(Error::Config(
                 "[immich] folders is empty; list the originals folders (library, upload, profile)"

@@ -241,6 +241,113 @@ pub struct Manifest {
     pub totals: Totals,
     #[serde(default)]
     pub skipped: Vec<Skipped>,
+    /// External libraries backed up with this snapshot: their files are under `folder`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_libraries: Vec<ExternalLibrary>,
+    /// Whether every file Immich's database names is in the snapshot (absent from older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+}
+
+/// An external library backed up with a snapshot: Immich sees it at `container_path`, the backed-up
+/// machine had it at `host_path`, and the snapshot holds its files under `folder`
+/// (`external/<container path>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalLibrary {
+    pub container_path: String,
+    pub host_path: String,
+    pub folder: String,
+}
+
+/// What the consistency check of a snapshot concluded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every file the database names is in the snapshot; no asset is outside it.
+    Ok,
+    /// Some originals or sidecars the database names are not in the snapshot.
+    Missing,
+    /// Nothing missing, but some assets are in external libraries that are not backed up.
+    External,
+    /// Not checked: the dump held no asset table (`note` says why).
+    #[default]
+    Unchecked,
+}
+
+/// The database compared with the snapshot's files: every original and sidecar an asset row names
+/// (mapped from Immich's container paths), against the file list. The manifest has it whole; the
+/// plaintext summary has the counts only, never a path ([`Consistency::counts_only`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consistency {
+    pub verdict: Verdict,
+    /// Asset rows whose original the snapshot should hold.
+    pub assets: u64,
+    /// Sidecars (XMP) the asset rows name.
+    pub sidecars: u64,
+    /// Asset rows not checked: status `deleted`, or `isOffline` (Immich knows the file is gone).
+    pub ignored_assets: u64,
+    /// Assets whose original is not in the snapshot: a restore would have holes.
+    pub missing_originals: u64,
+    pub missing_sidecars: u64,
+    /// The first missing files, as snapshot paths (manifest only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_examples: Vec<String>,
+    /// Files under `library/` and `upload/` that no asset names (informational).
+    pub orphans: u64,
+    /// The first orphans (manifest only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphan_examples: Vec<String>,
+    /// Assets outside UPLOAD_LOCATION and every backed-up external library: not in the snapshot.
+    pub external_assets: u64,
+    /// The first of them, as Immich's container paths (manifest only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_examples: Vec<String>,
+    /// Every external library's import paths, from the database (manifest only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_import_paths: Vec<String>,
+    /// Asset rows too long to read the path from (over 64 KiB before it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreadable_rows: u64,
+    /// Why the verdict is `unchecked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Consistency {
+    /// The same without any path, for the plaintext summary.
+    pub fn counts_only(&self) -> Consistency {
+        Consistency {
+            missing_examples: Vec::new(),
+            orphan_examples: Vec::new(),
+            external_examples: Vec::new(),
+            external_import_paths: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Files the database names that the snapshot lacks.
+    pub fn missing(&self) -> u64 {
+        self.missing_originals + self.missing_sidecars
+    }
+
+    /// One word or a few, for `snapshots`: `ok`, `3 missing`, `12 external`, `unchecked`.
+    pub fn short(&self) -> String {
+        match self.verdict {
+            Verdict::Ok => "ok".into(),
+            Verdict::Unchecked => "unchecked".into(),
+            Verdict::Missing if self.external_assets > 0 => format!(
+                "{} missing, {} external",
+                self.missing(),
+                self.external_assets
+            ),
+            Verdict::Missing => format!("{} missing", self.missing()),
+            Verdict::External => format!("{} external", self.external_assets),
+        }
+    }
 }
 
 /// `summary.json`: what `snapshots` shows without the identity. Plaintext, no file names.
@@ -257,6 +364,9 @@ pub struct Summary {
     pub dump_bytes: u64,
     /// Files that could not be read (the snapshot is partial when > 0).
     pub skipped: u64,
+    /// The consistency check's counts (no paths); absent in snapshots of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
 }
 
 /// A new snapshot id: UTC time to the millisecond, sortable, plus randomness against collisions.

@@ -63,7 +63,7 @@ impl Env {
         let cluster = PgCluster::start(None).expect("start PostgreSQL");
         sample::create_immich_like_db(&cluster, "immich", assets).unwrap();
         let lib = work.path().join("upload-location");
-        let sample = sample::create_sample_library(&lib).unwrap();
+        let sample = sample::create_sample_library_for(&lib, assets).unwrap();
         let store_dir = work.path().join("store");
         std::fs::create_dir_all(&store_dir).unwrap();
         // The identity lives apart from everything the backup side is given.

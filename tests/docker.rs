@@ -447,7 +447,7 @@ fn error_line(r: &Run) -> &str {
 
 /// Sample library + source container + a Docker-mode backup; returns the source container.
 fn backed_up_source(s: &Setup) -> PgContainer {
-    sample::create_sample_library(&s.source()).unwrap();
+    sample::create_sample_library_for(&s.source(), ASSETS).unwrap();
     let source = PgContainer::start(s.path(), Some(ASSETS), &[]);
     let cfg = s.config("source", &s.source(), &source.name, "");
     let r = run(&["--config", cfg.to_str().unwrap(), "backup"]);

@@ -102,6 +102,7 @@ impl Forger {
             bytes_added: 0,
             dump_bytes: dump_gz.len() as u64,
             skipped: 0,
+            consistency: None,
         };
         let summary = serde_json::to_vec(&summary).unwrap();
         self.put(&format!("snapshots/{id}/summary.json"), &summary);
@@ -119,6 +120,8 @@ impl Forger {
             files: object(&files_key, &list_gz),
             totals: Default::default(),
             skipped: Vec::new(),
+            external_libraries: Vec::new(),
+            consistency: None,
         };
         let mut manifest = manifest;
         manifest.database.database = DB.into();

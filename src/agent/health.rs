@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::parse_listen;
 use crate::error::{Error, Result};
+use crate::format::{Consistency, Verdict};
 use crate::policy::schedule::Schedule;
 
 /// A successful backup.
@@ -36,6 +37,20 @@ pub struct Success {
     pub bytes: u64,
     /// Files that could not be read (the snapshot is partial when > 0).
     pub skipped: u64,
+    /// The snapshot's consistency counts; `None` for a snapshot of an older version.
+    pub consistency: Option<Consistency>,
+    /// Missing files make the snapshot partial (`[backup] on_missing_original = "warn"`).
+    pub missing_is_partial: bool,
+}
+
+impl Success {
+    /// Files the database names that the snapshot lacks, when they make it partial.
+    fn partial_missing(&self) -> u64 {
+        match &self.consistency {
+            Some(c) if self.missing_is_partial => c.missing(),
+            _ => 0,
+        }
+    }
 }
 
 /// A failed backup.
@@ -149,6 +164,20 @@ pub fn status(
             ),
         };
     }
+    if let Some(s) = state
+        .last_success
+        .as_ref()
+        .filter(|s| s.partial_missing() > 0)
+    {
+        return Health {
+            ok: false,
+            reason: format!(
+                "last backup {} is partial: {} file(s) Immich's database names are not in it (see `immich-backup backup` output or the logs; [backup] on_missing_original = \"ignore\" accepts them)",
+                s.snapshot,
+                s.partial_missing()
+            ),
+        };
+    }
     if let Some(c) = state
         .last_check
         .iter()
@@ -212,6 +241,12 @@ immich_backup_last_duration_seconds gauge How long the last successful backup to
 immich_backup_last_files gauge Files in the last successful snapshot.
 immich_backup_last_bytes gauge Bytes of files in the last successful snapshot.
 immich_backup_last_skipped_files gauge Files the last successful snapshot could not read.
+immich_backup_last_consistency_checked gauge 1 when the last successful backup compared the database with its files.
+immich_backup_last_assets gauge Assets whose original the last successful snapshot should hold.
+immich_backup_last_missing_originals gauge Assets whose original is not in the last successful snapshot.
+immich_backup_last_missing_sidecars gauge Sidecars the database names that are not in the last successful snapshot.
+immich_backup_last_orphan_files gauge Files under library/ and upload/ that no asset names, in the last successful snapshot.
+immich_backup_last_external_assets gauge Assets outside UPLOAD_LOCATION and every backed-up external library (not in the snapshot).
 immich_backup_store_bytes gauge Bytes stored in the store (content and snapshots).
 immich_backup_store_objects gauge Objects in the store (content and snapshots).
 immich_backup_snapshots gauge Complete snapshots kept in the store.
@@ -257,6 +292,8 @@ fn metric_value(name: &str, state: &AgentState, health: &Health) -> String {
     };
     let s = state.last_success.as_ref();
     let last = |f: fn(&Success) -> u64| s.map(f).unwrap_or(0).to_string();
+    let consistency = s.and_then(|s| s.consistency.as_ref());
+    let count = |f: fn(&Consistency) -> u64| consistency.map(f).unwrap_or(0).to_string();
     let (check, read) = (state.last_check.as_ref(), state.last_read.as_ref());
     let ok = |c: Option<&CheckResult>| c.map(|c| u8::from(c.ok)).unwrap_or(1).to_string();
     let problems = |c: Option<&CheckResult>| c.map(|c| c.problems).unwrap_or(0).to_string();
@@ -288,6 +325,14 @@ fn metric_value(name: &str, state: &AgentState, health: &Health) -> String {
         "immich_backup_checks_total" => state.checks_total.to_string(),
         "immich_backup_check_failures_total" => state.check_failures_total.to_string(),
         "immich_backup_verified_bytes_total" => state.bytes_verified_total.to_string(),
+        "immich_backup_last_consistency_checked" => {
+            u8::from(consistency.is_some_and(|c| c.verdict != Verdict::Unchecked)).to_string()
+        }
+        "immich_backup_last_assets" => count(|c| c.assets),
+        "immich_backup_last_missing_originals" => count(|c| c.missing_originals),
+        "immich_backup_last_missing_sidecars" => count(|c| c.missing_sidecars),
+        "immich_backup_last_orphan_files" => count(|c| c.orphans),
+        "immich_backup_last_external_assets" => count(|c| c.external_assets),
         _ => unreachable!("every metric of METRICS has a value: {name}"),
     }
 }
@@ -422,6 +467,8 @@ mod tests {
             files: 42,
             bytes: 4096,
             skipped: 0,
+            consistency: None,
+            missing_is_partial: true,
         }
     }
 
@@ -469,12 +516,39 @@ mod tests {
         let h = status(&st, &daily, None, t("2026-03-11T00:01:00Z"));
         assert!(!h.ok);
         assert!(h.reason.contains("partial"), "{h:?}");
+
+        // So is one that lacks files the database names, unless they are accepted.
+        let last = st.last_success.as_mut().unwrap();
+        last.skipped = 0;
+        last.consistency = Some(Consistency {
+            verdict: Verdict::Missing,
+            missing_originals: 3,
+            ..Consistency::default()
+        });
+        let h = status(&st, &daily, None, t("2026-03-11T00:01:00Z"));
+        assert!(!h.ok);
+        assert!(
+            h.reason.contains("3 file(s) Immich's database names"),
+            "{h:?}"
+        );
+        st.last_success.as_mut().unwrap().missing_is_partial = false;
+        assert!(status(&st, &daily, None, t("2026-03-11T00:01:00Z")).ok);
     }
 
     #[test]
     fn metrics_text() {
         let mut st = AgentState::new(t("2026-03-10T08:00:00Z"));
-        st.last_success = Some(success("2026-03-11T00:00:00Z"));
+        st.last_success = Some(Success {
+            consistency: Some(Consistency {
+                verdict: Verdict::Missing,
+                assets: 1000,
+                missing_originals: 2,
+                orphans: 5,
+                external_assets: 7,
+                ..Consistency::default()
+            }),
+            ..success("2026-03-11T00:00:00Z")
+        });
         st.snapshots = 3;
         st.store_bytes = 123456;
         st.failures_total = 2;
@@ -495,6 +569,12 @@ mod tests {
             "immich_backup_failures_total 2",
             "# TYPE immich_backup_failures_total counter",
             "immich_backup_running 0",
+            "immich_backup_last_consistency_checked 1",
+            "immich_backup_last_assets 1000",
+            "immich_backup_last_missing_originals 2",
+            "immich_backup_last_missing_sidecars 0",
+            "immich_backup_last_orphan_files 5",
+            "immich_backup_last_external_assets 7",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

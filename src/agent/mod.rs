@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backup::{self, BackupReport};
 use crate::config::AgentConfig;
-use crate::config::Config;
+use crate::config::{Config, OnMissingOriginal};
 use crate::crypto::Recipients;
 use crate::db;
 use crate::error::{Error, Result};
@@ -105,8 +105,39 @@ fn load_recipients(cfg: &Config) -> Result<Recipients> {
     Recipients::load(&cfg.encryption.recipients, file.as_deref())
 }
 
+/// Whether files the database names but the snapshot lacks make a backup partial.
+fn missing_is_partial(cfg: &Config) -> bool {
+    cfg.backup.on_missing_original == OnMissingOriginal::Warn
+}
+
+/// What makes a backup partial, for its ping: `; 2 file(s) could not be read`.
+fn partial_text(report: &BackupReport) -> String {
+    let mut out = String::new();
+    if !report.skipped.is_empty() {
+        out += &format!("; {} file(s) could not be read", report.skipped.len());
+    }
+    let c = &report.consistency;
+    if report.partial && c.missing() > 0 {
+        out += &format!(
+            "; {} file(s) the database names are not in the snapshot",
+            c.missing()
+        );
+    }
+    if c.external_assets > 0 {
+        out += &format!(
+            "; {} asset(s) in external libraries not backed up",
+            c.external_assets
+        );
+    }
+    out
+}
+
 /// Fill the state from what the store holds (so a restarted agent reports the right health).
-async fn load_store_state(repo: &Repository, shared: &Shared) -> Result<()> {
+async fn load_store_state(
+    repo: &Repository,
+    shared: &Shared,
+    missing_is_partial: bool,
+) -> Result<()> {
     let ids = snapshots::list_ids(repo).await?;
     let complete: Vec<&String> = ids.iter().filter(|(_, c)| **c).map(|(id, _)| id).collect();
     let latest = match complete.last() {
@@ -129,6 +160,8 @@ async fn load_store_state(repo: &Repository, shared: &Shared) -> Result<()> {
                 files: sum.files,
                 bytes: sum.bytes,
                 skipped: sum.skipped,
+                consistency: sum.consistency,
+                missing_is_partial,
             });
         }
     });
@@ -148,7 +181,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
         schedule: schedule.clone(),
         grace: cfg.agent.grace(),
     });
-    if let Err(e) = load_store_state(&repo, &shared).await {
+    if let Err(e) = load_store_state(&repo, &shared, missing_is_partial(&cfg)).await {
         tracing::warn!(error = %e, "could not read the store at start-up");
     }
     let server = if cfg.agent.listen.is_empty() {
@@ -317,6 +350,7 @@ async fn run_once(
 ) {
     pinger.ping(&pinger.start, String::new()).await;
     let started = Instant::now();
+    let missing_is_partial = missing_is_partial(cfg);
     let result = match load_recipients(cfg) {
         Ok(r) => backup::run(cfg, database, repo, r, Progress::hidden()).await,
         Err(e) => Err(e),
@@ -358,6 +392,8 @@ async fn run_once(
             files: report.files,
             bytes: report.bytes_total,
             skipped: report.skipped.len() as u64,
+            consistency: Some(report.consistency.counts_only()),
+            missing_is_partial,
         });
     });
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "scheduled backup done");
@@ -400,15 +436,11 @@ async fn run_once(
         report.files_new,
         report.bytes_stored,
         report.duration_secs,
-        if report.skipped.is_empty() {
-            String::new()
-        } else {
-            format!("; {} file(s) could not be read", report.skipped.len())
-        }
+        partial_text(&report)
     );
-    if report.skipped.is_empty() {
-        pinger.ping(&pinger.success, body).await;
-    } else {
+    if report.partial {
         pinger.ping(&pinger.failure, body).await;
+    } else {
+        pinger.ping(&pinger.success, body).await;
     }
 }

@@ -13,19 +13,22 @@ use flate2::Compression;
 use sha2::{Digest, Sha256};
 use tokio_util::io::SyncIoBridge;
 
+use super::consistency::DbPaths;
 use crate::db::{Database, DumpRun};
 use crate::error::{Error, Result};
 use crate::format::{Object, ObjectRef};
+use crate::immich::copy;
 use crate::repo::{SealedWriter, Writer};
 
 /// What a finished dump left in the store.
-#[derive(Debug, Clone)]
 pub(crate) struct DumpOutcome {
     pub object: ObjectRef,
     /// Rows per table of the Immich database, as the dump holds them.
     pub row_counts: BTreeMap<String, u64>,
     /// Size of the raw SQL text.
     pub sql_bytes: u64,
+    /// The files the Immich database's rows name (`None`: the counter was given none to collect).
+    pub paths: Option<DbPaths>,
 }
 
 /// What the dump reports while it runs.
@@ -37,24 +40,23 @@ pub(crate) struct DumpEvents<F> {
     pub snapshot_taken: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Dump every database into the sealed object `object`; `database` names the Immich one whose
-/// rows are counted.
+/// Dump every database into the sealed object `object`; `counter` counts the rows of the Immich
+/// one (and collects the paths they name).
 pub(crate) async fn dump_to_store<F: Fn(u64) + Send + 'static>(
     db: &dyn Database,
     repo: &Writer,
     object: &Object,
-    database: &str,
+    counter: RowCounter,
     level: u32,
     events: DumpEvents<F>,
 ) -> Result<DumpOutcome> {
     let DumpRun { stdout, done } = db.dump_all().await?;
     let (repo, object) = (repo.clone(), object.clone());
     let key = object.key();
-    let database = database.to_string();
     let pipe = tokio::task::spawn_blocking(move || {
         let writer = repo.sealed_writer(&object)?;
         let input = SyncIoBridge::new(stdout);
-        stream_dump(input, writer, &database, level, events)
+        stream_dump(input, writer, counter, level, events)
             .map_err(|e| crate::repo::write_error(&object.key(), e))
     });
     let (piped, exited) = tokio::join!(pipe, done);
@@ -68,6 +70,7 @@ pub(crate) async fn dump_to_store<F: Fn(u64) + Send + 'static>(
             tokio::task::spawn_blocking(move || writer.finish())
                 .await
                 .map_err(|e| Error::Other(format!("dump thread: {e}")))??;
+            let (row_counts, paths) = p.counter.finish();
             Ok(DumpOutcome {
                 object: ObjectRef {
                     key,
@@ -75,8 +78,9 @@ pub(crate) async fn dump_to_store<F: Fn(u64) + Send + 'static>(
                     sha256,
                     header_mac,
                 },
-                row_counts: p.counter.finish(),
+                row_counts,
                 sql_bytes: p.sql_bytes,
+                paths,
             })
         }
         (Ok(p), Err(e)) => {
@@ -102,7 +106,7 @@ struct Piped {
 fn stream_dump<F: Fn(u64)>(
     mut input: impl Read,
     sealed: SealedWriter,
-    database: &str,
+    mut counter: RowCounter,
     level: u32,
     events: DumpEvents<F>,
 ) -> io::Result<Piped> {
@@ -113,7 +117,6 @@ fn stream_dump<F: Fn(u64)>(
     let mut snapshot_taken = Some(snapshot_taken);
     let header_mac = sealed.header_mac();
     let mut gz = GzEncoder::new(HashingWriter::new(sealed), Compression::new(level));
-    let mut counter = RowCounter::new(database);
     let mut buf = vec![0u8; 256 * 1024];
     let mut sql_bytes = 0u64;
     loop {
@@ -179,61 +182,101 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Counts the rows of each `COPY … FROM stdin;` block of one database in `pg_dumpall` output.
+/// Counts the rows of each `COPY … FROM stdin;` block of one database in `pg_dumpall` output, and
+/// hands the rows of the tables that name files to the consistency check ([`DbPaths`]).
 pub(crate) struct RowCounter {
     database: String,
     current_db: Option<String>,
     copying: Option<String>,
     line: Vec<u8>,
+    /// The line being read was longer than what is kept of it.
+    truncated: bool,
     counts: BTreeMap<String, u64>,
     reached: bool,
+    paths: Option<DbPaths>,
+    /// The rows of the current block go to `paths`.
+    keep_rows: bool,
+    /// Rows of the current block so far (of the configured database).
+    block_rows: u64,
 }
 
 /// The longest line prefix kept for parsing; longer lines are only counted.
 const LINE_PREFIX: usize = 64 * 1024;
 
 impl RowCounter {
-    pub fn new(database: &str) -> Self {
+    /// Count the rows of `database`, and hand its file-naming rows to `paths`.
+    pub fn new(database: &str, paths: Option<DbPaths>) -> Self {
         RowCounter {
             database: database.to_string(),
             current_db: None,
             copying: None,
             line: Vec::new(),
+            truncated: false,
             counts: BTreeMap::new(),
             reached: false,
+            paths,
+            keep_rows: false,
+            block_rows: 0,
         }
     }
 
     /// Feed the next bytes of the dump.
     pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while let Some(pos) = memchr::memchr(b'\n', data) {
-            self.keep(&data[..pos]);
-            let line = std::mem::take(&mut self.line);
-            self.end_line(&line);
-            self.line = line;
-            self.line.clear();
+            if self.line.is_empty() && !self.truncated {
+                // A whole line in this piece: read where it is.
+                let line = &data[..pos.min(self.limit())];
+                self.truncated = line.len() < pos;
+                self.end_line(line);
+            } else {
+                self.keep(&data[..pos]);
+                let line = std::mem::take(&mut self.line);
+                self.end_line(&line);
+                self.line = line;
+                self.line.clear();
+            }
+            self.truncated = false;
             data = &data[pos + 1..];
         }
         self.keep(data);
     }
 
-    fn keep(&mut self, part: &[u8]) {
-        // Inside a COPY block only `\.` matters, so keep just enough to recognise it.
-        let limit = if self.copying.is_some() {
+    /// How much of a line is kept. Inside a COPY block only `\.` matters, unless its rows are
+    /// wanted: just enough to recognise it.
+    fn limit(&self) -> usize {
+        if self.copying.is_some() && !self.keep_rows {
             3
         } else {
             LINE_PREFIX
-        };
-        let room = limit.saturating_sub(self.line.len());
+        }
+    }
+
+    fn keep(&mut self, part: &[u8]) {
+        let room = self.limit().saturating_sub(self.line.len());
+        self.truncated |= part.len() > room;
         self.line.extend_from_slice(&part[..part.len().min(room)]);
+    }
+
+    fn in_database(&self) -> bool {
+        self.current_db.as_deref() == Some(self.database.as_str())
     }
 
     fn end_line(&mut self, line: &[u8]) {
         if let Some(table) = &self.copying {
             if line == b"\\." {
+                if let Some(n) = self.counts.get_mut(table) {
+                    *n += std::mem::take(&mut self.block_rows);
+                }
                 self.copying = None;
+                if std::mem::take(&mut self.keep_rows) {
+                    self.paths.as_mut().expect("rows kept for it").end();
+                }
             } else if self.current_db.as_deref() == Some(self.database.as_str()) {
-                *self.counts.entry(table.clone()).or_default() += 1;
+                self.block_rows += 1;
+                if self.keep_rows {
+                    let paths = self.paths.as_mut().expect("rows kept for it");
+                    paths.row(line, self.truncated);
+                }
             }
             return;
         }
@@ -244,21 +287,13 @@ impl RowCounter {
             let db = connect_target(rest);
             self.reached |= db == self.database;
             self.current_db = Some(db);
-        } else if let Some(rest) = text.strip_prefix("COPY ") {
-            if text.ends_with("FROM stdin;") {
-                let table = unquote_ident(
-                    rest.split(" (")
-                        .next()
-                        .unwrap_or(rest)
-                        .split(" FROM")
-                        .next()
-                        .unwrap_or(rest),
-                );
-                if self.current_db.as_deref() == Some(self.database.as_str()) {
-                    self.counts.entry(table.clone()).or_default();
-                }
-                self.copying = Some(table);
+        } else if let Some(header) = copy::parse_header(text) {
+            if self.in_database() {
+                self.counts.entry(header.table.clone()).or_default();
+                self.block_rows = 0;
+                self.keep_rows = self.paths.as_mut().is_some_and(|p| p.begin(&header));
             }
+            self.copying = Some(header.table);
         }
     }
 
@@ -269,9 +304,9 @@ impl RowCounter {
         self.reached
     }
 
-    /// The counts of the configured database.
-    pub fn finish(self) -> BTreeMap<String, u64> {
-        self.counts
+    /// The counts of the configured database, and the paths its rows named.
+    pub fn finish(self) -> (BTreeMap<String, u64>, Option<DbPaths>) {
+        (self.counts, self.paths)
     }
 }
 
@@ -296,17 +331,9 @@ fn connect_target(rest: &str) -> String {
     }
     let rest = rest.trim();
     if rest.starts_with('"') {
-        return unquote_ident(rest);
+        return copy::unquote_ident(rest);
     }
-    unquote_ident(rest.split_whitespace().last().unwrap_or_default())
-}
-
-/// `public."user"` → `public.user`.
-fn unquote_ident(s: &str) -> String {
-    s.trim()
-        .replace("\"\"", "\u{0}")
-        .replace('"', "")
-        .replace('\u{0}', "\"")
+    copy::unquote_ident(rest.split_whitespace().last().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -319,7 +346,7 @@ mod tests {
 \\connect -reuse-previous=on \"dbname='immich'\"\nCOPY public.\"user\" (id, name) FROM stdin;\n1\ta\n2\tb\n\\.\n\
 COPY public.empty (a) FROM stdin;\n\\.\nSELECT 1;\n";
         // Feed in awkward pieces to exercise the line joining.
-        let mut c = RowCounter::new("immich");
+        let mut c = RowCounter::new("immich", None);
         let at = dump.windows(10).position(|w| w == b"\\connect -").unwrap();
         let mut reached_at = None;
         for (i, chunk) in dump.chunks(5).enumerate() {
@@ -331,7 +358,7 @@ COPY public.empty (a) FROM stdin;\n\\.\nSELECT 1;\n";
         // The files may start once the Immich database's `\connect` line has gone by, not before.
         let reached_at = reached_at.expect("the immich database was reached");
         assert!(reached_at > at, "{reached_at} > {at}");
-        let counts = c.finish();
+        let (counts, _) = c.finish();
         assert_eq!(counts.get("public.user"), Some(&2));
         assert_eq!(counts.get("public.empty"), Some(&0));
         assert_eq!(counts.get("public.t"), None);

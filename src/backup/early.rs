@@ -21,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::backup::cache::CacheReader;
 use crate::backup::upload::{FileStorer, Stored};
-use crate::backup::walk::{self, Found, Walked};
+use crate::backup::walk::{self, Found, Top, Walked};
 use crate::format::{ContentId, EntryKind};
 
 /// At most this many files are read ahead (their results wait in memory for the real walk).
@@ -45,11 +45,10 @@ pub struct Early {
     window: u32,
 }
 
-/// Start reading ahead: walk `folders` under `root` and store what needs storing, with at most
-/// `window` files in flight on `workers`.
+/// Start reading ahead: walk `tops` and store what needs storing, with at most `window` files in
+/// flight on `workers`.
 pub fn start(
-    root: PathBuf,
-    folders: Vec<String>,
+    tops: Vec<Top>,
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
     workers: Arc<Semaphore>,
@@ -58,8 +57,7 @@ pub fn start(
     let (stop, stopped) = oneshot::channel();
     let early = Early::new(window);
     let walk = Walk {
-        root,
-        folders,
+        tops,
         cache_path,
         storer,
         workers,
@@ -111,8 +109,7 @@ impl Early {
 
 /// What the read-ahead walks and stores with.
 struct Walk {
-    root: PathBuf,
-    folders: Vec<String>,
+    tops: Vec<Top>,
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
     workers: Arc<Semaphore>,
@@ -120,8 +117,8 @@ struct Walk {
 
 async fn read_ahead(walk: Walk, mut early: Early, mut stopped: oneshot::Receiver<()>) -> Early {
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
-    let (root, folders) = (walk.root.clone(), walk.folders.clone());
-    tokio::task::spawn_blocking(move || walk::walk(&root, &folders, tx));
+    let tops = walk.tops.clone();
+    tokio::task::spawn_blocking(move || walk::walk(&tops, tx));
     let mut cache = CacheReader::open(&walk.cache_path);
     'walk: loop {
         let batch = tokio::select! {

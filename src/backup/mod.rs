@@ -5,9 +5,12 @@
 //! `pg_dumpall` into the store; [`walk`] lists the originals in a stable order, the metadata
 //! [`cache`] skips what did not change, [`dedupe`] what the store holds, and [`upload`] stores the
 //! rest, several files at once ([`early`] starts on them while the dump starts); the file list, the
-//! plaintext refs and the new cache are written as the results arrive, in walk order.
+//! plaintext refs and the new cache are written as the results arrive, in walk order. Where both
+//! meet, before the commit, `consistency` compares the files the dump's asset rows name with the
+//! file list.
 
 pub mod cache;
+pub(crate) mod consistency;
 pub mod dedupe;
 pub mod dump;
 pub mod early;
@@ -16,7 +19,6 @@ pub mod walk;
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,15 +30,16 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, OnUnreadable};
+use crate::config::{Config, OnMissingOriginal, OnUnreadable};
 use crate::crypto::sign::SigningKey;
 use crate::crypto::Recipients;
 use crate::db::{self, Database};
 use crate::error::{Error, Result};
 use crate::format::{
-    self, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef, Skipped, Summary,
-    Totals,
+    self, Consistency, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef,
+    Skipped, Summary, Totals,
 };
+use crate::immich::paths::{external_folder, PathMap};
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
 use crate::repo::snapshots;
@@ -80,6 +83,11 @@ pub struct BackupReport {
     pub repaired: Vec<String>,
     /// `--repair`: named damaged objects whose content no file has any more.
     pub not_repaired: Vec<String>,
+    /// The database compared with the snapshot's files (with example paths).
+    pub consistency: Consistency,
+    /// The snapshot is partial (exit code 3): files could not be read, or files the database names
+    /// are missing and `[backup] on_missing_original` is `warn`.
+    pub partial: bool,
 }
 
 /// How a backup runs, beyond the config.
@@ -178,6 +186,7 @@ async fn run_locked(
     };
     let (dumped, facts, files) = dump_then_files(run).await?;
     progress.finish();
+    let consistency = check_consistency(dumped.paths, files.paths).await?;
 
     let summary = Summary {
         id: id.clone(),
@@ -189,6 +198,7 @@ async fn run_locked(
         bytes_added: files.counts.bytes_stored,
         dump_bytes: dumped.object.size,
         skipped: files.counts.skipped.len() as u64,
+        consistency: Some(consistency.counts_only()),
     };
     let manifest = Manifest {
         format: format::MANIFEST_FORMAT,
@@ -213,6 +223,8 @@ async fn run_locked(
         files: files.list.clone(),
         totals: files.counts.totals.clone(),
         skipped: files.counts.skipped.clone(),
+        external_libraries: external_libraries(cfg),
+        consistency: Some(consistency.clone()),
     };
     tracing::debug!(files = files.counts.totals.files, "files stored");
     let (repaired, not_repaired) = repair.map(|r| r.outcome()).unwrap_or_default();
@@ -227,6 +239,7 @@ async fn run_locked(
         .commit(&summary, &manifest, &files.refs_sha256)
         .await?;
     files.cache.commit()?;
+    let partial = tell_consistency(cfg, &consistency) || !files.counts.skipped.is_empty();
 
     let report = BackupReport {
         snapshot: id,
@@ -249,6 +262,8 @@ async fn run_locked(
         signed: writer.signs(),
         repaired: repaired.iter().map(ContentId::key).collect(),
         not_repaired: not_repaired.iter().map(ContentId::key).collect(),
+        consistency,
+        partial,
     };
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)
@@ -314,8 +329,7 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         });
         let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
         let ahead = early::start(
-            cfg.immich.upload_location.clone(),
-            cfg.immich.folders.clone(),
+            walk::tops(cfg),
             run.cache_path.to_path_buf(),
             storer.clone(),
             workers.clone(),
@@ -352,11 +366,13 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
     run: Run<'_>,
     events: dump::DumpEvents<F>,
 ) -> Result<dump::DumpOutcome> {
+    let paths = consistency::DbPaths::new(path_map(run.cfg));
+    let counter = dump::RowCounter::new(&run.cfg.database.database, Some(paths));
     let dumped = dump::dump_to_store(
         run.db,
         run.writer,
         &Object::Dump(run.id.to_string()),
-        &run.cfg.database.database,
+        counter,
         run.cfg.backup.compression_level,
         events,
     )
@@ -368,6 +384,86 @@ async fn dump_database<F: Fn(u64) + Send + 'static>(
         "database dumped"
     );
     Ok(dumped)
+}
+
+/// The backed-up external libraries, as the manifest records them.
+fn external_libraries(cfg: &Config) -> Vec<format::ExternalLibrary> {
+    let libraries = cfg.immich.external_libraries.iter();
+    libraries
+        .filter_map(|l| {
+            Some(format::ExternalLibrary {
+                container_path: l.container_path.clone(),
+                host_path: l.host_path.display().to_string(),
+                folder: external_folder(&l.container_path)?,
+            })
+        })
+        .collect()
+}
+
+/// How Immich's container paths map into this install's snapshots.
+fn path_map(cfg: &Config) -> PathMap {
+    let external = cfg.immich.external_libraries.iter();
+    PathMap::new(
+        &cfg.immich.media_location,
+        external.map(|l| l.container_path.as_str()),
+    )
+}
+
+/// Compare the dump's paths with the file list (a second or so for a million-asset library: on a
+/// blocking thread).
+async fn check_consistency(
+    db: Option<consistency::DbPaths>,
+    files: consistency::FilePaths,
+) -> Result<Consistency> {
+    tokio::task::spawn_blocking(move || consistency::compare(db, &files))
+        .await
+        .map_err(|e| Error::Other(format!("consistency check: {e}")))
+}
+
+/// Log the consistency verdict; returns whether it makes the snapshot partial (missing files and
+/// `[backup] on_missing_original = "warn"`).
+fn tell_consistency(cfg: &Config, c: &Consistency) -> bool {
+    if c.verdict == format::Verdict::Unchecked {
+        tracing::warn!(
+            "consistency not checked: {}",
+            c.note.as_deref().unwrap_or("")
+        );
+    }
+    if c.external_assets > 0 {
+        tracing::warn!(
+            assets = c.external_assets,
+            import_paths = ?c.external_import_paths,
+            first = ?c.external_examples.first(),
+            "assets outside UPLOAD_LOCATION (external libraries, or [immich] media_location not set) are NOT in this snapshot; back them up with [immich] external_libraries"
+        );
+    }
+    if c.missing() == 0 {
+        tracing::info!(
+            assets = c.assets,
+            orphans = c.orphans,
+            "consistency: every file the database names is in the snapshot"
+        );
+        return false;
+    }
+    let warn = cfg.backup.on_missing_original == OnMissingOriginal::Warn;
+    let first = c.missing_examples.first().map(String::as_str).unwrap_or("");
+    let what = "file(s) the database names are NOT in this snapshot (deleted or moved outside Immich?); a restore would lack them";
+    if warn {
+        tracing::warn!(
+            originals = c.missing_originals,
+            sidecars = c.missing_sidecars,
+            first,
+            "{what}"
+        );
+    } else {
+        tracing::info!(
+            originals = c.missing_originals,
+            sidecars = c.missing_sidecars,
+            first,
+            "{what} ([backup] on_missing_original = \"ignore\")"
+        );
+    }
+    warn
 }
 
 async fn server_facts(db: &dyn Database, database: &str) -> Result<ServerFacts> {
@@ -493,6 +589,8 @@ struct FilesDone {
     refs_sha256: String,
     cache: CacheWriter,
     counts: Counts,
+    /// The file list's paths, for the consistency check.
+    paths: consistency::FilePaths,
 }
 
 /// One walked item after its content is handled.
@@ -579,15 +677,13 @@ async fn store_files(
         progress,
         ..
     } = run;
-    let root: PathBuf = cfg.immich.upload_location.clone();
     progress.phase("files", Some(0));
+    let tops = walk::tops(cfg);
     if progress.is_visible() {
-        spawn_scanner(root.clone(), cfg.immich.folders.clone(), progress.clone());
+        spawn_scanner(tops.clone(), progress.clone());
     }
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
-    let folders = cfg.immich.folders.clone();
-    let walk_root = root.clone();
-    tokio::task::spawn_blocking(move || walk::walk(&walk_root, &folders, tx));
+    tokio::task::spawn_blocking(move || walk::walk(&tops, tx));
 
     let mut cache = CacheReader::open(cache_path);
     // `concurrency` files are read and stored at once; results are taken in walk order from a
@@ -608,6 +704,7 @@ async fn store_files(
 
     let mut list = ListWriter::start(writer, id, cache_path)?;
     let mut done = Counts::default();
+    let mut paths = consistency::FilePaths::default();
     while let Some(outcome) = outcomes.next().await {
         match outcome? {
             Outcome::Skipped(s) => {
@@ -628,6 +725,7 @@ async fn store_files(
             } => {
                 done.files_read_ahead += u64::from(ahead);
                 tally(&mut done, &entry, stored, progress);
+                paths.push(&entry);
                 list.push(entry, found).await?;
             }
         }
@@ -645,6 +743,7 @@ async fn store_files(
         refs_sha256,
         cache,
         counts: done,
+        paths,
     })
 }
 
@@ -693,10 +792,10 @@ fn tally(done: &mut Counts, entry: &Entry, stored: Option<Stored>, progress: &Pr
 }
 
 /// Counts the bytes to back up in the background, so the bar has a total and an ETA.
-fn spawn_scanner(root: PathBuf, folders: Vec<String>, progress: Progress) {
+fn spawn_scanner(tops: Vec<walk::Top>, progress: Progress) {
     tokio::task::spawn_blocking(move || {
-        for f in folders {
-            for e in walkdir::WalkDir::new(root.join(f))
+        for top in tops {
+            for e in walkdir::WalkDir::new(&top.path)
                 .follow_links(false)
                 .into_iter()
                 .flatten()

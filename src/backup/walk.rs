@@ -1,7 +1,9 @@
-//! The walk: the configured folders under UPLOAD_LOCATION in a stable, sorted order (component-wise,
+//! The walk: the configured folders under UPLOAD_LOCATION, and the backed-up external libraries
+//! (under `external/<container path>` in the file list), in a stable, sorted order (component-wise,
 //! as `Path`'s ordering), each entry with the metadata the cache compares. Symlinks are recorded,
-//! never followed; generated folders are never visited; past a long path the walk goes on relative
-//! to the open folder.
+//! never followed (but an external library's own folder may be one: it is the user's choice);
+//! generated folders are never visited; past a long path the walk goes on relative to the open
+//! folder.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -10,7 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::format::{Entry, EntryKind};
+use crate::config::Config;
+use crate::format::{walk_order, Entry, EntryKind};
+use crate::immich::paths::external_folder;
 
 /// One thing found by the walk, with the metadata the cache compares.
 #[derive(Debug, Clone)]
@@ -75,34 +79,72 @@ pub enum Walked {
 /// Items the walk sends at once (one wake-up of the consumer per batch, not per file).
 pub(crate) const WALK_BATCH: usize = 256;
 
-/// Walk `folders` under `root` in sorted order, sending what it finds in batches. Runs on a
-/// blocking thread.
+/// A folder the walk takes, and the path it has in the file list.
+#[derive(Debug, Clone)]
+pub struct Top {
+    pub path: PathBuf,
+    pub rel: String,
+    /// An external library: its folder itself may be a symlink, and is followed.
+    pub external: bool,
+}
+
+/// What a backup of `cfg` walks, in walk order: the originals folders under UPLOAD_LOCATION and
+/// every backed-up external library.
+pub fn tops(cfg: &Config) -> Vec<Top> {
+    let root = &cfg.immich.upload_location;
+    let mut out: Vec<Top> = cfg
+        .immich
+        .folders
+        .iter()
+        .map(|f| Top {
+            path: root.join(f),
+            rel: f.clone(),
+            external: false,
+        })
+        .collect();
+    for l in &cfg.immich.external_libraries {
+        if let Some(rel) = external_folder(&l.container_path) {
+            out.push(Top {
+                path: l.host_path.clone(),
+                rel,
+                external: true,
+            });
+        }
+    }
+    out.sort_by(|a, b| walk_order(&a.rel, &b.rel));
+    out.dedup_by(|a, b| a.rel == b.rel);
+    out
+}
+
+/// Walk `tops` (in walk order) sending what it finds in batches. Runs on a blocking thread.
 ///
 /// Each folder's entries are read, sorted by name and `stat`ed relative to the open folder
 /// (`fstatat` through `DirEntry::metadata`), so no path is resolved again from the root: a folder
 /// is listed before its contents, exactly the order the cache is merged in (`crate::format::walk_order`).
-pub fn walk(root: &Path, folders: &[String], tx: mpsc::Sender<Vec<Walked>>) {
-    let mut folders: Vec<&String> = folders.iter().collect();
-    folders.sort();
-    folders.dedup();
+pub fn walk(tops: &[Top], tx: mpsc::Sender<Vec<Walked>>) {
     let mut out = Batch {
         tx,
         items: Vec::with_capacity(WALK_BATCH),
     };
-    for folder in folders {
-        let top = root.join(folder);
-        if !top.exists() {
-            tracing::warn!(folder = %top.display(), "originals folder does not exist; nothing to back up there");
+    for top in tops {
+        if !top.path.exists() {
+            if top.external {
+                tracing::warn!(folder = %top.path.display(), library = %top.rel, "external library folder does not exist; its assets will be reported missing");
+            } else {
+                tracing::warn!(folder = %top.path.display(), "originals folder does not exist; nothing to back up there");
+            }
             continue;
         }
-        let walked = describe(
-            Some(folder.to_string()),
-            &top,
-            std::fs::symlink_metadata(&top),
-            None,
-        );
+        let meta = if top.external {
+            std::fs::metadata(&top.path)
+        } else {
+            std::fs::symlink_metadata(&top.path)
+        };
+        let walked = describe(Some(top.rel.clone()), &top.path, meta, None);
         let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
-        if !out.push(walked) || (is_dir && !walk_dir(&Dir::Path(top), folder, &mut out)) {
+        if !out.push(walked)
+            || (is_dir && !walk_dir(&Dir::Path(top.path.clone()), &top.rel, &mut out))
+        {
             return; // the backup stopped
         }
     }

@@ -191,7 +191,7 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
 
     let cluster_a = PgCluster::start(Some(&work))?;
     sample::create_immich_like_db(&cluster_a, "immich", assets)?;
-    let lib = sample::create_sample_library(&source)?;
+    let lib = sample::create_sample_library_for(&source, assets)?;
     say(format!(
         "1. source: PostgreSQL on 127.0.0.1:{} with an Immich-like database ({assets} assets); sample UPLOAD_LOCATION with {} originals ({} bytes) at {}",
         cluster_a.port, lib.original_files, lib.original_bytes, source.display()
@@ -238,6 +238,11 @@ pub async fn run(dir: Option<&Path>, assets: usize, json: bool) -> Result<()> {
     say(format!(
         "3. backup: snapshot {} in {}: {} files ({} new), {} bytes stored for files, dump {} → {} bytes, {} tables, {:.1}s",
         report.snapshot, repo.url(), report.files, report.files_new, report.bytes_stored, report.dump_sql_bytes, report.dump_stored_bytes, report.row_counts.len(), report.duration_secs
+    ));
+    let c = &report.consistency;
+    say(format!(
+        "   consistency: {} ({} assets and {} sidecars the database names, {} missing from the snapshot; {} files no asset names)",
+        c.short(), c.assets, c.sidecars, c.missing(), c.orphans
     ));
 
     let cluster_b = PgCluster::start(Some(&work))?;

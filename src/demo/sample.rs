@@ -5,7 +5,8 @@
 //! Everything here is deterministic: the same arguments give the same rows and the same bytes,
 //! so a test can back the data up, restore it elsewhere and compare. The database and the folder
 //! agree with each other: asset `n`'s `originalPath` is `/data/` + [`asset_original_path`]`(n)`,
-//! and the sample folder holds the files of assets `1..=`[`SAMPLE_ASSET_FILES`].
+//! and the sample folder holds the files of assets `1..=`[`SAMPLE_ASSET_FILES`] (of all of them
+//! with [`create_sample_library_for`]).
 //!
 //! The database's SQL lives in `src/demo/sql/` (`schema.sql`, then one file per group of rows:
 //! `users.sql`, `assets.sql`, `exif.sql`, `albums.sql`, `metadata.sql`, `places.sql`), included at
@@ -541,7 +542,22 @@ pub struct SampleLibrary {
 ///
 /// Deterministic: the same call writes the same names, bytes, modes and mtimes.
 pub fn create_sample_library(root: &Path) -> Result<SampleLibrary> {
+    create_sample_library_for(root, SAMPLE_ASSET_FILES)
+}
+
+/// [`create_sample_library`], plus the original files of assets `SAMPLE_ASSET_FILES + 1..=assets`:
+/// then every asset row of [`create_immich_like_db`]`(…, assets)` has its file in the library, as
+/// in a real Immich, and a backup finds nothing missing.
+pub fn create_sample_library_for(root: &Path, assets: usize) -> Result<SampleLibrary> {
     let mut w = LibraryWriter::new(root)?;
+    write_sample(&mut w)?;
+    for n in SAMPLE_ASSET_FILES + 1..=assets {
+        w.file(&asset_original_path(n), &asset_file_bytes(n), 0o644)?;
+    }
+    w.finish()
+}
+
+fn write_sample(w: &mut LibraryWriter) -> Result<()> {
     for folder in ORIGINAL_FOLDERS.iter().chain(GENERATED_FOLDERS.iter()) {
         w.file(
             &format!("{folder}/{MARKER_FILE}"),
@@ -549,10 +565,9 @@ pub fn create_sample_library(root: &Path) -> Result<SampleLibrary> {
             0o644,
         )?;
     }
-    write_asset_files(&mut w)?;
-    write_odd_files(&mut w)?;
-    write_generated_files(&mut w)?;
-    w.finish()
+    write_asset_files(w)?;
+    write_odd_files(w)?;
+    write_generated_files(w)
 }
 
 /// Add one photo of `size` pseudo-random bytes (seeded by `seed`) at `rel` under `root`,

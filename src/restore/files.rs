@@ -32,6 +32,7 @@ use crate::format::{self, ContentId, Entry, EntryKind, Manifest, Object};
 use crate::repo::snapshots;
 use crate::repo::{read_error, sealed_payload_len, Reader, Repository, Unsealed};
 use crate::restore::target::{self, Folder, Kind, Target};
+use crate::restore::view::{self, View};
 use crate::store::directio::{self, DirectWriter, NewFiles};
 
 /// A file that could not be restored because its content object is damaged or missing.
@@ -45,21 +46,23 @@ pub struct Damaged {
     pub also_in: Vec<String>,
 }
 
-/// A snapshot path made safe: relative, plain components, first one an originals folder.
+/// A snapshot path made safe: relative, plain components, first one an originals folder, or in one
+/// of the snapshot's external libraries.
 pub(crate) fn check_path(manifest: &Manifest, rel: &str) -> Result<()> {
     let p = std::path::Path::new(rel);
-    let ok = !rel.is_empty()
+    let plain = !rel.is_empty()
         && !rel.contains('\0')
         && p.components()
             .all(|c| matches!(c, std::path::Component::Normal(_)))
         && rel
             .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..")
-        && p.components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
-    if !ok {
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    let in_folders = p
+        .components()
+        .next()
+        .and_then(|c| c.as_os_str().to_str())
+        .is_some_and(|f| manifest.folders.iter().any(|m| m == f));
+    if !(plain && (in_folders || view::in_external_library(manifest, rel))) {
         return Err(Error::Corrupt {
             object: files_object(manifest).key(),
             message: format!(
@@ -112,33 +115,46 @@ fn for_each_entry(
     Ok(())
 }
 
-/// Start walking the file list on a blocking thread, calling `f` for each entry; the handle gives
-/// `state` back at the end.
+/// Start walking the file list on a blocking thread, calling `f` for each entry of `view`, with
+/// its path relative to the view's target; the handle gives `state` back at the end.
 async fn spawn_scan<T: Send + 'static>(
     reader: &Reader,
     manifest: &Manifest,
+    view: Option<&View>,
     state: T,
     mut f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<Result<T>>> {
     let list = reader
         .fetch(&files_object(manifest), &manifest.files)
         .await?;
-    let manifest = manifest.clone();
+    let (manifest, view) = (manifest.clone(), view.cloned());
     Ok(tokio::task::spawn_blocking(move || {
         let mut state = state;
-        for_each_entry(list.open()?, &manifest, |e| f(&mut state, e))?;
+        for_each_entry(list.open()?, &manifest, |mut e| {
+            let Some(view) = &view else {
+                return f(&mut state, e);
+            };
+            let Some(rel) = view.rel(&e.path) else {
+                return Ok(());
+            };
+            let cut = e.path.len() - rel.len();
+            e.path.drain(..cut);
+            f(&mut state, e)
+        })?;
         Ok(state)
     }))
 }
 
-/// Walk the file list on a blocking thread, calling `f` for each entry.
+/// Walk the file list on a blocking thread, calling `f` for each entry of `view` (`None`: every
+/// entry, with its path in the snapshot).
 pub(crate) async fn scan_list<T: Send + 'static>(
     reader: &Reader,
     manifest: &Manifest,
+    view: Option<&View>,
     state: T,
     f: impl FnMut(&mut T, Entry) -> Result<()> + Send + 'static,
 ) -> Result<T> {
-    spawn_scan(reader, manifest, state, f)
+    spawn_scan(reader, manifest, view, state, f)
         .await?
         .await
         .map_err(|e| Error::Other(format!("file list reader: {e}")))?
@@ -204,22 +220,25 @@ pub(crate) struct Survey {
     pub damaged: Vec<Damaged>,
 }
 
-/// Compare the file list with the target and with the store's listing; refuse when the target
-/// holds anything that is not the snapshot's.
+/// Compare `view`'s part of the file list with its target and with the store's listing; refuse
+/// when the target holds anything that is not the snapshot's.
 pub(crate) async fn survey(
     reader: &Reader,
     manifest: &Manifest,
     key: &[u8; 32],
-    target: Option<&Arc<Target>>,
+    (view, target): (&View, Option<&Arc<Target>>),
     stored: Arc<Stored>,
 ) -> Result<Survey> {
+    let folders = view.folders().map(<[String]>::to_vec);
     let existing = match target {
-        Some(t) => walk_target(t.clone(), manifest.folders.clone()).await?,
+        Some(t) => walk_target(t.clone(), folders).await?,
         None => Vec::new(),
     };
     let key = *key;
     let target = target.cloned();
+    let merging = target.clone();
     let state = Merge {
+        view: view.clone(),
         existing,
         next: 0,
         extras: Vec::new(),
@@ -227,8 +246,8 @@ pub(crate) async fn survey(
         survey: Survey::default(),
         parent: None,
     };
-    let merged = scan_list(reader, manifest, state, move |m, e| {
-        m.entry(target.as_deref(), &key, &stored, e)
+    let merged = scan_list(reader, manifest, Some(view), state, move |m, e| {
+        m.entry(merging.as_deref(), &key, &stored, e)
     })
     .await?;
     let Merge {
@@ -240,22 +259,33 @@ pub(crate) async fn survey(
         ..
     } = merged;
     extras.extend(existing[next..].iter().map(|(p, _)| p.clone()));
-    extras.retain(|p| !is_folder_or_marker(p));
+    if !view.is_external() {
+        extras.retain(|p| !is_folder_or_marker(p));
+    }
     // What a restore killed while it wrote a file under a partial name left: removed, not extra.
     let (partials, extras): (Vec<String>, Vec<String>) =
         extras.into_iter().partition(|p| is_partial(p));
     survey.stale_partials = partials;
+    let shown = |p: &str| target_path(target.as_deref(), p);
     if let Some(first) = extras.first() {
-        return Err(not_fresh_files(format!(
-            "the target holds {} path(s) that are not in the snapshot (first: {first})",
-            extras.len()
-        )));
+        return Err(not_fresh_files(
+            view,
+            format!(
+                "the target holds {} path(s) that are not in the snapshot (first: {})",
+                extras.len(),
+                shown(first)
+            ),
+        ));
     }
     if let Some(first) = differing.first() {
-        return Err(not_fresh_files(format!(
-            "the target already holds {} file(s) that differ from the snapshot (first: {first})",
-            differing.len()
-        )));
+        return Err(not_fresh_files(
+            view,
+            format!(
+                "the target already holds {} file(s) that differ from the snapshot (first: {})",
+                differing.len(),
+                shown(first)
+            ),
+        ));
     }
     Ok(survey)
 }
@@ -280,15 +310,29 @@ fn is_marker(p: &str) -> bool {
         .is_some_and(|(_, name)| name == crate::immich::MARKER_FILE)
 }
 
-fn not_fresh_files(reason: String) -> Error {
+fn not_fresh_files(view: &View, reason: String) -> Error {
+    let remedy = if view.is_external() {
+        "Restore the external library into an empty folder (move the existing files away first, or give its container path another host_path in [immich] external_libraries); files identical to the snapshot's are kept"
+    } else {
+        "Restore into an empty UPLOAD_LOCATION (move the existing files away first); files identical to the snapshot's are kept"
+    };
     Error::NotFresh {
         reason,
-        remedy: "Restore into an empty UPLOAD_LOCATION (move the existing files away first); files identical to the snapshot's are kept".into(),
+        remedy: remedy.into(),
+    }
+}
+
+/// `rel` as it is on disk under `target` (for messages); as it is when there is no target.
+fn target_path(target: Option<&Target>, rel: &str) -> String {
+    match target {
+        Some(t) => t.shown(rel).display().to_string(),
+        None => rel.to_string(),
     }
 }
 
 /// The state of the merge of the target's walk with the file list.
 struct Merge {
+    view: View,
     existing: Vec<(String, Kind)>,
     next: usize,
     extras: Vec<String>,
@@ -333,7 +377,7 @@ impl Merge {
         if let (EntryKind::File, Some(id)) = (e.kind, e.content) {
             if let Some(reason) = stored.damage(&id, e.size) {
                 self.survey.damaged.push(Damaged {
-                    path: e.path,
+                    path: self.view.snapshot_path(&e.path),
                     object: id.key(),
                     reason,
                     also_in: Vec::new(),
@@ -383,10 +427,18 @@ impl Merge {
     }
 }
 
-/// Everything under the target's originals folders, in walk order (never following a symlink).
-async fn walk_target(target: Arc<Target>, folders: Vec<String>) -> Result<Vec<(String, Kind)>> {
+/// Everything under the target's originals folders (`None`: everything in the target), in walk
+/// order (never following a symlink).
+async fn walk_target(
+    target: Arc<Target>,
+    folders: Option<Vec<String>>,
+) -> Result<Vec<(String, Kind)>> {
     tokio::task::spawn_blocking(move || {
-        let mut folders = folders;
+        let Some(mut folders) = folders else {
+            let mut out = Vec::new();
+            walk_folder(&target, target.root(), &mut out)?;
+            return Ok(out);
+        };
         folders.sort();
         folders.dedup();
         let mut out = Vec::new();
@@ -495,11 +547,11 @@ pub(crate) async fn restore_files(
     manifest: &Manifest,
     key: [u8; 32],
     opts: &RestoreOptions,
-    target: &Arc<Target>,
+    (view, target): (&View, &Arc<Target>),
     survey: &Survey,
 ) -> Result<FilesDone> {
     let (tx, mut rx) = mpsc::channel::<Entry>(1024);
-    let lister = spawn_scan(reader, manifest, (), move |_, e| {
+    let lister = spawn_scan(reader, manifest, Some(view), (), move |_, e| {
         tx.blocking_send(e).map_err(|_| Error::Interrupted)
     })
     .await?;
@@ -584,7 +636,7 @@ pub(crate) async fn restore_files(
                 ) => {
                     tracing::warn!(path = %entry.path, object = %id.key(), "not restored: {e}");
                     damaged.push(Damaged {
-                        path: entry.path,
+                        path: view.snapshot_path(&entry.path),
                         object: id.key(),
                         reason: e.to_string(),
                         also_in: Vec::new(),

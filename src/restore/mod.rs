@@ -20,8 +20,9 @@ pub mod dumpcheck;
 pub mod files;
 pub mod state;
 pub mod target;
+pub mod view;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +40,7 @@ use crate::repo::snapshots;
 use crate::repo::trust::{self, Trust};
 use crate::repo::{Reader, Repository};
 use crate::restore::target::Target;
+use crate::restore::view::View;
 
 pub use database::{
     classify_psql_errors, is_benign_psql_error, RowCheck, SEARCH_PATH_FIX, SEARCH_PATH_LINE,
@@ -62,6 +64,10 @@ pub struct RestoreOptions {
     pub keep_special_modes: bool,
     /// The store lock to take (shared); `None` with `--no-lock` (a read-only store).
     pub lock: Option<LockConfig>,
+    /// Where the snapshot's external libraries go, by container path (`[immich]
+    /// external_libraries` of the restoring machine); a library not named here goes back to the
+    /// host path it was backed up from.
+    pub external_targets: BTreeMap<String, PathBuf>,
 }
 
 impl RestoreOptions {
@@ -76,6 +82,7 @@ impl RestoreOptions {
             trust,
             keep_special_modes: false,
             lock: Some(LockConfig::default()),
+            external_targets: BTreeMap::new(),
         }
     }
 }
@@ -90,6 +97,8 @@ pub struct RestoreReport {
     pub snapshot_time: String,
     pub source_host: String,
     pub target: String,
+    /// The snapshot's external libraries and the folders they were restored to.
+    pub external_targets: Vec<ExternalTarget>,
     pub database: String,
     pub server_version: String,
     /// The database was restored from this snapshot by an earlier, interrupted run; it was
@@ -111,6 +120,95 @@ pub struct RestoreReport {
     /// What could not be done but did not stop the restore (a marker behind a symlink).
     pub warnings: Vec<String>,
     pub duration_secs: f64,
+}
+
+/// An external library of the snapshot and where a restore puts it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExternalTarget {
+    pub container_path: String,
+    pub target: String,
+}
+
+/// One external library's target: its part of the file list, its folder, and the folder opened
+/// (`None`: it does not exist yet).
+struct Place {
+    view: View,
+    path: PathBuf,
+    target: Option<Arc<Target>>,
+}
+
+/// The snapshot's external libraries' targets, opened (not created). A recorded host path is used
+/// only from a signed snapshot: an unsigned manifest could name any folder, so then each library
+/// must have its target in `opts.external_targets`. No target may be inside another.
+fn external_places(manifest: &Manifest, opts: &RestoreOptions, signed: bool) -> Result<Vec<Place>> {
+    let mut taken = vec![opts.target.clone()];
+    let mut out = Vec::new();
+    for (view, path) in view::external_targets(manifest, &opts.external_targets) {
+        let library = &manifest.external_libraries[out.len()];
+        if !signed && !opts.external_targets.contains_key(&library.container_path) {
+            return Err(Error::Config(format!(
+                "snapshot {} is not signed and holds the external library {} (recorded at {}); an unsigned manifest could name any folder, so give its target in [immich] external_libraries (container_path = {:?}, host_path = …)",
+                manifest.id, library.container_path, library.host_path, library.container_path
+            )));
+        }
+        if let Some(other) = taken
+            .iter()
+            .find(|t| path.starts_with(t) || t.starts_with(&path))
+        {
+            return Err(Error::Config(format!(
+                "the external library {} would be restored to {}, inside (or around) {}; give it a folder of its own in [immich] external_libraries",
+                library.container_path,
+                path.display(),
+                other.display()
+            )));
+        }
+        taken.push(path.clone());
+        let target = Target::open(&path, false)?.map(Arc::new);
+        out.push(Place { view, path, target });
+    }
+    Ok(out)
+}
+
+/// Survey every target: UPLOAD_LOCATION's first, then the external libraries'.
+async fn survey_all(
+    reader: &Reader,
+    manifest: &Manifest,
+    key: &[u8; 32],
+    main: (&View, Option<&Arc<Target>>),
+    externals: &[Place],
+) -> Result<Vec<files::Survey>> {
+    let stored = Arc::new(files::Stored::list(reader.repo(), manifest).await?);
+    let mut out = vec![files::survey(reader, manifest, key, main, stored.clone()).await?];
+    for p in externals {
+        let place = (&p.view, p.target.as_ref());
+        out.push(files::survey(reader, manifest, key, place, stored.clone()).await?);
+    }
+    Ok(out)
+}
+
+/// Restore every target's files (UPLOAD_LOCATION's, then each external library's), creating the
+/// external targets that do not exist yet.
+async fn restore_all(
+    reader: &Reader,
+    manifest: &Manifest,
+    key: [u8; 32],
+    opts: &RestoreOptions,
+    main: (&View, &Arc<Target>),
+    externals: Vec<Place>,
+    surveys: &[files::Survey],
+) -> Result<files::FilesDone> {
+    let mut done = files::restore_files(reader, manifest, key, opts, main, &surveys[0]).await?;
+    for (p, survey) in externals.into_iter().zip(&surveys[1..]) {
+        let target = match p.target {
+            Some(t) => t,
+            None => Arc::new(Target::open(&p.path, true)?.expect("created")),
+        };
+        let more =
+            files::restore_files(reader, manifest, key, opts, (&p.view, &target), survey).await?;
+        done.restored += more.restored;
+        done.damaged.extend(more.damaged);
+    }
+    Ok(done)
 }
 
 /// Read and decrypt a snapshot's manifest, without checking its signature (tests and tools; a
@@ -248,6 +346,16 @@ async fn restore(
     tracing::info!(snapshot = %id, target = %opts.target.display(), database = db.describe(), "restore: checking the target");
     // Opened, not created: nothing is written until every check has passed.
     let target = Target::open(&opts.target, false)?.map(Arc::new);
+    let main_view = View::upload_location(&manifest);
+    let externals = external_places(&manifest, &opts, report.signed_by.is_some())?;
+    report.external_targets = externals
+        .iter()
+        .zip(&manifest.external_libraries)
+        .map(|(p, l)| ExternalTarget {
+            container_path: l.container_path.clone(),
+            target: p.path.display().to_string(),
+        })
+        .collect();
     let earlier = target.as_deref().and_then(state::read);
     let resumed = earlier
         .as_ref()
@@ -268,10 +376,8 @@ async fn restore(
             explain_interrupted(checked, earlier.as_ref(), &id).map(|v| (v, None))
         }
     };
-    let files_check = async {
-        let stored = Arc::new(files::Stored::list(repo, &manifest).await?);
-        files::survey(reader, &manifest, &key, target.as_ref(), stored).await
-    };
+    let main = (&main_view, target.as_ref());
+    let files_check = survey_all(reader, &manifest, &key, main, &externals);
     let dump_check = async {
         if resumed {
             Ok(None)
@@ -279,24 +385,28 @@ async fn restore(
             database::verify_dump(reader, &manifest).await.map(Some)
         }
     };
-    let (version, survey, facts) = tokio::join!(database_check, files_check, dump_check);
+    let (version, surveys, facts) = tokio::join!(database_check, files_check, dump_check);
     let (version, resumed_rows) = version?;
     report.server_version = version;
-    let survey = survey?;
+    let mut surveys = surveys?;
     let facts = facts?;
     if let Some(facts) = &facts {
         database::check_no_sessions(db, &manifest, facts).await?;
     }
-    report.files_already_present = survey.present.len() as u64;
+    report.files_already_present = surveys.iter().map(|s| s.present.len() as u64).sum();
     report.database_resumed = resumed;
-    if !survey.damaged.is_empty() {
+    let damaged: Vec<Damaged> = surveys
+        .iter_mut()
+        .flat_map(|s| std::mem::take(&mut s.damaged))
+        .collect();
+    if !damaged.is_empty() {
         tracing::warn!(
-            files = survey.damaged.len(),
+            files = damaged.len(),
             "some content objects are missing or damaged; every other file will be restored"
         );
     }
     if opts.dry_run {
-        report.damaged = with_sharing(repo, survey.damaged).await?;
+        report.damaged = with_sharing(repo, damaged).await?;
         report.duration_secs = started.elapsed().as_secs_f64();
         return Ok(report);
     }
@@ -325,7 +435,8 @@ async fn restore(
         }
         Ok::<_, Error>((benign, rows))
     };
-    let files = files::restore_files(reader, &manifest, key, &opts, &target, &survey);
+    let main = (&main_view, &target);
+    let files = restore_all(reader, &manifest, key, &opts, main, externals, &surveys);
     let (replayed, restored) = tokio::join!(database, files);
     // Immich's folders and markers, whatever happened above: Immich does not start without them.
     report.warnings = files::make_markers(&target);

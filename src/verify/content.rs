@@ -196,7 +196,7 @@ pub async fn read_sample(
     progress: &Progress,
 ) -> Result<SampleRead> {
     let key = crate::restore::parse_key(m)?;
-    let mut files = crate::restore::files::scan_list(reader, m, Vec::new(), |v, e| {
+    let mut files = crate::restore::files::scan_list(reader, m, None, Vec::new(), |v, e| {
         if let (EntryKind::File, Some(c)) = (e.kind, e.content) {
             v.push((c, e.size));
         }
@@ -220,7 +220,7 @@ pub async fn read_sample(
         return Ok(read);
     }
     let wanted = Arc::new(damaged.keys().copied().collect::<HashSet<ContentId>>());
-    let paths = crate::restore::files::scan_list(reader, m, Vec::new(), move |v, e| {
+    let paths = crate::restore::files::scan_list(reader, m, None, Vec::new(), move |v, e| {
         if let Some(c) = e.content.filter(|c| wanted.contains(c)) {
             v.push((e.path, c));
         }

@@ -81,7 +81,7 @@ pub(super) async fn snapshot(
     let files = Object::Files(id.to_string());
     let list_key = files.key();
     d.progress.message(format!("file list of {id}"));
-    let scanned = restore::files::scan_list(&d.reader, &manifest, Vec::new(), move |v, e| {
+    let scanned = restore::files::scan_list(&d.reader, &manifest, None, Vec::new(), move |v, e| {
         if e.kind != EntryKind::File {
             return Ok(());
         }

@@ -38,7 +38,7 @@ pub(super) async fn name(
         let found = match (deep, &index.manifests[at]) {
             (Some(d), Some(manifest)) => {
                 let set = set.clone();
-                restore::files::scan_list(&d.reader, manifest, Vec::new(), move |v, e| {
+                restore::files::scan_list(&d.reader, manifest, None, Vec::new(), move |v, e| {
                     match e.content {
                         Some(c) if e.kind == EntryKind::File && set.contains(&c) => {
                             v.push((c, Some(e.path)))

@@ -106,13 +106,14 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source with `assets` asset rows.
+    /// A source with `assets` asset rows, each with its original in UPLOAD_LOCATION (as in a real
+    /// Immich: a backup finds nothing missing).
     pub fn new(assets: usize) -> Source {
         let work = tempdir();
         let cluster = PgCluster::start(None).expect("start the source cluster");
         sample::create_immich_like_db(&cluster, DB, assets).expect("Immich-like database");
         let upload = work.path().join("upload-location");
-        let lib = sample::create_sample_library(&upload).expect("sample library");
+        let lib = sample::create_sample_library_for(&upload, assets).expect("sample library");
         let store = work.path().join("store");
         std::fs::create_dir_all(&store).unwrap();
         let cache = work.path().join("cache");
