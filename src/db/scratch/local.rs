@@ -1,6 +1,7 @@
 //! The drill's throwaway server in local mode: a cluster made with `initdb` from the PostgreSQL
 //! server binaries of this machine, in a folder `immich-backup-drill-…` under the system's temp
-//! folder (`TMPDIR`), listening on a Unix socket in that folder only (no TCP).
+//! folder (`TMPDIR`), listening on a Unix socket in that folder only (no TCP; through a short link
+//! in `/tmp` when `TMPDIR` is too deep for a socket's path).
 //!
 //! The folder holds `drill.json` (its [`Owner`]) next to the cluster, so that the next drill can
 //! tell a leftover of a killed drill from the cluster of one still running, stop its server and
@@ -45,7 +46,7 @@ impl Removal {
         let _started = self.starting.lock().await;
         tokio::task::spawn_blocking(move || {
             let stopped = self.tools.stop(&data_dir(&self.dir));
-            let removed = fs::remove_dir_all(&self.dir).at(&self.dir);
+            let removed = remove_cluster_dir(&self.dir);
             stopped.and(removed)
         })
         .await
@@ -55,6 +56,58 @@ impl Removal {
 
 fn data_dir(dir: &Path) -> PathBuf {
     dir.join("pg").join("data")
+}
+
+/// The most bytes a socket's path may have (a Unix socket address holds 108, with its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// The folder the server makes its socket in: the cluster's own `pg` folder when the socket's path
+/// fits a Unix socket address, else a short link to it in `/tmp` (a deep `TMPDIR` would make the
+/// server fail with "could not create any Unix-domain sockets"), named after the cluster folder.
+fn socket_dir(dir: &Path) -> PathBuf {
+    let pg = dir.join("pg");
+    let file = format!("/.s.PGSQL.{SOCKET_PORT}.lock");
+    if pg.as_os_str().len() + file.len() <= SOCKET_PATH_MAX {
+        return pg;
+    }
+    let hash = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
+    Path::new("/tmp").join(format!("{NAME_PREFIX}sock-{}", &hash[..16]))
+}
+
+/// Make the short link [`socket_dir`] names, when it names one.
+fn link_socket_dir(dir: &Path) -> Result<PathBuf> {
+    let socket = socket_dir(dir);
+    if socket != dir.join("pg") {
+        let _ = fs::remove_file(&socket);
+        std::os::unix::fs::symlink(dir.join("pg"), &socket).at(&socket)?;
+    }
+    Ok(socket)
+}
+
+/// Socket links in `/tmp` whose cluster is gone (removed by hand, or by another drill's cleanup).
+fn remove_dangling_socket_links() {
+    let Ok(entries) = fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+        let ours = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{NAME_PREFIX}sock-"));
+        if is_link && ours && !entry.path().exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Remove the cluster folder `dir` and the short link to it, if there is one.
+fn remove_cluster_dir(dir: &Path) -> Result<()> {
+    let socket = socket_dir(dir);
+    if socket != dir.join("pg") {
+        let _ = fs::remove_file(&socket);
+    }
+    fs::remove_dir_all(dir).at(dir)
 }
 
 /// initdb and start a cluster whose superuser is the snapshot's role, in a folder removed from the
@@ -84,7 +137,7 @@ pub(super) async fn start(cfg: &DatabaseConfig, wanted: &Wanted, owner: &Owner) 
         let _ = guard.remove().await;
         return Err(e);
     }
-    let socket_dir = dir.join("pg");
+    let socket_dir = socket_dir(&dir);
     let db = LocalDatabase::new(DatabaseConfig {
         mode: DatabaseMode::Local,
         username: wanted.username.clone(),
@@ -132,8 +185,8 @@ fn init_and_start(tools: &ServerTools, dir: &Path, owner: &Owner, wanted: &Wante
     fs::write(&marker, text).at(&marker)?;
     let data = data_dir(dir);
     tools.initdb(&data, superuser)?;
-    let socket_dir = dir.join("pg");
-    let log = socket_dir.join("postgres.log");
+    let socket_dir = link_socket_dir(dir)?;
+    let log = dir.join("pg").join("postgres.log");
     let mut opts = format!(
         "-p {SOCKET_PORT} -k {} -c listen_addresses=''",
         cluster::shell_quote(&socket_dir)?
@@ -168,15 +221,17 @@ pub(super) async fn remove_leftovers() -> Result<Vec<String>> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            if !name.starts_with(NAME_PREFIX) || !dir.is_dir() {
+            // Folders only: a socket link (see socket_dir) is removed with its cluster.
+            if !name.starts_with(NAME_PREFIX) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             if let Some(why) = leftover(&dir) {
                 stop_postmaster(&data_dir(&dir));
-                fs::remove_dir_all(&dir).at(&dir)?;
+                remove_cluster_dir(&dir)?;
                 removed.push(format!("cluster {} ({why})", dir.display()));
             }
         }
+        remove_dangling_socket_links();
         Ok(removed)
     })
     .await
@@ -233,5 +288,31 @@ fn running(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster folder deep enough that its socket's path would not fit a Unix socket address
+    /// gets a short link in /tmp (the same for the same folder, so removal finds it); a shallow
+    /// one keeps its socket in its own folder.
+    #[test]
+    fn socket_paths_always_fit_a_unix_socket_address() {
+        let shallow = Path::new("/tmp/immich-backup-drill-1234abcd-XyZ123");
+        assert_eq!(socket_dir(shallow), shallow.join("pg"));
+        let deep = Path::new(
+            "/tmp/immich-backup-ci.Lasya7/tmp/immich-backup-test-CQfaOb/drill-tmp/immich-backup-drill-59707b1a-O2Qqvj",
+        );
+        let socket = socket_dir(deep);
+        assert!(socket.starts_with("/tmp") && socket != deep.join("pg"));
+        assert_eq!(socket, socket_dir(deep));
+        let file = socket.join(format!(".s.PGSQL.{SOCKET_PORT}.lock"));
+        assert!(
+            file.as_os_str().len() <= SOCKET_PATH_MAX,
+            "{}",
+            file.display()
+        );
     }
 }
