@@ -1007,6 +1007,7 @@ fn print_restore(r: &RestoreReport, json: bool) {
         println!("  warning: {w}");
     }
     println!("  duration: {:.1}s", r.duration_secs);
+    println!("  next: start Immich, then run its Generate Thumbnails and Transcode Videos jobs (Administration → Jobs, \"Missing\"): thumbs/ and encoded-video/ are not in backups and are made again from the originals");
 }
 
 /// A report as pretty JSON on stdout.
@@ -1174,10 +1175,10 @@ async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> R
         return Ok(exit::OK);
     }
     println!("policy: {}", report.policy);
-    println!("{:<28} {:<20} {:<6} REASONS", "ID", "TIME (UTC)", "ACTION");
+    println!("{:<29} {:<20} {:<6} REASONS", "ID", "TIME (UTC)", "ACTION");
     for d in &report.decisions {
         println!(
-            "{:<28} {:<20} {:<6} {}",
+            "{:<29} {:<20} {:<6} {}",
             d.id,
             d.time.format("%Y-%m-%d %H:%M:%S"),
             if d.keep { "keep" } else { "remove" },

@@ -332,6 +332,14 @@ async fn forget_and_prune_round_trip_without_the_identity() {
         out.contains(&format!("{} ", s1.snapshot)) && out.contains("remove"),
         "{out}"
     );
+    // The columns line up under their headings.
+    let head = out.lines().find(|l| l.starts_with("ID ")).expect("heading");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&s1.snapshot))
+        .expect("row");
+    let col = head.find("TIME").unwrap();
+    assert!(row[col..].starts_with("20"), "{out}");
 
     // For real.
     let (code, out, err) = run_bin(&config, &["--json", "forget", "--prune"]);

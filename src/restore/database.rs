@@ -45,7 +45,7 @@ pub(crate) async fn check_target(db: &dyn Database, manifest: &Manifest) -> Resu
         let shown: Vec<&str> = tables.iter().take(6).map(String::as_str).collect();
         return Err(Error::NotFresh {
             reason: format!("database {name} already holds {} tables ({}{})", tables.len(), shown.join(", "), if tables.len() > 6 { ", …" } else { "" }),
-            remedy: "Restore only into a fresh install: stop Immich, recreate its database (e.g. `docker compose down -v`, then `docker compose create` and start only the database), and run restore again".into(),
+            remedy: "Restore only into a fresh install: stop Immich, recreate its database: Immich's default DB_DATA_LOCATION is a bind mount that `docker compose down -v` keeps, so run `docker compose down`, remove the DB_DATA_LOCATION folder (./postgres by default), `docker compose create` and start only the database; then run restore again".into(),
         });
     }
     let (version, num) = (survey.version, survey.version_num);

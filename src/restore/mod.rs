@@ -493,7 +493,7 @@ fn explain_interrupted(
                     s.snapshot
                 ),
                 remedy: format!(
-                    "Recreate the database (e.g. `docker compose down -v`, then `docker compose create` and start only the database) and run the restore of {id} again: the files already restored are kept"
+                    "Recreate the database (Immich's default DB_DATA_LOCATION is a bind mount that `docker compose down -v` keeps: `docker compose down`, remove that folder, ./postgres by default, `docker compose create`, start only the database) and run the restore of {id} again: the files already restored are kept"
                 ),
             })
         }
