@@ -451,10 +451,7 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let report = verify::check(&repo, opts).await?;
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
+                print_json(&report);
             } else {
                 print_check(&report);
             }
@@ -465,10 +462,7 @@ async fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&cfg.storage)?;
             let report = maintenance::prune(&repo, &cfg.lock, dry_run).await?;
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
-                );
+                print_json(&report);
             } else {
                 print_prune(&report);
             }
@@ -709,10 +703,7 @@ fn read_damaged(path: &std::path::Path) -> Result<std::collections::HashSet<Cont
 
 fn print_backup(r: &BackupReport, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).expect("report serialises")
-        );
+        print_json(r);
         return;
     }
     println!("snapshot {} saved to {}", r.snapshot, r.store);
@@ -839,10 +830,7 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
                 v
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).expect("list serialises")
-        );
+        print_json(&rows);
         return Ok(exit::OK);
     }
     println!(
@@ -924,10 +912,7 @@ async fn run_restore(
 
 fn print_restore(r: &RestoreReport, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(r).expect("report serialises")
-        );
+        print_json(r);
         return;
     }
     if r.dry_run {
@@ -1168,10 +1153,7 @@ async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> R
     let report =
         maintenance::forget(&repo, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
+        print_json(&report);
         return Ok(exit::OK);
     }
     println!("policy: {}", report.policy);

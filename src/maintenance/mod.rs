@@ -214,13 +214,8 @@ pub async fn prune(repo: &Repository, lock_cfg: &LockConfig, dry_run: bool) -> R
     if dry_run {
         return prune_locked(repo, lock_cfg, true, &[]).await;
     }
-    let lock = Lock::acquire(repo, LockKind::Exclusive, "prune", lock_cfg).await?;
-    let result = tokio::select! {
-        r = prune_locked(repo, lock_cfg, false, &[]) => r,
-        e = lock.lost() => Err(e),
-    };
-    lock.release().await;
-    result
+    let work = prune_locked(repo, lock_cfg, false, &[]);
+    Lock::hold(repo, LockKind::Exclusive, "prune", lock_cfg, work).await
 }
 
 /// Prune with the exclusive lock held (or as a dry run). `forgotten` are snapshots a dry-run

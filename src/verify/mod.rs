@@ -223,13 +223,8 @@ pub async fn check(repo: &Repository, opts: CheckOptions) -> Result<CheckReport>
         tracing::warn!("--no-lock: checking without the store lock; a prune running meanwhile could make objects look missing");
         return check_locked(repo, &marker.id, &opts).await;
     };
-    let held = Lock::acquire(repo, LockKind::Shared, "check", &cfg).await?;
-    let result = tokio::select! {
-        r = check_locked(repo, &marker.id, &opts) => r,
-        e = held.lost() => Err(e),
-    };
-    held.release().await;
-    result
+    let work = check_locked(repo, &marker.id, &opts);
+    Lock::hold(repo, LockKind::Shared, "check", &cfg, work).await
 }
 
 async fn check_locked(
