@@ -171,6 +171,12 @@ pub struct Stored {
     header: Option<u64>,
 }
 
+/// The length of the age header of a snapshot's objects, from its file list's stored size
+/// `files_stored` (the same recipients sealed the list and the content, so their headers match).
+pub(crate) fn header_len(manifest: &Manifest, files_stored: u64) -> Option<u64> {
+    files_stored.checked_sub(sealed_payload_len(manifest.files.size))
+}
+
 /// The first 8 bytes of an address.
 fn short(id: &ContentId) -> u64 {
     u64::from_be_bytes(id.0[..8].try_into().expect("8 bytes"))
@@ -186,7 +192,7 @@ impl Stored {
             .await?;
         sizes.sort_unstable();
         let list_size = repo.size(&files_object(manifest)).await?;
-        let header = list_size.and_then(|s| s.checked_sub(sealed_payload_len(manifest.files.size)));
+        let header = list_size.and_then(|s| header_len(manifest, s));
         Ok(Stored { sizes, header })
     }
 

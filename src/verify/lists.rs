@@ -11,7 +11,6 @@ use super::subset::{self, Subset};
 use super::{CheckReport, Deep, Index, Problem};
 use crate::error::{Error, Result};
 use crate::format::{ContentId, EntryKind, Manifest, Object};
-use crate::repo::sealed_payload_len;
 use crate::repo::trust::{self, Trust};
 use crate::restore;
 
@@ -107,7 +106,7 @@ pub(super) async fn snapshot(
         )
     });
     Ok(Outcome::Checked(Box::new(Checked {
-        header: files_size.checked_sub(sealed_payload_len(manifest.files.size)),
+        header: restore::files::header_len(&manifest, files_size),
         manifest,
         key,
         entries,
