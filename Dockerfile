@@ -31,7 +31,9 @@ ENV IMMICH_BACKUP_CONFIG=/config/immich-backup.toml \
     IMMICH_BACKUP__BACKUP__CACHE_DIR=/cache \
     IMMICH_BACKUP_LOG=immich_backup=info
 VOLUME ["/cache"]
-EXPOSE 9090
+EXPOSE 2284
+# Healthy when the agent's /healthz answers 200 (needs [agent] listen, e.g. ":2284").
+HEALTHCHECK --interval=1m --timeout=10s --start-period=30s CMD ["immich-backup", "health"]
 # It runs as root, like the rest of Immich's stack: it must read everything under UPLOAD_LOCATION
 # (mounted read-only), write to a local store folder, and reach the Docker socket in docker mode.
 # Set `user:` in compose to run it as an account that has exactly those rights.

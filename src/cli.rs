@@ -193,6 +193,16 @@ enum Command {
     /// The agent: back up on [schedule], apply [retention] and prune after each backup, serve
     /// /healthz and /metrics on [agent] listen. Stops cleanly (exit 0) on SIGTERM/SIGINT.
     Run,
+    /// Ask the running agent's /healthz (at [agent] listen) and exit 0 when it is healthy, 1 when
+    /// it is not or cannot be reached: a container healthcheck without curl.
+    Health {
+        /// The URL to ask instead of the one [agent] listen gives (then no config is needed).
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Self-contained demonstration: throwaway Postgres and sample library → backup to a local folder
     /// → restore into a second cluster and folder → verify.
     Demo {
@@ -473,6 +483,26 @@ async fn run(cli: Cli) -> Result<i32> {
             unlock(&cfg, remove_all, cli.json).await
         }
         Command::Run => unreachable!("handled before"),
+        Command::Health { url, timeout } => {
+            let url = match url {
+                Some(u) => u,
+                None => {
+                    agent::probe::healthz_url(&load_config(cli.config.as_deref())?.agent.listen)?
+                }
+            };
+            let probe =
+                agent::probe::probe(&url, std::time::Duration::from_secs(timeout.max(1))).await?;
+            if cli.json {
+                print_json(&probe);
+            } else {
+                println!("{}", probe.reason);
+            }
+            Ok(if probe.healthy {
+                exit::OK
+            } else {
+                exit::FAILURE
+            })
+        }
         Command::Restore {
             snapshot,
             access,

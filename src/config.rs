@@ -728,7 +728,7 @@ impl LockConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Address of the health endpoint (`0.0.0.0:9090`, `:9090`); empty: off.
+    /// Address of the health endpoint (`:2284`, `127.0.0.1:2284`); empty: off.
     pub listen: String,
     /// Seconds after a scheduled time by which its backup must have succeeded before `/healthz`
     /// reports it overdue; 0: one schedule interval.
@@ -860,7 +860,7 @@ pub(crate) fn parse_listen(listen: &str) -> Result<SocketAddr> {
     };
     full.parse().map_err(|_| {
         Error::Config(format!(
-            "[agent] listen {listen:?} is not an address: use \"0.0.0.0:9090\", \"127.0.0.1:9090\" or \":9090\""
+            "[agent] listen {listen:?} is not an address: use \":2284\" (every interface), \"127.0.0.1:2284\" or \"[::]:2284\""
         ))
     })
 }

@@ -714,6 +714,20 @@ async fn agent_backs_up_on_schedule_serves_health_and_stops_on_sigterm() {
     });
     let (code, body) = http_get(port, "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // `health` (the container's healthcheck) asks the same endpoint from [agent] listen.
+    let (code, out, err) = run_bin(&config, &["health"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("ok"), "{out}");
+    let (code, out, _) = run_bin(&config, &["--json", "health"]);
+    assert_eq!(code, 0);
+    let probe: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(probe["healthy"], true, "{out}");
+    assert_eq!(probe["status"], 200, "{out}");
+    assert_eq!(
+        probe["url"],
+        format!("http://127.0.0.1:{port}/healthz"),
+        "{out}"
+    );
 
     // Scheduled backups happen, and retention keeps 2.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -942,6 +956,10 @@ async fn agent_reports_a_failed_backup() {
     );
     assert_eq!(last.0, 503, "{}", last.1);
     assert!(last.1.starts_with("last backup failed"), "{}", last.1);
+    // The healthcheck command says unhealthy (1), with the agent's reason.
+    let (code, out, err) = run_bin(&config, &["health"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.starts_with("last backup failed"), "{out}");
     let (_, m) = http_get(port, "/metrics").unwrap();
     assert_eq!(metric(&m, "immich_backup_up"), 0.0);
     assert_eq!(
@@ -958,6 +976,72 @@ async fn agent_reports_a_failed_backup() {
     // SAFETY: sending a signal to our own child process.
     assert_eq!(unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(wait_timeout(&mut agent, Duration::from_secs(10)), Some(0));
+}
+
+/// `health` with nothing listening is unhealthy (1) and says what to check; without `[agent]
+/// listen` it is a usage error naming the key; `--url` needs no config at all.
+#[test]
+fn health_names_an_agent_it_cannot_reach_and_a_missing_listen() {
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = work.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\nurl = \"/tmp/x\"\n\n[agent]\nlisten = \":{port}\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = run_bin(&config, &["health", "--timeout", "2"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot reach the agent at http://127.0.0.1:{port}/healthz"
+        )) && err.contains("is `immich-backup run` running"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    std::fs::write(&config, "[storage]\nurl = \"/tmp/x\"\n").unwrap();
+    let (code, _, err) = run_bin(&config, &["health"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("[agent] listen is not set"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["health", "--url"])
+        .arg(format!("http://127.0.0.1:{port}/healthz"))
+        .env_remove("IMMICH_BACKUP_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}
+
+/// The systemd units in examples/systemd are valid (as `systemd-analyze verify` reads them, with
+/// this build's binary where the units expect the installed one).
+#[test]
+fn systemd_examples_verify() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    let work = tempfile::tempdir().unwrap();
+    let mut units = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/immich-backup", BIN);
+        let copy = work.path().join(path.file_name().unwrap());
+        std::fs::write(&copy, text).unwrap();
+        units.push(copy);
+    }
+    assert_eq!(units.len(), 3, "{units:?}");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .expect("systemd-analyze (Debian's systemd package; .ci/run installs it)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -13,6 +13,7 @@
 
 mod checks;
 pub mod health;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
