@@ -202,6 +202,45 @@ fn s3_parallel_multipart_uploads_stay_bounded() {
     }
 }
 
+/// An object announced as larger than the part limit allows at 8 MiB parts goes up in fewer,
+/// larger parts of one size (S3 allows 10,000: 8 MiB parts would cap an object at 80 GiB; the test
+/// lowers the limit to 3 so that 40 MiB shows it). Unannounced, the same object fails cleanly at
+/// the limit, naming it, and nothing becomes visible.
+#[test]
+fn s3_large_objects_get_parts_that_fit_the_part_limit() {
+    let server = S3Server::start(&["large"]);
+    let storage = s3_storage(&server, "large", "p");
+    let rt = rt();
+    let store = rt
+        .block_on(async { Store::open(&storage) })
+        .unwrap()
+        .with_max_parts(3);
+    let len = 5 * PART_SIZE + 12_345;
+    let data = immich_backup::demo::sample::pseudo_random_bytes(7, len);
+    let write = |key: &str, announce: bool| {
+        let _g = rt.handle().enter();
+        let mut w = store.writer(key);
+        if announce {
+            w.expect_len(len as u64);
+        }
+        for chunk in data.chunks(1 << 20) {
+            std::io::Write::write_all(&mut w, chunk)?;
+        }
+        w.finish().map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    server.clear_log();
+    assert_eq!(write("data/announced", true).unwrap(), len as u64);
+    let sent = server.seen().iter().filter(|s| s.is_part()).count();
+    assert_eq!(sent, 3, "parts the server received");
+    let got = rt.block_on(store.get_bytes("data/announced")).unwrap();
+    assert!(got == data[..], "the object reads back as written");
+
+    let e = write("data/unannounced", false).unwrap_err().to_string();
+    assert!(e.contains("larger than 3 parts of 8 MiB"), "{e}");
+    assert!(e.contains("data/unannounced"), "{e}");
+    assert!(server.keys("large", "p/data/unannounced").is_empty());
+}
+
 /// A wrong secret: every command fails with exit code 10 and one documented line, and no secret
 /// (right or wrong, nor the session token) appears anywhere in the output, even with debug logs.
 #[test]

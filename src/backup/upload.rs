@@ -219,6 +219,7 @@ impl FileStorer {
             self.writer.sealed_writer(&Object::Content(*id))
         }
         .map_err(StoreFileError::Store)?;
+        sealed.expect_plaintext_len(expect_len);
         let unchanged = match src {
             // Hashed from these very bytes: nothing can have changed.
             Source::Memory(data) => {

@@ -291,6 +291,11 @@ impl<W: Write> Sealer<W> {
         Ok(self.out)
     }
 
+    /// The writer the sealed bytes go to.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Abandon the file: the inner writer, holding a truncated age file no reader accepts.
     pub fn into_inner(self) -> W {
         self.out

@@ -146,6 +146,14 @@ impl SealedWriter {
         &self.key
     }
 
+    /// Announce the plaintext's length before writing it, so that a very large object is sent in
+    /// parts large enough to fit the store's part limit ([`ObjectWriter::expect_len`]).
+    pub fn expect_plaintext_len(&mut self, len: u64) {
+        let inner = self.sealer.get_mut();
+        let header = inner.written();
+        inner.expect_len(header + crate::crypto::seal::age_payload_len(len));
+    }
+
     /// The MAC of the object's age header, which a manifest records to pin it.
     pub fn header_mac(&self) -> [u8; 32] {
         self.sealer.header_mac()

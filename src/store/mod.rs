@@ -49,11 +49,31 @@ use crate::redact::{error_chain, redact_url, Redactor};
 pub use crate::store::cloud::Backend;
 use crate::store::local::LocalDir;
 
-/// Size of one multipart part, and the largest object sent in a single request.
-/// (S3 allows 10,000 parts: objects up to 80 GiB.)
+/// Size of one multipart part, and the largest object sent in a single request: the part size of
+/// every object whose length is not known ahead (the dump) or fits [`MAX_PARTS`] such parts (78 GiB).
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
-/// Parts of one object uploaded at once.
+/// Parts of one object uploaded at once (fewer when its parts are larger than [`PART_SIZE`]).
 pub(crate) const PARTS_IN_FLIGHT: usize = 4;
+/// Most parts of one multipart upload: S3's and GCS's limit (Azure allows 50,000 blocks).
+pub const MAX_PARTS: u64 = 10_000;
+/// Largest part S3 accepts (5 GiB). S3's largest object, 5 TiB, takes 10,000 parts of 525 MiB.
+const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// The part size for an object of `len` bytes that must fit `max_parts` parts: [`PART_SIZE`] while
+/// that fits, else the smallest whole MiB that does (a 5 TiB object: 525 MiB parts). All parts of
+/// one object have the same size (Cloudflare R2 requires it).
+pub fn part_size_for(len: u64, max_parts: u64) -> usize {
+    const MIB: u64 = 1024 * 1024;
+    let needed = len.div_ceil(max_parts.max(1)).div_ceil(MIB) * MIB;
+    needed.clamp(PART_SIZE as u64, MAX_PART_SIZE) as usize
+}
+
+/// Parts of `part_size` bytes one object may have uploading at once: [`PARTS_IN_FLIGHT`] of the
+/// usual size, fewer of larger ones (at least one), so an object's memory stays near
+/// `PARTS_IN_FLIGHT × PART_SIZE` until its parts alone exceed that.
+pub(crate) fn parts_in_flight(part_size: usize) -> usize {
+    (PARTS_IN_FLIGHT * PART_SIZE / part_size.max(1)).clamp(1, PARTS_IN_FLIGHT)
+}
 
 /// A configured store with its key prefix.
 #[derive(Clone)]
@@ -67,6 +87,8 @@ pub struct Store {
     attributes: Attributes,
     conditional: bool,
     part_slots: Arc<Semaphore>,
+    /// Most parts of one multipart upload ([`MAX_PARTS`]; lowered only by tests).
+    max_parts: u64,
     /// The local-folder fast path ([`crate::store::local`]), for `file://` stores.
     local: Option<Arc<LocalDir>>,
 }
@@ -200,6 +222,7 @@ impl Store {
             attributes,
             conditional: cfg.conditional_create,
             part_slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            max_parts: MAX_PARTS,
             local: None,
         })
     }
@@ -230,6 +253,7 @@ impl Store {
             attributes: Attributes::new(),
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
+            max_parts: MAX_PARTS,
             local: Some(Arc::new(LocalDir::new(dir, direct_io))),
         })
     }
@@ -247,6 +271,7 @@ impl Store {
             attributes: Attributes::new(),
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
+            max_parts: MAX_PARTS,
             local: None,
         }
     }
@@ -459,6 +484,14 @@ impl Store {
         }
     }
 
+    /// The same store with a lower multipart part limit than [`MAX_PARTS`]: for tests, which
+    /// cannot write 78 GiB to see the part size grow.
+    #[doc(hidden)]
+    pub fn with_max_parts(mut self, max_parts: u64) -> Store {
+        self.max_parts = max_parts.max(1);
+        self
+    }
+
     /// A synchronous writer for `key`, to be used on a blocking thread.
     pub fn writer(&self, key: &str) -> ObjectWriter {
         self.object_writer(key, false)
@@ -479,6 +512,8 @@ impl Store {
             buf: Vec::new(),
             upload: None,
             written: 0,
+            part_size: PART_SIZE,
+            parts: 0,
             local,
             replace,
         }
@@ -521,6 +556,8 @@ impl Store {
             buf: Vec::new(),
             upload: None,
             written: 0,
+            part_size: PART_SIZE,
+            parts: 0,
             local: Some(local),
             replace: false,
         })
@@ -670,6 +707,28 @@ pub(crate) fn error_from_io(key: &str, e: io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn part_sizes_grow_only_past_the_part_limit() {
+        const MIB: u64 = 1024 * 1024;
+        const GIB: u64 = 1024 * MIB;
+        assert_eq!(part_size_for(0, MAX_PARTS), PART_SIZE);
+        let most_at_8 = MAX_PARTS * PART_SIZE as u64; // 78 GiB
+        assert_eq!(part_size_for(most_at_8, MAX_PARTS), PART_SIZE);
+        assert_eq!(part_size_for(most_at_8 + 1, MAX_PARTS), 9 * MIB as usize);
+        // S3's largest object fits its 10,000 parts, in parts S3 accepts.
+        let tib5 = 5 * 1024 * GIB;
+        let part = part_size_for(tib5, MAX_PARTS) as u64;
+        assert!(
+            tib5.div_ceil(part) <= MAX_PARTS && part <= 5 * GIB,
+            "{part}"
+        );
+        assert_eq!(part, 525 * MIB);
+        assert_eq!(part_size_for(u64::MAX, MAX_PARTS) as u64, 5 * GIB);
+        assert_eq!(parts_in_flight(PART_SIZE), PARTS_IN_FLIGHT);
+        assert_eq!(parts_in_flight(2 * PART_SIZE), 2);
+        assert_eq!(parts_in_flight(525 * MIB as usize), 1);
+    }
 
     #[test]
     fn status_and_code_are_found_in_error_text() {

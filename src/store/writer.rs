@@ -12,7 +12,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 use super::local::LocalWriter;
-use super::{error_from_io, Store, PARTS_IN_FLIGHT, PART_SIZE};
+use super::{error_from_io, part_size_for, parts_in_flight, Store};
 use crate::error::Result;
 
 /// A multipart upload in progress: its parts upload on the runtime while the writer goes on.
@@ -31,6 +31,11 @@ pub struct ObjectWriter {
     pub(super) buf: Vec<u8>,
     pub(super) upload: Option<Multipart>,
     pub(super) written: u64,
+    /// Bytes per multipart part: [`super::PART_SIZE`], or more for an object announced as large
+    /// ([`ObjectWriter::expect_len`]).
+    pub(super) part_size: usize,
+    /// Parts sent so far.
+    pub(super) parts: u64,
     /// A local store's file (or why it could not be created).
     pub(super) local: Option<io::Result<LocalWriter>>,
     /// Replace an existing object (`backup --repair`) instead of leaving it.
@@ -38,6 +43,20 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
+    /// Announce the object's length before writing it, so that its parts are large enough for it
+    /// to fit the store's part limit (a video of 78 GiB or more). Only before the first part is
+    /// sent; an object longer than announced still fails cleanly at the limit.
+    pub fn expect_len(&mut self, len: u64) {
+        if self.upload.is_none() && self.local.is_none() {
+            self.part_size = part_size_for(len, self.store.max_parts);
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// The local file, or the error that prevented creating it.
     fn local_file(&mut self) -> Option<io::Result<&mut LocalWriter>> {
         match self.local.as_mut()? {
@@ -67,6 +86,16 @@ impl ObjectWriter {
 
     /// Send the buffer as the next part, starting the multipart upload if needed.
     fn send_part(&mut self) -> io::Result<()> {
+        if self.parts >= self.store.max_parts {
+            return Err(io::Error::other(crate::error::Error::StorageObject {
+                object: self.key.clone(),
+                message: format!(
+                    "larger than {} parts of {} MiB, the most one upload can have: it cannot be stored in this store",
+                    self.store.max_parts,
+                    self.part_size / (1024 * 1024)
+                ),
+            }));
+        }
         if self.upload.is_none() {
             let path = self.store.path(&self.key);
             let opts = PutMultipartOptions {
@@ -82,12 +111,13 @@ impl ObjectWriter {
                 tasks: JoinSet::new(),
             });
         }
-        self.drain(PARTS_IN_FLIGHT - 1)?;
+        self.drain(parts_in_flight(self.part_size) - 1)?;
         let permit = self
             .handle
             .block_on(self.store.part_slots.clone().acquire_owned())
             .map_err(io::Error::other)?;
         let data = Bytes::from(std::mem::take(&mut self.buf));
+        self.parts += 1;
         let mp = self.upload.as_mut().expect("started above");
         let part = mp.upload.put_part(PutPayload::from(data));
         mp.tasks.spawn_on(
@@ -170,12 +200,12 @@ impl Write for ObjectWriter {
             return Ok(n);
         }
         if self.buf.capacity() == 0 && self.upload.is_some() {
-            self.buf.reserve_exact(PART_SIZE);
+            self.buf.reserve_exact(self.part_size);
         }
-        let n = data.len().min(PART_SIZE - self.buf.len());
+        let n = data.len().min(self.part_size - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         self.written += n as u64;
-        if self.buf.len() >= PART_SIZE {
+        if self.buf.len() >= self.part_size {
             self.send_part()?;
         }
         Ok(n)
