@@ -49,8 +49,20 @@ struct Cli {
     /// object a line (for Loki, journald pipelines, …); also IMMICH_BACKUP_LOG_FORMAT.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "IMMICH_BACKUP_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Most bytes a second sent to a cloud store (`20MiB/s`, `50Mbit/s`; a bare number is KiB/s);
+    /// wins over [storage] upload_limit.
+    #[arg(long, global = true, value_name = "RATE", value_parser = rate_flag)]
+    limit_upload: Option<String>,
+    /// Most bytes a second received from a cloud store; wins over [storage] download_limit.
+    #[arg(long, global = true, value_name = "RATE", value_parser = rate_flag)]
+    limit_download: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A `--limit-upload`/`--limit-download` value, checked as the config key's would be.
+fn rate_flag(text: &str) -> std::result::Result<String, String> {
+    immich_backup::config::parse_rate(text).map(|_| text.to_string())
 }
 
 /// How log lines are written on stderr.
@@ -288,6 +300,19 @@ pub fn main() -> i32 {
         }
     };
     init_logging(cli.verbose, cli.log_format);
+    // The limit flags win over the config file and the environment: they become the
+    // environment's override of their key, read when the config is loaded (still one thread).
+    for (flag, key) in [
+        (&cli.limit_upload, "IMMICH_BACKUP__STORAGE__UPLOAD_LIMIT"),
+        (
+            &cli.limit_download,
+            "IMMICH_BACKUP__STORAGE__DOWNLOAD_LIMIT",
+        ),
+    ] {
+        if let Some(rate) = flag {
+            std::env::set_var(key, rate);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -755,6 +780,22 @@ fn print_backup(r: &BackupReport, json: bool) {
         r.row_counts.values().sum::<u64>()
     );
     println!("  duration: {:.1}s", r.duration_secs);
+    let q = &r.requests;
+    if q.requests() > 0 {
+        println!(
+            "  requests: {} (put {}, part {}, multipart {}, get {}, head {}, list {}, delete {}), {} sent, {} received",
+            q.requests(),
+            q.put,
+            q.part,
+            q.multipart,
+            q.get,
+            q.head,
+            q.list,
+            q.delete,
+            human(q.bytes_sent),
+            human(q.bytes_received)
+        );
+    }
     if !r.repaired.is_empty() {
         println!(
             "  repaired: {} damaged object(s) stored again",

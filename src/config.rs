@@ -295,6 +295,11 @@ pub struct StorageConfig {
     /// backup does not evict what the server had cached). Set false for a file system where direct
     /// writes are slow (some network mounts); where they are refused, the page cache is used anyway.
     pub direct_io: bool,
+    /// Most bytes a second sent to a cloud store, all requests together (`"20MiB/s"`, `"50Mbit/s"`;
+    /// a bare number is KiB/s, as restic's `--limit-upload`). Empty: no limit.
+    pub upload_limit: String,
+    /// Most bytes a second received from a cloud store. Empty: no limit.
+    pub download_limit: String,
     /// Further object_store builder options, passed as they are (`virtual_hosted_style_request`,
     /// `sse_kms_key_id`, `sas_token`, …). Values of keys that look secret (`*key*`, `*token*`,
     /// `*secret*`, …) are scrubbed from errors; `Debug` shows no values at all.
@@ -321,12 +326,25 @@ impl Default for StorageConfig {
             request_timeout_secs: 300,
             conditional_create: true,
             direct_io: true,
+            upload_limit: String::new(),
+            download_limit: String::new(),
             options: BTreeMap::new(),
         }
     }
 }
 
 impl StorageConfig {
+    /// `upload_limit` and `download_limit` in bytes a second (`None`: no limit).
+    pub fn limits(&self) -> Result<(Option<u64>, Option<u64>)> {
+        let rate = |key: &str, text: &str| {
+            parse_rate(text).map_err(|e| Error::Config(format!("[storage] {key} = {e}")))
+        };
+        Ok((
+            rate("upload_limit", &self.upload_limit)?,
+            rate("download_limit", &self.download_limit)?,
+        ))
+    }
+
     /// Every secret value in this section, to be scrubbed from anything shown.
     pub fn secrets(&self) -> Vec<String> {
         let mut out: Vec<String> = [
@@ -374,6 +392,8 @@ impl std::fmt::Debug for StorageConfig {
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("conditional_create", &self.conditional_create)
             .field("direct_io", &self.direct_io)
+            .field("upload_limit", &self.upload_limit)
+            .field("download_limit", &self.download_limit)
             .field("options (values redacted)", &options)
             .finish()
     }
@@ -632,6 +652,7 @@ impl Config {
         self.schedule.validate()?;
         self.lock.validate()?;
         self.agent.validate()?;
+        self.storage.limits()?;
         self.check.validate(&self.schedule.timezone)?;
         self.immich.validate()?;
         if self.immich.folders.is_empty() {
@@ -851,6 +872,45 @@ impl CheckConfig {
     }
 }
 
+/// Parse a bandwidth limit: `20MiB/s`, `500KiB/s`, `50Mbit/s`, `2.5MB/s` (the `/s` may be left out);
+/// a bare number is KiB/s, as restic's `--limit-upload`. `None`: no limit (empty or 0).
+pub fn parse_rate(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let t = t.strip_suffix("/s").unwrap_or(t).trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let value: f64 = num.parse().map_err(|_| {
+        format!("{text:?} is not a rate: write e.g. \"20MiB/s\", \"500KiB/s\" or \"50Mbit/s\"")
+    })?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "k" | "kib" => 1024.0,
+        "b" => 1.0,
+        "kb" => 1000.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "mb" => 1e6,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "kbit" => 1000.0 / 8.0,
+        "mbit" => 1e6 / 8.0,
+        "gbit" => 1e9 / 8.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, KB, MB, GB, Kbit, Mbit or Gbit (per second)"
+            ))
+        }
+    };
+    let bytes = (value * scale).round();
+    if !bytes.is_finite() || bytes < 0.0 {
+        return Err(format!("{text:?} is not a rate"));
+    }
+    Ok((bytes >= 1.0).then_some(bytes as u64))
+}
+
 /// Parse `[agent] listen`: `host:port`, `[v6]:port`, or `:port` (all interfaces).
 pub(crate) fn parse_listen(listen: &str) -> Result<SocketAddr> {
     let full = if let Some(port) = listen.strip_prefix(':') {
@@ -945,5 +1005,25 @@ mod path_tests {
             "{e}"
         );
         assert!(e.contains("no such file"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_units_and_restic_bare_numbers() {
+        assert_eq!(parse_rate("20MiB/s").unwrap(), Some(20 << 20));
+        assert_eq!(parse_rate("500 KiB/s").unwrap(), Some(500 << 10));
+        assert_eq!(parse_rate("50Mbit/s").unwrap(), Some(6_250_000));
+        assert_eq!(parse_rate("2.5MB").unwrap(), Some(2_500_000));
+        assert_eq!(parse_rate("1024").unwrap(), Some(1 << 20));
+        assert_eq!(parse_rate("").unwrap(), None);
+        assert_eq!(parse_rate("0").unwrap(), None);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("10 parsecs/s")
+            .unwrap_err()
+            .contains("unknown unit"));
     }
 }

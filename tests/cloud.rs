@@ -44,6 +44,18 @@ fn s3_backup_restore_round_trip_with_multipart_object() {
     let report = backup(&rt, &cfg).expect("backup to S3");
     assert_eq!(report.files as usize, source.lib.original_files);
     assert!(report.files_new > 0);
+    // The report counts the requests the server received, by the kind a provider bills.
+    assert_eq!(
+        kinds(&report.requests),
+        kinds(&requests_seen(&server)),
+        "{:?}",
+        server.seen()
+    );
+    assert!(
+        report.requests.bytes_sent >= report.bytes_stored + report.dump_stored_bytes,
+        "{:?}",
+        report.requests
+    );
 
     // The big file went up as a multipart upload of more than two parts, several at once.
     let seen = server.seen();
@@ -86,12 +98,58 @@ fn s3_backup_restore_round_trip_with_multipart_object() {
     let again = backup(&rt, &cfg).expect("second backup");
     assert_eq!(again.files_new, 0);
     assert_eq!(again.bytes_stored, 0);
+    assert_eq!(
+        kinds(&again.requests),
+        kinds(&requests_seen(&server)),
+        "{:?}",
+        server.seen()
+    );
     let data_puts: Vec<_> = server
         .seen()
         .into_iter()
         .filter(|s| s.method == "PUT" && s.target.contains("/data/"))
         .collect();
     assert!(data_puts.is_empty(), "{data_puts:?}");
+}
+
+/// The S3 server's log of requests, counted as `report.requests` counts them (bytes aside; a batch
+/// delete as one).
+fn requests_seen(server: &S3Server) -> immich_backup::store::meter::TrafficCounts {
+    let mut c = immich_backup::store::meter::TrafficCounts::default();
+    for s in server.seen() {
+        let q = s.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        let counter = match s.method.as_str() {
+            "PUT" if q.contains("partNumber=") => &mut c.part,
+            "PUT" => &mut c.put,
+            "POST" if q.contains("uploads") || q.contains("uploadId=") => &mut c.multipart,
+            "DELETE" if q.contains("uploadId=") => &mut c.multipart,
+            // One request deletes one object (DELETE) or a batch (POST ?delete).
+            "DELETE" => &mut c.delete,
+            "POST" if q.starts_with("delete") => &mut c.delete,
+            "GET" if q.contains("list-type=") => &mut c.list,
+            "GET" => &mut c.get,
+            "HEAD" => &mut c.head,
+            other => panic!("unexpected request {other} {}", s.target),
+        };
+        *counter += 1;
+    }
+    c
+}
+
+/// A report's request counts without its byte counts; deletions count objects, which S3
+/// batches, so the server's delete requests are at most as many (and there are some only if the
+/// report has some).
+fn kinds(c: &immich_backup::store::meter::TrafficCounts) -> [u64; 8] {
+    [
+        c.put,
+        c.part,
+        c.multipart,
+        c.get,
+        c.head,
+        c.list,
+        c.delete.min(1),
+        c.copy,
+    ]
 }
 
 /// `backup --repair` on S3: a truncated small object (found by its size) and a damaged multipart
@@ -239,6 +297,58 @@ fn s3_large_objects_get_parts_that_fit_the_part_limit() {
     assert!(e.contains("larger than 3 parts of 8 MiB"), "{e}");
     assert!(e.contains("data/unannounced"), "{e}");
     assert!(server.keys("large", "p/data/unannounced").is_empty());
+}
+
+/// `[storage] upload_limit` and `download_limit` hold every request of their direction to the rate
+/// (a functional check of the limit, with a generous lower bound: 3 MiB at 1 MiB/s, of which the
+/// bucket's one second of burst goes at once, cannot take under 2 s); bad rates name their key
+/// or flag.
+#[test]
+fn s3_bandwidth_limits_hold_uploads_and_downloads() {
+    let server = S3Server::start(&["slow"]);
+    let mut storage = s3_storage(&server, "slow", "p");
+    storage.upload_limit = "1MiB/s".into();
+    storage.download_limit = "1024".into(); // KiB/s, as restic
+    let rt = rt();
+    let store = rt.block_on(async { Store::open(&storage) }).unwrap();
+    let data = immich_backup::demo::sample::pseudo_random_bytes(3, 3 << 20);
+    let started = Instant::now();
+    {
+        let _g = rt.handle().enter();
+        let mut w = store.writer("data/limited");
+        std::io::Write::write_all(&mut w, &data).unwrap();
+        w.finish().unwrap();
+    }
+    let up = started.elapsed();
+    let started = Instant::now();
+    let got = rt.block_on(store.get_bytes("data/limited")).unwrap();
+    let down = started.elapsed();
+    assert!(got == data[..]);
+    assert!(up >= Duration::from_millis(1900), "upload took {up:?}");
+    assert!(
+        down >= Duration::from_millis(1900),
+        "download took {down:?}"
+    );
+    let t = store.traffic();
+    assert_eq!(
+        (t.bytes_sent, t.bytes_received),
+        (3 << 20, 3 << 20),
+        "{t:?}"
+    );
+
+    storage.upload_limit = "fast".into();
+    let e = Store::open(&storage).unwrap_err().to_string();
+    assert!(
+        e.contains("[storage] upload_limit = \"fast\" is not a rate"),
+        "{e}"
+    );
+    let run = cli(None, &["--limit-download", "9 parsecs", "snapshots"], &[]);
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("--limit-download") && run.stderr.contains("unknown unit"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// A wrong secret: every command fails with exit code 10 and one documented line, and no secret

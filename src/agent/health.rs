@@ -103,6 +103,8 @@ pub struct AgentState {
     pub checks_total: u64,
     pub check_failures_total: u64,
     pub bytes_verified_total: u64,
+    /// The requests sent to the store since the agent started, by kind, after the last job.
+    pub traffic: crate::store::meter::TrafficCounts,
 }
 
 impl AgentState {
@@ -125,6 +127,7 @@ impl AgentState {
             checks_total: 0,
             check_failures_total: 0,
             bytes_verified_total: 0,
+            traffic: Default::default(),
         }
     }
 }
@@ -264,7 +267,16 @@ immich_backup_read_data_last_problems gauge Problems the last [check] read_data_
 immich_backup_read_data_damaged_slices gauge Read-data slices whose last read found damage.
 immich_backup_checks_total counter Checks (of both kinds) run since the agent started.
 immich_backup_check_failures_total counter Checks that found a problem or could not run, since the agent started.
-immich_backup_verified_bytes_total counter Content bytes read back and verified by checks since the agent started.";
+immich_backup_verified_bytes_total counter Content bytes read back and verified by checks since the agent started.
+immich_backup_store_put_requests_total counter Single-request object writes sent to the store since the agent started.
+immich_backup_store_part_requests_total counter Multipart parts sent to the store since the agent started.
+immich_backup_store_multipart_requests_total counter Multipart uploads created, completed or aborted since the agent started.
+immich_backup_store_get_requests_total counter Downloads from the store since the agent started.
+immich_backup_store_head_requests_total counter HEAD requests to the store since the agent started.
+immich_backup_store_list_requests_total counter Listing pages requested from the store since the agent started.
+immich_backup_store_delete_requests_total counter Objects deleted from the store since the agent started.
+immich_backup_store_sent_bytes_total counter Object bytes sent to the store since the agent started.
+immich_backup_store_received_bytes_total counter Object bytes received from the store since the agent started.";
 
 /// The Prometheus text exposition of `state`.
 pub fn metrics(state: &AgentState, health: &Health) -> String {
@@ -325,6 +337,15 @@ fn metric_value(name: &str, state: &AgentState, health: &Health) -> String {
         "immich_backup_checks_total" => state.checks_total.to_string(),
         "immich_backup_check_failures_total" => state.check_failures_total.to_string(),
         "immich_backup_verified_bytes_total" => state.bytes_verified_total.to_string(),
+        "immich_backup_store_put_requests_total" => state.traffic.put.to_string(),
+        "immich_backup_store_part_requests_total" => state.traffic.part.to_string(),
+        "immich_backup_store_multipart_requests_total" => state.traffic.multipart.to_string(),
+        "immich_backup_store_get_requests_total" => state.traffic.get.to_string(),
+        "immich_backup_store_head_requests_total" => state.traffic.head.to_string(),
+        "immich_backup_store_list_requests_total" => state.traffic.list.to_string(),
+        "immich_backup_store_delete_requests_total" => state.traffic.delete.to_string(),
+        "immich_backup_store_sent_bytes_total" => state.traffic.bytes_sent.to_string(),
+        "immich_backup_store_received_bytes_total" => state.traffic.bytes_received.to_string(),
         "immich_backup_last_consistency_checked" => {
             u8::from(consistency.is_some_and(|c| c.verdict != Verdict::Unchecked)).to_string()
         }

@@ -241,6 +241,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
                 until_shutdown(run, &shutdown).await
             }
         };
+        shared.update(|s| s.traffic = repo.store().traffic());
         if !finished {
             tracing::warn!("shutting down: the running job was abandoned; nothing partial is visible, the next run resumes");
             break;

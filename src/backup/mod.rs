@@ -88,6 +88,9 @@ pub struct BackupReport {
     /// The snapshot is partial (exit code 3): files could not be read, or files the database names
     /// are missing and `[backup] on_missing_original` is `warn`.
     pub partial: bool,
+    /// The requests this backup sent to a cloud store, by kind, and the bytes (none for a folder
+    /// store): what a provider bills.
+    pub requests: crate::store::meter::TrafficCounts,
 }
 
 /// How a backup runs, beyond the config.
@@ -128,6 +131,7 @@ pub async fn run_with(
     opts: BackupOptions,
 ) -> Result<BackupReport> {
     let started = Instant::now();
+    let traffic = repo.store().traffic();
     let root = cfg.immich.upload_location.clone();
     check_upload_location(cfg, &root, &cfg.immich.folders)?;
     let signing = signing_keys(cfg, &recipients)?;
@@ -144,7 +148,10 @@ pub async fn run_with(
         e = lock.lost() => Err(e),
     };
     lock.release().await;
-    result
+    result.map(|mut report| {
+        report.requests = repo.store().traffic().since(&traffic);
+        report
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -264,6 +271,7 @@ async fn run_locked(
         not_repaired: not_repaired.iter().map(ContentId::key).collect(),
         consistency,
         partial,
+        requests: Default::default(),
     };
     tracing::info!(snapshot = %report.snapshot, files = report.files, new = report.files_new, "backup complete");
     Ok(report)

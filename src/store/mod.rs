@@ -24,6 +24,7 @@ pub mod check;
 pub mod cloud;
 pub mod directio;
 pub mod local;
+pub mod meter;
 mod writer;
 
 pub use writer::ObjectWriter;
@@ -48,6 +49,7 @@ use crate::format::ContentId;
 use crate::redact::{error_chain, redact_url, Redactor};
 pub use crate::store::cloud::Backend;
 use crate::store::local::LocalDir;
+use crate::store::meter::{Limiter, Metered, Traffic, TrafficCounts};
 
 /// Size of one multipart part, and the largest object sent in a single request: the part size of
 /// every object whose length is not known ahead (the dump) or fits [`MAX_PARTS`] such parts (78 GiB).
@@ -89,6 +91,8 @@ pub struct Store {
     part_slots: Arc<Semaphore>,
     /// Most parts of one multipart upload ([`MAX_PARTS`]; lowered only by tests).
     max_parts: u64,
+    /// The requests sent to a cloud store, by kind ([`meter`]).
+    traffic: Arc<Traffic>,
     /// The local-folder fast path ([`crate::store::local`]), for `file://` stores.
     local: Option<Arc<LocalDir>>,
 }
@@ -196,7 +200,14 @@ impl Store {
             }
         };
         let redactor = Arc::new(Redactor::new(cfg.secrets()));
-        let inner = crate::store::cloud::build(cfg, &url, backend, &shown, &redactor)?;
+        let traffic = Arc::new(Traffic::default());
+        let (up, down) = cfg.limits()?;
+        let inner: Arc<dyn ObjectStore> = Arc::new(Metered::new(
+            crate::store::cloud::build(cfg, &url, backend, &shown, &redactor)?,
+            traffic.clone(),
+            up.map(|r| Arc::new(Limiter::new(r))),
+            down.map(|r| Arc::new(Limiter::new(r))),
+        ));
         let mut attributes = Attributes::new();
         if !cfg.storage_class.is_empty() {
             attributes.insert(Attribute::StorageClass, cfg.storage_class.clone().into());
@@ -223,6 +234,7 @@ impl Store {
             conditional: cfg.conditional_create,
             part_slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             max_parts: MAX_PARTS,
+            traffic,
             local: None,
         })
     }
@@ -254,6 +266,7 @@ impl Store {
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
             max_parts: MAX_PARTS,
+            traffic: Arc::new(Traffic::default()),
             local: Some(Arc::new(LocalDir::new(dir, direct_io))),
         })
     }
@@ -272,8 +285,14 @@ impl Store {
             conditional: true,
             part_slots: Arc::new(Semaphore::new(8)),
             max_parts: MAX_PARTS,
+            traffic: Arc::new(Traffic::default()),
             local: None,
         }
+    }
+
+    /// The requests sent to the store so far, by kind (cloud stores; a folder store counts none).
+    pub fn traffic(&self) -> TrafficCounts {
+        self.traffic.counts()
     }
 
     /// The store's URL with secrets removed.
