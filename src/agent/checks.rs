@@ -75,7 +75,7 @@ fn event(c: &CheckResult) -> Event {
     let (status, code) = match (c.ok, c.problems) {
         (true, _) => (RunStatus::Success, exit::OK),
         (false, 0) => (RunStatus::Failure, exit::FAILURE), // it could not run
-        (false, _) => (RunStatus::Failure, exit::INTEGRITY),
+        (false, _) => (RunStatus::Failure, exit::DAMAGED), // as `check` exits
     };
     let took = std::time::Duration::from_secs_f64(c.duration_secs.max(0.0));
     let mut event = Event::new("check", status, code, took);

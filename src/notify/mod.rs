@@ -259,3 +259,43 @@ async fn refused(host: &str, resp: reqwest::Response) -> String {
         format!("{host} answered {status}: {body}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The token, the webhook URL's path and the SMTP password (as typed and decoded) are neither
+    /// in the config's `Debug` nor in a cleaned error text.
+    #[test]
+    fn secrets_stay_out_of_debug_and_messages() {
+        let mut cfg = NotifyConfig::default();
+        cfg.ntfy.url = "https://ntfy.example/topic".into();
+        cfg.ntfy.token = "tk_abcdef123456".into();
+        cfg.webhook.url = "https://discord.example/api/webhooks/1/SeCrEtToKeN".into();
+        cfg.email.smtp_url = "smtps://me%40x.example:p%40ssw0rd@mail.example".into();
+        let shown = format!("{cfg:?}");
+        for secret in ["tk_abcdef123456", "SeCrEtToKeN", "p%40ssw0rd", "p@ssw0rd"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let r = Redactor::new(cfg.secrets());
+        let text =
+            r.clean("auth failed for p@ssw0rd at /api/webhooks/1/SeCrEtToKeN with tk_abcdef123456");
+        for secret in ["tk_abcdef123456", "SeCrEtToKeN", "p@ssw0rd"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+
+    #[test]
+    fn titles_and_bodies_say_what_happened() {
+        let mut e = Event::new("backup", RunStatus::Failure, 14, Duration::from_secs(3));
+        e.host = "nas".into();
+        e.reason = Some("database: connection refused".into());
+        assert_eq!(e.title(), "immich-backup on nas: backup failed");
+        assert!(e
+            .body()
+            .starts_with("Reason: database: connection refused\n"));
+        assert!(e.body().ends_with("Status: failure (exit code 14), 3.0s"));
+        let e = Event::new("check", RunStatus::Partial, 3, Duration::ZERO);
+        assert!(e.title().ends_with("check partial"));
+    }
+}
