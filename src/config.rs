@@ -936,7 +936,7 @@ impl Default for NotifyConfig {
     }
 }
 
-/// `[notify.ntfy]`: a message to an ntfy topic (https://ntfy.sh or a server of your own).
+/// `[notify.ntfy]`: a message to an ntfy topic (<https://ntfy.sh> or a server of your own).
 #[derive(Clone, Deserialize, Default, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NtfyConfig {
