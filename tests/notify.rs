@@ -396,7 +396,7 @@ fn failed_backups_notify_with_the_reason_from_the_cli_and_the_agent() {
         format!(
             "[immich]\nupload_location = {:?}\n\n[database]\nmode = \"local\"\nhost = \"127.0.0.1\"\nport = {}\nbin_dir = {:?}\n\n\
              [storage]\nurl = \"file://{}\"\n\n[encryption]\nrecipients = [{:?}]\nsigning_key = {:?}\n\n[backup]\ncache_dir = {:?}\n\n\
-             [schedule]\ncron = \"@yearly\"\nbackup_on_start = true\n\n[agent]\nlisten = \"127.0.0.1:{health}\"\n\n\
+             [schedule]\ncron = \"@yearly\"\nbackup_on_start = true\n\n[check]\ncron = \"*/2 * * * * *\"\nidentity_file = \"/nonexistent/identity.txt\"\n\n[agent]\nlisten = \"127.0.0.1:{health}\"\n\n\
              [notify.ntfy]\nurl = {:?}\npriority = \"max\"\n\n[notify.webhook]\nurl = {:?}\nformat = \"discord\"\n\n{}\n\
              [hooks]\non_failure = {:?}\n",
             lib.display().to_string(),
@@ -473,9 +473,6 @@ fn failed_backups_notify_with_the_reason_from_the_cli_and_the_agent() {
         assert!(Instant::now() < deadline, "the agent sent no notification");
         std::thread::sleep(Duration::from_millis(200));
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let _ = agent.wait();
     let content = http.at(HOOK_SECRET)[0].json()["content"]
         .as_str()
         .unwrap()
@@ -484,6 +481,27 @@ fn failed_backups_notify_with_the_reason_from_the_cli_and_the_agent() {
         content.contains("backup failed") && content.contains("database"),
         "{content}"
     );
+    // Its scheduled check too (here one that cannot run: its identity file is not there).
+    let checked = || {
+        http.at(HOOK_SECRET).iter().any(|s| {
+            let c = s.json()["content"].as_str().unwrap_or("").to_string();
+            c.contains(": check failed")
+                && c.contains("the check could not run")
+                && c.contains("identity_file")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !checked() {
+        assert!(
+            Instant::now() < deadline,
+            "no check notification: {:?}",
+            http.at(HOOK_SECRET)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let _ = agent.wait();
 }
 
 /// Dead and silent receivers: the backup still succeeds (exit 0) within bounded time, with a
