@@ -17,12 +17,12 @@ RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked \
  && strip target/release/immich-backup
 
-# Runtime stage: Debian slim with CA certificates (cloud stores, pings) and the PostgreSQL 17
-# client tools (pg_dumpall/psql for [database] mode = "local"; they dump and restore servers 9.2–17,
-# so every Immich Postgres image).
+# Runtime stage: Debian slim with CA certificates (cloud stores, pings), curl (for [hooks] that call
+# Immich's API) and the PostgreSQL 17 client tools (pg_dumpall/psql for [database] mode = "local";
+# they dump and restore servers 9.2–17, so every Immich Postgres image).
 FROM debian:trixie-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates postgresql-client tini \
+ && apt-get install -y --no-install-recommends ca-certificates curl postgresql-client tini \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /cache /config
 COPY --from=build /src/target/release/immich-backup /usr/local/bin/immich-backup

@@ -14,6 +14,7 @@ use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
 use immich_backup::format::{Consistency, ContentId, Verdict};
 use immich_backup::maintenance;
+use immich_backup::notify::{self, Notifier};
 use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
@@ -225,6 +226,19 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         assets: usize,
     },
+    /// Notifications ([notify]): `notify test` sends a test message on every configured channel.
+    Notify {
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
+}
+
+/// `notify` subcommands.
+#[derive(Subcommand)]
+enum NotifyAction {
+    /// Send a test message on every configured channel (ntfy, webhook, e-mail), whatever
+    /// [notify] on says, and report each one's result; exit 1 if any failed.
+    Test,
 }
 
 /// How a command that reads snapshots with the identity gets at them (restore, drill, check).
@@ -437,7 +451,9 @@ async fn run(cli: Cli) -> Result<i32> {
                     None => repair.then(Default::default),
                 },
             };
-            let report = run_backup(&cfg, progress(), opts).await?;
+            let notifier = Notifier::new(&cfg.notify)?;
+            let run = run_backup(&cfg, progress(), opts);
+            let report = agent::daily::backup(&cfg, &notifier, run).await?;
             print_backup(&report, cli.json);
             Ok(if report.partial {
                 exit::PARTIAL
@@ -527,6 +543,12 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 exit::FAILURE
             })
+        }
+        Command::Notify {
+            action: NotifyAction::Test,
+        } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            notify_test(&cfg, cli.json).await
         }
         Command::Restore {
             snapshot,
@@ -1216,6 +1238,36 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
     });
     agent::run(cfg, Arc::new(schedule::SystemClock), shutdown).await?;
     Ok(exit::OK)
+}
+
+/// `notify test`: a test message on every configured channel, each one's result.
+async fn notify_test(cfg: &Config, json: bool) -> Result<i32> {
+    let notifier = Notifier::new(&cfg.notify)?;
+    if notifier.is_empty() {
+        return Err(Error::Usage("no notification channel is configured: set [notify.ntfy] url, [notify.webhook] url or [notify.email] smtp_url (see the README's \"Notifications\")".into()));
+    }
+    let event = notify::Event::new(
+        "test",
+        immich_backup::config::RunStatus::Success,
+        exit::OK,
+        std::time::Duration::ZERO,
+    );
+    let results = notifier.send_all(&event).await;
+    if json {
+        print_json(&serde_json::json!({ "channels": results }));
+    } else {
+        for d in &results {
+            match &d.error {
+                None => println!("{}: sent", d.channel),
+                Some(e) => println!("{}: FAILED: {e}", d.channel),
+            }
+        }
+    }
+    Ok(if results.iter().all(|d| d.ok) {
+        exit::OK
+    } else {
+        exit::FAILURE
+    })
 }
 
 async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {

@@ -27,6 +27,8 @@ pub struct Config {
     pub lock: LockConfig,
     pub agent: AgentConfig,
     pub check: CheckConfig,
+    pub notify: NotifyConfig,
+    pub hooks: HooksConfig,
     /// The path keys the config file gave as relative paths (`"[encryption] recipients_file"` →
     /// the text typed), now read from the config file's folder; for messages.
     #[serde(skip)]
@@ -517,10 +519,13 @@ fn redacted(secret: &str) -> &'static str {
 }
 
 /// Keys whose environment value is a comma-separated list.
-const LIST_KEYS: [&str; 3] = [
+const LIST_KEYS: [&str; 6] = [
     "immich.folders",
     "encryption.recipients",
     "encryption.verify_keys",
+    "notify.on",
+    "notify.ntfy.tags",
+    "notify.email.to",
 ];
 
 impl Config {
@@ -655,6 +660,8 @@ impl Config {
         self.storage.limits()?;
         self.check.validate(&self.schedule.timezone)?;
         self.immich.validate()?;
+        self.notify.validate()?;
+        self.hooks.validate()?;
         if self.immich.folders.is_empty() {
             return Err(Error::Config(
                 "[immich] folders is empty; list the originals folders (library, upload, profile)"
@@ -923,6 +930,327 @@ pub(crate) fn parse_listen(listen: &str) -> Result<SocketAddr> {
             "[agent] listen {listen:?} is not an address: use \":2284\" (every interface), \"127.0.0.1:2284\" or \"[::]:2284\""
         ))
     })
+}
+
+/// How a run ended, for `[notify] on`, the notifications and the hooks' `IMMICH_BACKUP_STATUS`
+/// (`"success"`, `"partial"` or `"failure"`, in any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunStatus {
+    /// Finished, exit 0.
+    Success,
+    /// Finished with exit 3: files could not be read, or originals the database names are missing.
+    Partial,
+    /// Did not finish (any other exit code).
+    Failure,
+}
+
+impl RunStatus {
+    /// The word used in the config, the environment of hooks and the webhook's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Success => "success",
+            RunStatus::Partial => "partial",
+            RunStatus::Failure => "failure",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RunStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[notify] on",
+            &[
+                ("failure", RunStatus::Failure),
+                ("partial", RunStatus::Partial),
+                ("success", RunStatus::Success),
+            ],
+        )
+    }
+}
+
+/// `[notify]`: who hears about a backup (and about the agent's scheduled checks) and when. Every
+/// channel is off until its URL is set; a notification that cannot be delivered is a warning in
+/// the log and never changes the run's outcome or exit code.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Which outcomes are sent: `"failure"`, `"partial"`, `"success"`.
+    pub on: Vec<RunStatus>,
+    /// Longest one channel may take to deliver (connect, send, answer), in seconds.
+    pub timeout_secs: u64,
+    pub ntfy: NtfyConfig,
+    pub webhook: WebhookConfig,
+    pub email: EmailConfig,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            on: vec![RunStatus::Failure, RunStatus::Partial],
+            timeout_secs: 30,
+            ntfy: NtfyConfig::default(),
+            webhook: WebhookConfig::default(),
+            email: EmailConfig::default(),
+        }
+    }
+}
+
+/// `[notify.ntfy]`: a message to an ntfy topic (<https://ntfy.sh> or a server of your own).
+#[derive(Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NtfyConfig {
+    /// The topic's URL, `https://ntfy.sh/my-immich-backups`; empty: off.
+    pub url: String,
+    /// `1`–`5` or `min`, `low`, `default`, `high`, `max`/`urgent`; empty: by outcome (failure
+    /// `high`, partial `default`, success `low`).
+    pub priority: String,
+    /// Tags (emoji short codes such as `floppy_disk` show as emoji), besides the outcome's own.
+    pub tags: Vec<String>,
+    /// Access token (`tk_…`), sent as `Authorization: Bearer`; also
+    /// `IMMICH_BACKUP__NOTIFY__NTFY__TOKEN`. Never shown.
+    pub token: String,
+}
+
+/// The body `[notify.webhook]` posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WebhookFormat {
+    /// Every field of the event as JSON (Gotify-, Apprise- or script-friendly).
+    #[default]
+    Json,
+    /// `{"content": …}`, as a Discord webhook takes it.
+    Discord,
+    /// `{"text": …}`, as a Slack (or Mattermost, Rocket.Chat) incoming webhook takes it.
+    Slack,
+}
+
+impl<'de> Deserialize<'de> for WebhookFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        one_of(
+            d,
+            "[notify.webhook] format",
+            &[
+                ("json", WebhookFormat::Json),
+                ("discord", WebhookFormat::Discord),
+                ("slack", WebhookFormat::Slack),
+            ],
+        )
+    }
+}
+
+/// `[notify.webhook]`: a JSON POST to any URL.
+#[derive(Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where to POST; empty: off. Treated as a secret (Discord's and Slack's carry their token):
+    /// only its host is ever shown.
+    pub url: String,
+    pub format: WebhookFormat,
+}
+
+/// `[notify.email]`: a mail over SMTP.
+#[derive(Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `smtps://user:pass@host` (TLS from the start, port 465),
+    /// `smtp://user:pass@host:587?tls=required` (STARTTLS), `smtp://host:25` (no encryption: a
+    /// relay on this machine or the LAN only); empty: off. The password is never shown.
+    pub smtp_url: String,
+    /// The sender, `Immich backup <backup@example.org>`.
+    pub from: String,
+    /// The recipients.
+    pub to: Vec<String>,
+}
+
+impl NotifyConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, what: String| Err(Error::Config(format!("[notify{key}] {what}")));
+        if self.timeout_secs == 0 {
+            return bad("", "timeout_secs must be at least 1 (default 30)".into());
+        }
+        let http =
+            |u: &str| url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+        if !self.ntfy.url.is_empty() && !http(&self.ntfy.url) {
+            return bad(
+                ".ntfy",
+                "url must be an http:// or https:// URL (the topic's, https://ntfy.sh/TOPIC)"
+                    .into(),
+            );
+        }
+        if !self.ntfy.priority.is_empty() && ntfy_priority(&self.ntfy.priority).is_none() {
+            return bad(
+                ".ntfy",
+                format!(
+                    "priority {:?}: use 1 to 5, or min, low, default, high, max",
+                    self.ntfy.priority
+                ),
+            );
+        }
+        if self
+            .ntfy
+            .tags
+            .iter()
+            .any(|t| t.contains(',') || t.trim().is_empty())
+        {
+            return bad(
+                ".ntfy",
+                "tags: each tag is one non-empty word without commas".into(),
+            );
+        }
+        if !self.webhook.url.is_empty() && !http(&self.webhook.url) {
+            return bad(".webhook", "url must be an http:// or https:// URL".into());
+        }
+        self.email.validate()
+    }
+
+    /// Every secret of this section (tokens, the webhook URL, the SMTP password), to be scrubbed
+    /// from anything shown.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = vec![self.ntfy.token.clone(), self.webhook.url.clone()];
+        if let Ok(u) = url::Url::parse(&self.webhook.url) {
+            out.push(u.path().to_string());
+        }
+        for text in [&self.email.smtp_url, &self.ntfy.url] {
+            if let Some(pass) = url::Url::parse(text)
+                .ok()
+                .and_then(|u| u.password().map(String::from))
+            {
+                if let Ok(plain) = percent_encoding::percent_decode_str(&pass).decode_utf8() {
+                    out.push(plain.into_owned());
+                }
+                out.push(pass);
+            }
+        }
+        out.retain(|s| s.len() >= 4);
+        out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        out
+    }
+}
+
+/// ntfy's priority (1–5) from `[notify.ntfy] priority`.
+pub fn ntfy_priority(text: &str) -> Option<u8> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "min" => Some(1),
+        "2" | "low" => Some(2),
+        "3" | "default" => Some(3),
+        "4" | "high" => Some(4),
+        "5" | "max" | "urgent" => Some(5),
+        _ => None,
+    }
+}
+
+impl EmailConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::Config(format!("[notify.email] {what}")));
+        if self.smtp_url.is_empty() {
+            return Ok(());
+        }
+        let url = match url::Url::parse(&self.smtp_url) {
+            Ok(u) => u,
+            Err(e) => return bad(format!("smtp_url is not a URL ({e}): use smtps://user:pass@host or smtp://user:pass@host:587?tls=required")),
+        };
+        if !matches!(url.scheme(), "smtp" | "smtps") || url.host_str().is_none_or(str::is_empty) {
+            return bad("smtp_url must be smtps://[user:pass@]host[:port] or smtp://[user:pass@]host[:port][?tls=required|opportunistic]".into());
+        }
+        for (k, v) in url.query_pairs() {
+            let ok = k == "tls"
+                && url.scheme() == "smtp"
+                && matches!(v.as_ref(), "required" | "opportunistic");
+            if !ok {
+                return bad(format!("smtp_url: unknown parameter {k}={v} (only smtp://…?tls=required or ?tls=opportunistic)"));
+            }
+        }
+        if self.from.parse::<lettre::message::Mailbox>().is_err() {
+            return bad(format!("from {:?} is not a mail address (\"Immich backup <backup@example.org>\" or \"backup@example.org\")", self.from));
+        }
+        if self.to.is_empty() {
+            return bad("to is empty: list who gets the mail (to = [\"me@example.org\"])".into());
+        }
+        for to in &self.to {
+            if to.parse::<lettre::message::Mailbox>().is_err() {
+                return bad(format!("to: {to:?} is not a mail address"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for NotifyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = |u: &str| {
+            url::Url::parse(u)
+                .ok()
+                .and_then(|u| u.host_str().map(String::from))
+                .unwrap_or_default()
+        };
+        f.debug_struct("NotifyConfig")
+            .field("on", &self.on)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("ntfy.url (host)", &host(&self.ntfy.url))
+            .field("ntfy.priority", &self.ntfy.priority)
+            .field("ntfy.tags", &self.ntfy.tags)
+            .field("ntfy.token", &redacted(&self.ntfy.token))
+            .field("webhook.url (host)", &host(&self.webhook.url))
+            .field("webhook.format", &self.webhook.format)
+            .field(
+                "email.smtp_url",
+                &crate::redact::redact_url(&self.email.smtp_url),
+            )
+            .field("email.from", &self.email.from)
+            .field("email.to", &self.email.to)
+            .finish()
+    }
+}
+
+/// `[hooks]`: commands run with `sh -c` around a backup (the CLI's and the agent's), e.g. to pause
+/// Immich's jobs. They see `IMMICH_BACKUP_HOOK`, `IMMICH_BACKUP_SNAPSHOT`, `IMMICH_BACKUP_STATUS`,
+/// `IMMICH_BACKUP_EXIT_CODE` and `IMMICH_BACKUP_ERROR` in their environment.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Before anything is read or written; failing (or timing out) aborts the backup (exit 17).
+    pub before_backup: String,
+    /// After a backup that made a snapshot (success or partial).
+    pub after_backup: String,
+    /// After a backup that failed, a failed `before_backup` included.
+    pub on_failure: String,
+    /// A hook running longer is killed (its whole process group) and counts as failed.
+    pub timeout_secs: u64,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            before_backup: String::new(),
+            after_backup: String::new(),
+            on_failure: String::new(),
+            timeout_secs: 600,
+        }
+    }
+}
+
+impl HooksConfig {
+    fn validate(&self) -> Result<()> {
+        if self.timeout_secs == 0 {
+            return Err(Error::Config(
+                "[hooks] timeout_secs must be at least 1 (default 600)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Hooks may carry secrets (an API key for curl): `Debug` shows only which are set.
+impl std::fmt::Debug for HooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |c: &str| if c.is_empty() { "" } else { "<set>" };
+        f.debug_struct("HooksConfig")
+            .field("before_backup", &set(&self.before_backup))
+            .field("after_backup", &set(&self.after_backup))
+            .field("on_failure", &set(&self.on_failure))
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
 }
 
 #[cfg(test)]

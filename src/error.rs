@@ -34,6 +34,8 @@ pub mod exit {
     pub const NOT_FRESH: i32 = 15;
     /// Docker Engine problem (socket, container, exec).
     pub const DOCKER: i32 = 16;
+    /// A `[hooks] before_backup` command failed or timed out; the backup did not run.
+    pub const HOOK: i32 = 17;
     /// Interrupted by a signal; nothing partial was made visible.
     pub const INTERRUPTED: i32 = 130;
 }
@@ -98,6 +100,10 @@ pub enum Error {
 
     #[error("{0}")]
     Other(String),
+
+    /// A `[hooks]` command failed: which, its exit status, its last line on stderr.
+    #[error("{0}")]
+    Hook(String),
 }
 
 /// What to do about an I/O error, when there is something to say.
@@ -151,6 +157,7 @@ impl Error {
                 exit::FAILURE
             }
             Error::Io { .. } | Error::Crypto(_) | Error::Other(_) => exit::FAILURE,
+            Error::Hook(_) => exit::HOOK,
         }
     }
 

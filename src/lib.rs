@@ -9,7 +9,8 @@
 //! 2. [`crypto`]: age sealing and opening, content addresses, snapshot signatures.
 //! 3. [`config`]: every setting, checked.
 //! 4. [`store`] (object_store and the local-folder fast path) and [`db`] (the database, in Docker
-//!    or local): the two outside worlds.
+//!    or local): the two outside worlds; [`notify`] (ntfy, webhook, e-mail) and [`hooks`] (the
+//!    user's commands around a backup).
 //! 5. [`repo`]: the repository, a store plus keys. It owns every object of the format: backups,
 //!    restores and maintenance read and write sealed, typed objects and never touch age or keys.
 //! 6. The commands' work: [`backup`] (dump, walk, upload, consistency), [`restore`] (database,
@@ -26,9 +27,11 @@ pub mod db;
 pub mod demo;
 pub mod error;
 pub mod format;
+pub mod hooks;
 pub mod host;
 pub mod immich;
 pub mod maintenance;
+pub mod notify;
 pub mod policy;
 pub mod progress;
 pub mod redact;

@@ -1054,6 +1054,8 @@ fn config_example_shows_the_agent_defaults() {
     assert_eq!(cfg.lock, defaults.lock);
     assert_eq!(cfg.agent, defaults.agent);
     assert_eq!(cfg.check, defaults.check);
+    assert_eq!(cfg.notify, defaults.notify);
+    assert_eq!(cfg.hooks, defaults.hooks);
     assert_eq!(
         (
             defaults.retention.keep_daily,

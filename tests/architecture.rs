@@ -15,7 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["format", "immich", "policy", "redact", "host", "progress"],
     &["crypto"],
     &["config"],
-    &["store", "db"],
+    &["store", "db", "notify", "hooks"],
     &["repo"],
     &["backup", "restore", "maintenance"],
     &["verify"],

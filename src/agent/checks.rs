@@ -4,7 +4,7 @@
 //!
 //! The identity is used only when `[check] identity_file` is set (reading data back needs it; the
 //! structural check does not). Results go to the health state (a problem makes `/healthz` 503),
-//! `/metrics`, and the pings. The next slice to read is remembered in the cache folder, so a
+//! `/metrics`, the pings and the `[notify]` channels. The next slice to read is remembered in the cache folder, so a
 //! restarted agent goes on where it was.
 
 use std::path::{Path, PathBuf};
@@ -14,8 +14,10 @@ use std::time::Instant;
 use super::health::{CheckResult, Shared};
 use super::Pinger;
 use crate::config::Config;
+use crate::config::RunStatus;
 use crate::crypto::Identities;
-use crate::error::Result;
+use crate::error::{exit, Result};
+use crate::notify::{Event, Notifier};
 use crate::policy::schedule::Clock;
 use crate::progress::Progress;
 use crate::repo::trust::Trust;
@@ -37,6 +39,7 @@ pub(super) async fn run(
     shared: &Shared,
     pinger: &Pinger,
     clock: &dyn Clock,
+    notifier: &Notifier,
 ) {
     let started = Instant::now();
     let time = clock.now();
@@ -64,6 +67,20 @@ pub(super) async fn run(
     }
     record(shared, kind, slice, outcome.clone());
     ping(cfg, pinger, &outcome).await;
+    notifier.notify(&event(&outcome)).await;
+}
+
+/// The notification of a scheduled check: a failure when it found a problem or could not run.
+fn event(c: &CheckResult) -> Event {
+    let (status, code) = match (c.ok, c.problems) {
+        (true, _) => (RunStatus::Success, exit::OK),
+        (false, 0) => (RunStatus::Failure, exit::FAILURE), // it could not run
+        (false, _) => (RunStatus::Failure, exit::DAMAGED), // as `check` exits
+    };
+    let took = std::time::Duration::from_secs_f64(c.duration_secs.max(0.0));
+    let mut event = Event::new("check", status, code, took);
+    event.reason = (!c.ok).then(|| format!("{}: {}", c.what, c.reason));
+    event
 }
 
 /// The check's options: with the identity when `[check] identity_file` is set.

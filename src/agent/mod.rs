@@ -12,6 +12,7 @@
 //! seconds.
 
 mod checks;
+pub mod daily;
 pub mod health;
 pub mod probe;
 
@@ -29,6 +30,7 @@ use crate::db;
 use crate::error::{Error, Result};
 use crate::format::{Object, Summary};
 use crate::maintenance;
+use crate::notify::Notifier;
 use crate::policy::schedule::{Clock, Planner, Schedule};
 use crate::progress::Progress;
 use crate::repo::snapshots;
@@ -177,6 +179,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
     let repo = Repository::open(&cfg.storage)?;
     let database = db::connect(&cfg.database)?;
     let pinger = Pinger::new(&cfg.agent, !cfg.check.ping_url.is_empty())?;
+    let notifier = Notifier::new(&cfg.notify)?;
     let shared = Arc::new(Shared {
         state: std::sync::Mutex::new(AgentState::new(clock.now())),
         schedule: schedule.clone(),
@@ -226,6 +229,7 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
                     &pinger,
                     &shared,
                     clock.as_ref(),
+                    &notifier,
                 );
                 let finished = until_shutdown(run, &shutdown).await;
                 shared.update(|s| s.running_since = None);
@@ -237,7 +241,8 @@ pub async fn run(cfg: Config, clock: Arc<dyn Clock>, shutdown: CancellationToken
                 } else {
                     checks::Kind::ReadData
                 };
-                let run = checks::run(&cfg, &repo, kind, &shared, &pinger, clock.as_ref());
+                let clock = clock.as_ref();
+                let run = checks::run(&cfg, &repo, kind, &shared, &pinger, clock, &notifier);
                 until_shutdown(run, &shutdown).await
             }
         };
@@ -340,7 +345,9 @@ async fn wait_until(
     }
 }
 
-/// One scheduled job: ping, back up, record, apply retention and prune, ping.
+/// One scheduled job: ping, back up (between the hooks, then notify), record, apply retention
+/// and prune, ping.
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     cfg: &Config,
     database: &dyn db::Database,
@@ -349,14 +356,16 @@ async fn run_once(
     pinger: &Pinger,
     shared: &Shared,
     clock: &dyn Clock,
+    notifier: &Notifier,
 ) {
     pinger.ping(&pinger.start, String::new()).await;
     let started = Instant::now();
     let missing_is_partial = missing_is_partial(cfg);
-    let result = match load_recipients(cfg) {
-        Ok(r) => backup::run(cfg, database, repo, r, Progress::hidden()).await,
-        Err(e) => Err(e),
+    let run = async {
+        let recipients = load_recipients(cfg)?;
+        backup::run(cfg, database, repo, recipients, Progress::hidden()).await
     };
+    let result = daily::backup(cfg, notifier, run).await;
     let report: BackupReport = match result {
         Ok(r) => r,
         Err(e) => {
