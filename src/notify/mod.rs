@@ -38,8 +38,9 @@ pub struct Event {
     pub bytes_stored: Option<u64>,
     pub duration_secs: f64,
     pub time: chrono::DateTime<chrono::Utc>,
+    /// `status`, for `[notify] on`.
     #[serde(skip)]
-    pub run_status: Option<RunStatus>,
+    pub run_status: RunStatus,
 }
 
 impl Event {
@@ -59,7 +60,7 @@ impl Event {
             bytes_stored: None,
             duration_secs: duration.as_secs_f64(),
             time: chrono::Utc::now(),
-            run_status: Some(status),
+            run_status: status,
         }
     }
 
@@ -182,7 +183,7 @@ impl Notifier {
     /// Send `event` on every channel if `[notify] on` lists its outcome; a channel that fails is a
     /// warning, nothing more.
     pub async fn notify(&self, event: &Event) {
-        if event.run_status.is_none_or(|s| !self.on.contains(&s)) {
+        if !self.on.contains(&event.run_status) {
             return;
         }
         for d in self.send_all(event).await {
@@ -283,6 +284,41 @@ mod tests {
         for secret in ["tk_abcdef123456", "SeCrEtToKeN", "p@ssw0rd"] {
             assert!(!text.contains(secret), "{text}");
         }
+    }
+
+    /// The list keys and the secrets of [notify] come from the environment like any other key.
+    #[test]
+    fn notify_keys_come_from_the_environment() {
+        let vars = [
+            ("IMMICH_BACKUP__NOTIFY__ON", "failure, success"),
+            ("IMMICH_BACKUP__NOTIFY__NTFY__TOKEN", "tk_0123"),
+            ("IMMICH_BACKUP__NOTIFY__NTFY__TAGS", "immich,backup"),
+            (
+                "IMMICH_BACKUP__NOTIFY__EMAIL__SMTP_URL",
+                "smtps://u:p@mail.example",
+            ),
+            ("IMMICH_BACKUP__NOTIFY__EMAIL__FROM", "backup@x.example"),
+            (
+                "IMMICH_BACKUP__NOTIFY__EMAIL__TO",
+                "a@x.example,b@x.example",
+            ),
+        ];
+        for (k, v) in vars {
+            std::env::set_var(k, v);
+        }
+        let cfg = crate::config::Config::load(None).expect("loads from the environment");
+        for (k, _) in vars {
+            std::env::remove_var(k);
+        }
+        let n = &cfg.notify;
+        assert_eq!(n.on, vec![RunStatus::Failure, RunStatus::Success]);
+        assert_eq!(n.ntfy.token, "tk_0123");
+        assert_eq!(
+            n.ntfy.tags,
+            vec!["immich".to_string(), "backup".to_string()]
+        );
+        assert_eq!(n.email.to.len(), 2);
+        assert!(Notifier::new(n).is_ok());
     }
 
     #[test]
