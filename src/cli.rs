@@ -269,9 +269,7 @@ struct SelectArgs {
 impl SelectArgs {
     /// Whether a selection was asked for.
     fn any(&self) -> bool {
-        !self.include.is_empty()
-            || !self.exclude.is_empty()
-            || self.immich()
+        !self.include.is_empty() || !self.exclude.is_empty() || self.immich()
     }
 
     /// Whether the selection needs the snapshot's database.
@@ -1052,7 +1050,11 @@ fn print_selection(r: &SelectReport, json: bool) {
         print_json(r);
         return;
     }
-    let verb = if r.dry_run { "would restore" } else { "restored" };
+    let verb = if r.dry_run {
+        "would restore"
+    } else {
+        "restored"
+    };
     println!(
         "{}selection of snapshot {} (taken {} on {}) into {}",
         if r.dry_run { "dry run: " } else { "" },
@@ -1072,7 +1074,11 @@ fn print_selection(r: &SelectReport, json: bool) {
         };
         println!("  {}  ({}, {what})", f.path, human(f.size));
     }
-    for a in r.assets.iter().filter(|a| a.outcome == Outcome::NotInSnapshot) {
+    for a in r
+        .assets
+        .iter()
+        .filter(|a| a.outcome == Outcome::NotInSnapshot)
+    {
         println!(
             "  asset {} ({}): its original is not in the snapshot",
             a.asset.original_path, a.asset.file_name
@@ -1090,7 +1096,10 @@ fn print_selection(r: &SelectReport, json: bool) {
         r.damaged.len()
     );
     if !r.assets.is_empty() {
-        println!("  {} asset(s) selected from the snapshot's database", r.assets.len());
+        println!(
+            "  {} asset(s) selected from the snapshot's database",
+            r.assets.len()
+        );
     }
     if !r.refused.is_empty() {
         println!("  files that differ from the snapshot's were left as they are; pass --overwrite to replace them (or choose another --target)");

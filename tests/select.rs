@@ -137,7 +137,19 @@ fn immich_selections_match_sql_on_the_source_database() {
         assert!(!t.exists(), "a dry run writes nothing");
     }
     // Trashed assets are selected like the others (they are what "empty trash" took away).
-    let admin = restore(&config, &s, &["--dry-run", "--target", target, "--user", "admin@example.com"], &[]).json();
+    let admin = restore(
+        &config,
+        &s,
+        &[
+            "--dry-run",
+            "--target",
+            target,
+            "--user",
+            "admin@example.com",
+        ],
+        &[],
+    )
+    .json();
     let trashed = expected(&s, "a.status = 'trashed' AND u.email = 'admin@example.com'");
     assert!(trashed.is_subset(&selected(&admin)));
 
@@ -149,7 +161,10 @@ fn immich_selections_match_sql_on_the_source_database() {
     assert!(family.contains(UNICODE_FILE));
     assert_eq!(files_under(&t), family);
     assert_same_as_source(&s, &t, &family);
-    assert_eq!(report["files_restored"].as_u64().unwrap() as usize, family.len());
+    assert_eq!(
+        report["files_restored"].as_u64().unwrap() as usize,
+        family.len()
+    );
     // Asset 56 is in "Été 2024 ☀️" (n % 7) and the sample's "Family" (n % 8); asset 88 in both
     // albums named "Family" (n % 8, and the one added here: n % 11).
     let assets = report["assets"].as_array().unwrap();
@@ -174,7 +189,10 @@ fn immich_selections_match_sql_on_the_source_database() {
     // Run again: everything is present, nothing written.
     let again = restore(&config, &s, &["--target", target, "--album", "Family"], &[]);
     again.expect_code(exit::OK);
-    assert_eq!(again.json()["files_already_present"].as_u64().unwrap() as usize, family.len());
+    assert_eq!(
+        again.json()["files_already_present"].as_u64().unwrap() as usize,
+        family.len()
+    );
 
     // Unknown names: one line each, the usage code.
     for args in [["--user", "nobody@example.com"], ["--album", "family"]] {
@@ -204,27 +222,48 @@ fn missing_now_restores_what_was_deleted_into_a_new_folder() {
         fs::remove_file(s.upload.join(p)).unwrap();
     }
     let all = expected(&s, "true");
-    let want: BTreeSet<String> = all.into_iter().filter(|p| !s.upload.join(p).exists()).collect();
+    let want: BTreeSet<String> = all
+        .into_iter()
+        .filter(|p| !s.upload.join(p).exists())
+        .collect();
     assert_eq!(want, gone.iter().cloned().collect());
 
     // Never into the live library.
     let inside = s.upload.join("restored");
-    let run = restore(&config, &s, &["--missing-now", "--target", path_arg(&inside)], &[]);
+    let run = restore(
+        &config,
+        &s,
+        &["--missing-now", "--target", path_arg(&inside)],
+        &[],
+    );
     run.expect_code(exit::USAGE);
     assert!(!inside.exists());
 
     // By default into ./immich-restore-<snapshot>-<date>.
     let cwd = s.work.path().join("cwd");
     fs::create_dir_all(&cwd).unwrap();
-    let mut cmd = command(Some(&config), &restore_args(&s.identity, &["--missing-now"]));
+    let mut cmd = command(
+        Some(&config),
+        &restore_args(&s.identity, &["--missing-now"]),
+    );
     cmd.current_dir(&cwd);
     let run = run_to_end(cmd);
     run.expect_code(exit::OK);
     let report = run.json();
-    let made: Vec<_> = fs::read_dir(&cwd).unwrap().flatten().map(|e| e.path()).collect();
+    let made: Vec<_> = fs::read_dir(&cwd)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     assert_eq!(made.len(), 1, "{made:?}");
     let name = made[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with(&format!("immich-restore-{}-", report["snapshot"].as_str().unwrap())), "{name}");
+    assert!(
+        name.starts_with(&format!(
+            "immich-restore-{}-",
+            report["snapshot"].as_str().unwrap()
+        )),
+        "{name}"
+    );
     assert_eq!(files_under(&made[0]), want);
     assert_same_as_source_backup(&made[0], &want);
     let csv = fs::read_to_string(made[0].join("restored-assets.csv")).unwrap();
@@ -257,12 +296,26 @@ fn include_restores_exactly_refuses_to_overwrite_and_names_damage() {
     let env = [("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", SECRET_KEY)];
     let want: BTreeSet<String> = files_under(&s.upload)
         .into_iter()
-        .filter(|p| p.starts_with("library/zoe/") && !p.ends_with(".mp4") && !p.ends_with(".immich"))
+        .filter(|p| {
+            p.starts_with("library/zoe/") && !p.ends_with(".mp4") && !p.ends_with(".immich")
+        })
         .collect();
     assert!(want.len() > 5);
-    for (name, config, env) in [("folder", &folder_config, &env[..0]), ("s3", &s3_config, &env[..])] {
+    for (name, config, env) in [
+        ("folder", &folder_config, &env[..0]),
+        ("s3", &s3_config, &env[..]),
+    ] {
         let t = s.work.path().join(format!("inc-{name}"));
-        let args = ["--target", path_arg(&t), "--include", "library/zoe", "--exclude", "**/*.mp4", "--exclude", "**/.immich"];
+        let args = [
+            "--target",
+            path_arg(&t),
+            "--include",
+            "library/zoe",
+            "--exclude",
+            "**/*.mp4",
+            "--exclude",
+            "**/.immich",
+        ];
         let run = restore(config, &s, &args, env);
         run.expect_code(exit::OK);
         assert_eq!(files_under(&t), want, "{name}");
@@ -276,7 +329,10 @@ fn include_restores_exactly_refuses_to_overwrite_and_names_damage() {
         let report = run.json();
         assert_eq!(report["refused"], serde_json::json!([victim]));
         assert_eq!(fs::read(t.join(&victim)).unwrap(), b"my own edit");
-        assert_eq!(report["files_already_present"].as_u64().unwrap() as usize, want.len() - 1);
+        assert_eq!(
+            report["files_already_present"].as_u64().unwrap() as usize,
+            want.len() - 1
+        );
         // --overwrite replaces it with the snapshot's.
         let mut over = args.to_vec();
         over.push("--overwrite");
@@ -290,9 +346,17 @@ fn include_restores_exactly_refuses_to_overwrite_and_names_damage() {
     // A damaged content object (folder store): named, exit 4, nothing at its path.
     let victim = want.iter().nth(1).unwrap().clone();
     let bytes = fs::read(s.upload.join(&victim)).unwrap();
-    flip_middle_byte(&s.store.join(object_key(std::slice::from_ref(&s.recipient), &bytes)));
+    flip_middle_byte(
+        &s.store
+            .join(object_key(std::slice::from_ref(&s.recipient), &bytes)),
+    );
     let t = s.work.path().join("damaged");
-    let run = restore(&folder_config, &s, &["--target", path_arg(&t), "--include", "library/zoe/**"], &[]);
+    let run = restore(
+        &folder_config,
+        &s,
+        &["--target", path_arg(&t), "--include", "library/zoe/**"],
+        &[],
+    );
     run.expect_code(exit::DAMAGED);
     let report = run.json();
     let damaged = report["damaged"].as_array().unwrap();

@@ -114,7 +114,11 @@ pub struct Asset {
 /// bound as an instant; `to` makes it exclusive (the end of the given day, or just after the time).
 pub fn parse_taken(text: &str, to: bool) -> Result<DateTime<Utc>> {
     if let Ok(day) = NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
-        let day = if to { day.succ_opt().unwrap_or(day) } else { day };
+        let day = if to {
+            day.succ_opt().unwrap_or(day)
+        } else {
+            day
+        };
         return Ok(day.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
     }
     match DateTime::parse_from_rfc3339(text.trim()) {
@@ -484,7 +488,7 @@ impl Selecting {
                     c.status,
                 ]
                 .into_iter()
-                .map(|i| i.and_then(|i| text(i)).map(|t| t.into_owned()))
+                .map(|i| i.and_then(&text).map(|t| t.into_owned()))
                 .collect();
                 self.asset(row);
             }
@@ -574,7 +578,12 @@ async fn pass(reader: &Reader, manifest: &Manifest, state: Selecting) -> Result<
     tokio::task::spawn_blocking(move || {
         let mut state = state;
         let mut hashed = HashingReader::new(dump.open()?);
-        read_blocks(GzDecoder::new(&mut hashed), &database, &want.key, &mut state)?;
+        read_blocks(
+            GzDecoder::new(&mut hashed),
+            &database,
+            &want.key,
+            &mut state,
+        )?;
         io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
         let (len, sha) = (hashed.len, hashed.finish());
         if len != want.size || sha != want.sha256 {
@@ -590,12 +599,7 @@ async fn pass(reader: &Reader, manifest: &Manifest, state: Selecting) -> Result<
 }
 
 /// Hand the COPY blocks of `database` in the SQL `sql` to `state`, line by line.
-fn read_blocks(
-    sql: impl io::Read,
-    database: &str,
-    key: &str,
-    state: &mut Selecting,
-) -> Result<()> {
+fn read_blocks(sql: impl io::Read, database: &str, key: &str, state: &mut Selecting) -> Result<()> {
     let mut sql = BufReader::with_capacity(256 * 1024, sql);
     let mut line = Vec::new();
     let mut current: Option<String> = None;

@@ -347,7 +347,10 @@ fn refuse_live_target<'a>(target: &Path, live: impl Iterator<Item = &'a PathBuf>
         let mut rest = Vec::new();
         loop {
             if let Ok(c) = at.canonicalize() {
-                return rest.into_iter().rev().fold(c, |acc: PathBuf, n| acc.join(n));
+                return rest
+                    .into_iter()
+                    .rev()
+                    .fold(c, |acc: PathBuf, n| acc.join(n));
             }
             match (at.file_name().map(|n| n.to_os_string()), at.parent()) {
                 (Some(n), Some(parent)) => {
@@ -423,7 +426,12 @@ enum There {
 }
 
 /// Compare what `folder` holds at `name` with `entry` (never following a symlink).
-fn what_is_there(folder: Option<&Folder>, name: &OsStr, entry: &Entry, key: &[u8; 32]) -> io::Result<There> {
+fn what_is_there(
+    folder: Option<&Folder>,
+    name: &OsStr,
+    entry: &Entry,
+    key: &[u8; 32],
+) -> io::Result<There> {
     let Some(folder) = folder else {
         return Ok(There::Nothing);
     };
@@ -439,11 +447,13 @@ fn what_is_there(folder: Option<&Folder>, name: &OsStr, entry: &Entry, key: &[u8
     let mut f = folder.open_file(name)?;
     let mut h = blake3::Hasher::new_keyed(key);
     io::copy(&mut f, &mut h)?;
-    Ok(if Some(ContentId(*h.finalize().as_bytes())) == entry.content {
-        There::Same
-    } else {
-        There::Different
-    })
+    Ok(
+        if Some(ContentId(*h.finalize().as_bytes())) == entry.content {
+            There::Same
+        } else {
+            There::Different
+        },
+    )
 }
 
 /// Restore one file (or, in a dry run, say what would be done).
@@ -585,7 +595,9 @@ mod tests {
         assert!(!chosen(&set, "library/admin/2023/IMG_1.jpg"));
         // `*` does not cross folders; `**` does.
         assert!(!chosen(&set, "upload/x/y.mp4"));
-        let deep = glob_set(&["**/*.mp4".into()], "--include").unwrap().unwrap();
+        let deep = glob_set(&["**/*.mp4".into()], "--include")
+            .unwrap()
+            .unwrap();
         assert!(chosen(&deep, "upload/x/y.mp4"));
         assert!(glob_set(&["a[".into()], "--include").is_err());
     }
@@ -593,7 +605,7 @@ mod tests {
     #[test]
     fn a_missing_now_target_is_never_the_live_library() {
         let dir = tempfile::tempdir().unwrap();
-        let live = vec![dir.path().join("upload")];
+        let live = [dir.path().join("upload")];
         std::fs::create_dir_all(&live[0]).unwrap();
         assert!(refuse_live_target(&dir.path().join("upload"), live.iter()).is_err());
         assert!(refuse_live_target(&dir.path().join("upload/new/x"), live.iter()).is_err());
