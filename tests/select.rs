@@ -134,6 +134,13 @@ fn immich_selections_match_sql_on_the_source_database() {
         run.expect_code(exit::OK);
         let report = run.json();
         assert_eq!(selected(&report), expected(&s, condition), "{args:?}");
+        // Every selected asset is one of those files (none left out by the globs is listed).
+        let assets = report["assets"].as_array().unwrap();
+        assert_eq!(assets.len(), selected(&report).len(), "{args:?}");
+        assert!(
+            assets.iter().all(|a| a["outcome"] == "restored"),
+            "{args:?}"
+        );
         assert!(!t.exists(), "a dry run writes nothing");
     }
     // Trashed assets are selected like the others (they are what "empty trash" took away).

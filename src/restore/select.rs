@@ -748,4 +748,96 @@ COPY public.\"user\" (id, email, name) FROM stdin;\nu1\tadmin@example.com\tA\nu2
         // a1 is there, a4 is outside the snapshot: a2 and a3 are missing.
         assert_eq!(ids(&run(c).unwrap()), ["a2", "a3"]);
     }
+
+    /// A generated dump of 1.5 million assets (each in an album), streamed and never held: the
+    /// selection of one album (1 asset in 1000) must not grow memory with the dump. A measurement
+    /// (`cargo test --release -- --ignored dump_of_a_million`), not run by default.
+    #[test]
+    #[ignore]
+    fn dump_of_a_million_and_a_half_assets_in_bounded_memory() {
+        const N: usize = 1_500_000;
+        struct Gen {
+            n: usize,
+            stage: u8,
+            buf: Vec<u8>,
+            at: usize,
+        }
+        impl io::Read for Gen {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                while self.at == self.buf.len() {
+                    self.buf.clear();
+                    self.at = 0;
+                    use std::io::Write;
+                    let b = &mut self.buf;
+                    match (self.stage, self.n) {
+                        (0, _) => {
+                            b.extend_from_slice(b"\\connect immich\nCOPY public.album (id, \"albumName\") FROM stdin;\n");
+                            for k in 0..1000 {
+                                writeln!(b, "al{k}\tAlbum {k}").unwrap();
+                            }
+                            b.extend_from_slice(b"\\.\nCOPY public.album_asset (\"albumId\", \"assetId\") FROM stdin;\n");
+                            self.stage = 1;
+                        }
+                        (1, n) if n < N => {
+                            writeln!(b, "al{}\ta{n}", n % 1000).unwrap();
+                            self.n += 1;
+                        }
+                        (1, _) => {
+                            b.extend_from_slice(b"\\.\nCOPY public.asset (id, \"ownerId\", \"originalPath\", \"localDateTime\") FROM stdin;\n");
+                            self.stage = 2;
+                            self.n = 0;
+                        }
+                        (2, n) if n < N => {
+                            writeln!(b, "a{n}\tu1\t/data/library/admin/{}/IMG_{n:07}.jpg\t2024-07-14 10:00:00+00", 2000 + n % 25).unwrap();
+                            self.n += 1;
+                        }
+                        (2, _) => {
+                            b.extend_from_slice(b"\\.\nCOPY public.\"user\" (id, email) FROM stdin;\nu1\tadmin@example.com\n\\.\n");
+                            self.stage = 3;
+                        }
+                        _ => return Ok(0),
+                    }
+                }
+                let n = out.len().min(self.buf.len() - self.at);
+                out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+                self.at += n;
+                Ok(n)
+            }
+        }
+        let rss = || {
+            let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+            u.ru_maxrss
+        };
+        let before = rss();
+        let started = std::time::Instant::now();
+        let criteria = Criteria {
+            albums: vec!["Album 7".into()],
+            ..Default::default()
+        };
+        let mut state = Selecting::new(criteria, PathMap::default());
+        let mut passes = 0;
+        while !state.done() {
+            passes += 1;
+            let generated = Gen {
+                n: 0,
+                stage: 0,
+                buf: Vec::new(),
+                at: 0,
+            };
+            state.start_pass();
+            read_blocks(generated, "immich", "dump", &mut state).unwrap();
+            state.end_pass("s").unwrap();
+        }
+        let assets = state.finish("s").unwrap();
+        assert_eq!(assets.len(), N / 1000);
+        assert!(assets.iter().all(|a| a.albums == ["Album 7"]));
+        let grown_kib = rss() - before;
+        eprintln!(
+            "{N} assets, {passes} passes, {:.1}s: {} selected, peak RSS {before} KiB before, grew by {grown_kib} KiB",
+            started.elapsed().as_secs_f64(),
+            assets.len()
+        );
+        assert!(grown_kib < 64 * 1024, "{grown_kib} KiB");
+    }
 }

@@ -263,6 +263,7 @@ async fn restore(reader: &Reader, opts: SelectOptions) -> Result<SelectReport> {
             .filter_map(|(i, a)| Some((a.snapshot_path.clone()?, i)))
             .collect()
     });
+    let globs = (include.clone(), exclude.clone());
     tracing::info!(snapshot = %id, target = %target_path.display(), "restoring a selection");
     let picked = files::scan_list(reader, &manifest, None, Vec::new(), move |out, e| {
         let selected = e.kind == EntryKind::File
@@ -315,8 +316,17 @@ async fn restore(reader: &Reader, opts: SelectOptions) -> Result<SelectReport> {
     }
     report.damaged = super::with_sharing(reader.repo(), damaged).await?;
     if let Some(assets) = assets {
+        // The assets the globs leave out are not part of the selection.
+        let (include, exclude) = globs;
+        let kept = move |a: &Asset| {
+            a.snapshot_path.as_deref().is_none_or(|p| {
+                include.as_ref().is_none_or(|s| chosen(s, p))
+                    && !exclude.as_ref().is_some_and(|s| chosen(s, p))
+            })
+        };
         report.assets = assets
             .into_iter()
+            .filter(kept)
             .map(|a| {
                 let outcome = a
                     .snapshot_path
