@@ -659,13 +659,17 @@ COPY public.\"user\" (id, email, name) FROM stdin;\nu1\tadmin@example.com\tA\nu2
 
     /// Run the passes over `DUMP` without a store.
     fn run(criteria: Criteria) -> Result<Vec<Asset>> {
+        run_over(DUMP, criteria)
+    }
+
+    fn run_over(dump: &str, criteria: Criteria) -> Result<Vec<Asset>> {
         let mut state = Selecting::new(criteria, PathMap::default());
         for _ in 0..4 {
             if state.done() {
                 break;
             }
             state.start_pass();
-            read_blocks(DUMP.as_bytes(), "immich", "dump", &mut state)?;
+            read_blocks(dump.as_bytes(), "immich", "dump", &mut state)?;
             state.end_pass("s1")?;
         }
         state.finish("s1")
@@ -709,6 +713,35 @@ COPY public.\"user\" (id, email, name) FROM stdin;\nu1\tadmin@example.com\tA\nu2
             ..july
         };
         assert_eq!(ids(&run(both).unwrap()), ["a1"]);
+    }
+
+    /// Immich before its 2025 renames: `users`, `albums`, `albums_assets_assets` (`albumsId`,
+    /// `assetsId`), `assets` without `status`, and the older media path.
+    #[test]
+    fn the_older_schema_generation_is_read_too() {
+        let dump = "\\connect immich\n\
+COPY public.albums (id, \"albumName\") FROM stdin;\nal1\tFamily\n\\.\n\
+COPY public.albums_assets_assets (\"albumsId\", \"assetsId\") FROM stdin;\nal1\ta2\n\\.\n\
+COPY public.assets (id, \"ownerId\", \"originalPath\", \"fileCreatedAt\", \"localDateTime\") FROM stdin;\n\
+a1\tu1\t/usr/src/app/upload/library/admin/a.jpg\t2022-01-01 00:00:00+00\t2022-01-01 00:00:00+00\n\
+a2\tu2\tupload/upload/u2/b.jpg\t2022-02-01 00:00:00+00\t\\N\n\\.\n\
+COPY public.users (id, email) FROM stdin;\nu1\ta@example.com\nu2\tb@example.com\n\\.\n";
+        let c = Criteria {
+            users: vec!["b@example.com".into()],
+            albums: vec!["Family".into()],
+            taken_from: Some(parse_taken("2022-02-01", false).unwrap()),
+            ..Default::default()
+        };
+        let got = run_over(dump, c).unwrap();
+        assert_eq!(ids(&got), ["a2"]);
+        // No localDateTime: fileCreatedAt; no originalFileName: the path's last name.
+        assert_eq!(got[0].taken.as_deref(), Some("2022-02-01T00:00:00Z"));
+        assert_eq!(got[0].file_name, "b.jpg");
+        assert_eq!(got[0].snapshot_path.as_deref(), Some("upload/u2/b.jpg"));
+        assert_eq!(got[0].albums, ["Family"]);
+        assert_eq!(got[0].owner, "b@example.com");
+        let all = run_over(dump, Criteria::default()).unwrap();
+        assert_eq!(all[0].snapshot_path.as_deref(), Some("library/admin/a.jpg"));
     }
 
     #[test]
