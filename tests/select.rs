@@ -160,6 +160,34 @@ fn immich_selections_match_sql_on_the_source_database() {
     let trashed = expected(&s, "a.status = 'trashed' AND u.email = 'admin@example.com'");
     assert!(trashed.is_subset(&selected(&admin)));
 
+    // The same as text: each file named, and what would be done.
+    let text = cli(
+        Some(&config),
+        &[
+            "restore",
+            "--dry-run",
+            "--target",
+            target,
+            "--album",
+            "Family",
+            "--identity",
+            path_arg(&s.identity),
+        ],
+        &[],
+    );
+    text.expect_code(exit::OK);
+    assert!(
+        text.stdout.contains(&format!("{UNICODE_FILE}  (")),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("would restore"), "{}", text.stdout);
+    assert!(
+        text.stdout.trim_end().ends_with("nothing was written."),
+        "{}",
+        text.stdout
+    );
+
     // The album, restored: exactly its files, identical, and the list of its assets.
     let run = restore(&config, &s, &["--target", target, "--album", "Family"], &[]);
     run.expect_code(exit::OK);
