@@ -20,6 +20,7 @@ use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
 use immich_backup::repo::trust::{self, Trust};
 use immich_backup::repo::Repository;
+use immich_backup::restore::selective::{self, Outcome, SelectOptions, SelectReport};
 use immich_backup::restore::{self, RestoreOptions, RestoreReport};
 use immich_backup::store::check as storecheck;
 use immich_backup::verify::drill::{self, DrillOptions, DrillReport, Status};
@@ -141,6 +142,8 @@ enum Command {
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
+        #[command(flatten)]
+        select: SelectArgs,
     },
     /// Restore drill: replay a snapshot's dump into a throwaway Postgres (Docker mode: a container
     /// from the snapshot's image; local mode: an initdb cluster), compare its row counts with the
@@ -259,6 +262,61 @@ struct Access {
     /// meanwhile could then delete what is still to be read.
     #[arg(long)]
     no_lock: bool,
+}
+
+/// Restoring a selection: any of these makes `restore` put back only the files chosen, into
+/// --target, without the database and without a fresh install.
+#[derive(clap::Args, Debug, Default)]
+struct SelectArgs {
+    /// Restore only files matching this glob on snapshot paths (`library/admin/2024/**`,
+    /// `**/*.mp4`; a folder selects what it holds). Repeatable. Files only, no database.
+    #[arg(long, value_name = "GLOB")]
+    include: Vec<String>,
+    /// Leave out files matching this glob. Repeatable.
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// The originals of this Immich user (e-mail), from the snapshot's database. Repeatable.
+    #[arg(long, value_name = "EMAIL")]
+    user: Vec<String>,
+    /// The assets of every album of this name (exact). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    album: Vec<String>,
+    /// The assets of the album with this id. Repeatable.
+    #[arg(long, value_name = "ID")]
+    album_id: Vec<String>,
+    /// Assets captured on or after this date (YYYY-MM-DD, or RFC 3339), as Immich's timeline
+    /// shows it (localDateTime).
+    #[arg(long, value_name = "DATE")]
+    taken_from: Option<String>,
+    /// Assets captured up to this date (YYYY-MM-DD: that whole day), or RFC 3339 time.
+    #[arg(long, value_name = "DATE")]
+    taken_to: Option<String>,
+    /// The assets whose original is no longer under UPLOAD_LOCATION (or their external
+    /// library): "what did I delete". Restored into --target (default
+    /// ./immich-restore-<snapshot>-<date>, never the live library), with restored-assets.csv.
+    #[arg(long)]
+    missing_now: bool,
+    /// Replace files in --target that differ from the snapshot's (by default they are left as
+    /// they are and listed, exit code 3).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl SelectArgs {
+    /// Whether a selection was asked for.
+    fn any(&self) -> bool {
+        !self.include.is_empty() || !self.exclude.is_empty() || self.immich()
+    }
+
+    /// Whether the selection needs the snapshot's database.
+    fn immich(&self) -> bool {
+        !self.user.is_empty()
+            || !self.album.is_empty()
+            || !self.album_id.is_empty()
+            || self.taken_from.is_some()
+            || self.taken_to.is_some()
+            || self.missing_now
+    }
 }
 
 impl Access {
@@ -557,8 +615,22 @@ async fn run(cli: Cli) -> Result<i32> {
             dry_run,
             stop_server,
             keep_special_modes,
+            select,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
+            if select.any() {
+                let choices = RestoreChoices {
+                    snapshot,
+                    access,
+                    target,
+                    dry_run,
+                    keep_special_modes,
+                };
+                return restore_selection(&cfg, choices, select, bar, cli.json).await;
+            }
+            if select.overwrite {
+                return Err(Error::Usage("--overwrite is for restoring a selection (--include, --user, --album, …); a full restore never overwrites".into()));
+            }
             let server = if stop_server {
                 restore::ServerPolicy::StopAndRestart
             } else {
@@ -1001,6 +1073,139 @@ async fn run_restore(
             .collect(),
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
+}
+
+/// `restore` with a selection: files only, into --target.
+async fn restore_selection(
+    cfg: &Config,
+    choices: RestoreChoices,
+    select: SelectArgs,
+    bar: bool,
+    json: bool,
+) -> Result<i32> {
+    let criteria = if select.immich() {
+        let live = restore::select::Live {
+            upload_location: cfg.immich.upload_location.clone(),
+            externals: Vec::new(),
+        };
+        Some(restore::select::Criteria {
+            users: select.user.clone(),
+            albums: select.album.clone(),
+            album_ids: select.album_id.clone(),
+            taken_from: select
+                .taken_from
+                .as_deref()
+                .map(|t| restore::select::parse_taken(t, false))
+                .transpose()?,
+            taken_to: select
+                .taken_to
+                .as_deref()
+                .map(|t| restore::select::parse_taken(t, true))
+                .transpose()?,
+            missing_now: select.missing_now.then_some(live),
+        })
+    } else {
+        None
+    };
+    let (identities, trust) = choices.access.load(cfg, "restore")?;
+    let repo = Repository::open(&cfg.storage)?;
+    let mut opts = SelectOptions::new(&choices.snapshot, choices.target, trust);
+    opts.lock = choices.access.lock(cfg);
+    opts.include = select.include;
+    opts.exclude = select.exclude;
+    opts.criteria = criteria;
+    opts.media_location = cfg.immich.media_location.clone();
+    opts.external_hosts = cfg
+        .immich
+        .external_libraries
+        .iter()
+        .map(|l| (l.container_path.clone(), l.host_path.clone()))
+        .collect();
+    opts.overwrite = select.overwrite;
+    opts.dry_run = choices.dry_run;
+    opts.concurrency = cfg.storage.concurrency;
+    opts.keep_special_modes = choices.keep_special_modes;
+    // After the identity (and its passphrase prompt).
+    opts.progress = Progress::new(bar);
+    let report = selective::run(&repo, identities, opts).await?;
+    print_selection(&report, json);
+    Ok(if !report.damaged.is_empty() {
+        exit::DAMAGED
+    } else if !report.refused.is_empty() {
+        exit::PARTIAL
+    } else {
+        exit::OK
+    })
+}
+
+fn print_selection(r: &SelectReport, json: bool) {
+    if json {
+        print_json(r);
+        return;
+    }
+    let verb = if r.dry_run {
+        "would restore"
+    } else {
+        "restored"
+    };
+    println!(
+        "{}selection of snapshot {} (taken {} on {}) into {}",
+        if r.dry_run { "dry run: " } else { "" },
+        r.snapshot,
+        r.snapshot_time,
+        r.source_host,
+        r.target
+    );
+    for f in &r.selected {
+        let what = match f.outcome {
+            Outcome::Restored => verb,
+            Outcome::Present => "present",
+            Outcome::Refused => "DIFFERS, left as it is",
+            Outcome::Overwritten => "overwritten",
+            Outcome::Damaged => "DAMAGED, not restored",
+            Outcome::NotInSnapshot => "not in snapshot",
+        };
+        println!("  {}  ({}, {what})", f.path, human(f.size));
+    }
+    for a in r
+        .assets
+        .iter()
+        .filter(|a| a.outcome == Outcome::NotInSnapshot)
+    {
+        println!(
+            "  asset {} ({}): its original is not in the snapshot",
+            a.asset.original_path, a.asset.file_name
+        );
+    }
+    println!(
+        "  {} file(s) ({}) selected: {} {}, {} already present, {} overwritten, {} left as they are, {} damaged",
+        r.files,
+        human(r.bytes),
+        r.files_restored,
+        verb,
+        r.files_already_present,
+        r.files_overwritten,
+        r.refused.len(),
+        r.damaged.len()
+    );
+    if !r.assets.is_empty() {
+        println!(
+            "  {} asset(s) selected from the snapshot's database",
+            r.assets.len()
+        );
+    }
+    if !r.refused.is_empty() {
+        println!("  files that differ from the snapshot's were left as they are; pass --overwrite to replace them (or choose another --target)");
+    }
+    for d in &r.damaged {
+        println!("  NOT restored {} ({}): {}", d.path, d.object, d.reason);
+    }
+    if let Some(list) = &r.asset_list {
+        println!("  the assets are listed in {list}: re-upload them through Immich (web, app, or its CLI) to add them back to the library");
+    }
+    if r.dry_run {
+        println!("nothing was written.");
+    }
 }
 
 fn print_restore(r: &RestoreReport, json: bool) {

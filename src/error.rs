@@ -15,7 +15,8 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     /// Bad command line or configuration.
     pub const USAGE: i32 = 2;
-    /// Backup finished, but some files could not be read; the snapshot says which.
+    /// Backup finished, but some files could not be read; the snapshot says which. Restoring a
+    /// selection finished, but files that differ from the snapshot's were left as they were (listed).
     pub const PARTIAL: i32 = 3;
     /// Restore finished, but some files could not be restored: their content objects are damaged
     /// or missing (listed); everything else was restored.

@@ -17,7 +17,7 @@ use super::consistency::DbPaths;
 use crate::db::{Database, DumpRun};
 use crate::error::{Error, Result};
 use crate::format::{Object, ObjectRef};
-use crate::immich::copy;
+use crate::immich::copy::{self, connect_target};
 use crate::repo::{SealedWriter, Writer};
 
 /// What a finished dump left in the store.
@@ -308,32 +308,6 @@ impl RowCounter {
     pub fn finish(self) -> (BTreeMap<String, u64>, Option<DbPaths>) {
         (self.counts, self.paths)
     }
-}
-
-/// The database named by a `\connect` line: `immich`, `"my db"`, or `-reuse-previous=on "dbname='immich'"`.
-fn connect_target(rest: &str) -> String {
-    if let Some(start) = rest.find("dbname='") {
-        let tail = &rest[start + 8..];
-        let mut out = String::new();
-        let mut chars = tail.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some(n) = chars.next() {
-                        out.push(n)
-                    }
-                }
-                '\'' => break,
-                c => out.push(c),
-            }
-        }
-        return out;
-    }
-    let rest = rest.trim();
-    if rest.starts_with('"') {
-        return copy::unquote_ident(rest);
-    }
-    copy::unquote_ident(rest.split_whitespace().last().unwrap_or_default())
 }
 
 #[cfg(test)]

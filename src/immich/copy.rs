@@ -3,7 +3,8 @@
 //! (`{/mnt/photos,"/a b"}`) inside a field.
 //!
 //! Pure functions over bytes, no I/O: the backup reads Immich's asset paths out of the dump with
-//! them while it streams (`backup::consistency`).
+//! them while it streams (`backup::consistency`), and restore selects assets with them
+//! (`restore::select`); [`connect_target`] tells which database a `\connect` line enters.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -193,6 +194,32 @@ pub fn parse_text_array(s: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The database named by a `\connect` line: `immich`, `"my db"`, or `-reuse-previous=on "dbname='immich'"`.
+pub fn connect_target(rest: &str) -> String {
+    if let Some(start) = rest.find("dbname='") {
+        let tail = &rest[start + 8..];
+        let mut out = String::new();
+        let mut chars = tail.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        out.push(n)
+                    }
+                }
+                '\'' => break,
+                c => out.push(c),
+            }
+        }
+        return out;
+    }
+    let rest = rest.trim();
+    if rest.starts_with('"') {
+        return unquote_ident(rest);
+    }
+    unquote_ident(rest.split_whitespace().last().unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -62,6 +62,16 @@ pub const LIBRARY_TABLES: [&str; 2] = ["public.library", "public.libraries"];
 /// Newer Immich keeps each asset's other files here (`"type"` `'sidecar'` rows name XMP sidecars).
 pub const ASSET_FILE_TABLE: &str = "public.asset_file";
 
+/// The users' table (since 2025, and before): `id`, `email`.
+pub const USER_TABLES: [&str; 2] = ["public.user", "public.users"];
+
+/// The albums' table (since 2025, and before): `id`, `"albumName"`.
+pub const ALBUM_TABLES: [&str; 2] = ["public.album", "public.albums"];
+
+/// Which assets each album holds (since 2025: `"albumId"`, `"assetId"`; before:
+/// `albums_assets_assets` with `"albumsId"`, `"assetsId"`).
+pub const ALBUM_ASSET_TABLES: [&str; 2] = ["public.album_asset", "public.albums_assets_assets"];
+
 /// Columns of those tables.
 pub mod column {
     /// Asset: container path of the original.
@@ -78,4 +88,22 @@ pub mod column {
     pub const PATH: &str = "path";
     /// Library: the import paths.
     pub const IMPORT_PATHS: &str = "importPaths";
+    /// Every table: the row's id (a uuid).
+    pub const ID: &str = "id";
+    /// Asset, album: the owning user's id.
+    pub const OWNER_ID: &str = "ownerId";
+    /// Asset: the file name as uploaded.
+    pub const ORIGINAL_FILE_NAME: &str = "originalFileName";
+    /// Asset: the capture time as the photo's local wall-clock time, stored as if it were UTC (what
+    /// Immich's timeline shows).
+    pub const LOCAL_DATE_TIME: &str = "localDateTime";
+    /// Asset: the capture time (UTC).
+    pub const FILE_CREATED_AT: &str = "fileCreatedAt";
+    /// User: the e-mail address (the login).
+    pub const EMAIL: &str = "email";
+    /// Album: its name (not unique).
+    pub const ALBUM_NAME: &str = "albumName";
+    /// Album-asset: the album and the asset (since 2025, and before).
+    pub const ALBUM_ID: [&str; 2] = ["albumId", "albumsId"];
+    pub const ASSET_ID: [&str; 2] = ["assetId", "assetsId"];
 }

@@ -764,7 +764,7 @@ thread_local! {
 
 /// Decrypt one content object into a new file in `folder`, verify it against its address, and
 /// only then give it its name.
-fn restore_file(
+pub(crate) fn restore_file(
     mut plain: impl Read,
     key: &[u8; 32],
     folder: &Folder,

@@ -4,6 +4,8 @@
 //! The orchestration lives here; [`database`] is the database half (checks, the dump checked and
 //! replayed, row counts), [`files`] the files half (the target surveyed, files put back, damaged
 //! ones listed), [`state`] the progress kept in the target so that a restore can be run again.
+//! [`selective`] restores a selection (globs, or the Immich criteria [`select`] reads out of the
+//! snapshot's dump) into any folder, files only.
 //!
 //! Order: take the shared store lock (a prune cannot delete what is being read); pick the newest
 //! snapshot this repository's backup machine signed ([`crate::repo::trust`]); then, before anything is
@@ -18,6 +20,8 @@
 pub mod database;
 pub mod dumpcheck;
 pub mod files;
+pub mod select;
+pub mod selective;
 pub mod state;
 pub mod target;
 pub mod view;

@@ -1,5 +1,5 @@
 //! The one helper tree of the integration tests (`mod common;` in core.rs, security.rs, readahead.rs,
-//! cloud.rs, check.rs, drill.rs and messages.rs):
+//! cloud.rs, check.rs, drill.rs, messages.rs and select.rs):
 //!
 //! - [`Source`]: a source Immich install (throwaway cluster with an Immich-like database, sample
 //!   UPLOAD_LOCATION, folder store, cache folder, identity and signing key), optionally with
