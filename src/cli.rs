@@ -1,5 +1,7 @@
 //! Command-line interface: restic-like verbs over the library, human output or `--json`.
 
+mod browse;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -203,6 +205,8 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         assets: usize,
     },
+    #[command(flatten)]
+    Browse(browse::BrowseCommand),
 }
 
 /// How a command that reads snapshots with the identity gets at them (restore, drill, check).
@@ -473,6 +477,10 @@ async fn run(cli: Cli) -> Result<i32> {
             unlock(&cfg, remove_all, cli.json).await
         }
         Command::Run => unreachable!("handled before"),
+        Command::Browse(command) => {
+            let cfg = load_config(cli.config.as_deref())?;
+            browse::run(&cfg, command, cli.json).await
+        }
         Command::Restore {
             snapshot,
             access,

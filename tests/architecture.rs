@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["store", "db"],
     &["repo"],
     &["backup", "restore", "maintenance"],
-    &["verify"],
+    &["verify", "browse"],
     &["agent", "demo"],
 ];
 
