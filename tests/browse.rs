@@ -3,18 +3,24 @@
 //! an S3 server: each command's text and `--json` output against what the library and database
 //! hold; two snapshots with an added, a removed, a modified file and fewer rows in a table for
 //! `diff`, `find` and `stats`; a flipped byte in a content object makes `dump` name the file and exit
-//! 13, leaving no wrong byte in the output file or the pipe; the shared lock.
+//! 13, leaving no wrong byte in the output file or the pipe (nor, through the library, in a pipe fed
+//! from a temporary file); the shared lock.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use common::*;
+use immich_backup::browse::dump;
+use immich_backup::crypto::Identities;
 use immich_backup::demo::sample;
-use immich_backup::error::exit;
+use immich_backup::error::{exit, Error};
+use immich_backup::repo::Repository;
 
 const ASSETS: usize = 24;
 const CAFE: &str = "library/admin/Été 2024/café ☕.jpg";
@@ -343,6 +349,25 @@ fn ls_find_diff_stats_and_dump_on_a_folder_store() {
     run(&["ls", "--no-lock", "latest", "library"]).expect_code(exit::OK);
     lock_rt.block_on(lock.release());
 
+    // Into a pipe, a file bigger than the memory buffer goes through a temporary file first.
+    let lib_dump = |buffer: u64| {
+        let sink = Shared::default();
+        let reader = Repository::open(&src.config().storage)
+            .unwrap()
+            .reader(Arc::new(Identities::load(&src.identity).unwrap()));
+        let m = manifest(&src.store, &src.identity, &second);
+        let out = dump::Output::Stream {
+            to: Box::new(sink.clone()),
+            buffer,
+        };
+        let r = rt().block_on(dump::file(&reader, &m, CAFE, out));
+        let written = sink.0.lock().unwrap().clone();
+        (r, written)
+    };
+    let (r, written) = lib_dump(1024);
+    assert_eq!(r.unwrap().bytes, want.len() as u64);
+    assert_eq!(written, want);
+
     // A flipped byte in café's content object: dump names the file and exits 13; the redirected
     // file is cut back (empty after `>`, as it was after `>>`), the pipe receives nothing.
     let entry = file_list(&src.store, &src.identity, &second)
@@ -365,6 +390,26 @@ fn ls_find_diff_stats_and_dump_on_a_folder_store() {
     assert_eq!(code, exit::INTEGRITY, "{err}");
     assert!(piped.is_empty(), "{} bytes reached the pipe", piped.len());
     assert!(err.contains(CAFE), "{err}");
+    for buffer in [1024, dump::BUFFER] {
+        let (r, written) = lib_dump(buffer);
+        assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+        assert!(written.is_empty(), "{} bytes written", written.len());
+    }
+}
+
+/// A writer whose bytes the test reads afterwards.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Regular files below `dir`.

@@ -8,7 +8,7 @@
 //!   when the content turns out damaged the file is cut back to the length it had before (empty
 //!   after `>`, as it was after `>>`), and the error names the file and its object (exit 13);
 //! - anything else, a pipe ([`Output::Stream`]): not one byte is written before the whole file
-//!   has verified: up to [`BUFFER`] bytes are held in memory, a bigger file is first decrypted into
+//!   has verified: up to [`BUFFER`] bytes (the CLI's choice) are held in memory, a bigger file is first decrypted into
 //!   an unnamed temporary file in `$TMPDIR` (which needs room for it).
 //!
 //! The database is checked whole first, exactly as a restore checks it before replaying it
@@ -30,7 +30,8 @@ use crate::restore::database::{verify_dump, HashingReader};
 use crate::restore::files::scan_list;
 use crate::restore::parse_key;
 
-/// The largest file a pipe gets from memory; bigger ones go through a temporary file.
+/// The largest file a pipe gets from memory (the CLI's choice); bigger ones go through a
+/// temporary file.
 pub const BUFFER: u64 = 64 << 20;
 
 /// Where dumped bytes go.
@@ -38,8 +39,12 @@ pub enum Output {
     /// A regular file (stdout redirected with `>` or `>>`): written as read, cut back to its
     /// earlier length on failure.
     File(std::fs::File),
-    /// Anything else: written only once verified.
-    Stream(Box<dyn Write + Send>),
+    /// Anything else: written only once verified, from memory for files up to `buffer` bytes,
+    /// through an unnamed temporary file in `$TMPDIR` for bigger ones.
+    Stream {
+        to: Box<dyn Write + Send>,
+        buffer: u64,
+    },
 }
 
 /// What was dumped.
@@ -154,7 +159,7 @@ pub async fn file(reader: &Reader, manifest: &Manifest, path: &str, out: Output)
                 }
                 r
             }
-            Output::Stream(mut w) if e.size <= BUFFER => {
+            Output::Stream { to: mut w, buffer } if e.size <= buffer => {
                 let mut held = Vec::with_capacity(e.size as usize);
                 plain.copy_content(&key, &id, e.size, &e.path, |chunk| {
                     held.extend_from_slice(chunk);
@@ -164,7 +169,7 @@ pub async fn file(reader: &Reader, manifest: &Manifest, path: &str, out: Output)
                     .and_then(|()| w.flush())
                     .map_err(stdout_error)
             }
-            Output::Stream(mut w) => {
+            Output::Stream { to: mut w, .. } => {
                 let tmp_err = |err| Error::io(std::env::temp_dir(), err);
                 let mut tmp = tempfile::tempfile().map_err(tmp_err)?;
                 plain.copy_content(&key, &id, e.size, &e.path, |chunk| {
@@ -201,7 +206,7 @@ pub async fn database(reader: &Reader, manifest: &Manifest, out: Output) -> Resu
                 let cut = Cut::new(f.try_clone().map_err(stdout_error)?).map_err(stdout_error)?;
                 (Box::new(f), Some(cut))
             }
-            Output::Stream(w) => (w, None),
+            Output::Stream { to, .. } => (to, None),
         };
         let r = (|| {
             let mut hashed = HashingReader::new(dump.open()?);

@@ -239,7 +239,10 @@ fn output() -> Result<dump::Output> {
     Ok(if regular {
         dump::Output::File(file)
     } else {
-        dump::Output::Stream(Box::new(std::io::stdout()))
+        dump::Output::Stream {
+            to: Box::new(std::io::stdout()),
+            buffer: dump::BUFFER,
+        }
     })
 }
 
