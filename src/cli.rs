@@ -1,5 +1,7 @@
 //! Command-line interface: restic-like verbs over the library, human output or `--json`.
 
+mod browse;
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -234,6 +236,8 @@ enum Command {
         #[command(subcommand)]
         action: NotifyAction,
     },
+    #[command(flatten)]
+    Browse(browse::BrowseCommand),
 }
 
 /// `notify` subcommands.
@@ -607,6 +611,10 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             notify_test(&cfg, cli.json).await
+        }
+        Command::Browse(command) => {
+            let cfg = load_config(cli.config.as_deref())?;
+            browse::run(&cfg, command, cli.json).await
         }
         Command::Restore {
             snapshot,

@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod backup;
+pub mod browse;
 pub mod config;
 pub mod crypto;
 pub mod db;

@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["store", "db", "notify", "hooks"],
     &["repo"],
     &["backup", "restore", "maintenance"],
-    &["verify"],
+    &["verify", "browse"],
     &["agent", "demo"],
 ];
 

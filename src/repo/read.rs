@@ -114,6 +114,47 @@ pub struct Unsealed {
     inner: Opened<BufReader<Box<dyn Read + Send + 'static>>>,
 }
 
+impl Unsealed {
+    /// Read content object `id` (a file of `len` bytes) to its end in chunks, handing each to
+    /// `out` as it is read, while hashing it with the content `key`; an error naming the object
+    /// (and `path`, the file it holds) when its length or keyed BLAKE3 hash is not what its address
+    /// says. What `out` was handed before that is not verified: callers that must not let wrong bytes
+    /// out keep them until this returns (a restore's unnamed file, `dump`'s buffer).
+    pub fn copy_content(
+        mut self,
+        key: &[u8; 32],
+        id: &ContentId,
+        len: u64,
+        path: &str,
+        mut out: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let object = id.key();
+        let mut hasher = blake3::Hasher::new_keyed(key);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut read = 0u64;
+        loop {
+            let n = self.read(&mut buf).map_err(|e| read_error(&object, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            read += n as u64;
+            out(&buf[..n])?;
+        }
+        if read != len || ContentId(*hasher.finalize().as_bytes()) != *id {
+            let file = match path {
+                "" => format!("a {len}-byte file"),
+                p => format!("{p}, {len} bytes"),
+            };
+            return Err(Error::Corrupt {
+                object,
+                message: format!("its content ({read} bytes) does not match its address ({file})"),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Read for Unsealed {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf)

@@ -7,7 +7,7 @@
 //! list), so any truncation or extension is found from the listing alone.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,7 +19,7 @@ use super::{CheckReport, Deep, Index, Problem, ReadSummary, UNKNOWN};
 use crate::error::{Error, Result};
 use crate::format::{ContentId, EntryKind, Manifest, Object};
 use crate::progress::Progress;
-use crate::repo::{read_error, sealed_payload_len, Fetched, Reader, Repository};
+use crate::repo::{sealed_payload_len, Fetched, Reader, Repository};
 
 /// The smallest stored size a content object can have: an age header with one X25519 stanza, the
 /// payload nonce and one (empty) chunk's tag. Anything smaller cannot decrypt.
@@ -242,27 +242,8 @@ fn verify(
     len: u64,
     progress: &Progress,
 ) -> Result<()> {
-    let object = id.key();
-    let mut plain = fetched.open()?;
-    let mut hasher = blake3::Hasher::new_keyed(key);
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut read = 0u64;
-    loop {
-        let n = plain.read(&mut buf).map_err(|e| read_error(&object, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        read += n as u64;
-        progress.inc(n as u64);
-    }
-    if read != len || ContentId(*hasher.finalize().as_bytes()) != *id {
-        return Err(Error::Corrupt {
-            object,
-            message: format!(
-                "its content ({read} bytes) does not match its address (a {len}-byte file)"
-            ),
-        });
-    }
-    Ok(())
+    fetched.open()?.copy_content(key, id, len, "", |chunk| {
+        progress.inc(chunk.len() as u64);
+        Ok(())
+    })
 }
