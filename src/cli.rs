@@ -128,6 +128,10 @@ enum Command {
         /// Restore setuid, setgid and sticky bits as recorded (by default they are dropped).
         #[arg(long)]
         keep_special_modes: bool,
+        /// Leave file owners alone. By default, running as root, every restored file, folder and
+        /// symlink gets the uid and gid recorded at backup (not root: owners are left as they come).
+        #[arg(long)]
+        no_owner: bool,
     },
     /// Restore drill: replay a snapshot's dump into a throwaway Postgres (Docker mode: a container
     /// from the snapshot's image; local mode: an initdb cluster), compare its row counts with the
@@ -480,6 +484,7 @@ async fn run(cli: Cli) -> Result<i32> {
             dry_run,
             stop_server,
             keep_special_modes,
+            no_owner,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             let server = if stop_server {
@@ -493,6 +498,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 target,
                 dry_run,
                 keep_special_modes,
+                no_owner,
             };
             let report = run_restore(&cfg, choices, server, bar).await?;
             print_restore(&report, cli.json);
@@ -877,6 +883,7 @@ struct RestoreChoices {
     target: Option<PathBuf>,
     dry_run: bool,
     keep_special_modes: bool,
+    no_owner: bool,
 }
 
 async fn run_restore(
@@ -906,6 +913,7 @@ async fn run_restore(
             .iter()
             .map(|l| (l.container_path.clone(), l.host_path.clone()))
             .collect(),
+        no_owner: choices.no_owner,
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }

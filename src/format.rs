@@ -164,6 +164,12 @@ pub struct Entry {
     pub content: Option<ContentId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Owner user id (`st_uid`); absent in lists written before 0.3, which restore without chown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Owner group id (`st_gid`); absent like `uid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// A file the backup could not read (recorded; the snapshot is then marked partial).

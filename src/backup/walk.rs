@@ -332,6 +332,8 @@ fn describe(
         mode: meta.mode() & 0o7777,
         content: None,
         target,
+        uid: Some(meta.uid()),
+        gid: Some(meta.gid()),
     };
     Walked::Found(Found {
         entry,
