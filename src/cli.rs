@@ -731,6 +731,12 @@ fn print_backup(r: &BackupReport, json: bool) {
         r.row_counts.values().sum::<u64>()
     );
     println!("  duration: {:.1}s", r.duration_secs);
+    if r.excluded > 0 {
+        println!(
+            "  excluded: {} path(s) left out by [immich] exclude",
+            r.excluded
+        );
+    }
     if !r.repaired.is_empty() {
         println!(
             "  repaired: {} damaged object(s) stored again",
@@ -788,6 +794,14 @@ fn print_consistency(c: &Consistency, partial: bool) {
                 c.external_import_paths.join(", ")
             },
             c.external_examples.first().map(String::as_str).unwrap_or("")
+        );
+    }
+    if c.excluded > 0 {
+        println!(
+            "  {}: {} file(s) the database names are left out by [immich] exclude: a restore would lack them (narrow the patterns). First: {}",
+            if partial { "WARNING" } else { "note" },
+            c.excluded,
+            c.excluded_examples.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         );
     }
     if c.missing() > 0 {

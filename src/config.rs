@@ -50,6 +50,8 @@ pub struct ImmichConfig {
     /// `database` from UPLOAD_LOCATION, DB_USERNAME, DB_PASSWORD and DB_DATABASE_NAME, for the keys
     /// not set explicitly. Empty: not used.
     pub env_file: String,
+    /// Glob patterns of snapshot paths (`library/admin/2024/x.tmp`, `external/…`) not to back up.
+    pub exclude: Vec<String>,
 }
 
 impl Default for ImmichConfig {
@@ -60,6 +62,7 @@ impl Default for ImmichConfig {
             media_location: String::new(),
             external_libraries: Vec::new(),
             env_file: String::new(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -76,12 +79,22 @@ pub struct ExternalLibraryConfig {
 }
 
 impl ImmichConfig {
+    /// `exclude`, compiled (checked at load, so a backup can take it as valid).
+    pub fn excludes(&self) -> std::result::Result<crate::immich::exclude::Excludes, String> {
+        crate::immich::exclude::Excludes::new(&self.exclude)
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Config(format!("[immich] {what}")));
         if !self.media_location.is_empty() && !self.media_location.starts_with('/') {
             return bad(format!(
                 "media_location {:?} must be an absolute path (Immich's IMMICH_MEDIA_LOCATION, e.g. \"/data\"), or empty",
                 self.media_location
+            ));
+        }
+        if let Err(e) = self.excludes() {
+            return bad(format!(
+                "exclude: {e}; see config.example.toml for the pattern syntax"
             ));
         }
         let mut seen: Vec<(String, &Path)> = Vec::new();

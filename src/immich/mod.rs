@@ -9,6 +9,7 @@
 
 pub mod copy;
 pub mod env_file;
+pub mod exclude;
 pub mod paths;
 
 /// Folders under UPLOAD_LOCATION that hold originals: a backup must take them.
