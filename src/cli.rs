@@ -14,6 +14,7 @@ use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
 use immich_backup::format::{Consistency, ContentId, Verdict};
 use immich_backup::maintenance;
+use immich_backup::policy::retention::RetentionConfig;
 use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
@@ -152,7 +153,8 @@ enum Command {
         no_read_data: bool,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
-    /// Needs no identity.
+    /// Needs no identity. Any --keep-* flag replaces the whole [retention] policy for this run
+    /// (rules not given are off; [retention] timezone still applies).
     Forget {
         /// Show what would be kept (and which rule keeps it) and what would go; change nothing.
         #[arg(long, short = 'n')]
@@ -160,6 +162,8 @@ enum Command {
         /// Prune afterwards (remove content no remaining snapshot references).
         #[arg(long)]
         prune: bool,
+        #[command(flatten)]
+        keep: KeepFlags,
     },
     /// Check that every snapshot in the store can be restored whole: its objects and every content
     /// object it references exist (a missing or cut-off object is named with the snapshots, and
@@ -418,9 +422,13 @@ async fn run(cli: Cli) -> Result<i32> {
             let cfg = load_config(cli.config.as_deref())?;
             snapshots(&cfg, cli.json).await
         }
-        Command::Forget { dry_run, prune } => {
+        Command::Forget {
+            dry_run,
+            prune,
+            keep,
+        } => {
             let cfg = load_config(cli.config.as_deref())?;
-            forget(&cfg, dry_run, prune, cli.json).await
+            forget(&cfg, dry_run, prune, &keep, cli.json).await
         }
         Command::Check {
             access,
@@ -890,6 +898,53 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// `forget --keep-*`: a retention policy for this run instead of `[retention]`'s (restic's flags;
+/// -1 means no limit).
+#[derive(Debug, Clone, Default, clap::Args)]
+struct KeepFlags {
+    /// Keep the N most recent snapshots.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_last: Option<i32>,
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_hourly: Option<i32>,
+    /// … of each of the N most recent days.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_daily: Option<i32>,
+    /// … of each of the N most recent ISO weeks.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_weekly: Option<i32>,
+    /// … of each of the N most recent months.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_monthly: Option<i32>,
+    /// … of each of the N most recent years.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_yearly: Option<i32>,
+}
+
+impl KeepFlags {
+    /// The policy these flags make, keeping `[retention]`'s time zone; `None` when none is given.
+    fn policy(&self, configured: &RetentionConfig) -> Option<RetentionConfig> {
+        let given = [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ];
+        given.iter().any(Option::is_some).then(|| RetentionConfig {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+            keep_monthly: self.keep_monthly.unwrap_or(0),
+            keep_yearly: self.keep_yearly.unwrap_or(0),
+            timezone: configured.timezone.clone(),
+        })
+    }
+}
+
 /// What the restore command line chose.
 struct RestoreChoices {
     snapshot: String,
@@ -1169,16 +1224,28 @@ async fn run_agent(config: Option<&std::path::Path>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {
+async fn forget(
+    cfg: &Config,
+    dry_run: bool,
+    prune_after: bool,
+    keep: &KeepFlags,
+    json: bool,
+) -> Result<i32> {
     let repo = Repository::open(&cfg.storage)?;
     let tz = maintenance::retention_timezone(cfg)?;
-    let report =
-        maintenance::forget(&repo, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
+    let flags = keep.policy(&cfg.retention);
+    let policy = flags.as_ref().unwrap_or(&cfg.retention);
+    let report = maintenance::forget(&repo, policy, tz, &cfg.lock, dry_run, prune_after).await?;
     if json {
         print_json(&report);
         return Ok(exit::OK);
     }
-    println!("policy: {}", report.policy);
+    let from = if flags.is_some() {
+        " (--keep-* flags; [retention] not used)"
+    } else {
+        ""
+    };
+    println!("policy: {}{from}", report.policy);
     println!("{:<29} {:<20} {:<6} REASONS", "ID", "TIME (UTC)", "ACTION");
     for d in &report.decisions {
         println!(
