@@ -152,3 +152,38 @@ impl OwnerTotals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file list written before owners were recorded reads with no owner, and restores without
+    /// a chown; a recorded owner is written back out as it was read.
+    #[test]
+    fn lists_without_owners_read_and_restore_without_chown() {
+        let old = r#"{"path":"library/a.jpg","type":"file","size":3,"mtime_ns":1,"mode":420,"content":"0000000000000000000000000000000000000000000000000000000000000000"}"#;
+        let entry: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!((entry.uid, entry.gid), (None, None));
+        assert_eq!(serde_json::to_string(&entry).unwrap(), old);
+        let owners = Owners::new(true);
+        assert!(owners.of(&entry).is_none());
+        assert_eq!(owners.totals().foreign, 0);
+        let new = Entry {
+            uid: Some(1234),
+            gid: Some(5678),
+            ..entry
+        };
+        let line = serde_json::to_string(&new).unwrap();
+        assert!(line.ends_with(r#","uid":1234,"gid":5678}"#), "{line}");
+        // Applied as root only; otherwise counted (told once at the end).
+        let ours = rustix::process::geteuid().as_raw();
+        match owners.of(&new) {
+            Some((u, g)) => assert_eq!((ours, u.as_raw(), g.as_raw()), (0, 1234, 5678)),
+            None => assert_eq!((ours != 0, owners.totals().foreign), (true, 1)),
+        }
+        // --no-owner: nothing applied, nothing counted.
+        let off = Owners::new(false);
+        assert!(off.of(&new).is_none());
+        assert_eq!(off.totals().foreign, 0);
+    }
+}
