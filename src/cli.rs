@@ -14,7 +14,7 @@ use immich_backup::crypto::{self, Identities, Recipients};
 use immich_backup::error::{exit, Error, Result};
 use immich_backup::format::{Consistency, ContentId, Verdict};
 use immich_backup::maintenance;
-use immich_backup::policy::retention::RetentionConfig;
+use immich_backup::policy::retention::{RetentionConfig, Within};
 use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
@@ -920,6 +920,9 @@ struct KeepFlags {
     /// … of each of the N most recent years.
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
     keep_yearly: Option<i32>,
+    /// Keep every snapshot less than DURATION before the newest one (`7d`, `2d12h`, `1y6m`).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<Within>,
 }
 
 impl KeepFlags {
@@ -933,7 +936,8 @@ impl KeepFlags {
             self.keep_monthly,
             self.keep_yearly,
         ];
-        given.iter().any(Option::is_some).then(|| RetentionConfig {
+        let any = given.iter().any(Option::is_some) || self.keep_within.is_some();
+        any.then(|| RetentionConfig {
             keep_last: self.keep_last.unwrap_or(0),
             keep_hourly: self.keep_hourly.unwrap_or(0),
             keep_daily: self.keep_daily.unwrap_or(0),
@@ -941,6 +945,7 @@ impl KeepFlags {
             keep_monthly: self.keep_monthly.unwrap_or(0),
             keep_yearly: self.keep_yearly.unwrap_or(0),
             timezone: configured.timezone.clone(),
+            keep_within: self.keep_within,
         })
     }
 }

@@ -369,6 +369,15 @@ async fn forget_and_prune_round_trip_without_the_identity() {
     assert_eq!(v["removed"], serde_json::json!([s2.snapshot]), "{v}");
     assert_eq!(v["decisions"][0]["reasons"][0]["rule"], "daily", "{v}");
     assert_eq!(v["decisions"][2]["reasons"][0]["oldest"], true, "{v}");
+    // --keep-within: the three snapshots were made within minutes of each other.
+    let (code, out, err) = run_bin(&config, &["--json", "forget", "-n", "--keep-within", "1h"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["decisions"][2]["reasons"][0]["rule"], "within", "{v}");
+    let (code, _, err) = run_bin(&config, &["forget", "-n", "--keep-within", "7w"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--keep-within") && err.contains("7d"), "{err}");
     let (code, _, err) = run_bin(&config, &["forget", "-n", "--keep-last", "-2"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--keep-last"), "{err}");
