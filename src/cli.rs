@@ -17,6 +17,7 @@ use immich_backup::error::{exit, Error, Result};
 use immich_backup::format::{Consistency, ContentId, Verdict};
 use immich_backup::maintenance;
 use immich_backup::notify::{self, Notifier};
+use immich_backup::policy::retention::{RetentionConfig, Within};
 use immich_backup::policy::schedule;
 use immich_backup::progress::Progress;
 use immich_backup::repo::lock;
@@ -146,6 +147,10 @@ enum Command {
         keep_special_modes: bool,
         #[command(flatten)]
         select: SelectArgs,
+        /// Leave file owners alone. By default, running as root, every restored file, folder and
+        /// symlink gets the uid and gid recorded at backup (not root: owners are left as they come).
+        #[arg(long)]
+        no_owner: bool,
     },
     /// Restore drill: replay a snapshot's dump into a throwaway Postgres (Docker mode: a container
     /// from the snapshot's image; local mode: an initdb cluster), compare its row counts with the
@@ -166,7 +171,8 @@ enum Command {
         no_read_data: bool,
     },
     /// Apply the [retention] policy: delete the snapshots it does not keep (manifest first).
-    /// Needs no identity.
+    /// Needs no identity. Any --keep-* flag replaces the whole [retention] policy for this run
+    /// (rules not given are off; [retention] timezone still applies).
     Forget {
         /// Show what would be kept (and which rule keeps it) and what would go; change nothing.
         #[arg(long, short = 'n')]
@@ -174,6 +180,8 @@ enum Command {
         /// Prune afterwards (remove content no remaining snapshot references).
         #[arg(long)]
         prune: bool,
+        #[command(flatten)]
+        keep: KeepFlags,
     },
     /// Check that every snapshot in the store can be restored whole: its objects and every content
     /// object it references exist (a missing or cut-off object is named with the snapshots, and
@@ -527,9 +535,13 @@ async fn run(cli: Cli) -> Result<i32> {
             let cfg = load_config(cli.config.as_deref())?;
             snapshots(&cfg, cli.json).await
         }
-        Command::Forget { dry_run, prune } => {
+        Command::Forget {
+            dry_run,
+            prune,
+            keep,
+        } => {
             let cfg = load_config(cli.config.as_deref())?;
-            forget(&cfg, dry_run, prune, cli.json).await
+            forget(&cfg, dry_run, prune, &keep, cli.json).await
         }
         Command::Check {
             access,
@@ -624,6 +636,7 @@ async fn run(cli: Cli) -> Result<i32> {
             stop_server,
             keep_special_modes,
             select,
+            no_owner,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             if select.any() {
@@ -633,6 +646,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     target,
                     dry_run,
                     keep_special_modes,
+                    no_owner,
                 };
                 return restore_selection(&cfg, choices, select, bar, cli.json).await;
             }
@@ -650,6 +664,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 target,
                 dry_run,
                 keep_special_modes,
+                no_owner,
             };
             let report = run_restore(&cfg, choices, server, bar).await?;
             print_restore(&report, cli.json);
@@ -898,6 +913,12 @@ fn print_backup(r: &BackupReport, json: bool) {
             human(q.bytes_received)
         );
     }
+    if r.excluded > 0 {
+        println!(
+            "  excluded: {} path(s) left out by [immich] exclude",
+            r.excluded
+        );
+    }
     if !r.repaired.is_empty() {
         println!(
             "  repaired: {} damaged object(s) stored again",
@@ -955,6 +976,14 @@ fn print_consistency(c: &Consistency, partial: bool) {
                 c.external_import_paths.join(", ")
             },
             c.external_examples.first().map(String::as_str).unwrap_or("")
+        );
+    }
+    if c.excluded > 0 {
+        println!(
+            "  {}: {} file(s) the database names are left out by [immich] exclude: a restore would lack them (narrow the patterns). First: {}",
+            if partial { "WARNING" } else { "note" },
+            c.excluded,
+            c.excluded_examples.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
         );
     }
     if c.missing() > 0 {
@@ -1043,6 +1072,58 @@ async fn snapshots(cfg: &Config, json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
+/// `forget --keep-*`: a retention policy for this run instead of `[retention]`'s (restic's flags;
+/// -1 means no limit).
+#[derive(Debug, Clone, Default, clap::Args)]
+struct KeepFlags {
+    /// Keep the N most recent snapshots.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_last: Option<i32>,
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_hourly: Option<i32>,
+    /// … of each of the N most recent days.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_daily: Option<i32>,
+    /// … of each of the N most recent ISO weeks.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_weekly: Option<i32>,
+    /// … of each of the N most recent months.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_monthly: Option<i32>,
+    /// … of each of the N most recent years.
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1..))]
+    keep_yearly: Option<i32>,
+    /// Keep every snapshot less than DURATION before the newest one (`7d`, `2d12h`, `1y6m`).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<Within>,
+}
+
+impl KeepFlags {
+    /// The policy these flags make, keeping `[retention]`'s time zone; `None` when none is given.
+    fn policy(&self, configured: &RetentionConfig) -> Option<RetentionConfig> {
+        let given = [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ];
+        let any = given.iter().any(Option::is_some) || self.keep_within.is_some();
+        any.then(|| RetentionConfig {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+            keep_monthly: self.keep_monthly.unwrap_or(0),
+            keep_yearly: self.keep_yearly.unwrap_or(0),
+            timezone: configured.timezone.clone(),
+            keep_within: self.keep_within,
+        })
+    }
+}
+
 /// What the restore command line chose.
 struct RestoreChoices {
     snapshot: String,
@@ -1050,6 +1131,7 @@ struct RestoreChoices {
     target: Option<PathBuf>,
     dry_run: bool,
     keep_special_modes: bool,
+    no_owner: bool,
 }
 
 async fn run_restore(
@@ -1079,6 +1161,7 @@ async fn run_restore(
             .iter()
             .map(|l| (l.container_path.clone(), l.host_path.clone()))
             .collect(),
+        no_owner: choices.no_owner,
     };
     restore::run_with(database.as_ref(), &repo, identities, opts, server).await
 }
@@ -1133,6 +1216,7 @@ async fn restore_selection(
     opts.dry_run = choices.dry_run;
     opts.concurrency = cfg.storage.concurrency;
     opts.keep_special_modes = choices.keep_special_modes;
+    opts.no_owner = choices.no_owner;
     // After the identity (and its passphrase prompt).
     opts.progress = Progress::new(bar);
     let report = selective::run(&repo, identities, opts).await?;
@@ -1483,16 +1567,28 @@ async fn notify_test(cfg: &Config, json: bool) -> Result<i32> {
     })
 }
 
-async fn forget(cfg: &Config, dry_run: bool, prune_after: bool, json: bool) -> Result<i32> {
+async fn forget(
+    cfg: &Config,
+    dry_run: bool,
+    prune_after: bool,
+    keep: &KeepFlags,
+    json: bool,
+) -> Result<i32> {
     let repo = Repository::open(&cfg.storage)?;
     let tz = maintenance::retention_timezone(cfg)?;
-    let report =
-        maintenance::forget(&repo, &cfg.retention, tz, &cfg.lock, dry_run, prune_after).await?;
+    let flags = keep.policy(&cfg.retention);
+    let policy = flags.as_ref().unwrap_or(&cfg.retention);
+    let report = maintenance::forget(&repo, policy, tz, &cfg.lock, dry_run, prune_after).await?;
     if json {
         print_json(&report);
         return Ok(exit::OK);
     }
-    println!("policy: {}", report.policy);
+    let from = if flags.is_some() {
+        " (--keep-* flags; [retention] not used)"
+    } else {
+        ""
+    };
+    println!("policy: {}{from}", report.policy);
     println!("{:<29} {:<20} {:<6} REASONS", "ID", "TIME (UTC)", "ACTION");
     for d in &report.decisions {
         println!(

@@ -48,6 +48,12 @@ pub struct ImmichConfig {
     pub media_location: String,
     /// External libraries to back up with every snapshot (and restore to their host paths).
     pub external_libraries: Vec<ExternalLibraryConfig>,
+    /// Immich's `.env`: fills `upload_location` and `[database] username`, `password` and
+    /// `database` from UPLOAD_LOCATION, DB_USERNAME, DB_PASSWORD and DB_DATABASE_NAME, for the keys
+    /// not set explicitly. Empty: not used.
+    pub env_file: String,
+    /// Glob patterns of snapshot paths (`library/admin/2024/x.tmp`, `external/…`) not to back up.
+    pub exclude: Vec<String>,
 }
 
 impl Default for ImmichConfig {
@@ -57,6 +63,8 @@ impl Default for ImmichConfig {
             folders: crate::immich::ORIGINAL_FOLDERS.map(String::from).to_vec(),
             media_location: String::new(),
             external_libraries: Vec::new(),
+            env_file: String::new(),
+            exclude: Vec::new(),
         }
     }
 }
@@ -73,12 +81,22 @@ pub struct ExternalLibraryConfig {
 }
 
 impl ImmichConfig {
+    /// `exclude`, compiled (checked at load, so a backup can take it as valid).
+    pub fn excludes(&self) -> std::result::Result<crate::immich::exclude::Excludes, String> {
+        crate::immich::exclude::Excludes::new(&self.exclude)
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::Config(format!("[immich] {what}")));
         if !self.media_location.is_empty() && !self.media_location.starts_with('/') {
             return bad(format!(
                 "media_location {:?} must be an absolute path (Immich's IMMICH_MEDIA_LOCATION, e.g. \"/data\"), or empty",
                 self.media_location
+            ));
+        }
+        if let Err(e) = self.excludes() {
+            return bad(format!(
+                "exclude: {e}; see config.example.toml for the pattern syntax"
             ));
         }
         let mut seen: Vec<(String, &Path)> = Vec::new();
@@ -528,6 +546,14 @@ const LIST_KEYS: [&str; 6] = [
     "notify.email.to",
 ];
 
+/// The keys `[immich] env_file` fills when they are not set explicitly.
+const ENV_FILE_KEYS: [&str; 4] = [
+    "immich.upload_location",
+    "database.username",
+    "database.password",
+    "database.database",
+];
+
 impl Config {
     /// Load `file` (if given) and apply environment overrides; then validate.
     pub fn load(file: Option<&Path>) -> Result<Config> {
@@ -563,6 +589,11 @@ impl Config {
             }
         }
         let built = builder.build().map_err(|e| Error::Config(e.to_string()))?;
+        // The keys an `[immich] env_file` may fill: only those not set in the file or environment.
+        let unset: Vec<&str> = ENV_FILE_KEYS
+            .into_iter()
+            .filter(|k| built.get::<config::Value>(k).is_err())
+            .collect();
         let mut cfg: Config = built.try_deserialize().map_err(|e| {
             // Our own messages name their key already ("[database] mode = …: use …").
             let text = e.to_string();
@@ -579,8 +610,32 @@ impl Config {
                 .unwrap_or_default();
             cfg.resolve_paths(&folder);
         }
+        cfg.apply_env_file(&unset)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Fill the `unset` keys from `[immich] env_file`, if one is given.
+    fn apply_env_file(&mut self, unset: &[&str]) -> Result<()> {
+        if self.immich.env_file.is_empty() {
+            return Ok(());
+        }
+        let env = crate::immich::env_file::read(Path::new(&self.immich.env_file))?;
+        let fill = |key: &str, value: Option<String>, into: &mut String| {
+            if let Some(v) = value.filter(|_| unset.contains(&key)) {
+                *into = v;
+            }
+        };
+        let db = &mut self.database;
+        fill("database.username", env.username, &mut db.username);
+        fill("database.password", env.password, &mut db.password);
+        fill("database.database", env.database, &mut db.database);
+        if let Some(p) = env.upload_location {
+            if unset.contains(&"immich.upload_location") {
+                self.immich.upload_location = p;
+            }
+        }
+        Ok(())
     }
 
     /// Relative paths from the config file are read from its folder, `folder`; those from the
@@ -599,6 +654,7 @@ impl Config {
         };
         let mut upload = self.immich.upload_location.display().to_string();
         resolve("immich", "upload_location", &mut upload);
+        resolve("immich", "env_file", &mut self.immich.env_file);
         self.immich.upload_location = PathBuf::from(upload);
         resolve("database", "bin_dir", &mut self.database.bin_dir);
         resolve(
@@ -1353,5 +1409,53 @@ mod rate_tests {
         assert!(parse_rate("10 parsecs/s")
             .unwrap_err()
             .contains("unknown unit"));
+    }
+}
+
+#[cfg(test)]
+mod env_file_tests {
+    use super::*;
+
+    /// `[immich] env_file` (relative: from the config file's folder) fills the keys not set
+    /// explicitly, in the file or the environment; Immich's `./library` is read from the `.env`'s
+    /// folder; a missing file names the key. (nextest runs each test in its own process.)
+    #[test]
+    fn immichs_env_file_fills_what_is_not_set_explicitly() {
+        let dir = tempfile::tempdir().unwrap();
+        let immich = dir.path().join("immich-app");
+        std::fs::create_dir_all(&immich).unwrap();
+        std::fs::write(
+            immich.join(".env"),
+            "UPLOAD_LOCATION=./library\nDB_DATA_LOCATION=./postgres\nIMMICH_VERSION=release\n\
+             DB_PASSWORD=from-env-file\nDB_USERNAME=immich_user\nDB_DATABASE_NAME=immich_db\n",
+        )
+        .unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "[immich]\nenv_file = \"immich-app/.env\"\n[database]\ndatabase = \"explicit\"\n",
+        )
+        .unwrap();
+        std::env::set_var("IMMICH_BACKUP__DATABASE__USERNAME", "from-environment");
+        let cfg = Config::load(Some(&file));
+        std::env::remove_var("IMMICH_BACKUP__DATABASE__USERNAME");
+        let cfg = cfg.unwrap();
+        assert_eq!(cfg.immich.upload_location, immich.join("library"));
+        assert_eq!(cfg.database.password, "from-env-file");
+        assert_eq!(cfg.database.username, "from-environment");
+        assert_eq!(cfg.database.database, "explicit");
+        assert!(!format!("{cfg:?}").contains("from-env-file"));
+
+        std::fs::write(
+            &file,
+            "[immich]\nenv_file = \"elsewhere/.env\"\nupload_location = \"/srv/photos\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(e.contains("[immich] env_file"), "{e}");
+        assert!(
+            e.contains("elsewhere/.env") && e.contains("no such file"),
+            "{e}"
+        );
     }
 }

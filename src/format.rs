@@ -164,6 +164,12 @@ pub struct Entry {
     pub content: Option<ContentId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// Owner user id (`st_uid`); absent in lists written before 0.3, which restore without chown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Owner group id (`st_gid`); absent like `uid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 /// A file the backup could not read (recorded; the snapshot is then marked partial).
@@ -265,7 +271,8 @@ pub struct ExternalLibrary {
 pub enum Verdict {
     /// Every file the database names is in the snapshot; no asset is outside it.
     Ok,
-    /// Some originals or sidecars the database names are not in the snapshot.
+    /// Some originals or sidecars the database names are not in the snapshot (missing, or left
+    /// out by `[immich] exclude`: see `excluded`).
     Missing,
     /// Nothing missing, but some assets are in external libraries that are not backed up.
     External,
@@ -305,6 +312,13 @@ pub struct Consistency {
     /// Every external library's import paths, from the database (manifest only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_import_paths: Vec<String>,
+    /// Originals and sidecars the database names that `[immich] exclude` left out of the snapshot
+    /// (not counted as missing; absent from snapshots of earlier versions).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub excluded: u64,
+    /// The first of them (manifest only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded_examples: Vec<String>,
     /// Asset rows too long to read the path from (over 64 KiB before it).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unreadable_rows: u64,
@@ -325,6 +339,7 @@ impl Consistency {
             orphan_examples: Vec::new(),
             external_examples: Vec::new(),
             external_import_paths: Vec::new(),
+            excluded_examples: Vec::new(),
             ..self.clone()
         }
     }
@@ -344,6 +359,10 @@ impl Consistency {
                 self.missing(),
                 self.external_assets
             ),
+            Verdict::Missing if self.missing() == 0 => format!("{} excluded", self.excluded),
+            Verdict::Missing if self.excluded > 0 => {
+                format!("{} missing, {} excluded", self.missing(), self.excluded)
+            }
             Verdict::Missing => format!("{} missing", self.missing()),
             Verdict::External => format!("{} external", self.external_assets),
         }

@@ -340,6 +340,47 @@ async fn forget_and_prune_round_trip_without_the_identity() {
         .expect("row");
     let col = head.find("TIME").unwrap();
     assert!(row[col..].starts_with("20"), "{out}");
+    // --keep-* flags replace [retention] (keep_last = 2) for one run: rules not given are off.
+    let (code, out, err) = run_bin(&config, &["forget", "--dry-run", "--keep-last", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("policy: keep 1 last snapshots (UTC) (--keep-* flags; [retention] not used)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 snapshot(s) kept, 2 would be removed"),
+        "{out}"
+    );
+    let (code, out, err) = run_bin(
+        &config,
+        &[
+            "--json",
+            "forget",
+            "-n",
+            "--keep-daily",
+            "1",
+            "--keep-yearly",
+            "-1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The newest for its day; the oldest as "oldest yearly" (the rule has count left).
+    assert_eq!(v["removed"], serde_json::json!([s2.snapshot]), "{v}");
+    assert_eq!(v["decisions"][0]["reasons"][0]["rule"], "daily", "{v}");
+    assert_eq!(v["decisions"][2]["reasons"][0]["oldest"], true, "{v}");
+    // --keep-within: the three snapshots were made within minutes of each other.
+    let (code, out, err) = run_bin(&config, &["--json", "forget", "-n", "--keep-within", "1h"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["removed"], serde_json::json!([]), "{v}");
+    assert_eq!(v["decisions"][2]["reasons"][0]["rule"], "within", "{v}");
+    let (code, _, err) = run_bin(&config, &["forget", "-n", "--keep-within", "7w"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--keep-within") && err.contains("7d"), "{err}");
+    let (code, _, err) = run_bin(&config, &["forget", "-n", "--keep-last", "-2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--keep-last"), "{err}");
 
     // For real.
     let (code, out, err) = run_bin(&config, &["--json", "forget", "--prune"]);

@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use immich_backup::demo::sample::{self, asset_original_path, PgCluster, ADMIN_ID};
@@ -365,4 +365,94 @@ fn an_external_library_is_reported_then_backed_up_and_restored() {
         "{r}"
     );
     assert!(r["files_already_present"].as_u64().unwrap() >= 3, "{r}");
+}
+
+/// `config` with `[immich] exclude = patterns` (and `backup_extra` in `[backup]`), written as `name`.
+fn with_excludes(src: &Source, name: &str, patterns: &[&str], backup_extra: &str) -> PathBuf {
+    let mut toml = src.toml();
+    toml.backup_extra = backup_extra.into();
+    let list: Vec<String> = patterns.iter().map(|p| format!("{p:?}")).collect();
+    let text = toml.text().replacen(
+        "[immich]\n",
+        &format!("[immich]\nexclude = [{}]\n", list.join(", ")),
+        1,
+    );
+    let path = src.work.path().join(name);
+    fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn excluded_paths_are_not_stored_and_an_excluded_original_is_reported_apart() {
+    let src = Source::new(ASSETS);
+    fs::write(src.upload.join("library/admin/2024/scratch.tmp"), b"tmp").unwrap();
+    fs::create_dir_all(src.upload.join("upload/cache-dir/x")).unwrap();
+    fs::write(src.upload.join("upload/cache-dir/x/a.bin"), b"cache").unwrap();
+    let excluded_asset = asset_original_path(20);
+    let patterns = ["**/*.tmp", "upload/cache-dir", excluded_asset.as_str()];
+    let config = with_excludes(&src, "exclude.toml", &patterns, "");
+    // Without the patterns: nothing missing, the two extra files are orphans.
+    let plain = backup_json(&src.write_config("plain.toml"), exit::OK);
+    let orphans = plain["consistency"]["orphans"].as_u64().unwrap();
+
+    // Partial: a restore would lack the excluded asset's original; told apart from missing.
+    let rep = backup_json(&config, exit::PARTIAL);
+    assert_eq!(rep["partial"], true, "{rep}");
+    assert_eq!(rep["excluded"], 3, "{rep}");
+    let c = &rep["consistency"];
+    assert_eq!(c["excluded"], 1, "{c}");
+    assert_eq!(
+        c["excluded_examples"],
+        serde_json::json!([excluded_asset]),
+        "{c}"
+    );
+    assert_eq!(c["missing_originals"], 0, "{c}");
+    assert_eq!(c["orphans"], orphans - 2, "{c}");
+    assert_eq!(c["verdict"], "missing", "{c}");
+    let id = rep["snapshot"].as_str().unwrap();
+    let list = file_list(&src.store, &src.identity, id);
+    for p in [
+        "library/admin/2024/scratch.tmp",
+        "upload/cache-dir",
+        "upload/cache-dir/x/a.bin",
+        excluded_asset.as_str(),
+    ] {
+        assert!(list.iter().all(|e| e.path != p), "{p} is in the file list");
+    }
+    let (s, _) = summary(&src, id);
+    assert_eq!(s.consistency.unwrap().excluded, 1);
+    let snaps = cli(Some(&config), &["snapshots"], &[]);
+    assert!(snaps.stdout.contains("1 excluded"), "{}", snaps.stdout);
+
+    // The human report and the log say so.
+    let run = cli(Some(&config), &["backup"], &[]);
+    run.expect_code(exit::PARTIAL);
+    assert!(
+        run.stdout
+            .contains("1 file(s) the database names are left out by [immich] exclude"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("excluded: 3 path(s)"), "{}", run.stdout);
+    assert!(run.stderr.contains("WARN"), "{}", run.stderr);
+
+    // Accepted with on_missing_original = "ignore": exit 0, still counted.
+    let ignore = with_excludes(
+        &src,
+        "ignore.toml",
+        &patterns,
+        "on_missing_original = \"ignore\"",
+    );
+    let rep = backup_json(&ignore, exit::OK);
+    assert_eq!(rep["consistency"]["excluded"], 1, "{rep}");
+
+    // A bad pattern: one line naming the key and the pattern.
+    let bad = with_excludes(&src, "bad.toml", &["library/[abc"], "");
+    let run = cli(Some(&bad), &["backup"], &[]);
+    run.expect_code(exit::USAGE);
+    let err = run.error_lines().join("\n");
+    assert!(
+        err.contains("[immich] exclude") && err.contains("library/[abc"),
+        "{err}"
+    );
 }

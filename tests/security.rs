@@ -170,6 +170,8 @@ fn entry(path: &str, kind: EntryKind, mode: u32) -> Entry {
         mode,
         content: None,
         target: None,
+        uid: None,
+        gid: None,
     }
 }
 

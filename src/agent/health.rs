@@ -44,10 +44,11 @@ pub struct Success {
 }
 
 impl Success {
-    /// Files the database names that the snapshot lacks, when they make it partial.
+    /// Files the database names that the snapshot lacks (missing, or left out by `[immich]
+    /// exclude`), when they make it partial.
     fn partial_missing(&self) -> u64 {
         match &self.consistency {
-            Some(c) if self.missing_is_partial => c.missing(),
+            Some(c) if self.missing_is_partial => c.missing() + c.excluded,
             _ => 0,
         }
     }

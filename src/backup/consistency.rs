@@ -24,6 +24,7 @@ use std::ops::{ControlFlow, Range};
 
 use crate::format::{Consistency, Entry, EntryKind, Verdict};
 use crate::immich::copy::{self, CopyHeader};
+use crate::immich::exclude::Excludes;
 use crate::immich::paths::PathMap;
 use crate::immich::{self, column};
 
@@ -335,7 +336,7 @@ fn is_orphan_candidate(path: &str) -> bool {
 }
 
 /// Compare both sides. `None` for `db` means the dump never reached the Immich database.
-pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths) -> Consistency {
+pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths, excludes: &Excludes) -> Consistency {
     let Some(db) = db.filter(|d| d.asset_table) else {
         return Consistency {
             note: Some("the dump of the Immich database holds no asset table with an \"originalPath\" column: is [database] database Immich's?".into()),
@@ -357,9 +358,9 @@ pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths) -> Consistency {
         external_import_paths: dedup(db.import_paths),
         ..Consistency::default()
     };
-    let expected = missing(&db.expected, &files.list, &mut c);
+    let expected = missing(&db.expected, &files.list, excludes, &mut c);
     orphans(&files.list, &expected, &mut c);
-    c.verdict = if c.missing() > 0 {
+    c.verdict = if c.missing() > 0 || c.excluded > 0 {
         Verdict::Missing
     } else if c.external_assets > 0 {
         Verdict::External
@@ -369,9 +370,14 @@ pub(crate) fn compare(db: Option<DbPaths>, files: &FilePaths) -> Consistency {
     c
 }
 
-/// Count the expected paths the snapshot lacks, and name the first; returns the expected paths'
-/// hashes (a sidecar's with its lowest bit set), sorted.
-fn missing(expected: &PathList, files: &PathList, c: &mut Consistency) -> Vec<u64> {
+/// Count the expected paths the snapshot lacks, and name the first (those `excludes` left out
+/// apart); returns the expected paths' hashes (a sidecar's with its lowest bit set), sorted.
+fn missing(
+    expected: &PathList,
+    files: &PathList,
+    excludes: &Excludes,
+    c: &mut Consistency,
+) -> Vec<u64> {
     let present = sorted_hashes(files, |_| Some(0));
     let sidecar = |tag| u64::from(tag == SIDECAR);
     let hashes = sorted_hashes(expected, |tag| Some(sidecar(tag)));
@@ -380,12 +386,31 @@ fn missing(expected: &PathList, files: &PathList, c: &mut Consistency) -> Vec<u6
     c.missing_sidecars = gone.iter().filter(|h| *h & 1 == 1).count() as u64;
     c.missing_originals = gone.len() as u64 - c.missing_sidecars;
     if !gone.is_empty() {
+        // With excludes, every lacking path is looked at (to tell excluded from missing).
+        let (mut originals, mut sidecars) = (0u64, 0u64);
         expected.for_each(|tag, path| {
             if gone.binary_search(&(hash(path) | sidecar(tag))).is_ok() {
-                c.missing_examples.push(path.to_string());
+                if excludes.covers(path) {
+                    *if tag == SIDECAR {
+                        &mut sidecars
+                    } else {
+                        &mut originals
+                    } += 1;
+                    if c.excluded_examples.len() < EXAMPLES {
+                        c.excluded_examples.push(path.to_string());
+                    }
+                } else if c.missing_examples.len() < EXAMPLES {
+                    c.missing_examples.push(path.to_string());
+                }
             }
-            go_on(c.missing_examples.len())
+            match excludes.is_empty() {
+                true => go_on(c.missing_examples.len()),
+                false => ControlFlow::Continue(()),
+            }
         });
+        c.excluded = originals + sidecars;
+        c.missing_originals -= originals;
+        c.missing_sidecars -= sidecars;
     }
     hashes
 }
@@ -503,6 +528,8 @@ mod tests {
             mode: 0o644,
             content: None,
             target: None,
+            uid: None,
+            gid: None,
         }
     }
 
@@ -551,7 +578,7 @@ mod tests {
         ] {
             files.push(&entry(p, k));
         }
-        let c = compare(Some(db), &files);
+        let c = compare(Some(db), &files, &Excludes::default());
         assert_eq!(c.assets, 5, "{c:?}");
         assert_eq!(c.ignored_assets, 2);
         assert_eq!(c.sidecars, 2);
@@ -587,13 +614,47 @@ mod tests {
         for n in 0..25 {
             files.push(&entry(&format!("library/b/{n}.jpg"), EntryKind::File));
         }
-        let c = compare(Some(db), &files);
+        let c = compare(Some(db), &files, &Excludes::default());
         assert_eq!(c.missing_originals, 26);
         assert_eq!(c.missing_examples.len(), EXAMPLES);
         assert_eq!(c.missing_examples[0], "library/a/5.jpg");
         assert_eq!(c.orphans, 25);
         assert_eq!(c.orphan_examples.len(), EXAMPLES);
         assert_eq!(c.orphan_examples[0], "library/b/0.jpg");
+    }
+
+    /// Files the database names that `[immich] exclude` left out are counted apart from the
+    /// missing ones (a pattern on a folder covers what is in it), and still give the verdict.
+    #[test]
+    fn excluded_files_are_told_apart_from_missing_ones() {
+        let mut db = DbPaths::new(PathMap::default());
+        db.begin(&header(
+            "COPY public.asset (id, \"originalPath\") FROM stdin;",
+        ));
+        for n in 0..30 {
+            db.row(format!("{n}\t/data/library/a/{n}.jpg").as_bytes(), false);
+        }
+        db.row(b"30\t/data/library/a/29.jpg", false);
+        db.row(b"31\t/data/library/Trash/x.jpg", false);
+        let mut files = FilePaths::default();
+        for n in 0..5 {
+            files.push(&entry(&format!("library/a/{n}.jpg"), EntryKind::File));
+        }
+        let excludes = Excludes::new(&["library/a/2*.jpg".into(), "library/Trash".into()]).unwrap();
+        let c = compare(Some(db), &files, &excludes);
+        // 20..=29, 29 twice, and the one in the excluded folder.
+        assert_eq!(c.excluded, 12, "{c:?}");
+        assert_eq!(c.missing_originals, 15);
+        assert!(c
+            .missing_examples
+            .iter()
+            .all(|p| !p.starts_with("library/a/2")));
+        assert_eq!(c.excluded_examples[0], "library/a/20.jpg");
+        assert!(c
+            .excluded_examples
+            .contains(&"library/Trash/x.jpg".to_string()));
+        assert_eq!(c.verdict, Verdict::Missing);
+        assert_eq!(c.short(), "15 missing, 12 excluded");
     }
 
     #[test]
@@ -610,13 +671,13 @@ mod tests {
 
     #[test]
     fn no_asset_table_means_unchecked() {
-        let c = compare(None, &FilePaths::default());
+        let c = compare(None, &FilePaths::default(), &Excludes::default());
         assert_eq!(c.verdict, Verdict::Unchecked);
         assert!(c.note.is_some());
         let mut db = DbPaths::new(PathMap::default());
         db.begin(&header("COPY public.asset (id) FROM stdin;"));
         assert_eq!(
-            compare(Some(db), &FilePaths::default()).verdict,
+            compare(Some(db), &FilePaths::default(), &Excludes::default()).verdict,
             Verdict::Unchecked
         );
     }
@@ -629,7 +690,7 @@ mod tests {
         ));
         db.row(b"1\t/data/library/cut-", true);
         db.row(b"2\t/data/library/whole.jpg\tmore", true);
-        let c = compare(Some(db), &FilePaths::default());
+        let c = compare(Some(db), &FilePaths::default(), &Excludes::default());
         assert_eq!(c.unreadable_rows, 1);
         assert_eq!(c.assets, 1);
         assert_eq!(c.missing_examples, ["library/whole.jpg"]);

@@ -48,7 +48,7 @@ pub struct Early {
 /// Start reading ahead: walk `tops` and store what needs storing, with at most `window` files in
 /// flight on `workers`.
 pub fn start(
-    tops: Vec<Top>,
+    (tops, excludes): (Vec<Top>, crate::immich::exclude::Excludes),
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
     workers: Arc<Semaphore>,
@@ -58,6 +58,7 @@ pub fn start(
     let early = Early::new(window);
     let walk = Walk {
         tops,
+        excludes,
         cache_path,
         storer,
         workers,
@@ -110,6 +111,7 @@ impl Early {
 /// What the read-ahead walks and stores with.
 struct Walk {
     tops: Vec<Top>,
+    excludes: crate::immich::exclude::Excludes,
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
     workers: Arc<Semaphore>,
@@ -118,7 +120,8 @@ struct Walk {
 async fn read_ahead(walk: Walk, mut early: Early, mut stopped: oneshot::Receiver<()>) -> Early {
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
     let tops = walk.tops.clone();
-    tokio::task::spawn_blocking(move || walk::walk(&tops, tx));
+    let excludes = walk.excludes.clone();
+    tokio::task::spawn_blocking(move || walk::walk(&tops, &excludes, tx));
     let mut cache = CacheReader::open(&walk.cache_path);
     'walk: loop {
         let batch = tokio::select! {

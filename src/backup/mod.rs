@@ -39,6 +39,7 @@ use crate::format::{
     self, Consistency, ContentId, DatabaseInfo, Entry, EntryKind, Manifest, Object, ObjectRef,
     Skipped, Summary, Totals,
 };
+use crate::immich::exclude::Excludes;
 use crate::immich::paths::{external_folder, PathMap};
 use crate::progress::Progress;
 use crate::repo::lock::{Lock, LockKind};
@@ -68,6 +69,8 @@ pub struct BackupReport {
     pub files_unchanged: u64,
     /// Files (new or deduplicated) read while the dump was still starting, and unchanged since.
     pub files_read_ahead: u64,
+    /// Paths `[immich] exclude` left out (a folder counts once, its contents are not walked).
+    pub excluded: u64,
     pub bytes_total: u64,
     pub bytes_read: u64,
     /// Bytes written to the store for file contents (after encryption).
@@ -193,7 +196,7 @@ async fn run_locked(
     };
     let (dumped, facts, files) = dump_then_files(run).await?;
     progress.finish();
-    let consistency = check_consistency(dumped.paths, files.paths).await?;
+    let consistency = check_consistency(dumped.paths, files.paths, excludes(cfg)?).await?;
 
     let summary = Summary {
         id: id.clone(),
@@ -258,6 +261,7 @@ async fn run_locked(
         files_deduplicated: files.counts.files_dedup,
         files_unchanged: files.counts.files_unchanged,
         files_read_ahead: files.counts.files_read_ahead,
+        excluded: files.counts.excluded,
         bytes_total: files.counts.totals.bytes,
         bytes_read: files.counts.bytes_read,
         bytes_stored: files.counts.bytes_stored,
@@ -337,7 +341,7 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         });
         let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
         let ahead = early::start(
-            walk::tops(cfg),
+            (walk::tops(cfg), excludes(cfg)?),
             run.cache_path.to_path_buf(),
             storer.clone(),
             workers.clone(),
@@ -408,6 +412,14 @@ fn external_libraries(cfg: &Config) -> Vec<format::ExternalLibrary> {
         .collect()
 }
 
+/// `[immich] exclude`, compiled (checked when the config was loaded; a config built in code is
+/// checked here).
+fn excludes(cfg: &Config) -> Result<Excludes> {
+    cfg.immich
+        .excludes()
+        .map_err(|e| Error::Config(format!("[immich] exclude: {e}")))
+}
+
 /// How Immich's container paths map into this install's snapshots.
 fn path_map(cfg: &Config) -> PathMap {
     let external = cfg.immich.external_libraries.iter();
@@ -422,14 +434,16 @@ fn path_map(cfg: &Config) -> PathMap {
 async fn check_consistency(
     db: Option<consistency::DbPaths>,
     files: consistency::FilePaths,
+    excludes: Excludes,
 ) -> Result<Consistency> {
-    tokio::task::spawn_blocking(move || consistency::compare(db, &files))
+    tokio::task::spawn_blocking(move || consistency::compare(db, &files, &excludes))
         .await
         .map_err(|e| Error::Other(format!("consistency check: {e}")))
 }
 
-/// Log the consistency verdict; returns whether it makes the snapshot partial (missing files and
-/// `[backup] on_missing_original = "warn"`).
+/// Log the consistency verdict; returns whether it makes the snapshot partial (missing files, or
+/// files the database names that `[immich] exclude` left out, and `[backup] on_missing_original =
+/// "warn"`).
 fn tell_consistency(cfg: &Config, c: &Consistency) -> bool {
     if c.verdict == format::Verdict::Unchecked {
         tracing::warn!(
@@ -445,15 +459,29 @@ fn tell_consistency(cfg: &Config, c: &Consistency) -> bool {
             "assets outside UPLOAD_LOCATION (external libraries, or [immich] media_location not set) are NOT in this snapshot; back them up with [immich] external_libraries"
         );
     }
-    if c.missing() == 0 {
-        tracing::info!(
-            assets = c.assets,
-            orphans = c.orphans,
-            "consistency: every file the database names is in the snapshot"
-        );
-        return false;
-    }
     let warn = cfg.backup.on_missing_original == OnMissingOriginal::Warn;
+    if c.excluded > 0 {
+        let what = format!(
+            "{} file(s) the database names are left out by [immich] exclude; a restore would lack them (narrow the patterns)",
+            c.excluded
+        );
+        let first = &c.excluded_examples[..c.excluded_examples.len().min(3)];
+        if warn {
+            tracing::warn!(excluded = c.excluded, first = ?first, "{what}");
+        } else {
+            tracing::info!(excluded = c.excluded, first = ?first, "{what} ([backup] on_missing_original = \"ignore\")");
+        }
+    }
+    if c.missing() == 0 {
+        if c.excluded == 0 {
+            tracing::info!(
+                assets = c.assets,
+                orphans = c.orphans,
+                "consistency: every file the database names is in the snapshot"
+            );
+        }
+        return c.excluded > 0 && warn;
+    }
     let first = c.missing_examples.first().map(String::as_str).unwrap_or("");
     let what = "file(s) the database names are NOT in this snapshot (deleted or moved outside Immich?); a restore would lack them";
     if warn {
@@ -611,6 +639,8 @@ enum Outcome {
         ahead: bool,
     },
     Skipped(Skipped),
+    /// Left out by `[immich] exclude`.
+    Excluded,
 }
 
 impl Outcome {
@@ -636,6 +666,7 @@ async fn process(
 ) -> Result<Outcome> {
     let found = match item {
         Walked::Unreadable { path, error } => return Ok(Outcome::Skipped(Skipped { path, error })),
+        Walked::Excluded { .. } => return Ok(Outcome::Excluded),
         Walked::Found(f) => f,
     };
     if found.entry.kind != EntryKind::File {
@@ -691,7 +722,8 @@ async fn store_files(
         spawn_scanner(tops.clone(), progress.clone());
     }
     let (tx, mut rx) = mpsc::channel::<Vec<Walked>>(8);
-    tokio::task::spawn_blocking(move || walk::walk(&tops, tx));
+    let excluded = excludes(cfg)?;
+    tokio::task::spawn_blocking(move || walk::walk(&tops, &excluded, tx));
 
     let mut cache = CacheReader::open(cache_path);
     // `concurrency` files are read and stored at once; results are taken in walk order from a
@@ -725,6 +757,7 @@ async fn store_files(
                 tracing::warn!(path = %s.path, error = %s.error, "skipped unreadable file");
                 done.skipped.push(s);
             }
+            Outcome::Excluded => done.excluded += 1,
             Outcome::Entry {
                 entry,
                 found,
@@ -767,6 +800,8 @@ struct Counts {
     files_dedup: u64,
     files_unchanged: u64,
     files_read_ahead: u64,
+    /// Paths `[immich] exclude` left out.
+    excluded: u64,
     bytes_read: u64,
     bytes_stored: u64,
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::format::{walk_order, Entry, EntryKind};
+use crate::immich::exclude::Excludes;
 use crate::immich::paths::external_folder;
 
 /// One thing found by the walk, with the metadata the cache compares.
@@ -74,6 +75,10 @@ pub enum Walked {
         path: String,
         error: String,
     },
+    /// A path `[immich] exclude` leaves out (a folder with everything in it, which is not walked).
+    Excluded {
+        path: String,
+    },
 }
 
 /// Items the walk sends at once (one wake-up of the consumer per batch, not per file).
@@ -121,12 +126,21 @@ pub fn tops(cfg: &Config) -> Vec<Top> {
 /// Each folder's entries are read, sorted by name and `stat`ed relative to the open folder
 /// (`fstatat` through `DirEntry::metadata`), so no path is resolved again from the root: a folder
 /// is listed before its contents, exactly the order the cache is merged in (`crate::format::walk_order`).
-pub fn walk(tops: &[Top], tx: mpsc::Sender<Vec<Walked>>) {
+pub fn walk(tops: &[Top], excludes: &Excludes, tx: mpsc::Sender<Vec<Walked>>) {
     let mut out = Batch {
         tx,
         items: Vec::with_capacity(WALK_BATCH),
+        excludes: excludes.clone(),
     };
     for top in tops {
+        if excludes.matches(&top.rel) {
+            if !out.push(Walked::Excluded {
+                path: top.rel.clone(),
+            }) {
+                return;
+            }
+            continue;
+        }
         if !top.path.exists() {
             if top.external {
                 tracing::warn!(folder = %top.path.display(), library = %top.rel, "external library folder does not exist; its assets will be reported missing");
@@ -212,6 +226,7 @@ impl Dir {
 struct Batch {
     tx: mpsc::Sender<Vec<Walked>>,
     items: Vec<Walked>,
+    excludes: Excludes,
 }
 
 impl Batch {
@@ -249,6 +264,12 @@ fn walk_dir(dir: &Dir, rel: &str, out: &mut Batch) -> bool {
     for e in entries {
         let name = e.file_name();
         let child_rel = name.to_str().map(|n| format!("{rel}/{n}"));
+        if let Some(path) = child_rel.as_ref().filter(|p| out.excludes.matches(p)) {
+            if !out.push(Walked::Excluded { path: path.clone() }) {
+                return false;
+            }
+            continue;
+        }
         let path = e.path();
         let walked = describe(child_rel.clone(), &path, e.metadata(), dir.keep());
         let is_dir = matches!(&walked, Walked::Found(f) if f.entry.kind == EntryKind::Dir);
@@ -332,6 +353,8 @@ fn describe(
         mode: meta.mode() & 0o7777,
         content: None,
         target,
+        uid: Some(meta.uid()),
+        gid: Some(meta.gid()),
     };
     Walked::Found(Found {
         entry,

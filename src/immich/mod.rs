@@ -8,6 +8,8 @@
 //! Immich's container paths to paths in a snapshot.
 
 pub mod copy;
+pub mod env_file;
+pub mod exclude;
 pub mod paths;
 
 /// Folders under UPLOAD_LOCATION that hold originals: a backup must take them.

@@ -40,6 +40,77 @@ pub struct RetentionConfig {
     /// IANA time zone whose hours, days, weeks, months and years the rules count ("Europe/Berlin");
     /// empty means the `[schedule] timezone`.
     pub timezone: String,
+    /// `forget --keep-within`: every snapshot less than this before the newest one (not a config
+    /// key).
+    #[serde(skip)]
+    pub keep_within: Option<Within>,
+}
+
+/// restic's `--keep-within` duration: years, months, days and hours (`1y6m`, `7d`, `2d12h`),
+/// counted back from the newest snapshot's time in calendar terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Within {
+    pub years: u32,
+    pub months: u32,
+    pub days: u32,
+    pub hours: u32,
+}
+
+impl std::str::FromStr for Within {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Within, String> {
+        let bad = || format!("{s:?} is not a duration like 7d, 2d12h or 1y6m (y, m, d, h)");
+        let mut w = Within::default();
+        let mut digits = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let n: u32 = digits.parse().map_err(|_| bad())?;
+            digits.clear();
+            match c {
+                'y' => w.years += n,
+                'm' => w.months += n,
+                'd' => w.days += n,
+                'h' => w.hours += n,
+                _ => return Err(bad()),
+            }
+        }
+        if !digits.is_empty() || w == Within::default() {
+            return Err(bad());
+        }
+        Ok(w)
+    }
+}
+
+impl fmt::Display for Within {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, u) in [
+            (self.years, 'y'),
+            (self.months, 'm'),
+            (self.days, 'd'),
+            (self.hours, 'h'),
+        ] {
+            if n > 0 {
+                write!(f, "{n}{u}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Within {
+    /// The oldest time still within this duration before `newest`.
+    fn since<T: TimeZone>(&self, newest: &DateTime<T>) -> DateTime<T> {
+        let months = chrono::Months::new(self.years * 12 + self.months);
+        newest
+            .clone()
+            .checked_sub_months(months)
+            .and_then(|t| t.checked_sub_signed(chrono::Duration::days(self.days.into())))
+            .and_then(|t| t.checked_sub_signed(chrono::Duration::hours(self.hours.into())))
+            .unwrap_or_else(|| newest.clone())
+    }
 }
 
 impl Default for RetentionConfig {
@@ -52,6 +123,7 @@ impl Default for RetentionConfig {
             keep_monthly: 6,
             keep_yearly: 0,
             timezone: String::new(),
+            keep_within: None,
         }
     }
 }
@@ -85,7 +157,7 @@ impl RetentionConfig {
 
     /// No rule is on: everything is kept.
     pub fn is_empty(&self) -> bool {
-        self.counts().iter().all(|(_, n)| *n == 0)
+        self.counts().iter().all(|(_, n)| *n == 0) && self.keep_within.is_none()
     }
 
     /// "keep 7 daily, 4 weekly, 6 monthly snapshots (Europe/Berlin)".
@@ -93,7 +165,7 @@ impl RetentionConfig {
         if self.is_empty() {
             return "keep all snapshots (no [retention] rule is set)".into();
         }
-        let parts: Vec<String> = self
+        let mut parts: Vec<String> = self
             .counts()
             .iter()
             .filter(|(_, n)| *n != 0)
@@ -105,6 +177,9 @@ impl RetentionConfig {
                 }
             })
             .collect();
+        if let Some(w) = self.keep_within {
+            parts.push(format!("all within {w} of the newest"));
+        }
         format!("keep {} snapshots ({tz})", parts.join(", "))
     }
 }
@@ -128,6 +203,8 @@ pub enum Rule {
     Weekly,
     Monthly,
     Yearly,
+    /// `--keep-within`.
+    Within,
 }
 
 impl Rule {
@@ -158,6 +235,7 @@ impl Rule {
             }
             Rule::Monthly => y * 100 + m,
             Rule::Yearly => y,
+            Rule::Within => 0,
         }
     }
 }
@@ -171,6 +249,7 @@ impl fmt::Display for Rule {
             Rule::Weekly => "weekly",
             Rule::Monthly => "monthly",
             Rule::Yearly => "yearly",
+            Rule::Within => "within",
         })
     }
 }
@@ -246,10 +325,20 @@ pub fn apply(candidates: &[Candidate], policy: &RetentionConfig, tz: Tz) -> Vec<
     let mut counts: Vec<i32> = policy.counts().iter().map(|(_, n)| *n).collect();
     let mut last: [Option<i64>; 6] = [None; 6];
     let n = list.len();
+    let since = match (policy.keep_within, list.first()) {
+        (Some(w), Some(newest)) => Some(w.since(&newest.time.with_timezone(&tz))),
+        _ => None,
+    };
     let mut out = Vec::with_capacity(n);
     for (nr, c) in list.into_iter().enumerate() {
         let local = c.time.with_timezone(&tz);
         let mut reasons = Vec::new();
+        if since.as_ref().is_some_and(|s| local >= *s) {
+            reasons.push(Reason {
+                rule: Rule::Within,
+                oldest: false,
+            });
+        }
         for (i, rule) in Rule::ALL.iter().enumerate() {
             if counts[i] == 0 {
                 continue;
@@ -303,6 +392,7 @@ mod tests {
             keep_monthly: monthly,
             keep_yearly: yearly,
             timezone: String::new(),
+            keep_within: None,
         }
     }
 
@@ -351,6 +441,43 @@ mod tests {
         "2014-10-01T10:20:30Z",
         "2014-10-02T10:20:30Z",
     ];
+
+    /// `--keep-within`: everything less than the duration before the newest snapshot (months in
+    /// calendar terms), besides what the other rules keep; a bad duration names the syntax.
+    #[test]
+    fn keep_within_keeps_what_is_close_to_the_newest() {
+        let times = [
+            "2026-03-31T10:00:00Z",
+            "2026-03-30T11:00:00Z",
+            "2026-03-24T11:00:00Z",
+            "2026-02-28T10:00:00Z",
+            "2026-01-01T00:00:00Z",
+        ];
+        let mut p = policy(0, 0, 0, 0, 0, 0);
+        p.keep_within = Some("1d".parse().unwrap());
+        assert_eq!(
+            kept(&times, &p, "UTC"),
+            [
+                "2026-03-31T10:00:00Z: within",
+                "2026-03-30T11:00:00Z: within"
+            ]
+        );
+        p.keep_within = Some("1m3d".parse().unwrap());
+        p.keep_last = 1;
+        let k = kept(&times, &p, "UTC");
+        assert_eq!(k.len(), 4, "{k:?}");
+        assert_eq!(k[0], "2026-03-31T10:00:00Z: within, last");
+        assert_eq!(k[3], "2026-02-28T10:00:00Z: within");
+        assert_eq!(
+            p.describe(Tz::UTC),
+            "keep 1 last, all within 1m3d of the newest snapshots (UTC)"
+        );
+        for bad in ["", "7", "d", "7w", "-1d"] {
+            let e = bad.parse::<Within>().unwrap_err();
+            assert!(e.contains("7d, 2d12h or 1y6m"), "{bad}: {e}");
+        }
+        assert_eq!("2d12h".parse::<Within>().unwrap().to_string(), "2d12h");
+    }
 
     #[test]
     fn table() {

@@ -31,6 +31,7 @@ use crate::format::walk_order;
 use crate::format::{self, ContentId, Entry, EntryKind, Manifest, Object};
 use crate::repo::snapshots;
 use crate::repo::{read_error, sealed_payload_len, Reader, Repository, Unsealed};
+use crate::restore::owner::{OwnerTotals, Owners};
 use crate::restore::target::{self, Folder, Kind, Target};
 use crate::restore::view::{self, View};
 use crate::store::directio::{self, DirectWriter, NewFiles};
@@ -543,6 +544,10 @@ struct Job {
 pub(crate) struct FilesDone {
     pub restored: u64,
     pub damaged: Vec<Damaged>,
+    /// The originals folders the list records (UPLOAD_LOCATION's target only), for their owners.
+    pub folders: Vec<Entry>,
+    /// What could not be done about owners.
+    pub owners: OwnerTotals,
 }
 
 /// Restore every file of the list that is not `present` (those the survey found damaged are tried
@@ -569,7 +574,9 @@ pub(crate) async fn restore_files(
                 .map_err(|e| target.error(rel, e))?;
         }
     }
-    let sink = Arc::new(FileSink::new(target.path(), opts.keep_special_modes));
+    let sink =
+        Arc::new(FileSink::new(target.path(), opts.keep_special_modes).with_owners(!opts.no_owner));
+    let present_sink = sink.clone();
     let list_key = manifest.files.key.clone();
     let mut folders = Folders {
         target: target.clone(),
@@ -592,7 +599,15 @@ pub(crate) async fn restore_files(
                         links.push(e);
                         Ok(None)
                     }
-                    EntryKind::File if survey.present.contains(&e.path) => Ok(None),
+                    EntryKind::File if survey.present.contains(&e.path) => {
+                        // Restored by an earlier run: only its owner may still be missing.
+                        folders.get(split(&e.path).0).and_then(|folder| {
+                            present_sink
+                                .fix_owner(&folder, &e)
+                                .map_err(|err| target.error(&e.path, err))?;
+                            Ok(None)
+                        })
+                    }
                     EntryKind::File => folders.get(split(&e.path).0).and_then(|folder| {
                         if survey.stale_markers.contains(&e.path) {
                             folder
@@ -655,14 +670,23 @@ pub(crate) async fn restore_files(
     lister
         .await
         .map_err(|e| Error::Other(format!("file list reader: {e}")))??;
-    restore_links(target, &links)?;
+    restore_links(target, &links, &sink)?;
     finish_folders(target, &mut dirs, &sink)?;
     target.sync()?;
-    Ok(FilesDone { restored, damaged })
+    let folders = match view.is_external() {
+        true => Vec::new(),
+        false => dirs.into_iter().filter(|d| !d.path.contains('/')).collect(),
+    };
+    Ok(FilesDone {
+        restored,
+        damaged,
+        folders,
+        owners: sink.owners.totals(),
+    })
 }
 
 /// Symlinks, after everything else (so none is ever on the way of a file being written).
-fn restore_links(target: &Target, links: &[Entry]) -> Result<()> {
+fn restore_links(target: &Target, links: &[Entry], sink: &FileSink) -> Result<()> {
     for e in links {
         let (parent, name) = split(&e.path);
         let folder = target.folder(parent, true)?.expect("created");
@@ -675,15 +699,18 @@ fn restore_links(target: &Target, links: &[Entry]) -> Result<()> {
                 .symlink(e.target.as_deref().unwrap_or_default(), name)
                 .map_err(|err| target.error(&e.path, err))?;
         }
+        sink.owners.set_at(folder.fd(), name, e);
     }
     Ok(())
 }
 
-/// Folder modes and times, deepest first (a read-only folder is finished after its contents).
+/// Folder owners, modes and times, deepest first (a read-only folder is finished after its
+/// contents).
 fn finish_folders(target: &Target, dirs: &mut [Entry], sink: &FileSink) -> Result<()> {
     dirs.sort_by_key(|d| std::cmp::Reverse(d.path.split('/').count()));
     for e in dirs.iter() {
         let folder = target.folder(&e.path, true)?.expect("created");
+        sink.owners.set_fd(folder.fd(), e);
         folder
             .set_mode(sink.mode(e.mode))
             .and_then(|()| folder.set_mtime(e.mtime_ns))
@@ -699,6 +726,8 @@ pub struct FileSink {
     files: NewFiles,
     /// Keep setuid, setgid and sticky bits ([`RestoreOptions::keep_special_modes`]).
     keep_special_modes: bool,
+    /// The recorded owners, given back as root (owner.rs).
+    owners: Owners,
 }
 
 /// A file being restored: unnamed, or at its partial name.
@@ -713,7 +742,27 @@ impl FileSink {
         FileSink {
             files: NewFiles::new(directio::suits(target)),
             keep_special_modes,
+            owners: Owners::new(false),
         }
+    }
+
+    /// Give restored entries their recorded owners when `wanted` (and we are root).
+    pub(crate) fn with_owners(mut self, wanted: bool) -> FileSink {
+        self.owners = Owners::new(wanted);
+        self
+    }
+
+    /// Give a file an earlier run restored its recorded owner (and its mode again, which chown
+    /// may have cleared bits of).
+    fn fix_owner(&self, folder: &Folder, entry: &Entry) -> io::Result<()> {
+        if !self.owners.applies() || entry.uid.is_none() {
+            return Ok(());
+        }
+        let file = folder.open_file(OsStr::new(split(&entry.path).1))?;
+        if self.owners.set_fd(std::os::fd::AsFd::as_fd(&file), entry) {
+            file.set_permissions(std::fs::Permissions::from_mode(self.mode(entry.mode)))?;
+        }
+        Ok(())
     }
 
     /// The mode to give a restored file or folder recorded with `mode`.
@@ -796,7 +845,9 @@ pub(crate) fn restore_file(
                 message: format!("content does not match its address (for {})", entry.path),
             });
         }
-        // Mode and time through the open file; durability comes from one sync at the end.
+        // Owner, mode and time through the open file (the owner first: chown clears setuid bits);
+        // durability comes from one sync at the end.
+        sink.owners.set_fd(std::os::fd::AsFd::as_fd(&out), entry);
         out.set_permissions(std::fs::Permissions::from_mode(sink.mode(entry.mode)))
             .map_err(io_err)?;
         out.set_modified(mtime(entry.mtime_ns)).map_err(io_err)?;
@@ -820,18 +871,29 @@ fn mtime(mtime_ns: i64) -> std::time::SystemTime {
 }
 
 /// Create Immich's six folders with their `.immich` markers, so the server starts; never through a
-/// symlink. Returns what could not be done, as warnings.
-pub(crate) fn make_markers(target: &Target) -> Vec<String> {
+/// symlink. A folder or marker made here gets the owner the snapshot records for that folder, or
+/// for its first originals folder (`folders`), when owners are given back (`owners`). Returns what
+/// could not be done, as warnings.
+pub(crate) fn make_markers(target: &Target, folders: &[Entry], owners: bool) -> Vec<String> {
     let stamp = chrono::Utc::now().timestamp_millis().to_string();
+    let owners = Owners::new(owners);
     let mut warnings = Vec::new();
     for f in crate::immich::FOLDERS {
+        let owner = folders.iter().find(|e| e.path == f).or(folders.first());
+        let existed = matches!(target.root().stat(OsStr::new(f)), Ok(Some(_)));
         let made = target.root().child(f, true).and_then(|folder| {
             let folder = folder.expect("created");
-            folder.create_small(
-                OsStr::new(crate::immich::MARKER_FILE),
-                stamp.as_bytes(),
-                0o644,
-            )
+            let marker = OsStr::new(crate::immich::MARKER_FILE);
+            let made = folder.create_small(marker, stamp.as_bytes(), 0o644)?;
+            if let Some(owner) = owner {
+                if !existed {
+                    owners.set_fd(folder.fd(), owner);
+                }
+                if made {
+                    owners.set_at(folder.fd(), marker, owner);
+                }
+            }
+            Ok(made)
         });
         if let Err(e) = made {
             let w = format!(
@@ -912,6 +974,8 @@ mod tests {
                 mode: 0o4755,
                 content: Some(id),
                 target: None,
+                uid: None,
+                gid: None,
             };
             restore_file(
                 identities.decrypt(&sealed[..], "x").unwrap(),

@@ -20,6 +20,7 @@
 pub mod database;
 pub mod dumpcheck;
 pub mod files;
+mod owner;
 pub mod select;
 pub mod selective;
 pub mod state;
@@ -72,6 +73,9 @@ pub struct RestoreOptions {
     /// external_libraries` of the restoring machine); a library not named here goes back to the
     /// host path it was backed up from.
     pub external_targets: BTreeMap<String, PathBuf>,
+    /// Leave owners alone (`--no-owner`); by default, running as root, each restored file, folder
+    /// and symlink gets the uid and gid the snapshot records.
+    pub no_owner: bool,
 }
 
 impl RestoreOptions {
@@ -87,6 +91,7 @@ impl RestoreOptions {
             keep_special_modes: false,
             lock: Some(LockConfig::default()),
             external_targets: BTreeMap::new(),
+            no_owner: false,
         }
     }
 }
@@ -211,6 +216,9 @@ async fn restore_all(
             files::restore_files(reader, manifest, key, opts, (&p.view, &target), survey).await?;
         done.restored += more.restored;
         done.damaged.extend(more.damaged);
+        done.owners.foreign += more.owners.foreign;
+        done.owners.failed += more.owners.failed;
+        done.owners.first_error = done.owners.first_error.or(more.owners.first_error);
     }
     Ok(done)
 }
@@ -443,9 +451,11 @@ async fn restore(
     let files = restore_all(reader, &manifest, key, &opts, main, externals, &surveys);
     let (replayed, restored) = tokio::join!(database, files);
     // Immich's folders and markers, whatever happened above: Immich does not start without them.
-    report.warnings = files::make_markers(&target);
+    let folders = restored.as_ref().map(|r| &r.folders[..]).unwrap_or(&[]);
+    report.warnings = files::make_markers(&target, folders, !opts.no_owner);
     let (benign, row_checks) = replayed?;
     let restored = restored?;
+    restored.owners.tell();
     opts.progress.finish();
     report.benign_psql_errors = benign;
     report.files_restored = restored.restored;

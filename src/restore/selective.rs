@@ -71,6 +71,8 @@ pub struct SelectOptions {
     pub concurrency: usize,
     pub progress: Progress,
     pub keep_special_modes: bool,
+    /// Leave owners alone (`--no-owner`); by default, as root, files get their recorded owners.
+    pub no_owner: bool,
 }
 
 impl SelectOptions {
@@ -92,6 +94,7 @@ impl SelectOptions {
             concurrency: 8,
             progress: Progress::hidden(),
             keep_special_modes: false,
+            no_owner: false,
         }
     }
 }
@@ -394,10 +397,13 @@ async fn put_back(
     target: Option<&Arc<Target>>,
     picked: &[Entry],
 ) -> Result<Vec<(Outcome, Option<String>)>> {
-    let sink = Arc::new(FileSink::new(
-        target.map_or(Path::new("."), |t| t.path()),
-        opts.keep_special_modes,
-    ));
+    let sink = Arc::new(
+        FileSink::new(
+            target.map_or(Path::new("."), |t| t.path()),
+            opts.keep_special_modes,
+        )
+        .with_owners(!opts.no_owner),
+    );
     let list_key = manifest.files.key.clone();
     let jobs = picked.iter().cloned().map(|entry| {
         let target = target.cloned();
