@@ -2,8 +2,8 @@
 //! database table by table.
 //!
 //! As restic's `diff`: `+` added, `-` removed, `M` modified (another content or size; a symlink
-//! with another target), `T` type changed (a file became a folder…), `U` metadata only (mode or
-//! modification time; listed with `--metadata`, always counted). Both file lists are written in
+//! with another target), `T` type changed (a file became a folder…), `U` metadata only (mode,
+//! modification time or owner; listed with `--metadata`, always counted). Both file lists are written in
 //! walk order (`format::walk_order`), so they are merged as they stream, one entry of each in
 //! memory at a time, whatever their length. The database part compares the row counts each
 //! manifest holds (counted in the dump's COPY blocks by the backup).
@@ -72,11 +72,17 @@ pub struct DiffStats {
     /// Files with other content, symlinks with another target.
     pub modified: u64,
     pub type_changed: u64,
-    /// Entries whose mode or modification time alone changed.
+    /// Entries whose mode, modification time or owner alone changed.
     pub metadata_changed: u64,
     /// The database: tables whose row count changed, and the dump's size before and after.
     pub tables: Vec<TableChange>,
     pub dump_bytes: (u64, u64),
+}
+
+/// Both entries record an owner (older file lists record none) and they differ.
+fn owner_changed(a: &Entry, b: &Entry) -> bool {
+    let known = |e: &Entry| e.uid.is_some() || e.gid.is_some();
+    known(a) && known(b) && (a.uid, a.gid) != (b.uid, b.gid)
 }
 
 /// What differs between `a` and `b` at the same path: `M`, `T`, `U`, or nothing.
@@ -91,7 +97,10 @@ fn compare(a: &Entry, b: &Entry) -> Option<char> {
     };
     if other {
         Some('M')
-    } else if a.mode != b.mode || a.mtime_ns != b.mtime_ns {
+    } else if a.mode != b.mode
+        || a.mtime_ns != b.mtime_ns
+        || owner_changed(a, b)
+    {
         Some('U')
     } else {
         None
@@ -229,6 +238,8 @@ mod tests {
             mode: 0o644,
             content: Some(ContentId([1; 32])),
             target: None,
+            uid: None,
+            gid: None,
         };
         assert_eq!(compare(&a, &a), None);
         let other = Entry {
@@ -241,6 +252,17 @@ mod tests {
             ..a.clone()
         };
         assert_eq!(compare(&a, &touched), Some('U'));
+        let owned = Entry {
+            uid: Some(0),
+            gid: Some(0),
+            ..a.clone()
+        };
+        assert_eq!(compare(&a, &owned), None, "an older list records no owner");
+        let chowned = Entry {
+            uid: Some(1000),
+            ..owned.clone()
+        };
+        assert_eq!(compare(&owned, &chowned), Some('U'));
         let dir = Entry {
             kind: EntryKind::Dir,
             content: None,

@@ -100,6 +100,8 @@ mod tests {
             mode: 0o644,
             content: None,
             target: None,
+            uid: None,
+            gid: None,
         }
     }
 
