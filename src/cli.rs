@@ -287,6 +287,24 @@ struct SelectArgs {
     /// Leave out files matching this glob. Repeatable.
     #[arg(long, value_name = "GLOB")]
     exclude: Vec<String>,
+    #[command(flatten)]
+    immich: ImmichArgs,
+    /// Replace files in --target that differ from the snapshot's (by default they are left as
+    /// they are and listed, exit code 3).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+impl SelectArgs {
+    /// Whether a selection was asked for.
+    fn any(&self) -> bool {
+        !self.include.is_empty() || !self.exclude.is_empty() || self.immich.any()
+    }
+}
+
+/// Immich criteria, read from the snapshot's own database (`restore` and `ls --assets`).
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct ImmichArgs {
     /// The originals of this Immich user (e-mail), from the snapshot's database. Repeatable.
     #[arg(long, value_name = "EMAIL")]
     user: Vec<String>,
@@ -308,20 +326,11 @@ struct SelectArgs {
     /// ./immich-restore-<snapshot>-<date>, never the live library), with restored-assets.csv.
     #[arg(long)]
     missing_now: bool,
-    /// Replace files in --target that differ from the snapshot's (by default they are left as
-    /// they are and listed, exit code 3).
-    #[arg(long)]
-    overwrite: bool,
 }
 
-impl SelectArgs {
-    /// Whether a selection was asked for.
+impl ImmichArgs {
+    /// Whether any criterion was given.
     fn any(&self) -> bool {
-        !self.include.is_empty() || !self.exclude.is_empty() || self.immich()
-    }
-
-    /// Whether the selection needs the snapshot's database.
-    fn immich(&self) -> bool {
         !self.user.is_empty()
             || !self.album.is_empty()
             || !self.album_id.is_empty()
@@ -329,6 +338,35 @@ impl SelectArgs {
             || self.taken_to.is_some()
             || self.missing_now
     }
+
+    /// The criteria, checked (`--missing-now` looks under `cfg`'s UPLOAD_LOCATION).
+    fn criteria(&self, cfg: &Config) -> Result<restore::select::Criteria> {
+        let taken = |t: &Option<String>, to: bool| {
+            t.as_deref()
+                .map(|t| restore::select::parse_taken(t, to))
+                .transpose()
+        };
+        Ok(restore::select::Criteria {
+            users: self.user.clone(),
+            albums: self.album.clone(),
+            album_ids: self.album_id.clone(),
+            taken_from: taken(&self.taken_from, false)?,
+            taken_to: taken(&self.taken_to, true)?,
+            missing_now: self.missing_now.then(|| restore::select::Live {
+                upload_location: cfg.immich.upload_location.clone(),
+                externals: Vec::new(),
+            }),
+        })
+    }
+}
+
+/// Where the configured external libraries are on this machine, by container path.
+fn external_hosts(cfg: &Config) -> std::collections::BTreeMap<String, PathBuf> {
+    cfg.immich
+        .external_libraries
+        .iter()
+        .map(|l| (l.container_path.clone(), l.host_path.clone()))
+        .collect()
 }
 
 impl Access {
@@ -1174,27 +1212,8 @@ async fn restore_selection(
     bar: bool,
     json: bool,
 ) -> Result<i32> {
-    let criteria = if select.immich() {
-        let live = restore::select::Live {
-            upload_location: cfg.immich.upload_location.clone(),
-            externals: Vec::new(),
-        };
-        Some(restore::select::Criteria {
-            users: select.user.clone(),
-            albums: select.album.clone(),
-            album_ids: select.album_id.clone(),
-            taken_from: select
-                .taken_from
-                .as_deref()
-                .map(|t| restore::select::parse_taken(t, false))
-                .transpose()?,
-            taken_to: select
-                .taken_to
-                .as_deref()
-                .map(|t| restore::select::parse_taken(t, true))
-                .transpose()?,
-            missing_now: select.missing_now.then_some(live),
-        })
+    let criteria = if select.immich.any() {
+        Some(select.immich.criteria(cfg)?)
     } else {
         None
     };
@@ -1206,12 +1225,7 @@ async fn restore_selection(
     opts.exclude = select.exclude;
     opts.criteria = criteria;
     opts.media_location = cfg.immich.media_location.clone();
-    opts.external_hosts = cfg
-        .immich
-        .external_libraries
-        .iter()
-        .map(|l| (l.container_path.clone(), l.host_path.clone()))
-        .collect();
+    opts.external_hosts = external_hosts(cfg);
     opts.overwrite = select.overwrite;
     opts.dry_run = choices.dry_run;
     opts.concurrency = cfg.storage.concurrency;

@@ -143,6 +143,71 @@ fn immich_selections_match_sql_on_the_source_database() {
         );
         assert!(!t.exists(), "a dry run writes nothing");
     }
+    // `ls --assets` lists the same selection without restoring: the album's assets, as SQL on the
+    // source database selects them, with both album names of an asset in two albums.
+    let identity = s.identity.display().to_string();
+    let listed = cli(
+        Some(&config),
+        &[
+            "--json", "ls", "latest", "--assets", "--album", "Family", "-i", &identity,
+        ],
+        &[],
+    );
+    listed.expect_code(exit::OK);
+    let lines: Vec<serde_json::Value> = listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let paths: BTreeSet<String> = lines
+        .iter()
+        .filter(|l| l["message_type"] == "asset")
+        .map(|l| l["asset"]["snapshot_path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        expected(
+            &s,
+            "a.id IN (SELECT aa.\"assetId\" FROM album_asset aa JOIN album al ON al.id = aa.\"albumId\" WHERE al.\"albumName\" = 'Family')"
+        )
+    );
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["message_type"], "summary");
+    assert_eq!(summary["assets"].as_u64().unwrap() as usize, paths.len());
+    let text = cli(
+        Some(&config),
+        &[
+            "ls",
+            "latest",
+            "--assets",
+            "--user",
+            "zoe@example.com",
+            "-i",
+            &identity,
+        ],
+        &[],
+    );
+    text.expect_code(exit::OK);
+    let zoe = expected(&s, "u.email = 'zoe@example.com'");
+    assert_eq!(
+        text.stdout.lines().count(),
+        zoe.len() + 1,
+        "{}",
+        text.stdout
+    );
+    assert!(
+        zoe.iter().all(|p| text.stdout.contains(p.as_str())),
+        "{}",
+        text.stdout
+    );
+    let wrong = cli(
+        Some(&config),
+        &["ls", "latest", "--album", "Family", "-i", &identity],
+        &[],
+    );
+    wrong.expect_code(exit::USAGE);
+    assert!(wrong.stderr.contains("add --assets"), "{}", wrong.stderr);
+
     // Trashed assets are selected like the others (they are what "empty trash" took away).
     let admin = restore(
         &config,

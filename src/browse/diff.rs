@@ -97,10 +97,7 @@ fn compare(a: &Entry, b: &Entry) -> Option<char> {
     };
     if other {
         Some('M')
-    } else if a.mode != b.mode
-        || a.mtime_ns != b.mtime_ns
-        || owner_changed(a, b)
-    {
+    } else if a.mode != b.mode || a.mtime_ns != b.mtime_ns || owner_changed(a, b) {
         Some('U')
     } else {
         None

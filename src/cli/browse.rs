@@ -13,7 +13,8 @@ use immich_backup::format::Entry;
 use immich_backup::repo::trust::{self, Opened, Trust};
 use immich_backup::repo::{Reader, Repository};
 
-use super::{human, print_json, Access};
+use super::{human, print_json, Access, ImmichArgs};
+use immich_backup::restore::{self, select::Asset};
 
 #[derive(Subcommand)]
 pub(super) enum BrowseCommand {
@@ -31,6 +32,13 @@ pub(super) enum BrowseCommand {
         /// Everything below PATH, not only its direct children.
         #[arg(long, short = 'r')]
         recursive: bool,
+        /// List Immich's assets instead, from the snapshot's database: those --user, --album,
+        /// --album-id, --taken-from/--taken-to and --missing-now select (all, without them), as
+        /// `restore` with the same options would restore them.
+        #[arg(long, conflicts_with_all = ["path", "recursive", "long"])]
+        assets: bool,
+        #[command(flatten)]
+        immich: ImmichArgs,
         #[command(flatten)]
         access: Access,
     },
@@ -103,11 +111,41 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
     let r = match command {
         BrowseCommand::Ls {
             snapshot,
+            assets: true,
+            immich,
+            access,
+            ..
+        } => {
+            let (reader, trust) = reader(cfg, &repo, &access, "ls")?;
+            let criteria = immich.criteria(cfg)?;
+            browse::with_lock(&repo, access.lock(cfg).as_ref(), "ls", async {
+                let (id, assets) = restore::selective::list_assets(
+                    &reader,
+                    &trust,
+                    &snapshot,
+                    criteria,
+                    &cfg.immich.media_location,
+                    &super::external_hosts(cfg),
+                )
+                .await?;
+                print_assets(&id, &assets, json)
+            })
+            .await
+        }
+        BrowseCommand::Ls {
+            snapshot,
             path,
             long,
             recursive,
+            immich,
             access,
+            ..
         } => {
+            if immich.any() {
+                return Err(Error::Usage(
+                    "--user, --album, --album-id, --taken-from, --taken-to and --missing-now select Immich assets: add --assets".into(),
+                ));
+            }
             let (reader, trust) = reader(cfg, &repo, &access, "ls")?;
             let opts = ls::LsOptions { path, recursive };
             browse::with_lock(&repo, access.lock(cfg).as_ref(), "ls", async {
@@ -266,6 +304,55 @@ impl Out {
     fn flush(&mut self) -> Result<()> {
         self.0.flush().map_err(|e| Error::io("stdout", e))
     }
+}
+
+/// `ls --assets`: one line an asset (capture time, owner, albums, path in the snapshot), or with
+/// --json one object a line, then a count.
+fn print_assets(id: &str, assets: &[Asset], json: bool) -> Result<i32> {
+    let mut out = Out::new();
+    for a in assets {
+        if json {
+            out.json(&serde_json::json!({"message_type": "asset", "snapshot": id, "asset": a}))?;
+        } else {
+            let path = a
+                .snapshot_path
+                .as_deref()
+                .unwrap_or("(not in the snapshot)");
+            let albums = if a.albums.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", a.albums.join(", "))
+            };
+            let status = match a.status.as_str() {
+                "" | "active" => String::new(),
+                s => format!("  ({s})"),
+            };
+            out.line(&format!(
+                "{}  {}  {path}{albums}{status}",
+                a.taken.as_deref().unwrap_or("-"),
+                a.owner
+            ))?;
+        }
+    }
+    let missing = assets.iter().filter(|a| a.snapshot_path.is_none()).count();
+    if json {
+        out.json(&serde_json::json!({
+            "message_type": "summary", "snapshot": id, "assets": assets.len(),
+            "not_in_snapshot": missing,
+        }))?;
+    } else {
+        out.line(&format!(
+            "{} asset(s) of snapshot {id}{}",
+            assets.len(),
+            if missing > 0 {
+                format!(", {missing} of them with no original in the snapshot")
+            } else {
+                String::new()
+            }
+        ))?;
+    }
+    out.flush()?;
+    Ok(exit::OK)
 }
 
 async fn run_ls(

@@ -224,6 +224,38 @@ fn chosen(set: &GlobSet, path: &str) -> bool {
     }
 }
 
+/// `--missing-now` looks for the files of the snapshot's external libraries where they are on
+/// this machine: the host folders `hosts` names (by container path), else where they were backed up.
+fn find_live_externals(
+    criteria: &mut Criteria,
+    manifest: &Manifest,
+    hosts: &BTreeMap<String, PathBuf>,
+) {
+    if let Some(live) = criteria.missing_now.as_mut() {
+        live.externals = super::view::external_targets(manifest, hosts)
+            .into_iter()
+            .zip(&manifest.external_libraries)
+            .map(|((_, host), l)| (l.folder.clone(), host))
+            .collect();
+    }
+}
+
+/// `ls --assets`: the assets of `snapshot` that `criteria` select (as a selective restore would),
+/// without restoring anything. Returns the snapshot's id with them.
+pub async fn list_assets(
+    reader: &Reader,
+    trust: &Trust,
+    snapshot: &str,
+    mut criteria: Criteria,
+    media_location: &str,
+    external_hosts: &BTreeMap<String, PathBuf>,
+) -> Result<(String, Vec<Asset>)> {
+    let opened = trust::resolve(reader, trust, snapshot).await?;
+    find_live_externals(&mut criteria, &opened.manifest, external_hosts);
+    let assets = select::select(reader, &opened.manifest, &criteria, media_location).await?;
+    Ok((opened.id, assets))
+}
+
 async fn restore(reader: &Reader, opts: SelectOptions) -> Result<SelectReport> {
     let started = Instant::now();
     let opened = trust::resolve(reader, &opts.trust, &opts.snapshot).await?;
@@ -232,12 +264,8 @@ async fn restore(reader: &Reader, opts: SelectOptions) -> Result<SelectReport> {
     let include = glob_set(&opts.include, "--include")?;
     let exclude = glob_set(&opts.exclude, "--exclude")?;
     let mut criteria = opts.criteria.clone();
-    if let Some(live) = criteria.as_mut().and_then(|c| c.missing_now.as_mut()) {
-        live.externals = super::view::external_targets(&manifest, &opts.external_hosts)
-            .into_iter()
-            .zip(&manifest.external_libraries)
-            .map(|((_, host), l)| (l.folder.clone(), host))
-            .collect();
+    if let Some(c) = criteria.as_mut() {
+        find_live_externals(c, &manifest, &opts.external_hosts);
     }
     let missing_now = criteria.as_ref().and_then(|c| c.missing_now.as_ref());
     let target_path = match (&opts.target, missing_now) {
