@@ -5,7 +5,8 @@
 //! environment; its output goes to the log line by line. A hook that runs past
 //! `[hooks] timeout_secs` is killed with its whole group (so a `sleep` it started goes too), and a
 //! hook abandoned half-way (the agent shutting down) is killed the same way. The command text is
-//! never logged: it may carry an API key.
+//! never logged: it may carry an API key; and the hook does not inherit our own settings from the
+//! environment (`IMMICH_BACKUP__…`, the passphrase), which carry secrets.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -74,6 +75,19 @@ impl Facts {
     }
 }
 
+/// Our own settings in the environment (`IMMICH_BACKUP__…`, which carry store keys, database and
+/// SMTP passwords, tokens) and the identity's passphrase: a hook is not given them, so that one
+/// printing its environment does not put them in the log.
+fn our_settings() -> Vec<std::ffi::OsString> {
+    std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            k.starts_with("IMMICH_BACKUP__") || k == "IMMICH_BACKUP_PASSPHRASE"
+        })
+        .collect()
+}
+
 /// Run `hook` if it is configured; `Err(Error::Hook)` when it exits non-zero, is killed by a
 /// signal or times out, with its last line on stderr.
 pub async fn run(cfg: &HooksConfig, hook: Hook, facts: &Facts) -> Result<()> {
@@ -83,7 +97,11 @@ pub async fn run(cfg: &HooksConfig, hook: Hook, facts: &Facts) -> Result<()> {
     }
     let key = hook.key();
     let failed = |what: String| Error::Hook(format!("[hooks] {key} {what}"));
-    let mut child = Command::new("sh")
+    let mut child = Command::new("sh");
+    for name in our_settings() {
+        child.env_remove(name);
+    }
+    let mut child = child
         .arg("-c")
         .arg(command)
         .envs(facts.env(hook))

@@ -299,11 +299,21 @@ fn backups_notify_every_channel_and_hooks_see_the_outcome() {
         ),
         "",
     );
-    let run = cli(Some(&cfg), &["--json", "backup"], &[]);
+    // A setting from the environment (a secret, here the database password) reaches the backup,
+    // never the hook.
+    let run = cli(
+        Some(&cfg),
+        &["--json", "backup"],
+        &[("IMMICH_BACKUP__DATABASE__PASSWORD", "not-for-hooks")],
+    );
     run.expect_code(0);
     let snapshot = run.json()["snapshot"].as_str().unwrap().to_string();
     assert!(paused.exists());
     let env = env_file(&after_env);
+    assert!(
+        !env.keys().any(|k| k.starts_with("IMMICH_BACKUP__")),
+        "{env:?}"
+    );
     assert_eq!(env["IMMICH_BACKUP_SNAPSHOT"], snapshot);
     assert_eq!(env["IMMICH_BACKUP_STATUS"], "success");
     assert_eq!(env["IMMICH_BACKUP_EXIT_CODE"], "0");

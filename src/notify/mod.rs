@@ -206,10 +206,13 @@ impl Notifier {
     /// Send `event` on every channel at once, whatever `[notify] on` says; each one's result.
     pub async fn send_all(&self, event: &Event) -> Vec<Delivery> {
         let sends = self.channels.iter().map(|c| async move {
-            let r = match tokio::time::timeout(self.timeout, c.send(event)).await {
+            // Each channel's own client times out first (naming where it was sending); this is
+            // the backstop for one that does not.
+            let limit = self.timeout + Duration::from_secs(1);
+            let r = match tokio::time::timeout(limit, c.send(event)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!(
-                    "no answer within {}s ([notify] timeout_secs)",
+                    "timed out: no answer within {}s ([notify] timeout_secs)",
                     self.timeout.as_secs()
                 )),
             };
