@@ -365,3 +365,64 @@ fn webdav_url_mistakes_are_config_errors() {
         "{e}"
     );
 }
+
+/// A backup killed (SIGKILL) while a large object is streaming up leaves only a hidden temporary:
+/// the object's key never appears, no snapshot is listed, and the next backup completes and
+/// restores.
+#[test]
+fn webdav_killed_upload_leaves_no_visible_object() {
+    let server = DavServer::start();
+    let source = Source::with_big_file(50);
+    let cfg = source.config_with(server.storage_with_password());
+    let config = source.write_config_with(&server.storage(), "dav.toml");
+    let env = [
+        ("IMMICH_BACKUP__STORAGE__PASSWORD", PASSWORD),
+        // Slow enough that the big object is still uploading when it is killed.
+        ("IMMICH_BACKUP__STORAGE__UPLOAD_LIMIT", "4MiB/s"),
+    ];
+    let mut child = command(Some(&config), &["backup"])
+        .envs(env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let partial = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no large upload reached the server"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended before the large upload"
+        );
+        let big = server.files().into_iter().find(|f| {
+            f.contains(".immich-backup-partial-")
+                && std::fs::metadata(server.root.join("backups/immich").join(f))
+                    .map(|m| m.len() > PART_SIZE as u64)
+                    .unwrap_or(false)
+        });
+        if let Some(f) = big {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let key = partial.split(".immich-backup-partial-").next().unwrap();
+    let rt = rt();
+    let store = Store::open(&cfg.storage).unwrap();
+    assert_eq!(rt.block_on(store.size(key)).unwrap(), None, "{key}");
+    let listed = rt.block_on(store.list_keys("data")).unwrap();
+    assert!(
+        listed
+            .iter()
+            .all(|(k, _)| !k.contains("partial") && k != key),
+        "{listed:?}"
+    );
+    let run = cli(Some(&config), &["snapshots"], &env);
+    assert!(run.stdout.contains("0 snapshot(s)"), "{run:?}");
+
+    backup(&rt, &cfg).expect("backup after the kill");
+    restore_and_verify(&rt, &source, &cfg);
+}
