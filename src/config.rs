@@ -301,6 +301,10 @@ pub struct StorageConfig {
     pub account_key: String,
     /// Google service account JSON file; empty means `GOOGLE_APPLICATION_CREDENTIALS` etc.
     pub service_account: String,
+    /// WebDAV user name; empty means the user in the URL (`webdavs://USER@host/path`).
+    pub username: String,
+    /// WebDAV password (or `IMMICH_BACKUP__STORAGE__PASSWORD`).
+    pub password: String,
     /// Give up on a request that keeps failing (5xx, connection errors) after this many seconds
     /// of retrying with exponential backoff.
     pub retry_timeout_secs: u64,
@@ -341,6 +345,8 @@ impl Default for StorageConfig {
             account_name: String::new(),
             account_key: String::new(),
             service_account: String::new(),
+            username: String::new(),
+            password: String::new(),
             retry_timeout_secs: 180,
             max_retries: 10,
             request_timeout_secs: 300,
@@ -371,6 +377,7 @@ impl StorageConfig {
             &self.secret_access_key,
             &self.session_token,
             &self.account_key,
+            &self.password,
         ]
         .into_iter()
         .chain(
@@ -407,6 +414,8 @@ impl std::fmt::Debug for StorageConfig {
             .field("account_name", &self.account_name)
             .field("account_key", &redacted(&self.account_key))
             .field("service_account", &self.service_account)
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
             .field("retry_timeout_secs", &self.retry_timeout_secs)
             .field("max_retries", &self.max_retries)
             .field("request_timeout_secs", &self.request_timeout_secs)

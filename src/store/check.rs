@@ -73,7 +73,7 @@ fn remedy_for(store: &Store, err: &Error) -> String {
             Backend::S3 => format!("create the {what} (provider console, or `aws s3 mb s3://{}`), or correct [storage] url", store.bucket()),
             Backend::Gcs => format!("create the {what} (`gcloud storage buckets create gs://{}`), or correct [storage] url", store.bucket()),
             Backend::Azure => format!("create the {what} (`az storage container create --name {}`), or correct [storage] url", store.bucket()),
-            Backend::Local => "create the folder, or correct [storage] url".into(),
+            Backend::Local | Backend::WebDav => "create the folder, or correct [storage] url".into(),
         };
     }
     if text.contains("denied") {
@@ -212,9 +212,17 @@ pub async fn run(store: &Store) -> InitReport {
             ))
         } else {
             match store.put_new(&probe, Bytes::from_static(b"overwritten\n")).await {
+                Ok(false) if store.backend() == Backend::WebDav => Ok((
+                    Status::Ok,
+                    "a second create-only write of the same object was refused (MOVE with Overwrite: F answered 412). WebDAV guarantees: uploads go to a temporary NAME.immich-backup-partial-… and are moved into place, so a partial upload is never visible under its key; not guaranteed: the server checks, then renames, so two writers of one key at the same instant are not told apart".to_string(),
+                )),
                 Ok(false) => Ok((
                     Status::Ok,
                     "a second create-only write of the same object was refused".to_string(),
+                )),
+                Ok(true) if store.backend() == Backend::WebDav => Ok((
+                    Status::Warn,
+                    "NOT honoured: the WebDAV server replaced an object on a MOVE with Overwrite: F; backups work (content objects are named by their content, snapshot ids are random) but two runs at once are not detected".to_string(),
                 )),
                 Ok(true) => Ok((
                     Status::Warn,

@@ -26,6 +26,8 @@ pub enum Backend {
     S3,
     Gcs,
     Azure,
+    /// A WebDAV folder ([`crate::store::webdav`]).
+    WebDav,
 }
 
 impl Backend {
@@ -33,7 +35,7 @@ impl Backend {
     pub(crate) fn bucket_word(self) -> &'static str {
         match self {
             Backend::Azure => "container",
-            Backend::Local => "folder",
+            Backend::Local | Backend::WebDav => "folder",
             Backend::S3 | Backend::Gcs => "bucket",
         }
     }
@@ -44,6 +46,7 @@ impl Backend {
             Backend::S3 => "check [storage] access_key_id and secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE), that the key may read and write the bucket, and [storage] region",
             Backend::Gcs => "check [storage] service_account (or GOOGLE_APPLICATION_CREDENTIALS) and that the account has Storage Object Admin on the bucket",
             Backend::Azure => "check [storage] account_name and account_key (or AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY, or options.sas_token) and the key's permissions on the container",
+            Backend::WebDav => "check the user name in [storage] url (or [storage] username) and [storage] password (or IMMICH_BACKUP__STORAGE__PASSWORD), and that the user may write the folder",
             Backend::Local => "run as a user that may read and write the folder",
         }
     }
@@ -200,7 +203,9 @@ pub fn build(
                 .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout);
             Arc::new(b.build().map_err(|e| build_error(shown, e, scrub))?)
         }
-        Backend::Local => unreachable!("local stores are opened by store.rs"),
+        Backend::Local | Backend::WebDav => {
+            unreachable!("folder and WebDAV stores are opened by store/mod.rs")
+        }
     };
     Ok(store)
 }

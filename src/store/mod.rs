@@ -25,6 +25,7 @@ pub mod cloud;
 pub mod directio;
 pub mod local;
 pub mod meter;
+pub mod webdav;
 mod writer;
 
 pub use writer::ObjectWriter;
@@ -177,14 +178,25 @@ impl Store {
         }
         let url = url::Url::parse(&cfg.url).map_err(|e| {
             Error::Config(format!(
-                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
             ))
         })?;
         let unknown = || {
             Error::Config(format!(
-                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix or az://container/prefix"
+                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
             ))
         };
+        if webdav::is_webdav(url.scheme()) {
+            let dav = webdav::build(cfg, &url, &shown)?;
+            return Self::open_cloud(
+                cfg,
+                &url,
+                Backend::WebDav,
+                ObjectPath::default(),
+                shown,
+                |_| Ok(Arc::new(dav)),
+            );
+        }
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| unknown())?;
         let backend = match scheme {
             ObjectStoreScheme::Local => return Err(unknown()),
@@ -199,11 +211,26 @@ impl Store {
                 )))
             }
         };
+        let shown_for_build = shown.clone();
+        Self::open_cloud(cfg, &url, backend, prefix, shown, |redactor| {
+            crate::store::cloud::build(cfg, &url, backend, &shown_for_build, redactor)
+        })
+    }
+
+    /// A cloud (or WebDAV) store: `build` makes the client, which is wrapped by [`Metered`].
+    fn open_cloud(
+        cfg: &StorageConfig,
+        url: &url::Url,
+        backend: Backend,
+        prefix: ObjectPath,
+        shown: String,
+        build: impl FnOnce(&Redactor) -> Result<Arc<dyn ObjectStore>>,
+    ) -> Result<Store> {
         let redactor = Arc::new(Redactor::new(cfg.secrets()));
         let traffic = Arc::new(Traffic::default());
         let (up, down) = cfg.limits()?;
         let inner: Arc<dyn ObjectStore> = Arc::new(Metered::new(
-            crate::store::cloud::build(cfg, &url, backend, &shown, &redactor)?,
+            build(&redactor)?,
             traffic.clone(),
             up.map(|r| Arc::new(Limiter::new(r))),
             down.map(|r| Arc::new(Limiter::new(r))),
@@ -212,8 +239,11 @@ impl Store {
         if !cfg.storage_class.is_empty() {
             attributes.insert(Attribute::StorageClass, cfg.storage_class.clone().into());
         }
-        // For messages: az://CONTAINER@ACCOUNT…, s3://BUCKET/…, https://HOST/BUCKET/….
-        let bucket = if !url.username().is_empty() {
+        // For messages: az://CONTAINER@ACCOUNT…, s3://BUCKET/…, https://HOST/BUCKET/…, the
+        // WebDAV folder.
+        let bucket = if backend == Backend::WebDav {
+            format!("{}{}", url.host_str().unwrap_or_default(), url.path())
+        } else if !url.username().is_empty() {
             url.username().to_string()
         } else if url.scheme() == "https" {
             url.path_segments()
