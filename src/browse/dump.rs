@@ -211,21 +211,12 @@ pub async fn database(reader: &Reader, manifest: &Manifest, out: Output) -> Resu
         let r = (|| {
             let mut hashed = HashingReader::new(dump.open()?);
             let sql = copy_sql(GzDecoder::new(&mut hashed), &mut w, &want.key)?;
-            io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
-            let (len, sha) = (hashed.len, hashed.finish());
-            if len != want.size || sha != want.sha256 {
-                return Err(Error::Corrupt {
-                    object: want.key.clone(),
-                    message: format!(
-                        "does not match the manifest's size and SHA-256 when read a second time{}",
-                        if cut.is_none() {
-                            " (what stdout received is not the dump: discard it)"
-                        } else {
-                            ""
-                        }
-                    ),
-                });
-            }
+            let note = if cut.is_none() {
+                " when read a second time (what stdout received is not the dump: discard it)"
+            } else {
+                " when read a second time"
+            };
+            hashed.drain_and_check(&want, note)?;
             Ok(sql)
         })();
         if let (Err(_), Some(cut)) = (&r, cut.as_mut()) {

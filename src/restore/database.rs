@@ -18,7 +18,7 @@ use tokio_util::io::SyncIoBridge;
 
 use crate::db::{self, Database, ReplayRun};
 use crate::error::{Error, Result};
-use crate::format::{Manifest, Object};
+use crate::format::{Manifest, Object, ObjectRef};
 use crate::progress::Progress;
 use crate::repo::{read_error, Reader};
 use crate::restore::dumpcheck::{DumpChecker, DumpFacts, Line, Meta};
@@ -148,15 +148,7 @@ pub(crate) async fn verify_dump(reader: &Reader, manifest: &Manifest) -> Result<
         let plain = dump.open()?;
         let mut hashed = HashingReader::new(plain);
         let facts = check_lines(GzDecoder::new(&mut hashed), &want.key, |_, _| Ok(()))?;
-        // Whatever follows the gzip stream counts too.
-        io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
-        let (len, sha) = (hashed.len, hashed.finish());
-        if len != want.size || sha != want.sha256 {
-            return Err(Error::Corrupt {
-                object: want.key.clone(),
-                message: "does not match the manifest's size and SHA-256".into(),
-            });
-        }
+        hashed.drain_and_check(&want, "")?;
         Ok(facts)
     })
     .await
@@ -437,6 +429,20 @@ impl<R: Read> HashingReader<R> {
 
     pub fn finish(self) -> String {
         hex::encode(self.hasher.finalize())
+    }
+
+    /// Read what is left (whatever follows a gzip stream counts too), then check the whole against
+    /// the manifest's size and SHA-256 of `want`; `note` is added to the message of a mismatch.
+    pub fn drain_and_check(mut self, want: &ObjectRef, note: &str) -> Result<()> {
+        io::copy(&mut self, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
+        let (len, sha) = (self.len, self.finish());
+        if len != want.size || sha != want.sha256 {
+            return Err(Error::Corrupt {
+                object: want.key.clone(),
+                message: format!("does not match the manifest's size and SHA-256{note}"),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -584,14 +584,7 @@ async fn pass(reader: &Reader, manifest: &Manifest, state: Selecting) -> Result<
             &want.key,
             &mut state,
         )?;
-        io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(&want.key, e))?;
-        let (len, sha) = (hashed.len, hashed.finish());
-        if len != want.size || sha != want.sha256 {
-            return Err(Error::Corrupt {
-                object: want.key.clone(),
-                message: "does not match the manifest's size and SHA-256".into(),
-            });
-        }
+        hashed.drain_and_check(&want, "")?;
         Ok(state)
     })
     .await
