@@ -677,15 +677,15 @@ async fn run(cli: Cli) -> Result<i32> {
             no_owner,
         } => {
             let cfg = load_config(cli.config.as_deref())?;
+            let choices = RestoreChoices {
+                snapshot,
+                access,
+                target,
+                dry_run,
+                keep_special_modes,
+                no_owner,
+            };
             if select.any() {
-                let choices = RestoreChoices {
-                    snapshot,
-                    access,
-                    target,
-                    dry_run,
-                    keep_special_modes,
-                    no_owner,
-                };
                 return restore_selection(&cfg, choices, select, bar, cli.json).await;
             }
             if select.overwrite {
@@ -695,14 +695,6 @@ async fn run(cli: Cli) -> Result<i32> {
                 restore::ServerPolicy::StopAndRestart
             } else {
                 restore::ServerPolicy::Refuse
-            };
-            let choices = RestoreChoices {
-                snapshot,
-                access,
-                target,
-                dry_run,
-                keep_special_modes,
-                no_owner,
             };
             let report = run_restore(&cfg, choices, server, bar).await?;
             print_restore(&report, cli.json);

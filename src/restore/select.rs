@@ -200,25 +200,28 @@ struct AssetColumns {
     status: Option<usize>,
 }
 
+impl AssetColumns {
+    /// The columns in the order [`Selecting::asset`] takes a row's fields.
+    fn in_row_order(self) -> [Option<usize>; 7] {
+        [
+            Some(self.id),
+            Some(self.owner),
+            Some(self.path),
+            self.name,
+            self.local,
+            self.created,
+            self.status,
+        ]
+    }
+}
+
 impl Block {
     fn last(&self) -> usize {
         match *self {
             Block::Users { id, email } => id.max(email),
             Block::Albums { id, name } => id.max(name),
             Block::AlbumAssets { album, asset, .. } => album.max(asset),
-            Block::Assets(c) => [
-                Some(c.id),
-                Some(c.owner),
-                Some(c.path),
-                c.name,
-                c.local,
-                c.created,
-                c.status,
-            ]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(0),
+            Block::Assets(c) => c.in_row_order().into_iter().flatten().max().unwrap_or(0),
         }
     }
 }
@@ -478,18 +481,11 @@ impl Selecting {
                 }
             }
             Block::Assets(c) => {
-                let row: Vec<Option<String>> = [
-                    Some(c.id),
-                    Some(c.owner),
-                    Some(c.path),
-                    c.name,
-                    c.local,
-                    c.created,
-                    c.status,
-                ]
-                .into_iter()
-                .map(|i| i.and_then(&text).map(|t| t.into_owned()))
-                .collect();
+                let row: Vec<Option<String>> = c
+                    .in_row_order()
+                    .into_iter()
+                    .map(|i| i.and_then(&text).map(|t| t.into_owned()))
+                    .collect();
                 self.asset(row);
             }
         }
