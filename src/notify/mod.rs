@@ -251,6 +251,21 @@ fn host_of(url: &str) -> String {
         .unwrap_or_else(|| "<unparsable url>".into())
 }
 
+/// Send an HTTP channel's request to `url`: `Ok` on a 2xx answer, else the one-line cause, naming
+/// the host (never the URL, which may carry a token).
+async fn post(url: &str, request: reqwest::RequestBuilder) -> Result<(), String> {
+    let host = host_of(url);
+    let resp = request
+        .send()
+        .await
+        .map_err(|e| format!("{host}: {}", http_error(e)))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(refused(&host, resp).await)
+    }
+}
+
 /// A non-2xx answer: its status and the start of its body, one line.
 async fn refused(host: &str, resp: reqwest::Response) -> String {
     let status = resp.status();

@@ -4,7 +4,7 @@
 
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 
-use super::{host_of, http_error, refused, Event};
+use super::{post, Event};
 use crate::config::{ntfy_priority, NtfyConfig};
 
 pub(super) struct Ntfy {
@@ -27,7 +27,6 @@ impl Ntfy {
     }
 
     pub(super) async fn send(&self, event: &Event) -> Result<(), String> {
-        let host = host_of(&self.url);
         let (auto_priority, tag) = match event.status {
             "failure" => (4, "rotating_light"),
             "partial" => (3, "warning"),
@@ -47,19 +46,12 @@ impl Ntfy {
                 .map_err(|_| "[notify.ntfy] token is not a valid header value".to_string())?;
             headers.insert(AUTHORIZATION, bearer);
         }
-        let resp = self
+        let request = self
             .client
             .post(&self.url)
             .headers(headers)
-            .body(event.body())
-            .send()
-            .await
-            .map_err(|e| format!("{host}: {}", http_error(e)))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(refused(&host, resp).await)
-        }
+            .body(event.body());
+        post(&self.url, request).await
     }
 }
 

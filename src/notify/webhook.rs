@@ -2,7 +2,7 @@
 //! proxies, Apprise's API, n8n or a script), or the message in the one field a chat service reads
 //! (`"discord"`: `content`, `"slack"`: `text`). The URL is a secret: only its host is shown.
 
-use super::{host_of, http_error, refused, Event};
+use super::{post, Event};
 use crate::config::{WebhookConfig, WebhookFormat};
 
 /// Discord refuses a `content` longer than this.
@@ -24,20 +24,12 @@ impl Webhook {
     }
 
     pub(super) async fn send(&self, event: &Event) -> Result<(), String> {
-        let host = host_of(&self.url);
-        let resp = self
+        let request = self
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body(self.format, event).to_string())
-            .send()
-            .await
-            .map_err(|e| format!("{host}: {}", http_error(e)))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(refused(&host, resp).await)
-        }
+            .body(body(self.format, event).to_string());
+        post(&self.url, request).await
     }
 }
 
