@@ -515,6 +515,58 @@ fn restore_writes_nothing_outside_its_target_through_symlinks() {
         .file_type()
         .is_symlink());
 
+    // The same forged list restored as a selection (files only, into any folder): nothing
+    // through its symlinks either; nor through a symlink the target folder already holds.
+    let selected = src.work.path().join("t-forged-selection");
+    let args = restore_args(
+        &src.identity,
+        &[
+            &id,
+            "--allow-unsigned",
+            "--include",
+            "**",
+            "--target",
+            path_arg(&selected),
+        ],
+    );
+    let run = cli(Some(&rconfig), &args, &[]);
+    assert!(
+        run.code == exit::OK || run.code == exit::PARTIAL,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        tree_state(&outside),
+        before,
+        "a selection wrote outside its target"
+    );
+    assert!(selected.join("library/evil/sub/x.jpg").is_file());
+    let planted = src.work.path().join("t-planted");
+    fs::create_dir_all(&planted).unwrap();
+    std::os::unix::fs::symlink(&outside, planted.join("library")).unwrap();
+    let args = restore_args(
+        &src.identity,
+        &[
+            "latest",
+            "--include",
+            "library/**",
+            "--target",
+            path_arg(&planted),
+        ],
+    );
+    let run = cli(Some(&rconfig), &args, &[]);
+    assert_ne!(run.code, exit::OK, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("library: is not a folder"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        tree_state(&outside),
+        before,
+        "a selection wrote through a symlink in its target"
+    );
+
     // A genuine snapshot into a target whose `thumbs` is a symlink to elsewhere: no marker is
     // written through it, and the restore says so.
     fresh
