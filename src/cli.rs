@@ -1,6 +1,7 @@
 //! Command-line interface: restic-like verbs over the library, human output or `--json`.
 
 mod browse;
+mod key;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -243,6 +244,12 @@ enum Command {
     Notify {
         #[command(subcommand)]
         action: NotifyAction,
+    },
+    /// The repository key and who holds it: `key list`, `key add RECIPIENT`, `key remove
+    /// RECIPIENT`, `key rotate`, `key migrate` (docs/FORMAT.md, "Repository keys").
+    Key {
+        #[command(subcommand)]
+        action: key::KeyAction,
     },
     #[command(flatten)]
     Browse(browse::BrowseCommand),
@@ -599,7 +606,7 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 match access.load_if_any(&cfg, read.is_some())? {
                     Some((identities, trust)) => Some(verify::Deep {
-                        reader: repo.reader(identities),
+                        reader: repo.unlock(identities).await?,
                         trust,
                         read,
                         concurrency: cfg.storage.concurrency,
@@ -661,6 +668,10 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let cfg = load_config(cli.config.as_deref())?;
             notify_test(&cfg, cli.json).await
+        }
+        Command::Key { action } => {
+            let cfg = load_config(cli.config.as_deref())?;
+            key::run(&cfg, action, cli.json).await
         }
         Command::Browse(command) => {
             let cfg = load_config(cli.config.as_deref())?;
@@ -824,6 +835,10 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     }
     let repo = Repository::open(&cfg.storage)?;
     let report = repo::snapshots::init(&repo).await;
+    let made = match report.ok {
+        true => key::first_key(cfg, &repo).await?,
+        false => None,
+    };
     let signing: Vec<String> = signing_verdict(cfg)?
         .iter()
         .map(ToString::to_string)
@@ -831,6 +846,9 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
     if json {
         let mut v = serde_json::to_value(&report).expect("report serialises");
         v["verify_keys"] = serde_json::json!(signing);
+        if let Some(k) = &made {
+            v["repository_key"] = k.clone().into();
+        }
         if !report.ok {
             let e = storecheck::failure_error(&report);
             v["error"] = e.to_string().into();
@@ -842,6 +860,9 @@ async fn init(cfg: &Config, json: bool) -> Result<i32> {
         match signing.as_slice() {
             [] => println!("  WARN signing             no [encryption] signing_key_file: backup will refuse to run (snapshots must be signed); make the key with `immich-backup keygen` or `signing-key`"),
             keys => println!("  ok   signing             snapshots are signed; a restore trusts them with the identity the key was made from (verify key {})", keys.join(", ")),
+        }
+        if let Some(k) = &made {
+            println!("  ok   repository key      keys/{k}: snapshots are sealed to it; [encryption] recipients hold it (`immich-backup key list`, `key add`)");
         }
     }
     if report.ok {

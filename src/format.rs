@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Version of the storage format described in docs/FORMAT.md (the repository marker's `format`).
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 2: snapshots are sealed to a repository key whose secret the key files under `keys/` hold.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Version of the manifests this program writes: 2 adds the age header MACs of the dump and the
 /// file list and comes with a signature (`signature.json`); 1 is the unsigned format of 0.1.
 pub const MANIFEST_FORMAT: u32 = 2;
@@ -35,6 +36,8 @@ pub const MANIFEST_OBJECT: &str = "manifest.json.age";
 pub(crate) const SIGNATURE_OBJECT: &str = "signature.json";
 /// Prefix of lock objects.
 pub const LOCKS_DIR: &str = "locks";
+/// Prefix of the repository keys' key files and machine files (format 2).
+pub const KEYS_DIR: &str = "keys";
 
 /// Every kind of object in a store. Its key and whether it is sealed (an age file) follow from its
 /// kind, so no caller decides either: [`crate::repo`] reads and writes objects by this type.
@@ -58,6 +61,12 @@ pub enum Object {
     Manifest(String),
     /// `data/<2 hex>/<64 hex>`, sealed.
     Content(ContentId),
+    /// `keys/<key id>/<recipient id>.age`: a repository key's secret, sealed to one person's
+    /// recipient (not to the repository's: [`crate::repo::keys`] seals it).
+    KeyFile { key: String, recipient: String },
+    /// `keys/<key id>/machine-<machine id>.age`: a repository key's public half for a backup
+    /// machine, sealed to a key derived from its signing key.
+    MachineFile { key: String, machine: String },
 }
 
 impl Object {
@@ -73,6 +82,10 @@ impl Object {
             Object::Dump(id) => snapshot_key(id, DUMP_OBJECT),
             Object::Manifest(id) => snapshot_key(id, MANIFEST_OBJECT),
             Object::Content(id) => id.key(),
+            Object::KeyFile { key, recipient } => format!("{KEYS_DIR}/{key}/{recipient}.age"),
+            Object::MachineFile { key, machine } => {
+                format!("{KEYS_DIR}/{key}/machine-{machine}.age")
+            }
         }
     }
 
@@ -80,7 +93,12 @@ impl Object {
     pub fn sealed(&self) -> bool {
         matches!(
             self,
-            Object::Files(_) | Object::Dump(_) | Object::Manifest(_) | Object::Content(_)
+            Object::Files(_)
+                | Object::Dump(_)
+                | Object::Manifest(_)
+                | Object::Content(_)
+                | Object::KeyFile { .. }
+                | Object::MachineFile { .. }
         )
     }
 }
@@ -239,6 +257,10 @@ pub struct Manifest {
     pub tool_version: String,
     /// The key of the keyed BLAKE3 content addresses, hex (needed to verify restored files).
     pub content_key: String,
+    /// The id of the repository key the snapshot is sealed to (`keys/<id>/`); absent when it is
+    /// sealed to the recipients themselves (format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_key: Option<String>,
     pub upload_location: String,
     pub folders: Vec<String>,
     pub database: DatabaseInfo,
@@ -380,6 +402,10 @@ pub struct Summary {
     pub bytes: u64,
     /// Bytes of new content this snapshot uploaded.
     pub bytes_added: u64,
+    /// The id of the repository key the snapshot is sealed to (its key files are under
+    /// `keys/<id>/`); absent when it is sealed to the recipients themselves (format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_key: Option<String>,
     pub dump_bytes: u64,
     /// Files that could not be read (the snapshot is partial when > 0).
     pub skipped: u64,

@@ -352,9 +352,9 @@ fn ls_find_diff_stats_and_dump_on_a_folder_store() {
     // Into a pipe, a file bigger than the memory buffer goes through a temporary file first.
     let lib_dump = |buffer: u64| {
         let sink = Shared::default();
-        let reader = Repository::open(&src.config().storage)
-            .unwrap()
-            .reader(Arc::new(Identities::load(&src.identity).unwrap()));
+        let repo = Repository::open(&src.config().storage).unwrap();
+        let ids = Arc::new(Identities::load(&src.identity).unwrap());
+        let reader = rt().block_on(repo.unlock(ids)).unwrap();
         let m = manifest(&src.store, &src.identity, &second);
         let out = dump::Output::Stream {
             to: Box::new(sink.clone()),

@@ -162,12 +162,10 @@ fn s3_repair_replaces_damaged_objects() {
     let cfg = source.config_with(s3_storage(&server, "photos", "immich/nightly"));
     let rt = rt();
     backup(&rt, &cfg).expect("backup to S3");
-    let recipients =
-        immich_backup::crypto::Recipients::load(std::slice::from_ref(&source.recipient), None)
-            .unwrap();
+    let content_key = content_key_in(&cfg.storage, &source.identity);
     let id_of = |rel: &str| {
         let bytes = std::fs::read(source.upload.join(rel)).unwrap();
-        format::ContentId(*blake3::keyed_hash(&recipients.content_key(), &bytes).as_bytes())
+        format::ContentId(*blake3::keyed_hash(&content_key, &bytes).as_bytes())
     };
     let small = id_of("library/admin/2023/PANO_0001.jpg");
     let big = id_of(BIG_FILE);

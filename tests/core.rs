@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use age::secrecy::{ExposeSecret, SecretString};
 use common::*;
-use immich_backup::crypto::{self, Identities, Recipients};
+use immich_backup::crypto;
 use immich_backup::demo;
 use immich_backup::demo::sample::{
     self, asset_original_path, PgCluster, GENERATED_FOLDERS, MARKER_FILE, ORIGINAL_FOLDERS,
@@ -127,12 +127,11 @@ fn backup_then_restore_into_fresh_install_is_identical() {
     assert_eq!(link.kind, EntryKind::Symlink);
     assert_eq!(link.target.as_deref(), Some("IMG_0001.jpg"));
     let objects = data_objects(&src.store);
-    let recipients = [src.recipient.clone()];
     for g in GENERATED_FOLDERS {
         for e in walkdir::WalkDir::new(src.upload.join(g)) {
             let e = e.unwrap();
             if e.file_type().is_file() && e.file_name() != MARKER_FILE {
-                let key = object_key(&recipients, &fs::read(e.path()).unwrap());
+                let key = object_key(&src, &fs::read(e.path()).unwrap());
                 assert!(
                     !objects.contains_key(&key),
                     "{} was stored",
@@ -143,7 +142,7 @@ fn backup_then_restore_into_fresh_install_is_identical() {
     }
     for (path, bytes) in original_files(&src.upload) {
         assert!(
-            objects.contains_key(&object_key(&recipients, &bytes)),
+            objects.contains_key(&object_key(&src, &bytes)),
             "{path} not stored"
         );
     }
@@ -216,7 +215,6 @@ fn backup_then_restore_into_fresh_install_is_identical() {
 fn second_backup_stores_only_the_new_photo_and_the_cache_is_only_an_optimisation() {
     let src = Source::new(ASSETS);
     let config = src.write_config("config.toml");
-    let recipients = [src.recipient.clone()];
     // Files changed within seconds of a backup are read again by the next one: these must not be.
     wait_until_settled();
 
@@ -225,7 +223,7 @@ fn second_backup_stores_only_the_new_photo_and_the_cache_is_only_an_optimisation
     let before = data_objects(&src.store);
     // Every distinct content stored once.
     let files = original_files(&src.upload);
-    let distinct: BTreeSet<String> = files.values().map(|b| object_key(&recipients, b)).collect();
+    let distinct: BTreeSet<String> = files.values().map(|b| object_key(&src, b)).collect();
     assert_eq!(before.keys().cloned().collect::<BTreeSet<_>>(), distinct);
     assert_eq!(first["files_new"], distinct.len() as u64, "{first}");
     assert_eq!(
@@ -239,7 +237,7 @@ fn second_backup_stores_only_the_new_photo_and_the_cache_is_only_an_optimisation
     let size = 300_000usize;
     let photo =
         sample::add_photo(&src.upload, "library/admin/2025/IMG_9001.jpg", size, 9001).unwrap();
-    let photo_key = object_key(&recipients, &fs::read(&photo).unwrap());
+    let photo_key = object_key(&src, &fs::read(&photo).unwrap());
     let second = cli(Some(&config), &["--json", "backup"], &[]);
     let second = second.expect_code(exit::OK).json();
     let after = data_objects(&src.store);
@@ -391,7 +389,6 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
     let src = Source::new(ASSETS);
     let id = src.backup_lib().snapshot;
     let fresh = start_cluster();
-    let recipients = [src.recipient.clone()];
     let m = manifest(&src.store, &src.identity, &id);
 
     // Another identity.
@@ -427,12 +424,12 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
     // A content object bigger than one age chunk, tampered with in the middle, and another one
     // missing: every other file is restored, and the two are listed (exit 4).
     let pano = "library/admin/2023/PANO_0001.jpg";
-    let pano_key = object_key(&recipients, &fs::read(src.upload.join(pano)).unwrap());
+    let pano_key = object_key(&src, &fs::read(src.upload.join(pano)).unwrap());
     let pano_obj = src.store.join(&pano_key);
     assert!(fs::metadata(&pano_obj).unwrap().len() > 64 * 1024);
     flip_middle_byte(&pano_obj);
     let vid = "library/admin/2023/VID_0002.mp4";
-    let vid_key = object_key(&recipients, &fs::read(src.upload.join(vid)).unwrap());
+    let vid_key = object_key(&src, &fs::read(src.upload.join(vid)).unwrap());
     fs::remove_file(src.store.join(&vid_key)).unwrap();
     let target = src.work.path().join("t-damaged");
     let args = restore_args(&src.identity, &["--target", path_arg(&target)]);
@@ -484,7 +481,7 @@ fn wrong_identity_tampered_and_missing_objects_fail_with_the_documented_codes() 
     .unwrap();
     let vid_sealed = {
         let out = std::process::Command::new("age")
-            .args(["-r", &src.recipient])
+            .args(["-r", &sealing_recipient(&src)])
             .arg(src.upload.join(vid))
             .output()
             .unwrap();
@@ -590,7 +587,7 @@ fn killed_backup_leaves_no_snapshot_and_the_next_run_reuses_its_uploads() {
 
     // Every object the snapshot references (those the killed run wrote included) decrypts to its file.
     let id = r["snapshot"].as_str().unwrap();
-    let ids = Identities::load(&src.identity).unwrap();
+    let ids = unlocked_in(&src.config().storage, &src.identity);
     let mut checked = 0;
     for e in file_list(&src.store, &src.identity, id) {
         let Some(content) = e.content else { continue };
@@ -620,8 +617,7 @@ fn staged_uploads_of_an_earlier_boot_are_dropped_and_uploaded_again() {
     cli(Some(&config), &["init"], &[]).expect_code(exit::OK);
     let files = original_files(&src.upload);
     let (rel, content) = files.iter().next().unwrap();
-    let recipients = Recipients::load(std::slice::from_ref(&src.recipient), None).unwrap();
-    let id = ContentId(*blake3::keyed_hash(&recipients.content_key(), content).as_bytes());
+    let id = ContentId(*blake3::keyed_hash(&content_key(&src), content).as_bytes());
     let hex = id.to_string();
     let run = src.store.join("staging/20260101T000000.000Z-deadbeef");
     fs::create_dir_all(run.join(&hex[..2])).unwrap();
@@ -645,8 +641,7 @@ fn staged_uploads_of_an_earlier_boot_are_dropped_and_uploaded_again() {
     );
     let sealed = fs::read(src.store.join(id.key())).unwrap();
     let mut plain = Vec::new();
-    Identities::load(&src.identity)
-        .unwrap()
+    unlocked_in(&src.config().storage, &src.identity)
         .decrypt(&sealed[..], &id.key())
         .unwrap()
         .read_to_end(&mut plain)
@@ -1072,16 +1067,31 @@ fn every_object_is_a_plain_age_file_the_age_command_decrypts() {
         .as_str()
         .unwrap()
         .to_string();
-    let recipients = [src.recipient.clone()];
+    // Format 2, by hand (docs/FORMAT.md): the identity opens a key file, whose plaintext is the
+    // repository key as an identity file; that opens every object. The identity alone opens none.
+    let repo_key = repository_identity_by_hand(&src, &src.work.path().join("repository-key.txt"));
+    let any = src
+        .store
+        .join("snapshots")
+        .join(&id)
+        .join("manifest.json.age");
+    let alone = std::process::Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(&src.identity)
+        .arg(&any)
+        .output()
+        .unwrap();
+    assert!(!alone.status.success(), "sealed to the repository key only");
     // Each photo's object decrypts to the photo.
     for (path, bytes) in original_files(&src.upload) {
-        let object = src.store.join(object_key(&recipients, &bytes));
-        assert!(age_decrypt(&src.identity, &object) == bytes, "{path}");
+        let object = src.store.join(object_key(&src, &bytes));
+        assert!(age_decrypt(&repo_key, &object) == bytes, "{path}");
     }
     // The dump is a gzip stream of pg_dumpall's output; the file list is gzipped JSON lines.
     let snap = src.store.join("snapshots").join(&id);
     let mut sql = String::new();
-    flate2::read::GzDecoder::new(&age_decrypt(&src.identity, &snap.join("dump.sql.gz.age"))[..])
+    flate2::read::GzDecoder::new(&age_decrypt(&repo_key, &snap.join("dump.sql.gz.age"))[..])
         .read_to_string(&mut sql)
         .unwrap();
     assert!(
@@ -1090,14 +1100,29 @@ fn every_object_is_a_plain_age_file_the_age_command_decrypts() {
     );
     assert!(sql.contains(&format!("\\connect {DB}")));
     let mut list = String::new();
-    flate2::read::GzDecoder::new(&age_decrypt(&src.identity, &snap.join("files.jsonl.gz.age"))[..])
+    flate2::read::GzDecoder::new(&age_decrypt(&repo_key, &snap.join("files.jsonl.gz.age"))[..])
         .read_to_string(&mut list)
         .unwrap();
     assert_eq!(list.lines().count(), original_paths(&src.upload).len());
     let manifest: serde_json::Value =
-        serde_json::from_slice(&age_decrypt(&src.identity, &snap.join("manifest.json.age")))
-            .unwrap();
+        serde_json::from_slice(&age_decrypt(&repo_key, &snap.join("manifest.json.age"))).unwrap();
     assert_eq!(manifest["id"], id.as_str());
+    // The manifest and the plaintext summary name the key folder; the content key is derived
+    // from the repository key's public half as FORMAT.md says.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&fs::read(snap.join("summary.json")).unwrap()).unwrap();
+    let folder = manifest["repository_key"].as_str().unwrap();
+    assert_eq!(summary["repository_key"], folder);
+    assert!(src.store.join("keys").join(folder).is_dir());
+    let public = sealing_recipient(&src);
+    assert_eq!(
+        manifest["content_key"],
+        hex::encode(blake3::derive_key(
+            "immich-backup 2026-11 content address key v1",
+            public.as_bytes()
+        ))
+    );
+    assert!(fs::read_to_string(&repo_key).unwrap().contains(&public));
 }
 
 /// `demo --dir` into a folder that holds anything (an earlier demo) is refused with what to do,

@@ -469,7 +469,7 @@ fn manifest(s: &Setup) -> Manifest {
         .unwrap();
         let ids = std::sync::Arc::new(Identities::load(&s.identity()).unwrap());
         let id = snapshots::resolve(&store, "latest").await.unwrap();
-        restore::read_manifest(&store.reader(ids), &id)
+        restore::read_manifest(&store.unlock(ids).await.unwrap(), &id)
             .await
             .unwrap()
     })

@@ -329,8 +329,17 @@ fn backup_ready(dir: &Path, database: &str) -> std::path::PathBuf {
     for f in ["library", "upload", "profile"] {
         fs::create_dir_all(dir.join("upload").join(f)).unwrap();
     }
-    let key = immich_backup::crypto::generate_key();
-    fs::write(dir.join("signing.key"), signing_text(&key)).unwrap();
+    // One backup machine per folder: a second config for the same store keeps its keys (a
+    // new signing key would not be the one the store's repository key was made for).
+    let recipient = match fs::read_to_string(dir.join("recipient.txt")) {
+        Ok(r) => r,
+        Err(_) => {
+            let key = immich_backup::crypto::generate_key();
+            fs::write(dir.join("signing.key"), signing_text(&key)).unwrap();
+            fs::write(dir.join("recipient.txt"), &key.recipient).unwrap();
+            key.recipient
+        }
+    };
     let config = config_file(
         dir,
         &format!(
@@ -338,7 +347,7 @@ fn backup_ready(dir: &Path, database: &str) -> std::path::PathBuf {
              [storage]\nurl = {:?}\n\n[encryption]\nrecipients = [{:?}]\nsigning_key_file = \"signing.key\"\n\n\
              [backup]\ncache_dir = \"cache\"\n",
             dir.join("store").display().to_string(),
-            key.recipient
+            recipient
         ),
     );
     cli_in(dir, Some(&config), &["init"], &[QUIET]).expect_code(exit::OK);

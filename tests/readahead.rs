@@ -61,7 +61,6 @@ impl Blocker {
 fn files_changed_after_they_were_read_ahead_are_read_again() {
     let src = Source::new(ASSETS);
     let config = src.write_config("config.toml");
-    let recipients = [src.recipient.clone()];
     let changed_path = "library/admin/2024/IMG_0002.jpg";
     let removed_path = "library/admin/2024/IMG_0003.jpg";
     let changed = src.upload.join(changed_path);
@@ -77,10 +76,8 @@ fn files_changed_after_they_were_read_ahead_are_read_again() {
         .unwrap();
 
     // Everything is read ahead while the dump waits for the lock.
-    let distinct: std::collections::BTreeSet<String> = original
-        .values()
-        .map(|b| object_key(&recipients, b))
-        .collect();
+    let distinct: std::collections::BTreeSet<String> =
+        original.values().map(|b| object_key(&src, b)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while staged_objects(&src.store).len() < distinct.len() {
         assert!(Instant::now() < deadline, "the files were not read ahead");
@@ -126,7 +123,7 @@ fn files_changed_after_they_were_read_ahead_are_read_again() {
     };
     assert_eq!(
         content(changed_path),
-        Some(object_key(&recipients, &after)),
+        Some(object_key(&src, &after)),
         "the changed file's new content"
     );
     assert!(content(removed_path).is_none(), "the removed file is gone");

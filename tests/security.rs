@@ -100,6 +100,7 @@ impl Forger {
             files: entries.len() as u64,
             bytes: 0,
             bytes_added: 0,
+            repository_key: None,
             dump_bytes: dump_gz.len() as u64,
             skipped: 0,
             consistency: None,
@@ -113,6 +114,7 @@ impl Forger {
             host: "forged".into(),
             tool_version: "0.1.0".into(),
             content_key: hex::encode(self.recipients.content_key()),
+            repository_key: None,
             upload_location: "/srv/immich/library".into(),
             folders: vec!["library".into(), "upload".into(), "profile".into()],
             database: Default::default(),
@@ -393,9 +395,19 @@ fn unsigned_stores_keep_working_loudly_and_special_modes_are_dropped() {
     let run = cli(Some(&unsigned_config), &["backup"], &quiet);
     run.expect_code(exit::USAGE);
     assert!(run.stderr.contains("signing_key_file"), "{}", run.stderr);
-    // A store as 0.1 wrote it (complete snapshots, none signed) goes on unsigned, saying so at
-    // every backup.
+    // A store as 0.1 wrote it (format 1: no repository key; complete snapshots, none signed)
+    // goes on unsigned, saying so at every backup.
+    fs::create_dir_all(&src.store).unwrap();
+    fs::write(
+        src.store.join("immich-backup.json"),
+        r#"{"format": 1, "id": "0123456789abcdef0123456789abcdef", "created": "2026-01-01T00:00:00Z", "tool": "immich-backup 0.1.0"}"#,
+    )
+    .unwrap();
     let first = src.backup_lib().snapshot;
+    assert!(
+        !src.store.join("keys").exists(),
+        "format 1 until `key migrate`"
+    );
     fs::remove_file(src.store.join(format!("snapshots/{first}/signature.json"))).unwrap();
     let run = cli(Some(&unsigned_config), &["--json", "backup"], &[]);
     let rep = run.expect_code(exit::OK).json();
@@ -753,8 +765,7 @@ fn damaged_content_is_repaired_by_backup_while_the_originals_exist() {
     wait_until_settled();
     let first = src.backup_lib().snapshot;
     let config = src.write_config("config.toml");
-    let recipients = [src.recipient.clone()];
-    let key_of = |rel: &str| object_key(&recipients, &fs::read(src.upload.join(rel)).unwrap());
+    let key_of = |rel: &str| object_key(&src, &fs::read(src.upload.join(rel)).unwrap());
     let flipped = "library/admin/2023/PANO_0001.jpg";
     let truncated = "library/admin/2023/VID_0002.mp4";
     let gone = "library/admin/Été 2024/café ☕.jpg";
@@ -948,7 +959,7 @@ fn objects_swapped_under_a_signed_manifest_are_refused_and_other_keys_need_their
     // an attacker could do): the signed manifest pins the originals, so both are refused.
     let m = manifest(&src.store, &src.identity, &id);
     let forger = Forger::new(&src);
-    let ids = immich_backup::crypto::Identities::load(&src.identity).unwrap();
+    let ids = unlocked_in(&src.config().storage, &src.identity);
     for key in [&m.dump.key, &m.files.key] {
         let path = src.store.join(key);
         let original = fs::read(&path).unwrap();

@@ -444,10 +444,7 @@ fn include_restores_exactly_refuses_to_overwrite_and_names_damage() {
     // A damaged content object (folder store): named, exit 4, nothing at its path.
     let victim = want.iter().nth(1).unwrap().clone();
     let bytes = fs::read(s.upload.join(&victim)).unwrap();
-    flip_middle_byte(
-        &s.store
-            .join(object_key(std::slice::from_ref(&s.recipient), &bytes)),
-    );
+    flip_middle_byte(&s.store.join(object_key(&s, &bytes)));
     let t = s.work.path().join("damaged");
     let run = restore(
         &folder_config,

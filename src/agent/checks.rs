@@ -52,7 +52,7 @@ pub(super) async fn run(
     };
     tracing::info!(check = %what, "scheduled check starting");
     let read = slice.map(|n| Subset::Slice { n, m: slices });
-    let result = match options(cfg, repo, read) {
+    let result = match options(cfg, repo, read).await {
         Ok(opts) => verify::check(repo, opts).await,
         Err(e) => Err(e),
     };
@@ -84,7 +84,7 @@ fn event(c: &CheckResult) -> Event {
 }
 
 /// The check's options: with the identity when `[check] identity_file` is set.
-fn options(cfg: &Config, repo: &Repository, read: Option<Subset>) -> Result<CheckOptions> {
+async fn options(cfg: &Config, repo: &Repository, read: Option<Subset>) -> Result<CheckOptions> {
     let deep = if cfg.check.identity_file.is_empty() {
         None
     } else {
@@ -92,7 +92,7 @@ fn options(cfg: &Config, repo: &Repository, read: Option<Subset>) -> Result<Chec
         let identities = Arc::new(Identities::load(&file)?);
         let trust = Trust::new(&identities, cfg.encryption.verify_keys()?, false);
         Some(Deep {
-            reader: repo.reader(identities),
+            reader: repo.unlock(identities).await?,
             trust,
             read,
             concurrency: cfg.storage.concurrency,

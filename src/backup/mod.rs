@@ -142,7 +142,8 @@ pub async fn run_with(
     if signing.is_empty() {
         require_legacy(repo).await?;
     }
-    let writer = repo.writer(Arc::new(recipients), signing);
+    let seal_to = crate::repo::keys::for_backup(repo, &marker, recipients, &signing).await?;
+    let writer = repo.sealing_writer(seal_to, signing);
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
     let lock = Lock::acquire(repo, LockKind::Shared, "backup", &cfg.lock).await?;
@@ -206,6 +207,7 @@ async fn run_locked(
         files: files.counts.totals.files,
         bytes: files.counts.totals.bytes,
         bytes_added: files.counts.bytes_stored,
+        repository_key: writer.repository_key().map(str::to_string),
         dump_bytes: dumped.object.size,
         skipped: files.counts.skipped.len() as u64,
         consistency: Some(consistency.counts_only()),
@@ -217,6 +219,7 @@ async fn run_locked(
         host: summary.host.clone(),
         tool_version: summary.tool_version.clone(),
         content_key: hex::encode(key),
+        repository_key: summary.repository_key.clone(),
         upload_location: root.display().to_string(),
         folders: cfg.immich.folders.clone(),
         database: DatabaseInfo {

@@ -116,7 +116,7 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
             access,
             ..
         } => {
-            let (reader, trust) = reader(cfg, &repo, &access, "ls")?;
+            let (reader, trust) = reader(cfg, &repo, &access, "ls").await?;
             let criteria = immich.criteria(cfg)?;
             browse::with_lock(&repo, access.lock(cfg).as_ref(), "ls", async {
                 let (id, assets) = restore::selective::list_assets(
@@ -146,7 +146,7 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
                     "--user, --album, --album-id, --taken-from, --taken-to and --missing-now select Immich assets: add --assets".into(),
                 ));
             }
-            let (reader, trust) = reader(cfg, &repo, &access, "ls")?;
+            let (reader, trust) = reader(cfg, &repo, &access, "ls").await?;
             let opts = ls::LsOptions { path, recursive };
             browse::with_lock(&repo, access.lock(cfg).as_ref(), "ls", async {
                 let opened = trust::resolve(&reader, &trust, &snapshot).await?;
@@ -162,7 +162,7 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
             long,
             access,
         } => {
-            let (reader, trust) = reader(cfg, &repo, &access, "find")?;
+            let (reader, trust) = reader(cfg, &repo, &access, "find").await?;
             let opts = find::FindOptions {
                 patterns,
                 ignore_case,
@@ -181,7 +181,7 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
             metadata,
             access,
         } => {
-            let (reader, trust) = reader(cfg, &repo, &access, "diff")?;
+            let (reader, trust) = reader(cfg, &repo, &access, "diff").await?;
             browse::with_lock(&repo, access.lock(cfg).as_ref(), "diff", async {
                 let a = trust::resolve(&reader, &trust, &snapshot_a).await?;
                 let b = trust::resolve(&reader, &trust, &snapshot_b).await?;
@@ -198,7 +198,10 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
                 true => None,
                 false => access.load_if_any(cfg, false)?,
             };
-            let deep = deep.map(|(identities, trust)| (repo.reader(identities), trust));
+            let deep = match deep {
+                Some((identities, trust)) => Some((repo.unlock(identities).await?, trust)),
+                None => None,
+            };
             let report = browse::with_lock(&repo, access.lock(cfg).as_ref(), "stats", async {
                 let deep = deep.as_ref().map(|(r, t)| (r, t));
                 stats::stats(&repo, deep, snapshot.as_deref()).await
@@ -228,7 +231,7 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
                     "stdout is a terminal: redirect the file, as `immich-backup dump latest library/admin/2024/IMG_0001.jpg > IMG_0001.jpg`".into(),
                 ));
             }
-            let (reader, trust) = reader(cfg, &repo, &access, "dump")?;
+            let (reader, trust) = reader(cfg, &repo, &access, "dump").await?;
             browse::with_lock(&repo, access.lock(cfg).as_ref(), "dump", async {
                 let opened = trust::resolve(&reader, &trust, &snapshot).await?;
                 let out = output()?;
@@ -251,9 +254,14 @@ pub(super) async fn run(cfg: &Config, command: BrowseCommand, json: bool) -> Res
 }
 
 /// The reader and trust of a command that needs the identity.
-fn reader(cfg: &Config, repo: &Repository, access: &Access, what: &str) -> Result<(Reader, Trust)> {
+async fn reader(
+    cfg: &Config,
+    repo: &Repository,
+    access: &Access,
+    what: &str,
+) -> Result<(Reader, Trust)> {
     let (identities, trust) = access.load(cfg, what)?;
-    Ok((repo.reader(identities), trust))
+    Ok((repo.unlock(identities).await?, trust))
 }
 
 /// `ls … | head` closes the pipe early: that ends the listing, it is not a failure.

@@ -6,6 +6,7 @@
 //! known photo is stored; the backup machine can compute addresses without any secret; restore reads the
 //! key from the (encrypted) snapshot manifest. See docs/FORMAT.md.
 
+pub mod repokey;
 pub mod seal;
 pub mod sign;
 pub mod unseal;
@@ -14,6 +15,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use age::secrecy::{ExposeSecret, SecretBox, SecretString};
 use age::Identity;
@@ -121,8 +123,14 @@ fn parse_recipient(line: &str) -> std::result::Result<(Wrapper, String), String>
 
 /// The secret half: what restore decrypts with, and the verification keys it derives
 /// ([`crate::crypto::sign`]): a snapshot counts only if one of them signed it.
+///
+/// A format-2 store adds the repository keys its key files hold ([`Identities::with_repository_keys`]):
+/// they open the snapshots, and are tried first.
+#[derive(Clone)]
 pub struct Identities {
-    identities: Vec<Box<dyn Identity + Send + Sync>>,
+    identities: Arc<Vec<Box<dyn Identity + Send + Sync>>>,
+    repository: Arc<Vec<X25519Identity>>,
+    recipients: Vec<String>,
     verify_keys: Vec<VerifyKey>,
     origin: String,
 }
@@ -138,6 +146,7 @@ impl std::fmt::Debug for Identities {
 struct Secret {
     kind: &'static str,
     material: SecretBox<Vec<u8>>,
+    recipient: String,
 }
 
 impl Secret {
@@ -168,10 +177,48 @@ impl Identities {
             .map(|s| s.signing_key().verify_key())
             .collect();
         Ok(Identities {
-            identities,
+            identities: Arc::new(identities),
+            repository: Arc::new(Vec::new()),
+            recipients: secrets.iter().map(|s| s.recipient.clone()).collect(),
             verify_keys,
             origin,
         })
+    }
+
+    /// These identities and the repository keys `keys` (read from the store's key files). The
+    /// verification keys stay those of the identities alone: a key file, which anyone who knows a
+    /// recipient can write, never makes a snapshot trusted.
+    pub fn with_repository_keys(&self, keys: &[repokey::RepositoryKey]) -> Identities {
+        let repository = keys
+            .iter()
+            .filter_map(|k| X25519Identity::parse(k.secret().expose_secret()))
+            .collect();
+        Identities {
+            repository: Arc::new(repository),
+            ..self.clone()
+        }
+    }
+
+    /// Identities that are `keys` alone (a backup machine's key, to open its machine files).
+    pub fn of_keys(keys: &[repokey::RepositoryKey]) -> Identities {
+        Identities {
+            identities: Arc::new(Vec::new()),
+            repository: Arc::new(Vec::new()),
+            recipients: Vec::new(),
+            verify_keys: Vec::new(),
+            origin: "repository keys".into(),
+        }
+        .with_repository_keys(keys)
+    }
+
+    /// The repository keys added by [`Identities::with_repository_keys`].
+    pub fn repository_keys(&self) -> usize {
+        self.repository.len()
+    }
+
+    /// The recipients of these identities that are known (age X25519 identities'), canonical.
+    pub fn recipients(&self) -> &[String] {
+        &self.recipients
     }
 
     /// The verification keys of the signing keys derived from these identities.
@@ -197,7 +244,10 @@ impl Identities {
     pub fn decrypt<R: Read>(&self, input: R, object: &str) -> Result<Opened<BufReader<R>>> {
         unseal::open(
             input,
-            self.identities.iter().map(|i| i.as_ref() as &dyn Identity),
+            self.repository
+                .iter()
+                .map(|i| i as &dyn Identity)
+                .chain(self.identities.iter().map(|i| i.as_ref() as &dyn Identity)),
         )
         .map_err(|e| decrypt_error(object, e))
     }
@@ -275,9 +325,13 @@ fn parse_identities(data: Vec<u8>, origin: &str) -> Result<Parsed> {
             fast.push(Box::new(i));
         }
         if let Some(bytes) = crate::crypto::seal::decode_bech32(line.trim(), "age-secret-key-") {
+            let recipient = age::x25519::Identity::from_str(line.trim())
+                .map(|i| i.to_public().to_string())
+                .unwrap_or_default();
             secrets.push(Secret {
                 kind: "age-x25519",
                 material: SecretBox::new(Box::new(bytes)),
+                recipient,
             });
         }
     }

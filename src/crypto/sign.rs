@@ -109,6 +109,12 @@ impl SigningKey {
         SigningKey::from_seed(hkdf_sha256(DERIVE_SALT, kind.as_bytes(), material))
     }
 
+    /// A 32-byte secret derived from the seed for `context` (BLAKE3 `derive_key`): the backup
+    /// machine's other keys ([`crate::crypto::repokey::Machine`]), independent of the signatures.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.seed.expose_secret())
+    }
+
     /// Its verification key.
     pub fn verify_key(&self) -> VerifyKey {
         let public: [u8; 32] = self

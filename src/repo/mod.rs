@@ -18,6 +18,7 @@
 //! The streaming halves are synchronous, for the blocking threads that compress and encrypt; the
 //! rest is async.
 
+pub mod keys;
 pub mod lock;
 mod read;
 pub mod snapshots;
@@ -120,12 +121,26 @@ impl Repository {
     /// The write side: this repository, the recipients a backup seals to and the keys it signs
     /// snapshots with (none: unsigned, for stores written before signing existed).
     pub fn writer(&self, recipients: Arc<Recipients>, signing: Vec<SigningKey>) -> Writer {
-        Writer::new(self.clone(), recipients, signing)
+        Writer::new(self.clone(), recipients, signing, None)
     }
 
-    /// The read side: this repository and the identities a restore opens with.
+    /// The write side of a backup: sealing to what [`keys::for_backup`] found (the repository
+    /// key, or the recipients in a format-1 store).
+    pub fn sealing_writer(&self, to: keys::SealTo, signing: Vec<SigningKey>) -> Writer {
+        Writer::new(self.clone(), Arc::new(to.recipients), signing, to.key)
+    }
+
+    /// The read side: this repository and the identities a restore opens with, as they are
+    /// (tests; a store without repository keys).
     pub fn reader(&self, identities: Arc<Identities>) -> Reader {
         Reader::new(self.clone(), identities)
+    }
+
+    /// The read side with the repository keys `identities` open in this store ([`keys::unlock`]):
+    /// what every command that reads snapshots uses.
+    pub async fn unlock(&self, identities: Arc<Identities>) -> Result<Reader> {
+        let unlocked = keys::unlock(self, &identities).await?;
+        Ok(Reader::new(self.clone(), Arc::new(unlocked)))
     }
 
     /// A whole plain object.

@@ -23,6 +23,7 @@ pub struct Writer {
     repo: Repository,
     recipients: Arc<Recipients>,
     signing: Arc<Vec<SigningKey>>,
+    repository_key: Option<String>,
 }
 
 impl Writer {
@@ -30,12 +31,20 @@ impl Writer {
         repo: Repository,
         recipients: Arc<Recipients>,
         signing: Vec<SigningKey>,
+        repository_key: Option<String>,
     ) -> Writer {
         Writer {
             repo,
             recipients,
             signing: Arc::new(signing),
+            repository_key,
         }
+    }
+
+    /// The folder of the repository key this writer seals to (`None`: the recipients themselves,
+    /// format 1): recorded in the summary and the manifest.
+    pub fn repository_key(&self) -> Option<&str> {
+        self.repository_key.as_deref()
     }
 
     /// Whether snapshots are signed (a signing key was given).

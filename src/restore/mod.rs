@@ -259,7 +259,7 @@ pub async fn run_with(
     opts: RestoreOptions,
     server: ServerPolicy,
 ) -> Result<RestoreReport> {
-    let reader = repo.reader(identities);
+    let reader = repo.unlock(identities).await?;
     let stopped = match db.running_server().await? {
         None => None,
         Some(name) if server == ServerPolicy::Refuse => {

@@ -171,7 +171,7 @@ pub async fn run(
     opts: SelectOptions,
 ) -> Result<SelectReport> {
     snapshots::require_marker(repo).await?;
-    let reader = repo.reader(identities);
+    let reader = repo.unlock(identities).await?;
     match opts.lock.clone() {
         None => {
             tracing::warn!("--no-lock: restoring without the store lock; a prune running meanwhile could delete what this restore still has to read");

@@ -147,7 +147,7 @@ pub async fn drill(
 ) -> Result<DrillReport> {
     snapshots::require_marker(repo).await?;
     let leftovers = scratch::remove_leftovers(cfg).await?;
-    let reader = repo.reader(identities);
+    let reader = repo.unlock(identities).await?;
     let work = run(cfg, &reader, &opts);
     let result = match &opts.lock {
         Some(lock) => Lock::hold(repo, LockKind::Shared, "drill", lock, work).await,

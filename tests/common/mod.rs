@@ -564,10 +564,111 @@ pub fn manifests(store: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The store key of the content object holding `bytes`, for a backup encrypted to `recipients`.
-pub fn object_key(recipients: &[String], bytes: &[u8]) -> String {
-    let key = Recipients::load(recipients, None).unwrap().content_key();
-    ContentId(*blake3::keyed_hash(&key, bytes).as_bytes()).key()
+/// The public key `src`'s backups seal to: the store's newest repository key that its identity
+/// opens (format 2; waiting a while for a backup that is starting to make it), else its
+/// recipient (format 1).
+pub fn sealing_recipient(src: &Source) -> String {
+    let marker = src.store.join("immich-backup.json");
+    let ids = Identities::load(&src.identity).expect("identity");
+    let repo = Repository::open(&StorageConfig {
+        url: format!("file://{}", src.store.display()),
+        ..Default::default()
+    })
+    .unwrap();
+    for _ in 0..300 {
+        let format = fs::read(&marker)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["format"].as_u64());
+        let opened = rt().block_on(immich_backup::repo::keys::open_keys(&repo, &ids));
+        if let Some(o) = opened.ok().and_then(|o| o.into_iter().last()) {
+            return o.key.public().to_string();
+        }
+        if format.is_some_and(|f| f < 2) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    src.recipient.clone()
+}
+
+/// `identity` with the repository keys it opens in the store of `storage` (what a restore reads
+/// snapshots with).
+pub fn unlocked_in(storage: &StorageConfig, identity: &Path) -> Arc<Identities> {
+    let ids = Identities::load(identity).expect("identity");
+    let repo = Repository::open(storage).unwrap();
+    Arc::new(
+        rt().block_on(immich_backup::repo::keys::unlock(&repo, &ids))
+            .unwrap(),
+    )
+}
+
+/// The content-address key of the newest repository key `identity` opens in the store of
+/// `storage` (a backup to it has run).
+pub fn content_key_in(storage: &StorageConfig, identity: &Path) -> [u8; 32] {
+    let ids = Identities::load(identity).expect("identity");
+    let repo = Repository::open(storage).unwrap();
+    let opened = rt()
+        .block_on(immich_backup::repo::keys::open_keys(&repo, &ids))
+        .unwrap();
+    let public = opened
+        .last()
+        .expect("a repository key")
+        .key
+        .public()
+        .to_string();
+    Recipients::load(&[public], None).unwrap().content_key()
+}
+
+/// The content-address key of `src`'s backups (see [`sealing_recipient`]).
+pub fn content_key(src: &Source) -> [u8; 32] {
+    Recipients::load(&[sealing_recipient(src)], None)
+        .unwrap()
+        .content_key()
+}
+
+/// The store key of the content object holding `bytes` in `src`'s store.
+pub fn object_key(src: &Source, bytes: &[u8]) -> String {
+    content_key_object(&content_key(src), bytes)
+}
+
+/// The store key of the content object holding `bytes`, under content-address key `key`.
+pub fn content_key_object(key: &[u8; 32], bytes: &[u8]) -> String {
+    ContentId(*blake3::keyed_hash(key, bytes).as_bytes()).key()
+}
+
+/// The store's repository key as `age -d -i` takes it, decrypted by hand from `src`'s key file
+/// with the `age` command, as docs/FORMAT.md says: the newest `keys/*/*.age` that the identity
+/// opens, written to `out`.
+pub fn repository_identity_by_hand(src: &Source, out: &Path) -> PathBuf {
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(src.store.join("keys"))
+        .into_iter()
+        .flatten()
+        .map(|e| e.into_path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "age")
+                && !p
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("machine-")
+        })
+        .collect();
+    files.sort();
+    for f in files.iter().rev() {
+        let o = Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&src.identity)
+            .arg(f)
+            .output()
+            .expect("the `age` command");
+        if o.status.success() {
+            fs::write(out, o.stdout).unwrap();
+            return out.to_path_buf();
+        }
+    }
+    panic!("no key file under keys/ opens with the identity")
 }
 
 /// Decrypt a snapshot's manifest with `identity`.
@@ -579,16 +680,21 @@ pub fn manifest(store: &Path, identity: &Path, id: &str) -> Manifest {
             ..Default::default()
         })
         .unwrap();
-        restore::read_manifest(&repo.reader(std::sync::Arc::new(ids)), id)
-            .await
-            .expect("manifest")
+        let reader = repo.unlock(std::sync::Arc::new(ids)).await.unwrap();
+        restore::read_manifest(&reader, id).await.expect("manifest")
     })
 }
 
 /// Decrypt a snapshot's file list with `identity`.
 pub fn file_list(store: &Path, identity: &Path, id: &str) -> Vec<Entry> {
     let m = manifest(store, identity, id);
-    let ids = Arc::new(Identities::load(identity).unwrap());
+    let ids = unlocked_in(
+        &StorageConfig {
+            url: format!("file://{}", store.display()),
+            ..Default::default()
+        },
+        identity,
+    );
     let sealed = std::fs::read(store.join(&m.files.key)).unwrap();
     let plain = ids.decrypt(&sealed[..], &m.files.key).unwrap();
     let mut gz = String::new();
