@@ -1727,6 +1727,13 @@ fn print_prune(p: &maintenance::PruneReport) {
         human(p.content_bytes_removed),
         p.incomplete_removed.len()
     );
+    if !p.keys_removed.is_empty() {
+        println!(
+            "  {verb} {} repository key(s) no snapshot is sealed to any more: {}",
+            p.keys_removed.len(),
+            p.keys_removed.join(", ")
+        );
+    }
     if !p.incomplete_kept.is_empty() {
         println!(
             "  kept {} recent incomplete folder(s) (a backup may still be writing them): {}",

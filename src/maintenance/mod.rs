@@ -15,7 +15,7 @@
 //! nothing. A complete snapshot whose `refs.txt.gz` is missing or unreadable stops prune before it
 //! deletes anything.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
@@ -28,8 +28,8 @@ use crate::error::{Error, Result};
 use crate::format::{self, ContentId, Object, Summary};
 use crate::policy::retention::{self, Candidate, Decision, RetentionConfig};
 use crate::repo::lock::{Lock, LockKind};
-use crate::repo::snapshots;
 use crate::repo::Repository;
+use crate::repo::{keys, snapshots};
 
 /// What `forget` decided and did.
 #[derive(Debug, Clone, Serialize)]
@@ -62,6 +62,10 @@ pub struct PruneReport {
     /// Objects and bytes removed in all (snapshot folders and content).
     pub objects_removed: u64,
     pub bytes_removed: u64,
+    /// Repository key folders removed: no snapshot is sealed to them any more, and a newer key
+    /// is in use (`keys/<folder>/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys_removed: Vec<String>,
     /// Objects and bytes in the store afterwards (`data/` and `snapshots/`).
     pub store_objects: u64,
     pub store_bytes: u64,
@@ -248,10 +252,12 @@ async fn prune_locked(
     // Every reference of every complete snapshot, and of recent incomplete ones.
     let mut referenced: HashSet<ContentId> = HashSet::new();
     let mut stale_folders = Vec::new();
+    let mut keys_in_use = KeysInUse::default();
     for (id, folder) in folders {
         let objects = folder.objects;
         if folder.complete {
             read_refs(repo, &id, &mut referenced).await?;
+            keys_in_use.read(repo, &id).await;
             report.snapshots += 1;
             continue;
         }
@@ -266,6 +272,7 @@ async fn prune_locked(
             if objects.iter().any(|o| o.key.ends_with(format::REFS_OBJECT)) {
                 let _ = read_refs(repo, &id, &mut referenced).await;
             }
+            keys_in_use.unknown = true;
             report.incomplete_kept.push(id);
         }
     }
@@ -300,6 +307,13 @@ async fn prune_locked(
         }
         report.incomplete_removed.push(id);
     }
+    for folder in keys_in_use.removable(repo).await? {
+        if !dry_run {
+            keys_in_use.delete(repo, &folder).await?;
+            tracing::info!(key = %folder.name, "removed a repository key no snapshot uses");
+        }
+        report.keys_removed.push(folder.name);
+    }
     report.content_removed = unreferenced.len() as u64;
     report.content_bytes_removed = unreferenced.iter().map(|o| o.size).sum();
     report.objects_removed += report.content_removed;
@@ -325,6 +339,59 @@ async fn prune_locked(
         "prune done"
     );
     Ok(report)
+}
+
+/// The repository keys the snapshots are sealed to, from their summaries: a key folder is removed
+/// only when no snapshot uses it, a newer one is in use, and every summary could be read.
+#[derive(Default)]
+struct KeysInUse {
+    used: BTreeSet<String>,
+    unknown: bool,
+}
+
+impl KeysInUse {
+    async fn read(&mut self, repo: &Repository, id: &str) {
+        match repo
+            .get_json::<Summary>(&Object::Summary(id.to_string()))
+            .await
+        {
+            Ok(s) => self.used.extend(s.repository_key),
+            Err(_) => self.unknown = true,
+        }
+    }
+
+    async fn removable(&self, repo: &Repository) -> Result<Vec<keys::KeyFolder>> {
+        let Some(newest_used) = self.used.last() else {
+            return Ok(Vec::new());
+        };
+        if self.unknown {
+            return Ok(Vec::new());
+        }
+        Ok(keys::list(repo)
+            .await?
+            .into_iter()
+            .filter(|f| f.name < *newest_used && !self.used.contains(&f.name))
+            .collect())
+    }
+
+    async fn delete(&self, repo: &Repository, folder: &keys::KeyFolder) -> Result<()> {
+        // Machine files first: no backup starts sealing to a key that is on its way out.
+        for m in &folder.machines {
+            repo.delete(&Object::MachineFile {
+                key: folder.name.clone(),
+                machine: m.clone(),
+            })
+            .await?;
+        }
+        for r in &folder.recipients {
+            repo.delete(&Object::KeyFile {
+                key: folder.name.clone(),
+                recipient: r.clone(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
