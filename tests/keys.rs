@@ -166,6 +166,42 @@ fn adding_a_recipient_uploads_nothing_again_and_it_restores_old_and_new_snapshot
     let run = cli(Some(&rconfig), &restore_args(&b_identity, &[]), &[]);
     assert_ne!(run.code, exit::OK);
     assert!(run.stderr.contains("verify"), "{}", run.stderr);
+
+    // docs/FORMAT.md's restore-by-hand steps, as written there, with B's identity and the `age`
+    // command: the key file first, then the manifest and the dump.
+    by_hand(&src, &b_identity, &second);
+}
+
+/// Run docs/FORMAT.md's "Restoring by hand" script up to the manifest, then decrypt the dump, in
+/// the store folder with `identity` as `identity.txt`.
+fn by_hand(src: &Source, identity: &Path, id: &str) {
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMAT.md")).unwrap();
+    let section = &doc[doc.find("## Restoring by hand").unwrap()..];
+    let block = &section[section.find("```sh\n").unwrap() + 6..];
+    let end = block.find("\n# 1. the database").unwrap();
+    let script = format!(
+        "set -e\n{}\n[ \"$ID\" = {id} ]\nage -d -i \"$K\" \"snapshots/$ID/dump.sql.gz.age\" | gunzip | head -c 300\n",
+        &block[..end]
+    );
+    fs::copy(identity, src.store.join("identity.txt")).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("STORE", &src.store)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("PostgreSQL database cluster dump"),
+        "{script}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(src.store.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["id"], id);
+    assert!(fs::read_to_string(src.store.join("repository-key.txt"))
+        .unwrap()
+        .contains("AGE-SECRET-KEY-1"));
 }
 
 #[test]
