@@ -174,28 +174,37 @@ pub async fn for_backup(
                 key: None,
             });
         }
-        let folder = create(repo, marker, &recipients, signing).await?;
-        return seal_to(repo, marker, &folder, signing, &recipients).await;
+        let name = create(repo, marker, &recipients, signing).await?;
+        let made = KeyFolder {
+            name,
+            recipients: recipients
+                .canonical()
+                .iter()
+                .map(|r| repokey::recipient_id(r))
+                .collect(),
+            machines: Vec::new(),
+        };
+        return seal_to(repo, marker, &made, signing, &recipients).await;
     };
     if signing.is_empty() {
         return Err(Error::Config("this store seals snapshots to a repository key, which a backup finds with its signing key: set [encryption] signing_key_file".into()));
     }
-    seal_to(repo, marker, &newest.name, signing, &recipients).await
+    seal_to(repo, marker, newest, signing, &recipients).await
 }
 
 /// The [`SealTo`] of key folder `folder`, read from this machine's machine file.
 async fn seal_to(
     repo: &Repository,
     marker: &RepoMarker,
-    folder: &str,
+    folder: &KeyFolder,
     signing: &[SigningKey],
     recipients: &Recipients,
 ) -> Result<SealTo> {
-    let public = machine_public_key(repo, marker, folder, signing).await?;
-    warn_missing_recipients(repo, folder, recipients).await;
+    let public = machine_public_key(repo, marker, &folder.name, signing).await?;
+    warn_missing_recipients(folder, recipients);
     Ok(SealTo {
         recipients: Recipients::load(&[public], None)?,
-        key: Some(folder.to_string()),
+        key: Some(folder.name.clone()),
     })
 }
 
@@ -237,16 +246,10 @@ async fn machine_public_key(
 
 /// Warn about configured recipients that have no key file for `folder` (they cannot read the
 /// snapshots sealed to it).
-async fn warn_missing_recipients(repo: &Repository, folder: &str, recipients: &Recipients) {
-    let Ok(folders) = list(repo).await else {
-        return;
-    };
-    let Some(f) = folders.iter().find(|f| f.name == folder) else {
-        return;
-    };
+fn warn_missing_recipients(folder: &KeyFolder, recipients: &Recipients) {
     for r in recipients.canonical() {
-        if !f.recipients.contains(&repokey::recipient_id(r)) {
-            tracing::warn!(recipient = %r, key = folder, "this recipient in [encryption] recipients has no key file for the repository key, so cannot read new snapshots: run `immich-backup key add RECIPIENT` with an identity that can");
+        if !folder.recipients.contains(&repokey::recipient_id(r)) {
+            tracing::warn!(recipient = %r, key = %folder.name, "this recipient in [encryption] recipients has no key file for the repository key, so cannot read new snapshots: run `immich-backup key add RECIPIENT` with an identity that can");
         }
     }
 }
