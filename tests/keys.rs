@@ -431,6 +431,30 @@ fn a_tampered_key_folder_never_makes_a_backup_seal_to_another_key() {
             .expose_secret_text(),
     );
     backup(&config);
+
+    // A newer key deleted from the store after this machine used it: the backup stops rather than
+    // go back to the older key (which a rotation may have meant to retire).
+    let run = cli(Some(&config), &["--json", "key", "rotate"], &[]);
+    let newest = run.expect_code(exit::OK).json()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    backup(&config);
+    fs::rename(
+        src.store.join("keys").join(&newest),
+        src.work.path().join("moved-key"),
+    )
+    .unwrap();
+    let before = manifests(&src.store);
+    let run = cli(Some(&config), &["backup"], &[("IMMICH_BACKUP_LOG", "off")]);
+    run.expect_code(exit::INTEGRITY);
+    assert!(run.stderr.contains("was deleted"), "{}", run.stderr);
+    assert_eq!(manifests(&src.store), before);
+    fs::rename(
+        src.work.path().join("moved-key"),
+        src.store.join("keys").join(&newest),
+    )
+    .unwrap();
     let run = cli(
         Some(&config),
         &["ls", "latest", "library", "-i", path_arg(&src.identity)],

@@ -143,6 +143,7 @@ pub async fn run_with(
         require_legacy(repo).await?;
     }
     let seal_to = crate::repo::keys::for_backup(repo, &marker, recipients, &signing).await?;
+    check_key_rollback(cfg, &marker.id, seal_to.key.as_deref())?;
     let writer = repo.sealing_writer(seal_to, signing);
     // A shared lock from before the content listing until after the manifest: prune (exclusive)
     // never deletes content this backup has seen and may reference.
@@ -548,6 +549,34 @@ async fn require_legacy(repo: &Repository) -> Result<()> {
         return Err(Error::Config(format!(
             "no signing key, but this repository's snapshots are signed: an unsigned one would not be trusted by a restore; {how}"
         )));
+    }
+    Ok(())
+}
+
+/// The newest repository key this machine sealed to is remembered beside its metadata cache. A
+/// store whose newest key is older than that had a key folder deleted: the backup stops rather
+/// than go quietly back to a key it may have been rotated away from (after a leaked identity).
+fn check_key_rollback(cfg: &Config, repo_id: &str, key: Option<&str>) -> Result<()> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let file = cfg.cache_dir().join(repo_id).join("repository-key");
+    if let Ok(seen) = std::fs::read_to_string(&file) {
+        let seen = seen.trim();
+        if seen > key {
+            return Err(Error::Corrupt {
+                object: format!("keys/{seen}/"),
+                message: format!(
+                    "this machine sealed snapshots to this repository key, but the store's newest key is now the older keys/{key}/: a key folder was deleted from the store. Find out why before backing up; then make a new key with `immich-backup key rotate` (or, if the store was put back from an older copy on purpose, delete {})",
+                    file.display()
+                ),
+            });
+        }
+    }
+    let write = std::fs::create_dir_all(file.parent().expect("a folder"))
+        .and_then(|()| std::fs::write(&file, format!("{key}\n")));
+    if let Err(e) = write {
+        tracing::warn!(file = %file.display(), error = %e, "cannot remember the repository key in the cache folder");
     }
     Ok(())
 }

@@ -11,7 +11,9 @@ use immich_backup::error::{exit, Error, Result};
 use immich_backup::repo::{keys, snapshots, Repository};
 use serde::Serialize;
 
-use super::{print_json, recipients, Access};
+use immich_backup::crypto::Identities;
+
+use super::{print_json, recipients};
 
 #[derive(Subcommand)]
 pub(super) enum KeyAction {
@@ -26,15 +28,17 @@ pub(super) enum KeyAction {
     /// repository key your identity opens. Nothing else is uploaded again.
     Add {
         recipient: String,
-        #[command(flatten)]
-        access: Access,
+        /// An identity that opens a key file; default [encryption] identity_file.
+        #[arg(long, short = 'i')]
+        identity: Option<PathBuf>,
     },
     /// Delete RECIPIENT's key files (its public key, or its id from `key list`). It may have kept
     /// the repository key: run `key rotate` so new snapshots use one it never had.
     Remove {
         recipient: String,
-        #[command(flatten)]
-        access: Access,
+        /// An identity that opens a key file; default [encryption] identity_file.
+        #[arg(long, short = 'i')]
+        identity: Option<PathBuf>,
     },
     /// Make a new repository key for the snapshots to come, for [encryption] recipients and this
     /// backup machine (the answer to a leaked identity). Older snapshots keep their key, and
@@ -56,8 +60,11 @@ pub(super) async fn run(cfg: &Config, action: KeyAction, json: bool) -> Result<i
     let marker = snapshots::require_marker(&repo).await?;
     match action {
         KeyAction::List { identity } => list(cfg, &repo, identity, json).await,
-        KeyAction::Add { recipient, access } => {
-            let (identities, _) = access.load(cfg, "key add")?;
+        KeyAction::Add {
+            recipient,
+            identity,
+        } => {
+            let identities = identity_of(cfg, identity, "key add")?;
             let r = keys::add(&repo, &marker, &identities, &recipient).await?;
             if json {
                 print_json(&r);
@@ -66,8 +73,11 @@ pub(super) async fn run(cfg: &Config, action: KeyAction, json: bool) -> Result<i
             }
             Ok(exit::OK)
         }
-        KeyAction::Remove { recipient, access } => {
-            let (identities, _) = access.load(cfg, "key remove")?;
+        KeyAction::Remove {
+            recipient,
+            identity,
+        } => {
+            let identities = identity_of(cfg, identity, "key remove")?;
             let r = keys::remove(&repo, &identities, &recipient).await?;
             if json {
                 print_json(&r);
@@ -101,6 +111,20 @@ pub(super) async fn run(cfg: &Config, action: KeyAction, json: bool) -> Result<i
             Ok(exit::OK)
         }
     }
+}
+
+/// The identity of `--identity`, else `[encryption] identity_file`.
+fn identity_of(cfg: &Config, flag: Option<PathBuf>, what: &str) -> Result<Identities> {
+    let path = match (flag, cfg.encryption.identity_file.as_str()) {
+        (Some(p), _) => p,
+        (None, "") => {
+            return Err(Error::Usage(format!(
+                "{what} needs an identity that opens a key file: pass --identity FILE or set [encryption] identity_file"
+            )))
+        }
+        (None, file) => cfg.existing_file("[encryption] identity_file", file)?,
+    };
+    Identities::load(&path)
 }
 
 fn print_add(r: &keys::AddReport) {
@@ -157,7 +181,7 @@ async fn list(
         }
     }
     if let Some(path) = identity {
-        let ids = immich_backup::crypto::Identities::load(&path)?;
+        let ids = Identities::load(&path)?;
         for o in keys::open_keys(repo, &ids).await? {
             if let Some(r) = o.recipient {
                 known.insert(repokey::recipient_id(&r), r);
@@ -223,7 +247,10 @@ pub(super) async fn first_key(cfg: &Config, repo: &Repository) -> Result<Option<
     if marker.format < 2 || signing.is_empty() || !keys::list(repo).await?.is_empty() {
         return Ok(None);
     }
-    let recipients = recipients(cfg).map_err(|e| Error::Config(e.to_string()))?;
+    // Without recipients there is no one to make it for yet: the first backup makes it.
+    let Ok(recipients) = recipients(cfg) else {
+        return Ok(None);
+    };
     keys::create(repo, &marker, &recipients, &signing)
         .await
         .map(Some)
