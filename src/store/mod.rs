@@ -25,6 +25,7 @@ pub mod cloud;
 pub mod directio;
 pub mod local;
 pub mod meter;
+pub mod sftp;
 pub mod webdav;
 mod writer;
 
@@ -178,12 +179,12 @@ impl Store {
         }
         let url = url::Url::parse(&cfg.url).map_err(|e| {
             Error::Config(format!(
-                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
+                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, webdavs://user@host/path or sftp://user@host/path"
             ))
         })?;
         let unknown = || {
             Error::Config(format!(
-                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
+                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, webdavs://user@host/path or sftp://user@host/path"
             ))
         };
         if webdav::is_webdav(url.scheme()) {
@@ -195,6 +196,17 @@ impl Store {
                 ObjectPath::default(),
                 shown,
                 |_| Ok(Arc::new(dav)),
+            );
+        }
+        if sftp::is_sftp(url.scheme()) {
+            let store = sftp::build(cfg, &url, &shown)?;
+            return Self::open_cloud(
+                cfg,
+                &url,
+                Backend::Sftp,
+                ObjectPath::default(),
+                shown,
+                |_| Ok(Arc::new(store)),
             );
         }
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| unknown())?;
@@ -241,7 +253,7 @@ impl Store {
         }
         // For messages: az://CONTAINER@ACCOUNT…, s3://BUCKET/…, https://HOST/BUCKET/…, the
         // WebDAV folder.
-        let bucket = if backend == Backend::WebDav {
+        let bucket = if matches!(backend, Backend::WebDav | Backend::Sftp) {
             format!("{}{}", url.host_str().unwrap_or_default(), url.path())
         } else if !url.username().is_empty() {
             url.username().to_string()

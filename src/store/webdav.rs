@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 
 const STORE: &str = "WebDAV";
 /// What the temporary name of an upload adds to its key's name (listings hide such names).
-const PARTIAL: &str = ".immich-backup-partial-";
+pub(crate) const PARTIAL: &str = ".immich-backup-partial-";
 
 /// One WebDAV folder as an object store.
 #[derive(Clone)]
@@ -151,7 +151,7 @@ fn status_error(what: &str, path: &str, status: StatusCode) -> object_store::Err
     }
 }
 
-fn partial_name(location: &Path) -> Path {
+pub(crate) fn partial_name(location: &Path) -> Path {
     let name = location.filename().unwrap_or("object");
     let tmp = format!("{name}{PARTIAL}{}", hex::encode(rand::random::<[u8; 8]>()));
     match location.parts().count() {
