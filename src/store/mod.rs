@@ -406,6 +406,14 @@ impl Store {
                     code.unwrap_or_default()
                 ),
             },
+            // The SFTP store words its own causes and remedies (host key, connection, disk full).
+            object_store::Error::Generic {
+                store: sftp::STORE,
+                source,
+            } => Error::Storage {
+                url: self.url.clone(),
+                message: self.redactor.scrub(&source.to_string()),
+            },
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: key.to_string(),
                 hint: "the store is incomplete or was pruned; try another snapshot, and run a new backup to store it again"

@@ -15,7 +15,7 @@
 //! writer of the key gets a failure, reported as AlreadyExists). Replacing writes use
 //! `posix-rename@openssh.com`. A multipart upload writes each part at its offset in the temporary
 //! file as it comes (several parts at once), and only `complete` renames it, so a killed upload
-//! never shows under its key; listings hide temporary names, and `prune` deletes old ones.
+//! never shows under its key; listings hide temporary names (a killed upload's leftover stays until deleted by hand).
 //!
 //! Requests are pipelined: one SFTP session carries many reads and writes at once (each object's
 //! data in chunks of up to 255 KiB, 16 in flight), so a long round trip does not bound throughput.
@@ -46,7 +46,8 @@ use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 use crate::store::webdav::{partial_name, PARTIAL};
 
-const STORE: &str = "SFTP";
+/// The store name in object_store errors (its generic errors are our own one-line messages).
+pub(crate) const STORE: &str = "SFTP";
 /// Largest chunk of one read or write request (OpenSSH's limit is 256 KiB a message).
 const MAX_CHUNK: u64 = 255 * 1024;
 /// Chunk size without the `limits@openssh.com` extension: every server takes 32 KiB.
