@@ -280,6 +280,15 @@ fn sftp_backup_restore_round_trip_and_init() {
     assert!(biggest > 2 * PART_SIZE as u64, "{biggest}");
 
     restore_and_verify(&rt, &source, &cfg);
+    // The same backup into the folder store, for comparison (printed with --no-capture).
+    let started = Instant::now();
+    let local = source.backup_lib();
+    eprintln!(
+        "backup into a folder: {} files, {} bytes in {:.2?}",
+        local.files,
+        local.bytes_stored,
+        started.elapsed()
+    );
 
     let again = backup(&rt, &cfg).expect("second backup");
     assert_eq!(again.files_new, 0);
@@ -601,16 +610,35 @@ fn sftp_unknown_or_changed_host_key_is_refused() {
         ..server.storage()
     };
     let started = Instant::now();
-    let run = run(&source, &storage, &["snapshots"], &[]);
-    assert_eq!(run.code, 10, "{run:?}");
-    let errors = run.error_lines();
-    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    let unreachable = run(&source, &storage, &["snapshots"], &[]);
+    assert_eq!(unreachable.code, 10, "{unreachable:?}");
+    let errors = unreachable.error_lines();
+    assert_eq!(errors.len(), 1, "{}", unreachable.stderr);
     assert!(
         errors[0].contains("cannot connect") && errors[0].contains(&closed.to_string()),
         "{}",
         errors[0]
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+
+    // The folder above the store's folder is missing: `init` says so, exit 10.
+    let storage = StorageConfig {
+        url: format!(
+            "sftp://{}@127.0.0.1:{}{}/no/such/parent/immich",
+            user(),
+            server.port,
+            server.root.display()
+        ),
+        ..server.storage()
+    };
+    let init = run(&source, &storage, &["init"], &[]);
+    assert_eq!(init.code, 10, "{init:?}");
+    assert!(
+        init.stdout.contains("FAIL write")
+            && init.stdout.contains("the folder above it does not exist"),
+        "{}",
+        init.stdout
+    );
 }
 
 /// A backup killed (SIGKILL) while a large object is uploading leaves only a hidden temporary:

@@ -15,7 +15,8 @@
 //! writer of the key gets a failure, reported as AlreadyExists). Replacing writes use
 //! `posix-rename@openssh.com`. A multipart upload writes each part at its offset in the temporary
 //! file as it comes (several parts at once), and only `complete` renames it, so a killed upload
-//! never shows under its key; listings hide temporary names (a killed upload's leftover stays until deleted by hand).
+//! never shows under its key; listings hide temporary names (a killed upload's leftover stays
+//! until deleted by hand).
 //!
 //! Requests are pipelined: one SFTP session carries many reads and writes at once (each object's
 //! data in chunks of up to 255 KiB, 16 in flight), so a long round trip does not bound throughput.
