@@ -25,6 +25,7 @@ pub mod cloud;
 pub mod directio;
 pub mod local;
 pub mod meter;
+mod partial;
 pub mod sftp;
 pub mod webdav;
 mod writer;

@@ -45,7 +45,9 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
-use crate::store::webdav::{partial_name, PARTIAL};
+use crate::store::partial::{
+    head_result, partial_name, put_result, refuse_conditions, walk, PARTIAL,
+};
 
 /// The store name in object_store errors (its generic errors are our own one-line messages).
 pub(crate) const STORE: &str = "SFTP";
@@ -668,11 +670,7 @@ impl Inner {
                 .map(|_| ())
         };
         match r {
-            Ok(()) => Ok(PutResult {
-                e_tag: None,
-                version: None,
-                extensions: Default::default(),
-            }),
+            Ok(()) => Ok(put_result()),
             Err(e) => {
                 let _ = conn.sftp.remove(from.as_str()).await;
                 if !overwrite && conn.sftp.lstat(to.as_str()).await.is_ok() {
@@ -849,17 +847,7 @@ impl ObjectStore for Sftp {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        if options.if_match.is_some()
-            || options.if_none_match.is_some()
-            || options.if_modified_since.is_some()
-            || options.if_unmodified_since.is_some()
-            || options.version.is_some()
-        {
-            return Err(object_store::Error::NotImplemented {
-                operation: "conditional get".into(),
-                implementer: STORE.into(),
-            });
-        }
+        refuse_conditions(&options, STORE)?;
         let inner = &self.inner;
         let conn = inner.conn().await?;
         let full = inner.full(location);
@@ -870,14 +858,7 @@ impl ObjectStore for Sftp {
                 .await
                 .map_err(|e| sftp_error("reading", location.as_ref(), e))?
                 .attrs;
-            let meta = meta(location.clone(), &attrs);
-            return Ok(GetResult {
-                range: 0..meta.size,
-                payload: GetResultPayload::Stream(futures::stream::empty().boxed()),
-                meta,
-                attributes: Default::default(),
-                extensions: Default::default(),
-            });
+            return Ok(head_result(meta(location.clone(), &attrs)));
         }
         let handle = conn
             .sftp
@@ -948,24 +929,10 @@ impl ObjectStore for Sftp {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let inner = self.inner.clone();
-        let start = vec![prefix.cloned().unwrap_or_default()];
-        // Folder by folder: memory holds one folder's listing and the folders still to visit.
-        futures::stream::try_unfold(start, move |mut todo| {
+        walk(prefix, move |dir| {
             let inner = inner.clone();
-            async move {
-                let Some(dir) = todo.pop() else {
-                    return Ok::<_, object_store::Error>(None);
-                };
-                let (files, folders) = inner.read_dir(&dir).await?;
-                todo.extend(folders);
-                Ok(Some((
-                    futures::stream::iter(files.into_iter().map(Ok)),
-                    todo,
-                )))
-            }
+            async move { inner.read_dir(&dir).await }
         })
-        .try_flatten()
-        .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
@@ -1113,7 +1080,8 @@ mod tests {
             ..StorageConfig::default()
         };
         let open = |url: &str| {
-            build(&cfg(url), &url::Url::parse(url).unwrap(), url)
+            let shown = crate::redact::redact_url(url);
+            build(&cfg(url), &url::Url::parse(url).unwrap(), &shown)
                 .unwrap_err()
                 .to_string()
         };

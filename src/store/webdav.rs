@@ -32,10 +32,11 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
+use crate::store::partial::{
+    head_result, partial_name, put_result, refuse_conditions, walk, PARTIAL,
+};
 
 const STORE: &str = "WebDAV";
-/// What the temporary name of an upload adds to its key's name (listings hide such names).
-pub(crate) const PARTIAL: &str = ".immich-backup-partial-";
 
 /// One WebDAV folder as an object store.
 #[derive(Clone)]
@@ -148,20 +149,6 @@ fn status_error(what: &str, path: &str, status: StatusCode) -> object_store::Err
             store: STORE,
             source,
         },
-    }
-}
-
-pub(crate) fn partial_name(location: &Path) -> Path {
-    let name = location.filename().unwrap_or("object");
-    let tmp = format!("{name}{PARTIAL}{}", hex::encode(rand::random::<[u8; 8]>()));
-    match location.parts().count() {
-        0 | 1 => Path::from(tmp),
-        _ => {
-            let parent: Vec<_> = location.parts().collect();
-            let mut p = Path::from_iter(parent[..parent.len() - 1].iter().cloned());
-            p = p.join(tmp.as_str());
-            p
-        }
     }
 }
 
@@ -295,11 +282,7 @@ impl Inner {
         overwrite: bool,
     ) -> object_store::Result<PutResult> {
         match self.transfer(b"MOVE", tmp, location, overwrite).await {
-            Ok(()) => Ok(PutResult {
-                e_tag: None,
-                version: None,
-                extensions: Default::default(),
-            }),
+            Ok(()) => Ok(put_result()),
             Err(e) => {
                 let _ = self.delete(tmp).await;
                 Err(e)
@@ -362,6 +345,14 @@ impl Inner {
             }
         }
         Ok((files, folders))
+    }
+
+    /// The files and subfolders of `dir`; none when it does not exist.
+    async fn listing(&self, dir: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+        match self.propfind(dir).await {
+            Err(object_store::Error::NotFound { .. }) => Ok((Vec::new(), Vec::new())),
+            other => other,
+        }
     }
 
     async fn head(&self, path: &Path) -> object_store::Result<ObjectMeta> {
@@ -567,27 +558,10 @@ impl ObjectStore for WebDav {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        if options.if_match.is_some()
-            || options.if_none_match.is_some()
-            || options.if_modified_since.is_some()
-            || options.if_unmodified_since.is_some()
-            || options.version.is_some()
-        {
-            return Err(object_store::Error::NotImplemented {
-                operation: "conditional get".into(),
-                implementer: STORE.into(),
-            });
-        }
+        refuse_conditions(&options, STORE)?;
         let inner = &self.inner;
         if options.head {
-            let meta = inner.head(location).await?;
-            return Ok(GetResult {
-                range: 0..meta.size,
-                payload: GetResultPayload::Stream(futures::stream::empty().boxed()),
-                meta,
-                attributes: Default::default(),
-                extensions: Default::default(),
-            });
+            return Ok(head_result(inner.head(location).await?));
         }
         let url = inner.url(location, false);
         let range = options.range.clone();
@@ -657,37 +631,15 @@ impl ObjectStore for WebDav {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let inner = self.inner.clone();
-        let start = vec![prefix.cloned().unwrap_or_default()];
-        // Walk folder by folder: memory holds one folder's listing and the folders still to visit.
-        futures::stream::try_unfold(start, move |mut todo| {
+        walk(prefix, move |dir| {
             let inner = inner.clone();
-            async move {
-                let Some(dir) = todo.pop() else {
-                    return Ok(None);
-                };
-                let (files, folders) = match inner.propfind(&dir).await {
-                    Ok(x) => x,
-                    Err(object_store::Error::NotFound { .. }) => (Vec::new(), Vec::new()),
-                    Err(e) => return Err(e),
-                };
-                todo.extend(folders);
-                Ok(Some((
-                    futures::stream::iter(files.into_iter().map(Ok)),
-                    todo,
-                )))
-            }
+            async move { inner.listing(&dir).await }
         })
-        .try_flatten()
-        .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let dir = prefix.cloned().unwrap_or_default();
-        let (objects, common_prefixes) = match self.inner.propfind(&dir).await {
-            Ok(x) => x,
-            Err(object_store::Error::NotFound { .. }) => (Vec::new(), Vec::new()),
-            Err(e) => return Err(e),
-        };
+        let (objects, common_prefixes) = self.inner.listing(&dir).await?;
         Ok(ListResult {
             common_prefixes,
             objects,
@@ -827,21 +779,6 @@ mod tests {
         assert_eq!(
             e[1].modified.unwrap().to_rfc3339(),
             "1994-11-15T08:12:31+00:00"
-        );
-    }
-
-    #[test]
-    fn partial_names_stay_in_the_folder_and_are_marked() {
-        let p = partial_name(&Path::from("data/ab/abcd"));
-        assert!(
-            p.as_ref()
-                .starts_with("data/ab/abcd.immich-backup-partial-"),
-            "{p}"
-        );
-        let top = partial_name(&Path::from("config"));
-        assert!(
-            top.as_ref().starts_with("config.immich-backup-partial-"),
-            "{top}"
         );
     }
 }
