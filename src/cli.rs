@@ -1706,6 +1706,13 @@ fn print_prune(p: &maintenance::PruneReport) {
         human(p.content_bytes_removed),
         p.incomplete_removed.len()
     );
+    if p.temporaries_removed > 0 {
+        println!(
+            "  {verb} {} temporary file(s) of killed uploads ({})",
+            p.temporaries_removed,
+            human(p.temporary_bytes_removed)
+        );
+    }
     if !p.incomplete_kept.is_empty() {
         println!(
             "  kept {} recent incomplete folder(s) (a backup may still be writing them): {}",

@@ -642,8 +642,8 @@ fn sftp_unknown_or_changed_host_key_is_refused() {
 }
 
 /// A backup killed (SIGKILL) while a large object is uploading leaves only a hidden temporary:
-/// the object's key never appears, no snapshot is listed, and the next backup completes, restores,
-/// and `prune` deletes the old temporary.
+/// the object's key never appears, no snapshot is listed, the next backup completes and restores,
+/// and `prune` deletes the temporary once it is older than `[lock] stale_secs`.
 #[test]
 fn sftp_killed_upload_leaves_no_visible_object() {
     if !have_sshd() {
@@ -700,4 +700,31 @@ fn sftp_killed_upload_leaves_no_visible_object() {
     backup(&rt, &cfg).expect("backup after the kill");
     restore_and_verify(&rt, &source, &cfg);
     assert!(server.files().contains(&partial), "{:?}", server.files());
+
+    // `prune` deletes the temporary once it is older than the lock's stale timeout.
+    let recent = cli(Some(&config), &["prune"], &env);
+    recent.expect_code(0);
+    assert!(server.files().contains(&partial), "{:?}", server.files());
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = [("IMMICH_BACKUP__LOCK__STALE_SECS", "2")];
+    let dry = cli(Some(&config), &["prune", "--dry-run"], &stale);
+    dry.expect_code(0);
+    assert!(
+        dry.stdout.contains("would remove")
+            && dry.stdout.contains("temporary file(s) of killed uploads"),
+        "{}",
+        dry.stdout
+    );
+    assert!(server.files().contains(&partial), "{:?}", server.files());
+    let run = cli(Some(&config), &["prune"], &stale);
+    run.expect_code(0);
+    assert!(
+        run.stdout.contains("  removed")
+            && run.stdout.contains("temporary file(s) of killed uploads"),
+        "{}",
+        run.stdout
+    );
+    let files = server.files();
+    assert!(files.iter().all(|f| !f.contains("partial")), "{files:?}");
+    restore_and_verify(&rt, &source, &cfg);
 }

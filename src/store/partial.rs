@@ -1,6 +1,7 @@
 //! What the stores without create-only puts (WebDAV, SFTP) share: the temporary names their uploads
 //! are written under before they are moved onto their keys, a listing that walks folder by folder,
-//! and the shapes of their answers.
+//! the shapes of their answers, and [`Temporaries`], which lists the temporary names (hidden from
+//! every other listing) so that `prune` can delete the ones a killed upload left.
 //!
 //! Keeping them in one place keeps the temporary-name convention (docs/FORMAT.md) one convention.
 
@@ -13,6 +14,12 @@ use object_store::{GetOptions, GetResult, GetResultPayload, ObjectMeta, PutResul
 
 /// What the temporary name of an upload adds to its key's name (listings hide such names).
 pub(crate) const PARTIAL: &str = ".immich-backup-partial-";
+
+/// A store that writes through temporary names: lists them (uploads under way, or left by killed
+/// ones), with their sizes and last-modified times.
+pub(crate) trait Temporaries: Send + Sync {
+    fn temporaries(&self) -> BoxStream<'static, object_store::Result<ObjectMeta>>;
+}
 
 /// A fresh temporary name for `location`, in the same folder.
 pub(crate) fn partial_name(location: &Path) -> Path {

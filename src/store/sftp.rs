@@ -15,8 +15,8 @@
 //! writer of the key gets a failure, reported as AlreadyExists). Replacing writes use
 //! `posix-rename@openssh.com`. A multipart upload writes each part at its offset in the temporary
 //! file as it comes (several parts at once), and only `complete` renames it, so a killed upload
-//! never shows under its key; listings hide temporary names (a killed upload's leftover stays
-//! until deleted by hand).
+//! never shows under its key; listings hide temporary names, and `prune` deletes the ones a killed
+//! upload left (`store/partial.rs`).
 //!
 //! Requests are pipelined: one SFTP session carries many reads and writes at once (each object's
 //! data in chunks of up to 255 KiB, 16 in flight), so a long round trip does not bound throughput.
@@ -46,7 +46,7 @@ use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 use crate::store::partial::{
-    head_result, partial_name, put_result, refuse_conditions, walk, PARTIAL,
+    head_result, partial_name, put_result, refuse_conditions, walk, Temporaries, PARTIAL,
 };
 
 /// The store name in object_store errors (its generic errors are our own one-line messages).
@@ -685,8 +685,12 @@ impl Inner {
         }
     }
 
-    /// The files and folders directly in `dir` (temporary names hidden).
-    async fn read_dir(&self, dir: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+    /// The files and folders directly in `dir` (its temporary files instead when `partial`).
+    async fn read_dir(
+        &self,
+        dir: &Path,
+        partial: bool,
+    ) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
         let conn = self.conn().await?;
         let full = self.full(dir);
         let handle = match conn.sftp.opendir(full.as_str()).await {
@@ -701,7 +705,7 @@ impl Inner {
                 Ok(name) => {
                     for f in name.files {
                         let n = f.filename;
-                        if n == "." || n == ".." || n.contains(PARTIAL) {
+                        if n == "." || n == ".." {
                             continue;
                         }
                         let Ok(p) = Path::parse(format!("{dir}/{n}").trim_start_matches('/'))
@@ -710,7 +714,7 @@ impl Inner {
                         };
                         if f.attrs.is_dir() {
                             folders.push(p);
-                        } else if f.attrs.is_regular() {
+                        } else if f.attrs.is_regular() && n.contains(PARTIAL) == partial {
                             files.push(meta(p, &f.attrs));
                         }
                     }
@@ -931,13 +935,13 @@ impl ObjectStore for Sftp {
         let inner = self.inner.clone();
         walk(prefix, move |dir| {
             let inner = inner.clone();
-            async move { inner.read_dir(&dir).await }
+            async move { inner.read_dir(&dir, false).await }
         })
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let dir = prefix.cloned().unwrap_or_default();
-        let (objects, common_prefixes) = self.inner.read_dir(&dir).await?;
+        let (objects, common_prefixes) = self.inner.read_dir(&dir, false).await?;
         Ok(ListResult {
             common_prefixes,
             objects,
@@ -954,6 +958,16 @@ impl ObjectStore for Sftp {
         Err(object_store::Error::NotImplemented {
             operation: "copy".into(),
             implementer: STORE.into(),
+        })
+    }
+}
+
+impl Temporaries for Sftp {
+    fn temporaries(&self) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let inner = self.inner.clone();
+        walk(None, move |dir| {
+            let inner = inner.clone();
+            async move { inner.read_dir(&dir, true).await }
         })
     }
 }

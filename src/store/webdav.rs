@@ -7,7 +7,8 @@
 //! MOVEd onto its key with `Overwrite: F` (the server answers 412 when the key exists: the object is
 //! never overwritten, and the temporary is deleted). A multipart upload is one streamed PUT of all
 //! parts, in order, to the temporary name; only `complete` MOVEs it into place, so a killed or
-//! abandoned upload never shows under its key. Listings hide these temporary names; leftovers of killed uploads can be deleted by hand. Folders are created (MKCOL) as
+//! abandoned upload never shows under its key. Listings hide these temporary names; `prune` deletes
+//! the ones a killed upload left (`store/partial.rs`). Folders are created (MKCOL) as
 //! needed. Apache's OpenDAL was not used: its object_store adapter writes in place and pulls a
 //! second HTTP stack; this is the few requests we need.
 
@@ -33,7 +34,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
 use crate::store::partial::{
-    head_result, partial_name, put_result, refuse_conditions, walk, PARTIAL,
+    head_result, partial_name, put_result, refuse_conditions, walk, Temporaries, PARTIAL,
 };
 
 const STORE: &str = "WebDAV";
@@ -290,8 +291,13 @@ impl Inner {
         }
     }
 
-    /// PROPFIND `dir` with `Depth: 1`: its files and subfolders (relative paths).
-    async fn propfind(&self, dir: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+    /// PROPFIND `dir` with `Depth: 1`: its files (its temporary files instead when `partial`) and
+    /// subfolders (relative paths).
+    async fn propfind(
+        &self,
+        dir: &Path,
+        partial: bool,
+    ) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
         let url = self.url(dir, true);
         const BODY: &str = r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/><D:getcontentlength/><D:getlastmodified/><D:getetag/></D:prop></D:propfind>"#;
         let r = self
@@ -326,7 +332,7 @@ impl Inner {
             let Some(name) = full.rsplit('/').next().filter(|n| !n.is_empty()) else {
                 continue;
             };
-            if name.contains(PARTIAL) {
+            if !e.collection && name.contains(PARTIAL) != partial {
                 continue;
             }
             let Ok(p) = Path::parse(format!("{dir}/{name}").trim_start_matches('/')) else {
@@ -347,9 +353,14 @@ impl Inner {
         Ok((files, folders))
     }
 
-    /// The files and subfolders of `dir`; none when it does not exist.
-    async fn listing(&self, dir: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
-        match self.propfind(dir).await {
+    /// The files and subfolders of `dir` (the temporary files instead when `partial`); none when
+    /// it does not exist.
+    async fn listing(
+        &self,
+        dir: &Path,
+        partial: bool,
+    ) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+        match self.propfind(dir, partial).await {
             Err(object_store::Error::NotFound { .. }) => Ok((Vec::new(), Vec::new())),
             other => other,
         }
@@ -633,13 +644,13 @@ impl ObjectStore for WebDav {
         let inner = self.inner.clone();
         walk(prefix, move |dir| {
             let inner = inner.clone();
-            async move { inner.listing(&dir).await }
+            async move { inner.listing(&dir, false).await }
         })
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let dir = prefix.cloned().unwrap_or_default();
-        let (objects, common_prefixes) = self.inner.listing(&dir).await?;
+        let (objects, common_prefixes) = self.inner.listing(&dir, false).await?;
         Ok(ListResult {
             common_prefixes,
             objects,
@@ -655,6 +666,16 @@ impl ObjectStore for WebDav {
     ) -> object_store::Result<()> {
         let overwrite = matches!(options.mode, CopyMode::Overwrite);
         self.inner.transfer(b"COPY", from, to, overwrite).await
+    }
+}
+
+impl Temporaries for WebDav {
+    fn temporaries(&self) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let inner = self.inner.clone();
+        walk(None, move |dir| {
+            let inner = inner.clone();
+            async move { inner.listing(&dir, true).await }
+        })
     }
 }
 
