@@ -728,3 +728,53 @@ fn sftp_killed_upload_leaves_no_visible_object() {
     assert!(files.iter().all(|f| !f.contains("partial")), "{files:?}");
     restore_and_verify(&rt, &source, &cfg);
 }
+
+/// Without `ssh_key_file`, the keys of a running ssh-agent (`SSH_AUTH_SOCK`) log in.
+#[test]
+fn sftp_ssh_agent_keys_log_in() {
+    if !have_sshd() {
+        return;
+    }
+    let server = SshServer::start();
+    let source = Source::new(2);
+    let sock = server.dir.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh-agent (apt-get install openssh-client)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added = Command::new("ssh-add")
+        .arg(server.client_key())
+        .env("SSH_AUTH_SOCK", &sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    let storage = StorageConfig {
+        ssh_key_file: String::new(),
+        ..server.storage()
+    };
+    let config = source.write_config_with(&storage, "agent.toml");
+    let mut cmd = command(Some(&config), &["init"]);
+    cmd.env("SSH_AUTH_SOCK", &sock);
+    let run = run_to_end(cmd);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(added, "ssh-add failed");
+    run.expect_code(0);
+    assert!(
+        run.stdout.contains("ok   conditional-create"),
+        "{}",
+        run.stdout
+    );
+}
