@@ -1734,6 +1734,13 @@ fn print_prune(p: &maintenance::PruneReport) {
             p.keys_removed.join(", ")
         );
     }
+    if p.temporaries_removed > 0 {
+        println!(
+            "  {verb} {} temporary file(s) of killed uploads ({})",
+            p.temporaries_removed,
+            human(p.temporary_bytes_removed)
+        );
+    }
     if !p.incomplete_kept.is_empty() {
         println!(
             "  kept {} recent incomplete folder(s) (a backup may still be writing them): {}",

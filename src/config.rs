@@ -303,8 +303,20 @@ pub struct StorageConfig {
     pub service_account: String,
     /// WebDAV user name; empty means the user in the URL (`webdavs://USER@host/path`).
     pub username: String,
-    /// WebDAV password (or `IMMICH_BACKUP__STORAGE__PASSWORD`).
+    /// WebDAV password (or `IMMICH_BACKUP__STORAGE__PASSWORD`); for SFTP, the login password,
+    /// tried after the key file or ssh-agent.
     pub password: String,
+    /// SFTP: an OpenSSH private key file to log in with; empty means ssh-agent (`SSH_AUTH_SOCK`),
+    /// then `password`.
+    pub ssh_key_file: String,
+    /// SFTP: the passphrase of a protected `ssh_key_file` (or
+    /// `IMMICH_BACKUP__STORAGE__SSH_KEY_PASSPHRASE`).
+    pub ssh_key_passphrase: String,
+    /// SFTP: the known_hosts file the server's key is checked against; empty means
+    /// `~/.ssh/known_hosts`.
+    pub known_hosts_file: String,
+    /// SFTP: the server's public key (`ssh-ed25519 AAAA…`), pinned instead of known_hosts.
+    pub ssh_host_key: String,
     /// Give up on a request that keeps failing (5xx, connection errors) after this many seconds
     /// of retrying with exponential backoff.
     pub retry_timeout_secs: u64,
@@ -347,6 +359,10 @@ impl Default for StorageConfig {
             service_account: String::new(),
             username: String::new(),
             password: String::new(),
+            ssh_key_file: String::new(),
+            ssh_key_passphrase: String::new(),
+            known_hosts_file: String::new(),
+            ssh_host_key: String::new(),
             retry_timeout_secs: 180,
             max_retries: 10,
             request_timeout_secs: 300,
@@ -378,6 +394,7 @@ impl StorageConfig {
             &self.session_token,
             &self.account_key,
             &self.password,
+            &self.ssh_key_passphrase,
         ]
         .into_iter()
         .chain(
@@ -416,6 +433,10 @@ impl std::fmt::Debug for StorageConfig {
             .field("service_account", &self.service_account)
             .field("username", &self.username)
             .field("password", &redacted(&self.password))
+            .field("ssh_key_file", &self.ssh_key_file)
+            .field("ssh_key_passphrase", &redacted(&self.ssh_key_passphrase))
+            .field("known_hosts_file", &self.known_hosts_file)
+            .field("ssh_host_key", &self.ssh_host_key)
             .field("retry_timeout_secs", &self.retry_timeout_secs)
             .field("max_retries", &self.max_retries)
             .field("request_timeout_secs", &self.request_timeout_secs)

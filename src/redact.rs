@@ -43,6 +43,15 @@ impl Redactor {
         }
     }
 
+    /// Our own one-line message (already worded for the user, so never shortened), without secrets.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut s = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for secret in &self.secrets {
+            s = s.replace(secret.as_str(), "<redacted>");
+        }
+        s
+    }
+
     /// One line, no secrets, no URL query strings, XML error bodies reduced to their code and message.
     pub fn clean(&self, text: &str) -> String {
         let mut s = summarize_xml(text);

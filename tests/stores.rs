@@ -425,4 +425,24 @@ fn webdav_killed_upload_leaves_no_visible_object() {
 
     backup(&rt, &cfg).expect("backup after the kill");
     restore_and_verify(&rt, &source, &cfg);
+
+    // `prune` deletes the hidden temporary once it is older than `[lock] stale_secs`.
+    let has_partial = || {
+        server
+            .files()
+            .iter()
+            .any(|f| f.contains(".immich-backup-partial-"))
+    };
+    assert!(has_partial(), "{:?}", server.files());
+    std::thread::sleep(Duration::from_millis(2100));
+    let stale = [env[0], ("IMMICH_BACKUP__LOCK__STALE_SECS", "2")];
+    let run = cli(Some(&config), &["prune"], &stale);
+    run.expect_code(0);
+    assert!(
+        run.stdout.contains("temporary file(s) of killed uploads"),
+        "{}",
+        run.stdout
+    );
+    assert!(!has_partial(), "{:?}", server.files());
+    restore_and_verify(&rt, &source, &cfg);
 }

@@ -5,7 +5,8 @@
 //!   of its folder.
 //! - **prune** removes what no snapshot needs any more: folders without a manifest (forgotten
 //!   snapshots whose deletion was interrupted, and interrupted backups) whose backup started more
-//!   than `[lock] stale_secs` ago, and every content object that no remaining snapshot references.
+//!   than `[lock] stale_secs` ago, every content object that no remaining snapshot references, and
+//!   on WebDAV and SFTP stores the temporary upload names killed uploads left (as old).
 //!
 //! Both read only plaintext: the snapshot list, `summary.json` (times) and `refs.txt.gz` (the content
 //! addresses a snapshot uses, written by the backup before its manifest). Both take the exclusive
@@ -55,6 +56,10 @@ pub struct PruneReport {
     pub incomplete_removed: Vec<String>,
     /// Folders without a manifest kept because they are recent (a backup may still be writing them).
     pub incomplete_kept: Vec<String>,
+    /// Temporary upload names (`….immich-backup-partial-…` on WebDAV and SFTP stores) older than
+    /// the lock stale timeout removed: what killed uploads left.
+    pub temporaries_removed: u64,
+    pub temporary_bytes_removed: u64,
     /// Content objects still referenced.
     pub content_referenced: u64,
     pub content_removed: u64,
@@ -321,6 +326,7 @@ async fn prune_locked(
     if !dry_run {
         repo.delete_listed(unreferenced.into_iter()).await?;
     }
+    remove_temporaries(repo, lock_cfg, dry_run, &mut report).await?;
 
     if dry_run {
         // `data/` was listed above; nothing was deleted since.
@@ -392,6 +398,29 @@ impl KeysInUse {
         }
         Ok(())
     }
+}
+
+/// Delete the temporary upload names killed uploads left on a WebDAV or SFTP store (older than the
+/// lock stale timeout; the exclusive lock keeps backups out meanwhile).
+async fn remove_temporaries(
+    repo: &Repository,
+    lock_cfg: &LockConfig,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let store = repo.store();
+    let stale = store
+        .stale_temporaries(std::time::Duration::from_secs(lock_cfg.stale_secs))
+        .await?;
+    for (key, size) in stale {
+        if !dry_run {
+            store.delete(&key).await?;
+            tracing::info!(object = %key, "removed the temporary of a killed upload");
+        }
+        report.temporaries_removed += 1;
+        report.temporary_bytes_removed += size;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -73,8 +73,11 @@ fn remedy_for(store: &Store, err: &Error) -> String {
             Backend::S3 => format!("create the {what} (provider console, or `aws s3 mb s3://{}`), or correct [storage] url", store.bucket()),
             Backend::Gcs => format!("create the {what} (`gcloud storage buckets create gs://{}`), or correct [storage] url", store.bucket()),
             Backend::Azure => format!("create the {what} (`az storage container create --name {}`), or correct [storage] url", store.bucket()),
-            Backend::Local | Backend::WebDav => "create the folder, or correct [storage] url".into(),
+            Backend::Local | Backend::WebDav | Backend::Sftp => "create the folder, or correct [storage] url".into(),
         };
+    }
+    if text.contains("host key") {
+        return "check the server's key fingerprint with its provider, then add it to known_hosts (`ssh-keyscan -p PORT HOST >> ~/.ssh/known_hosts`) or set [storage] ssh_host_key".into();
     }
     if text.contains("denied") {
         return store.backend().credentials_hint().to_string();
@@ -82,6 +85,9 @@ fn remedy_for(store: &Store, err: &Error) -> String {
     let lower = text.to_ascii_lowercase();
     if lower.contains("redirect") || lower.contains("region") {
         return "set [storage] region to the bucket's region".into();
+    }
+    if store.backend() == Backend::Sftp && lower.contains("connect") {
+        return "check the host and port in [storage] url (a Hetzner Storage Box uses port 23) and that the server is reachable".into();
     }
     if lower.contains("error sending request")
         || lower.contains("connect")
@@ -216,9 +222,17 @@ pub async fn run(store: &Store) -> InitReport {
                     Status::Ok,
                     "a second create-only write of the same object was refused (MOVE with Overwrite: F answered 412). WebDAV guarantees: uploads go to a temporary NAME.immich-backup-partial-… and are moved into place, so a partial upload is never visible under its key; not guaranteed: the server checks, then renames, so two writers of one key at the same instant are not told apart".to_string(),
                 )),
+                Ok(false) if store.backend() == Backend::Sftp => Ok((
+                    Status::Ok,
+                    "a second create-only write of the same object was refused (SFTP rename does not replace an existing file). SFTP guarantees: uploads go to a temporary NAME.immich-backup-partial-… (created exclusively, synced when the server offers fsync@openssh.com) and are renamed into place, so a partial upload is never visible under its key; OpenSSH renames by link-then-unlink, which refuses an existing key atomically; not guaranteed: on a file system without hard links OpenSSH checks, then renames, so two writers of one key at the same instant are not told apart".to_string(),
+                )),
                 Ok(false) => Ok((
                     Status::Ok,
                     "a second create-only write of the same object was refused".to_string(),
+                )),
+                Ok(true) if store.backend() == Backend::Sftp => Ok((
+                    Status::Warn,
+                    "NOT honoured: the SFTP server's rename replaced an existing object; backups work (content objects are named by their content, snapshot ids are random) but two runs at once are not detected".to_string(),
                 )),
                 Ok(true) if store.backend() == Backend::WebDav => Ok((
                     Status::Warn,

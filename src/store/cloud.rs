@@ -28,6 +28,8 @@ pub enum Backend {
     Azure,
     /// A WebDAV folder ([`crate::store::webdav`]).
     WebDav,
+    /// A folder on an SFTP server ([`crate::store::sftp`]).
+    Sftp,
 }
 
 impl Backend {
@@ -35,7 +37,7 @@ impl Backend {
     pub(crate) fn bucket_word(self) -> &'static str {
         match self {
             Backend::Azure => "container",
-            Backend::Local | Backend::WebDav => "folder",
+            Backend::Local | Backend::WebDav | Backend::Sftp => "folder",
             Backend::S3 | Backend::Gcs => "bucket",
         }
     }
@@ -47,6 +49,7 @@ impl Backend {
             Backend::Gcs => "check [storage] service_account (or GOOGLE_APPLICATION_CREDENTIALS) and that the account has Storage Object Admin on the bucket",
             Backend::Azure => "check [storage] account_name and account_key (or AZURE_STORAGE_ACCOUNT_NAME / AZURE_STORAGE_ACCOUNT_KEY, or options.sas_token) and the key's permissions on the container",
             Backend::WebDav => "check the user name in [storage] url (or [storage] username) and [storage] password (or IMMICH_BACKUP__STORAGE__PASSWORD), and that the user may write the folder",
+            Backend::Sftp => "check the user in [storage] url, and [storage] ssh_key_file (its public key must be in the server's authorized_keys; a protected key needs ssh_key_passphrase) or the ssh-agent's keys (SSH_AUTH_SOCK), or [storage] password (or IMMICH_BACKUP__STORAGE__PASSWORD), and that the user may write the folder",
             Backend::Local => "run as a user that may read and write the folder",
         }
     }
@@ -203,8 +206,8 @@ pub fn build(
                 .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), &timeout);
             Arc::new(b.build().map_err(|e| build_error(shown, e, scrub))?)
         }
-        Backend::Local | Backend::WebDav => {
-            unreachable!("folder and WebDAV stores are opened by store/mod.rs")
+        Backend::Local | Backend::WebDav | Backend::Sftp => {
+            unreachable!("folder, WebDAV and SFTP stores are opened by store/mod.rs")
         }
     };
     Ok(store)

@@ -25,6 +25,8 @@ pub mod cloud;
 pub mod directio;
 pub mod local;
 pub mod meter;
+mod partial;
+pub mod sftp;
 pub mod webdav;
 mod writer;
 
@@ -96,6 +98,8 @@ pub struct Store {
     traffic: Arc<Traffic>,
     /// The local-folder fast path ([`crate::store::local`]), for `file://` stores.
     local: Option<Arc<LocalDir>>,
+    /// The temporary upload names of a WebDAV or SFTP store ([`partial::Temporaries`]).
+    temporaries: Option<Arc<dyn partial::Temporaries>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -178,24 +182,41 @@ impl Store {
         }
         let url = url::Url::parse(&cfg.url).map_err(|e| {
             Error::Config(format!(
-                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
+                "[storage] url {shown:?}: {e}; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, webdavs://user@host/path or sftp://user@host/path"
             ))
         })?;
         let unknown = || {
             Error::Config(format!(
-                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix or webdavs://user@host/path"
+                "[storage] url {shown}: unknown scheme; use /absolute/path, file:///absolute/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, webdavs://user@host/path or sftp://user@host/path"
             ))
         };
         if webdav::is_webdav(url.scheme()) {
             let dav = webdav::build(cfg, &url, &shown)?;
-            return Self::open_cloud(
+            let temporaries = Arc::new(dav.clone());
+            let mut store = Self::open_cloud(
                 cfg,
                 &url,
                 Backend::WebDav,
                 ObjectPath::default(),
                 shown,
                 |_| Ok(Arc::new(dav)),
-            );
+            )?;
+            store.temporaries = Some(temporaries);
+            return Ok(store);
+        }
+        if sftp::is_sftp(url.scheme()) {
+            let sftp = sftp::build(cfg, &url, &shown)?;
+            let temporaries = Arc::new(sftp.clone());
+            let mut store = Self::open_cloud(
+                cfg,
+                &url,
+                Backend::Sftp,
+                ObjectPath::default(),
+                shown,
+                |_| Ok(Arc::new(sftp)),
+            )?;
+            store.temporaries = Some(temporaries);
+            return Ok(store);
         }
         let (scheme, prefix) = ObjectStoreScheme::parse(&url).map_err(|_| unknown())?;
         let backend = match scheme {
@@ -241,7 +262,7 @@ impl Store {
         }
         // For messages: az://CONTAINER@ACCOUNT…, s3://BUCKET/…, https://HOST/BUCKET/…, the
         // WebDAV folder.
-        let bucket = if backend == Backend::WebDav {
+        let bucket = if matches!(backend, Backend::WebDav | Backend::Sftp) {
             format!("{}{}", url.host_str().unwrap_or_default(), url.path())
         } else if !url.username().is_empty() {
             url.username().to_string()
@@ -266,6 +287,7 @@ impl Store {
             max_parts: MAX_PARTS,
             traffic,
             local: None,
+            temporaries: None,
         })
     }
 
@@ -298,6 +320,7 @@ impl Store {
             max_parts: MAX_PARTS,
             traffic: Arc::new(Traffic::default()),
             local: Some(Arc::new(LocalDir::new(dir, direct_io))),
+            temporaries: None,
         })
     }
 
@@ -317,6 +340,7 @@ impl Store {
             max_parts: MAX_PARTS,
             traffic: Arc::new(Traffic::default()),
             local: None,
+            temporaries: None,
         }
     }
 
@@ -393,6 +417,14 @@ impl Store {
                     self.bucket,
                     code.unwrap_or_default()
                 ),
+            },
+            // The SFTP store words its own causes and remedies (host key, connection, disk full).
+            object_store::Error::Generic {
+                store: sftp::STORE,
+                source,
+            } => Error::Storage {
+                url: self.url.clone(),
+                message: self.redactor.scrub(&source.to_string()),
             },
             object_store::Error::NotFound { .. } => Error::Missing {
                 object: key.to_string(),
@@ -732,6 +764,26 @@ impl Store {
             .iter()
             .map(|m| self.key_of(&m.location))
             .collect())
+    }
+
+    /// The temporary upload names (WebDAV, SFTP: `NAME.immich-backup-partial-…`) last written more
+    /// than `older_than` ago, as (key, size): what killed uploads left. None on other stores.
+    pub(crate) async fn stale_temporaries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<Vec<(String, u64)>> {
+        let Some(temporaries) = &self.temporaries else {
+            return Ok(Vec::new());
+        };
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
+        temporaries
+            .temporaries()
+            .try_filter(|m| futures::future::ready(m.last_modified < cutoff))
+            .map_ok(|m| (self.key_of(&m.location), m.size))
+            .map_err(|e| self.error("", e))
+            .try_collect()
+            .await
     }
 
     /// Keys of every object under `dir`, collected (for small listings).

@@ -7,7 +7,8 @@
 //! MOVEd onto its key with `Overwrite: F` (the server answers 412 when the key exists: the object is
 //! never overwritten, and the temporary is deleted). A multipart upload is one streamed PUT of all
 //! parts, in order, to the temporary name; only `complete` MOVEs it into place, so a killed or
-//! abandoned upload never shows under its key. Listings hide these temporary names; leftovers of killed uploads can be deleted by hand. Folders are created (MKCOL) as
+//! abandoned upload never shows under its key. Listings hide these temporary names; `prune` deletes
+//! the ones a killed upload left (`store/partial.rs`). Folders are created (MKCOL) as
 //! needed. Apache's OpenDAL was not used: its object_store adapter writes in place and pulls a
 //! second HTTP stack; this is the few requests we need.
 
@@ -32,10 +33,11 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 
 use crate::config::StorageConfig;
 use crate::error::{Error, Result};
+use crate::store::partial::{
+    head_result, partial_name, put_result, refuse_conditions, walk, Temporaries, PARTIAL,
+};
 
 const STORE: &str = "WebDAV";
-/// What the temporary name of an upload adds to its key's name (listings hide such names).
-const PARTIAL: &str = ".immich-backup-partial-";
 
 /// One WebDAV folder as an object store.
 #[derive(Clone)]
@@ -148,20 +150,6 @@ fn status_error(what: &str, path: &str, status: StatusCode) -> object_store::Err
             store: STORE,
             source,
         },
-    }
-}
-
-fn partial_name(location: &Path) -> Path {
-    let name = location.filename().unwrap_or("object");
-    let tmp = format!("{name}{PARTIAL}{}", hex::encode(rand::random::<[u8; 8]>()));
-    match location.parts().count() {
-        0 | 1 => Path::from(tmp),
-        _ => {
-            let parent: Vec<_> = location.parts().collect();
-            let mut p = Path::from_iter(parent[..parent.len() - 1].iter().cloned());
-            p = p.join(tmp.as_str());
-            p
-        }
     }
 }
 
@@ -295,11 +283,7 @@ impl Inner {
         overwrite: bool,
     ) -> object_store::Result<PutResult> {
         match self.transfer(b"MOVE", tmp, location, overwrite).await {
-            Ok(()) => Ok(PutResult {
-                e_tag: None,
-                version: None,
-                extensions: Default::default(),
-            }),
+            Ok(()) => Ok(put_result()),
             Err(e) => {
                 let _ = self.delete(tmp).await;
                 Err(e)
@@ -307,8 +291,13 @@ impl Inner {
         }
     }
 
-    /// PROPFIND `dir` with `Depth: 1`: its files and subfolders (relative paths).
-    async fn propfind(&self, dir: &Path) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+    /// PROPFIND `dir` with `Depth: 1`: its files (its temporary files instead when `partial`) and
+    /// subfolders (relative paths).
+    async fn propfind(
+        &self,
+        dir: &Path,
+        partial: bool,
+    ) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
         let url = self.url(dir, true);
         const BODY: &str = r#"<?xml version="1.0" encoding="utf-8"?><D:propfind xmlns:D="DAV:"><D:prop><D:resourcetype/><D:getcontentlength/><D:getlastmodified/><D:getetag/></D:prop></D:propfind>"#;
         let r = self
@@ -343,7 +332,7 @@ impl Inner {
             let Some(name) = full.rsplit('/').next().filter(|n| !n.is_empty()) else {
                 continue;
             };
-            if name.contains(PARTIAL) {
+            if !e.collection && name.contains(PARTIAL) != partial {
                 continue;
             }
             let Ok(p) = Path::parse(format!("{dir}/{name}").trim_start_matches('/')) else {
@@ -362,6 +351,19 @@ impl Inner {
             }
         }
         Ok((files, folders))
+    }
+
+    /// The files and subfolders of `dir` (the temporary files instead when `partial`); none when
+    /// it does not exist.
+    async fn listing(
+        &self,
+        dir: &Path,
+        partial: bool,
+    ) -> object_store::Result<(Vec<ObjectMeta>, Vec<Path>)> {
+        match self.propfind(dir, partial).await {
+            Err(object_store::Error::NotFound { .. }) => Ok((Vec::new(), Vec::new())),
+            other => other,
+        }
     }
 
     async fn head(&self, path: &Path) -> object_store::Result<ObjectMeta> {
@@ -567,27 +569,10 @@ impl ObjectStore for WebDav {
         location: &Path,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        if options.if_match.is_some()
-            || options.if_none_match.is_some()
-            || options.if_modified_since.is_some()
-            || options.if_unmodified_since.is_some()
-            || options.version.is_some()
-        {
-            return Err(object_store::Error::NotImplemented {
-                operation: "conditional get".into(),
-                implementer: STORE.into(),
-            });
-        }
+        refuse_conditions(&options, STORE)?;
         let inner = &self.inner;
         if options.head {
-            let meta = inner.head(location).await?;
-            return Ok(GetResult {
-                range: 0..meta.size,
-                payload: GetResultPayload::Stream(futures::stream::empty().boxed()),
-                meta,
-                attributes: Default::default(),
-                extensions: Default::default(),
-            });
+            return Ok(head_result(inner.head(location).await?));
         }
         let url = inner.url(location, false);
         let range = options.range.clone();
@@ -657,37 +642,15 @@ impl ObjectStore for WebDav {
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
         let inner = self.inner.clone();
-        let start = vec![prefix.cloned().unwrap_or_default()];
-        // Walk folder by folder: memory holds one folder's listing and the folders still to visit.
-        futures::stream::try_unfold(start, move |mut todo| {
+        walk(prefix, move |dir| {
             let inner = inner.clone();
-            async move {
-                let Some(dir) = todo.pop() else {
-                    return Ok(None);
-                };
-                let (files, folders) = match inner.propfind(&dir).await {
-                    Ok(x) => x,
-                    Err(object_store::Error::NotFound { .. }) => (Vec::new(), Vec::new()),
-                    Err(e) => return Err(e),
-                };
-                todo.extend(folders);
-                Ok(Some((
-                    futures::stream::iter(files.into_iter().map(Ok)),
-                    todo,
-                )))
-            }
+            async move { inner.listing(&dir, false).await }
         })
-        .try_flatten()
-        .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let dir = prefix.cloned().unwrap_or_default();
-        let (objects, common_prefixes) = match self.inner.propfind(&dir).await {
-            Ok(x) => x,
-            Err(object_store::Error::NotFound { .. }) => (Vec::new(), Vec::new()),
-            Err(e) => return Err(e),
-        };
+        let (objects, common_prefixes) = self.inner.listing(&dir, false).await?;
         Ok(ListResult {
             common_prefixes,
             objects,
@@ -703,6 +666,16 @@ impl ObjectStore for WebDav {
     ) -> object_store::Result<()> {
         let overwrite = matches!(options.mode, CopyMode::Overwrite);
         self.inner.transfer(b"COPY", from, to, overwrite).await
+    }
+}
+
+impl Temporaries for WebDav {
+    fn temporaries(&self) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let inner = self.inner.clone();
+        walk(None, move |dir| {
+            let inner = inner.clone();
+            async move { inner.listing(&dir, true).await }
+        })
     }
 }
 
@@ -827,21 +800,6 @@ mod tests {
         assert_eq!(
             e[1].modified.unwrap().to_rfc3339(),
             "1994-11-15T08:12:31+00:00"
-        );
-    }
-
-    #[test]
-    fn partial_names_stay_in_the_folder_and_are_marked() {
-        let p = partial_name(&Path::from("data/ab/abcd"));
-        assert!(
-            p.as_ref()
-                .starts_with("data/ab/abcd.immich-backup-partial-"),
-            "{p}"
-        );
-        let top = partial_name(&Path::from("config"));
-        assert!(
-            top.as_ref().starts_with("config.immich-backup-partial-"),
-            "{top}"
         );
     }
 }

@@ -366,7 +366,8 @@ impl ConfigToml {
             Some(s) => format!(
                 "url = {:?}\nendpoint = {:?}\nregion = {:?}\nallow_http = {}\naccess_key_id = {:?}\n\
                  account_name = {:?}\nservice_account = {:?}\nconcurrency = {}\n\
-                 retry_timeout_secs = {}\nmax_retries = {}\n",
+                 retry_timeout_secs = {}\nmax_retries = {}\nssh_key_file = {:?}\n\
+                 known_hosts_file = {:?}\nssh_host_key = {:?}\n",
                 s.url,
                 s.endpoint,
                 s.region,
@@ -377,6 +378,9 @@ impl ConfigToml {
                 s.concurrency,
                 s.retry_timeout_secs,
                 s.max_retries,
+                s.ssh_key_file,
+                s.known_hosts_file,
+                s.ssh_host_key,
             ),
         };
         let identity = self
