@@ -17,15 +17,16 @@
 # --up MBIT (50), --down MBIT (200), --scenarios LIST (1,2,3,4), --reps N (1), --scale S (0.3),
 # --small-files N (100000), --big-gib G (4), --drop (scenario 4: a second run whose link drops for
 # --drop-secs S (10) halfway, --drop-mode stall|reset (reset)), --azurite (scenario 1 against
-# Azurite too), --work DIR (default $WAN_WORK or /var/tmp/wan-bench), --keep (keep the stores),
-# --append (add to the rows of an earlier run in the same work folder rather than starting afresh).
+# Azurite too; --azurite-only: only that), --work DIR (default $WAN_WORK or /var/tmp/wan-bench), --keep (keep the stores),
+# --append (add to the rows of an earlier run in the same work folder rather than starting afresh),
+# --concurrency N (our [storage] concurrency; default: the tool's), --no-anchors (only ours).
 # Needs: cargo, PostgreSQL server binaries, GNU time, python3, restic and rclone (installed with
 # apt-get when missing and root). Raw rows: $WORK/wan.tsv; per run the proxy's counts
 # $WORK/runs/NAME.json; the summary table: $WORK/wan-summary.md (and stdout).
 set -euo pipefail
 
 RTTS=40 UP=50 DOWN=200 SCENARIOS=1,2,3,4 REPS=1 SCALE=0.3 SMALL_FILES=100000 BIG_GIB=4
-DROP=0 DROP_SECS=10 DROP_MODE=reset AZURITE=0 KEEP=0 APPEND=0
+DROP=0 DROP_SECS=10 DROP_MODE=reset AZURITE=0 AZ_ONLY=0 KEEP=0 APPEND=0 CONC="" ANCHORS=1
 WORK=${WAN_WORK:-/var/tmp/wan-bench}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -41,10 +42,13 @@ while [ $# -gt 0 ]; do
     --drop-secs) DROP_SECS=$2; shift 2 ;;
     --drop-mode) DROP_MODE=$2; shift 2 ;;
     --azurite) AZURITE=1; shift ;;
+    --azurite-only) AZURITE=1; AZ_ONLY=1; shift ;;
+    --concurrency) CONC=$2; shift 2 ;;
+    --no-anchors) ANCHORS=0; shift ;;
     --work) WORK=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --append) APPEND=1; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -183,6 +187,7 @@ endpoint = "$4"
 allow_http = true
 region = "us-east-1"
 access_key_id = "$AWS_ACCESS_KEY_ID"
+${CONC:+concurrency = $CONC}
 [encryption]
 recipients = ["$RCPT"]
 identity_file = "$ID"
@@ -193,6 +198,7 @@ on_missing_original = "ignore"
 TOML
 }
 ours() { echo "'$IB' --no-progress -c '$WORK/$1.toml' ${*:2}"; }
+OURS="immich-backup${CONC:+ (concurrency $CONC)}"
 ours_ok() { local rc=0; bash -c "$(ours "$@")" >/dev/null 2>"$WORK/setup.err" || rc=$?; [ $rc -eq 0 ] || [ $rc -eq 3 ] || { cat "$WORK/setup.err" >&2; exit 1; }; }
 drop_prefix() { rm -rf "${S3_ROOT:?}/bench/$1"; }
 
@@ -224,14 +230,16 @@ log "database ready on port $small_PORT"
 IFS=, read -r -a RTT_LIST <<<"$RTTS"
 
 # --- link check: does the proxy reach the configured rates? -------------------------------------
-mkdir -p "$S3_ROOT/bench/linkcheck"
-head -c $((64 << 20)) /dev/urandom >"$S3_ROOT/bench/linkcheck/64MiB"
-log "link check: 64 MiB down and up through the link at ${RTT_LIST[0]} ms"
-measure "0 link check" "${RTT_LIST[0]}" "rclone cat 64 MiB (down)" linkcheck-down \
-  "rclone cat link:bench/linkcheck/64MiB > /dev/null"
-measure "0 link check" "${RTT_LIST[0]}" "rclone rcat 64 MiB (up)" linkcheck-up \
-  "head -c $((64 << 20)) /dev/urandom | rclone rcat --s3-upload-cutoff 100M link:bench/linkcheck/up"
-drop_prefix linkcheck
+if [ "$APPEND" = 0 ]; then
+  mkdir -p "$S3_ROOT/bench/linkcheck"
+  head -c $((64 << 20)) /dev/urandom >"$S3_ROOT/bench/linkcheck/64MiB"
+  log "link check: 64 MiB down and up through the link at ${RTT_LIST[0]} ms"
+  measure "0 link check" "${RTT_LIST[0]}" "rclone cat 64 MiB (down)" linkcheck-down \
+    "rclone cat link:bench/linkcheck/64MiB > /dev/null"
+  measure "0 link check" "${RTT_LIST[0]}" "rclone rcat 64 MiB (up)" linkcheck-up \
+    "head -c $((64 << 20)) /dev/urandom | rclone rcat --s3-upload-cutoff 100M link:bench/linkcheck/up"
+  drop_prefix linkcheck
+fi
 
 for RTT in "${RTT_LIST[@]}"; do
   # --- 1: first backup, and 3: restore ---------------------------------------------------------
@@ -244,9 +252,11 @@ for RTT in "${RTT_LIST[@]}"; do
       drop_prefix "$P"; rm -rf "$WORK/s1-cache"
       config s1 "$UL" "$small_PORT" "$S3_LINK" "$P"
       config s1direct "$UL" "$small_PORT" "$S3_DIRECT" "$P"
+      [ "$AZ_ONLY" = 0 ] || continue
       ours_ok s1direct init
       rm -rf "$WORK/s1-cache"
-      measure "1 first backup" "$RTT" "immich-backup" "s1-ours-$RTT-$rep" "$(ours s1 backup --json)"
+      measure "1 first backup" "$RTT" "$OURS" "s1-ours$CONC-$RTT-$rep" "$(ours s1 backup --json)"
+      [ "$ANCHORS" = 1 ] || continue
       drop_prefix rclone
       measure "1 first backup" "$RTT" "rclone copy (crypt)" "s1-rclone-$RTT-$rep" \
         "rclone copy $RCLONE_FILTER '$UL' linkcrypt:"
@@ -264,10 +274,11 @@ for RTT in "${RTT_LIST[@]}"; do
       rm -rf "$WORK/restored" "$WORK/s3r-cache"
       "$PG_BIN_DIR/psql" -X -q -h 127.0.0.1 -p "$restore_PORT" -U postgres -d postgres \
         -c 'DROP DATABASE IF EXISTS immich' >/dev/null
-      measure "3 restore" "$RTT" "immich-backup restore" "s3-ours-$RTT-$rep" \
+      measure "3 restore" "$RTT" "$OURS restore" "s3-ours$CONC-$RTT-$rep" \
         "$(ours s3r restore latest --target "'$WORK/restored'")"
       diff -r "$UL/library" "$WORK/restored/library" >/dev/null || { echo "restored files differ!" >&2; exit 1; }
       rm -rf "$WORK/restored"
+      [ "$ANCHORS" = 1 ] || continue
       measure "3 restore" "$RTT" "rclone copy (crypt) back" "s3-rclone-$RTT-$rep" \
         "rclone copy linkcrypt: '$WORK/restored'"
       rm -rf "$WORK/restored"
@@ -294,7 +305,7 @@ for RTT in "${RTT_LIST[@]}"; do
       IMMICH_BACKUP__STORAGE__ACCOUNT_KEY=$(python3 "$REPO/bench/wan_azure.py" key) ours_ok s1azdirect init
       rm -rf "$WORK/s1az-cache"
       LINK_TARGET=127.0.0.1:$APORT
-      measure "1 first backup (Azurite)" "$RTT" "immich-backup" "s1az-ours-$RTT-$rep" \
+      measure "1 first backup (Azurite)" "$RTT" "$OURS" "s1az-ours$CONC-$RTT-$rep" \
         "IMMICH_BACKUP__STORAGE__ACCOUNT_KEY='$(python3 "$REPO/bench/wan_azure.py" key)' $(ours s1az backup --json)"
       LINK_TARGET=${S3_DIRECT#http://}
     done
@@ -315,10 +326,11 @@ for RTT in "${RTT_LIST[@]}"; do
     ours_ok s2direct init
     ours_ok s2direct backup
     drop_prefix "restic2-$RTT"
-    restic -q -r "s3:$S3_DIRECT/bench/restic2-$RTT" init >/dev/null
-    (cd "$SM" && restic -q -r "s3:$S3_DIRECT/bench/restic2-$RTT" backup library upload profile >/dev/null)
+    [ "$ANCHORS" = 0 ] || restic -q -r "s3:$S3_DIRECT/bench/restic2-$RTT" init >/dev/null
+    [ "$ANCHORS" = 0 ] || (cd "$SM" && restic -q -r "s3:$S3_DIRECT/bench/restic2-$RTT" backup library upload profile >/dev/null)
     for rep in $(seq "$REPS"); do
-      measure "2 no-change backup" "$RTT" "immich-backup" "s2-ours-$RTT-$rep" "$(ours s2 backup --json)"
+      measure "2 no-change backup" "$RTT" "$OURS" "s2-ours$CONC-$RTT-$rep" "$(ours s2 backup --json)"
+      [ "$ANCHORS" = 1 ] || continue
       measure "2 no-change backup" "$RTT" "restic backup (2nd)" "s2-restic-$RTT-$rep" \
         "cd '$SM' && restic -q -r 's3:$S3_LINK/bench/restic2-$RTT' backup library upload profile"
     done
@@ -337,7 +349,7 @@ if has 4; then
     config s4 "$BIG" "$small_PORT" "$S3_LINK" "$P"
     config s4direct "$BIG" "$small_PORT" "$S3_DIRECT" "$P"
     ours_ok s4direct init; rm -rf "$WORK/s4-cache"
-    measure "4 big file" "$RTT" "immich-backup" "s4-ours-$rep" "$(ours s4 backup --json)"
+    measure "4 big file" "$RTT" "$OURS" "s4-ours$CONC-$rep" "$(ours s4 backup --json)"
     drop_prefix "$P"
   done
   if [ "$DROP" = 1 ]; then
@@ -347,7 +359,7 @@ if has 4; then
     ours_ok s4direct init; rm -rf "$WORK/s4-cache"
     half=$(( (BIG_GIB << 30) / 2 ))
     log "scenario 4 again: the link drops for $DROP_SECS s ($DROP_MODE) after $((half >> 20)) MiB went up"
-    measure "4 big file, link drop" "$RTT" "immich-backup" "s4-drop" "$(ours s4 backup --json)" \
+    measure "4 big file, link drop" "$RTT" "$OURS" "s4-drop$CONC" "$(ours s4 backup --json)" \
       --drop-at-up-bytes "$half" --drop-secs "$DROP_SECS" --drop-mode "$DROP_MODE"
     drop_prefix "$P"
   fi

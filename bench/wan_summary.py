@@ -58,40 +58,38 @@ def main():
     print("| scenario | RTT | tool | wall | bytes up | bytes down | requests | peak RSS | target | |")
     print("|---|---:|---|---:|---:|---:|---|---:|---|---|")
     for (scen, rtt), rs in by.items():
-        ours = next((r for r in rs if r["tool"].startswith("immich-backup")), None)
+        anchors = [r for r in rs if not r["tool"].startswith("immich-backup")]
         for r in rs:
             s = r["link"]
             target, ok = "", None
-            if r is ours:
+            mine = r["tool"].startswith("immich-backup")
+            if mine:
                 if scen.startswith("1"):
                     ideal = s["bytes_up"] / up
                     parts = [f"{r['wall'] / ideal:.2f}× bytes÷uplink (≤ 1.1)"]
                     ok = r["wall"] <= 1.1 * ideal
-                    for t in rs:
-                        if t is not r:
-                            lim = 0.8 if t["tool"].startswith("rclone") else 0.5
-                            q = r["wall"] / t["wall"]
-                            parts.append(f"{q:.2f}× {t['tool'].split()[0]} (≤ {lim})")
-                            ok = ok and q <= lim
+                    for t in anchors:
+                        lim = 0.8 if t["tool"].startswith("rclone") else 0.5
+                        q = r["wall"] / t["wall"]
+                        parts.append(f"{q:.2f}× {t['tool'].split()[0]} (≤ {lim})")
+                        ok = ok and q <= lim
                     target = "; ".join(parts)
                 elif scen.startswith("3"):
                     ideal = s["bytes_down"] / down
                     parts = [f"{r['wall'] / ideal:.2f}× bytes÷downlink (≤ 1.1)"]
                     ok = r["wall"] <= 1.1 * ideal
-                    for t in rs:
-                        if t is not r:
-                            lim = 0.8 if t["tool"].startswith("rclone") else 0.5
-                            q = r["wall"] / t["wall"]
-                            parts.append(f"{q:.2f}× {t['tool'].split()[0]} (≤ {lim})")
-                            ok = ok and q <= lim
+                    for t in anchors:
+                        lim = 0.8 if t["tool"].startswith("rclone") else 0.5
+                        q = r["wall"] / t["wall"]
+                        parts.append(f"{q:.2f}× {t['tool'].split()[0]} (≤ {lim})")
+                        ok = ok and q <= lim
                     target = "; ".join(parts)
                 elif scen.startswith("2"):
                     n = s["requests_total"]
                     target = f"{r['wall']:.2f} s (≤ 2 s), {n} requests (≤ 20 + listing)"
                     ok = r["wall"] <= 2 and n <= 21
-                    for t in rs:
-                        if t is not r:
-                            target += f"; {r['wall'] / t['wall']:.2f}× restic"
+                    for t in anchors:
+                        target += f"; {r['wall'] / t['wall']:.2f}× restic"
                 elif scen.startswith("4"):
                     use = s["bytes_up"] / r["wall"] / up
                     target = f"{use * 100:.0f} % of uplink (≥ 90 %), RSS ≤ 128 MiB"
@@ -99,7 +97,7 @@ def main():
             elif scen.startswith("0"):
                 rate = (s["bytes_down"] / down if "down" in r["tool"] else s["bytes_up"] / up)
                 target = f"{rate / r['wall'] * 100:.0f} % of the configured rate"
-            print(f"| {scen} | {rtt} ms | {'**' + r['tool'] + '**' if r is ours else r['tool']} | "
+            print(f"| {scen} | {rtt} ms | {'**' + r['tool'] + '**' if mine else r['tool']} | "
                   f"{r['wall']:.1f} s | {s['bytes_up'] / 1e6:.1f} MB | {s['bytes_down'] / 1e6:.1f} MB | "
                   f"{reqs(s)} | {r['rss'] / 1024:.0f} MiB | {target} | {'' if ok is None else verdict(ok)} |")
     drops = [r for r in rows if "drop" in r["scen"]]
