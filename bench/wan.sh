@@ -16,7 +16,7 @@
 # Options: --rtt LIST (ms, default 40; each RTT runs every scenario, but 4 only at the first),
 # --up MBIT (50), --down MBIT (200), --scenarios LIST (1,2,3,4), --reps N (1), --scale S (0.3),
 # --small-files N (100000), --big-gib G (4), --drop (scenario 4: a second run whose link drops for
-# --drop-secs S (10) halfway, --drop-mode stall|reset (reset)), --azurite (scenario 1 against
+# --drop-secs S (10) halfway, --drop-mode stall|reset (reset); --drop-only: only that), --azurite (scenario 1 against
 # Azurite too; --azurite-only: only that), --work DIR (default $WAN_WORK or /var/tmp/wan-bench), --keep (keep the stores),
 # --append (add to the rows of an earlier run in the same work folder rather than starting afresh),
 # --concurrency N (our [storage] concurrency; default: the tool's), --no-anchors (only ours).
@@ -26,7 +26,7 @@
 set -euo pipefail
 
 RTTS=40 UP=50 DOWN=200 SCENARIOS=1,2,3,4 REPS=1 SCALE=0.3 SMALL_FILES=100000 BIG_GIB=4
-DROP=0 DROP_SECS=10 DROP_MODE=reset AZURITE=0 AZ_ONLY=0 KEEP=0 APPEND=0 CONC="" ANCHORS=1
+DROP=0 DROP_ONLY=0 DROP_SECS=10 DROP_MODE=reset AZURITE=0 AZ_ONLY=0 KEEP=0 APPEND=0 CONC="" ANCHORS=1
 WORK=${WAN_WORK:-/var/tmp/wan-bench}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +39,7 @@ while [ $# -gt 0 ]; do
     --small-files) SMALL_FILES=$2; shift 2 ;;
     --big-gib) BIG_GIB=$2; shift 2 ;;
     --drop) DROP=1; shift ;;
+    --drop-only) DROP=1; DROP_ONLY=1; shift ;;
     --drop-secs) DROP_SECS=$2; shift 2 ;;
     --drop-mode) DROP_MODE=$2; shift 2 ;;
     --azurite) AZURITE=1; shift ;;
@@ -345,6 +346,7 @@ if has 4; then
   gen_once "$BIG" big --gib "$BIG_GIB"
   log "scenario 4 at $RTT ms: one $BIG_GIB GiB file"
   for rep in $(seq "$REPS"); do
+    [ "$DROP_ONLY" = 0 ] || break
     P=ib4-$rep; drop_prefix "$P"; rm -rf "$WORK/s4-cache"
     config s4 "$BIG" "$small_PORT" "$S3_LINK" "$P"
     config s4direct "$BIG" "$small_PORT" "$S3_DIRECT" "$P"

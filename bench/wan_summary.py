@@ -90,7 +90,7 @@ def main():
                     ok = r["wall"] <= 2 and n <= 21
                     for t in anchors:
                         target += f"; {r['wall'] / t['wall']:.2f}× restic"
-                elif scen.startswith("4"):
+                elif scen.startswith("4") and "drop" not in scen:
                     use = s["bytes_up"] / r["wall"] / up
                     target = f"{use * 100:.0f} % of uplink (≥ 90 %), RSS ≤ 128 MiB"
                     ok = use >= 0.9 and r["rss"] <= 128 * 1024
@@ -100,16 +100,18 @@ def main():
             print(f"| {scen} | {rtt} ms | {'**' + r['tool'] + '**' if mine else r['tool']} | "
                   f"{r['wall']:.1f} s | {s['bytes_up'] / 1e6:.1f} MB | {s['bytes_down'] / 1e6:.1f} MB | "
                   f"{reqs(s)} | {r['rss'] / 1024:.0f} MiB | {target} | {'' if ok is None else verdict(ok)} |")
-    drops = [r for r in rows if "drop" in r["scen"]]
     clean = [r for r in rows if r["scen"] == "4 big file"]
-    if drops and clean:
-        d, c = drops[0], clean[0]
-        print(f"\nLink drop: {json.dumps(d['link']['drops'])}; wall {d['wall']:.1f} s against "
-              f"{c['wall']:.1f} s undisturbed (+{d['wall'] - c['wall']:.1f} s); bytes up "
-              f"{d['link']['bytes_up'] / 1e6:.1f} MB against {c['link']['bytes_up'] / 1e6:.1f} MB "
-              f"(+{(d['link']['bytes_up'] - c['link']['bytes_up']) / 1e6:.1f} MB re-sent); parts "
-              f"{d['link']['requests'].get('PART', 0)} against {c['link']['requests'].get('PART', 0)}; "
-              f"statuses {d['link']['statuses']}")
+    for d in (r for r in rows if "drop" in r["scen"]):
+        if not clean:
+            break
+        c, dl, cl = clean[0], d["link"], clean[0]["link"]
+        print(f"\n{d['scen']}: {json.dumps(dl['drops'])}; wall {d['wall']:.1f} s against "
+              f"{c['wall']:.1f} s undisturbed ({d['wall'] - c['wall']:+.1f} s); bytes up "
+              f"{dl['bytes_up'] / 1e6:.1f} MB against {cl['bytes_up'] / 1e6:.1f} MB "
+              f"({(dl['bytes_up'] - cl['bytes_up']) / 1e6:+.1f} MB); parts "
+              f"{dl['requests'].get('PART', 0)} against {cl['requests'].get('PART', 0)}; "
+              f"part bytes {dl['request_body_bytes'].get('PART', 0) / 1e6:.1f} MB against "
+              f"{cl['request_body_bytes'].get('PART', 0) / 1e6:.1f} MB; statuses {dl['statuses']}")
     print("\nOur own counts (`backup --json` requests) against the proxy's:\n")
     for r in rows:
         if r["ours"]:
