@@ -15,18 +15,19 @@
 # (anchors: rclone copy back, restic restore; needs 1 in the same run), 4 one big file (multipart).
 # Options: --rtt LIST (ms, default 40; each RTT runs every scenario, but 4 only at the first),
 # --up MBIT (50), --down MBIT (200), --scenarios LIST (1,2,3,4), --reps N (1), --scale S (0.3),
-# --small-files N (100000), --big-gib G (4), --drop (scenario 4: a second run whose link drops for
-# --drop-secs S (10) halfway, --drop-mode stall|reset (reset); --drop-only: only that), --azurite (scenario 1 against
-# Azurite too; --azurite-only: only that), --work DIR (default $WAN_WORK or /var/tmp/wan-bench), --keep (keep the stores),
-# --append (add to the rows of an earlier run in the same work folder rather than starting afresh),
-# --concurrency N (our [storage] concurrency; default: the tool's), --no-anchors (only ours).
+# --small-files N (100000), --big-gib G (4), --drop (scenario 4: a second run whose link drops
+# for --drop-secs S (10) halfway, --drop-mode stall|reset (stall); --drop-only: only that run),
+# --azurite (scenario 1 against Azurite too; --azurite-only: only that), --concurrency N (our
+# [storage] concurrency; default: the tool's), --no-anchors (only ours), --work DIR (default
+# $WAN_WORK or /var/tmp/wan-bench; one run at a time per folder: a run empties DIR/s3), --keep
+# (keep the stores), --append (add to an earlier run's rows in the same folder).
 # Needs: cargo, PostgreSQL server binaries, GNU time, python3, restic and rclone (installed with
 # apt-get when missing and root). Raw rows: $WORK/wan.tsv; per run the proxy's counts
 # $WORK/runs/NAME.json; the summary table: $WORK/wan-summary.md (and stdout).
 set -euo pipefail
 
 RTTS=40 UP=50 DOWN=200 SCENARIOS=1,2,3,4 REPS=1 SCALE=0.3 SMALL_FILES=100000 BIG_GIB=4
-DROP=0 DROP_ONLY=0 DROP_SECS=10 DROP_MODE=reset AZURITE=0 AZ_ONLY=0 KEEP=0 APPEND=0 CONC="" ANCHORS=1
+DROP=0 DROP_ONLY=0 DROP_SECS=10 DROP_MODE=stall AZURITE=0 AZ_ONLY=0 KEEP=0 APPEND=0 CONC="" ANCHORS=1
 WORK=${WAN_WORK:-/var/tmp/wan-bench}
 while [ $# -gt 0 ]; do
   case "$1" in
