@@ -29,6 +29,7 @@ Stats go to --stats as JSON when the proxy ends (SIGTERM/SIGINT) and every secon
 import argparse
 import asyncio
 import json
+import os
 import signal
 import time
 from collections import Counter
@@ -76,8 +77,6 @@ class Link:
         self.drops = []
         self.open = set()
         self.started = time.monotonic()
-        self.up_event = asyncio.Event()
-        self.up_event.set()
 
     def is_down(self):
         return time.monotonic() < self.down_until
@@ -117,7 +116,6 @@ class Link:
             tmp = self.args.stats + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(self.stats(), f, indent=1, sort_keys=True)
-            import os
             os.replace(tmp, self.args.stats)
 
 
