@@ -914,3 +914,58 @@ fn config_example_shows_the_defaults() {
         format!("{:?}", immich_backup::config::Config::default())
     );
 }
+
+/// A link that drops for 10 s in the middle of a multipart upload (the server's port closed and
+/// every open connection cut, then back on the same port): with the default retry settings the
+/// backup waits it out instead of failing, re-sends only what was in flight, and the snapshot
+/// restores.
+#[test]
+fn s3_backup_waits_out_a_ten_second_outage() {
+    let server = S3Server::start(&["photos"]);
+    let source = Source::with_big_file(ASSETS);
+    let mut storage = s3_storage(&server, "photos", "immich");
+    let defaults = StorageConfig::default();
+    storage.retry_timeout_secs = defaults.retry_timeout_secs;
+    storage.max_retries = defaults.max_retries;
+    let config = source.write_config_with(&storage, "config.toml");
+    let env = [("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", SECRET_KEY)];
+
+    server
+        .behaviour
+        .stall_data_parts
+        .store(true, Ordering::SeqCst);
+    let child = command(Some(&config), &["--json", "backup"])
+        .envs(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while server.behaviour.stalled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no part upload reached the server"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+        .behaviour
+        .stall_data_parts
+        .store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    server.outage(Duration::from_secs(10));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Every part was sent at most twice: the ones cut off in flight, again.
+    let mut parts: BTreeMap<String, usize> = BTreeMap::new();
+    for s in server.seen().iter().filter(|s| s.is_part()) {
+        *parts.entry(s.target.clone()).or_default() += 1;
+    }
+    assert!(parts.values().all(|&n| n <= 2), "{parts:?}");
+    let run = cli(Some(&config), &["--json", "check", "--read-data"], &env);
+    run.expect_code(immich_backup::error::exit::OK);
+    assert_eq!(report["signed"], true, "{report}");
+}

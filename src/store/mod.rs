@@ -100,6 +100,39 @@ pub struct Store {
     local: Option<Arc<LocalDir>>,
     /// The temporary upload names of a WebDAV or SFTP store ([`partial::Temporaries`]).
     temporaries: Option<Arc<dyn partial::Temporaries>>,
+    /// How long a create-only put cut off in transit is tried again ([`Store::put_new`]).
+    retry: Retry,
+}
+
+/// `[storage] max_retries` and `retry_timeout_secs`, for the retries object_store leaves to us.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    max_retries: usize,
+    timeout: std::time::Duration,
+}
+
+impl Retry {
+    fn of(cfg: &StorageConfig) -> Retry {
+        Retry {
+            max_retries: cfg.max_retries,
+            timeout: std::time::Duration::from_secs(cfg.retry_timeout_secs),
+        }
+    }
+}
+
+/// Whether `e` is a failure of the transport (a connection refused, cut or timed out), not an
+/// answer of the server.
+fn is_transport(e: &object_store::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<object_store::client::HttpError>()
+            .is_some()
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl std::fmt::Debug for Store {
@@ -288,6 +321,7 @@ impl Store {
             traffic,
             local: None,
             temporaries: None,
+            retry: Retry::of(cfg),
         })
     }
 
@@ -321,6 +355,7 @@ impl Store {
             traffic: Arc::new(Traffic::default()),
             local: Some(Arc::new(LocalDir::new(dir, direct_io))),
             temporaries: None,
+            retry: Retry::of(&StorageConfig::default()),
         })
     }
 
@@ -341,6 +376,7 @@ impl Store {
             traffic: Arc::new(Traffic::default()),
             local: None,
             temporaries: None,
+            retry: Retry::of(&StorageConfig::default()),
         }
     }
 
@@ -490,14 +526,34 @@ impl Store {
         } else {
             PutMode::Overwrite
         });
-        match self
-            .inner
-            .put_opts(&path, PutPayload::from(data), opts)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(self.error(key, e)),
+        // object_store retries a put cut off in transit only when it is idempotent, which a
+        // create-only one is not (it may have landed): try it again here, and when it then exists,
+        // it is ours if it holds our bytes.
+        let started = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_secs(1);
+        let mut tries = 0;
+        loop {
+            let put = self
+                .inner
+                .put_opts(&path, PutPayload::from(data.clone()), opts.clone());
+            match put.await {
+                Ok(_) => return Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) if tries == 0 => return Ok(false),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    return Ok(self.get_bytes(key).await? == data)
+                }
+                Err(e)
+                    if is_transport(&e)
+                        && tries < self.retry.max_retries
+                        && started.elapsed() + wait <= self.retry.timeout =>
+                {
+                    tracing::warn!(object = key, error = %self.redactor.scrub(&e.to_string()), "a write was cut off; trying again in {}s", wait.as_secs());
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(15));
+                    tries += 1;
+                }
+                Err(e) => return Err(self.error(key, e)),
+            }
         }
     }
 

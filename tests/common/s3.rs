@@ -71,8 +71,16 @@ pub struct S3Server {
     pub root: PathBuf,
     pub log: Arc<Mutex<Vec<Seen>>>,
     pub behaviour: Arc<Behaviour>,
+    serving: Arc<Mutex<Serving>>,
+    service: s3s::service::S3Service,
     runtime: Option<tokio::runtime::Runtime>,
     _dir: tempfile::TempDir,
+}
+
+/// The accept loop and the connections it serves, so that an outage can stop them all.
+#[derive(Default)]
+struct Serving {
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl S3Server {
@@ -101,34 +109,70 @@ impl S3Server {
         };
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (log2, beh2, root2) = (log.clone(), behaviour.clone(), root.clone());
-        runtime.spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (service, log, beh, root) =
-                    (service.clone(), log2.clone(), beh2.clone(), root2.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let (service, log, beh, root) =
-                            (service.clone(), log.clone(), beh.clone(), root.clone());
-                        async move { Ok::<_, Infallible>(handle(service, log, beh, root, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), svc)
-                        .await;
-                });
-            }
-        });
-        S3Server {
+        let server = S3Server {
             addr,
             root,
             log,
             behaviour,
+            serving: Arc::new(Mutex::new(Serving::default())),
+            service,
             runtime: Some(runtime),
             _dir: dir,
+        };
+        server.serve(listener);
+        server
+    }
+
+    /// Accept and serve connections on `listener` until an [`S3Server::outage`].
+    fn serve(&self, listener: TcpListener) {
+        let (log2, beh2, root2, service) = (
+            self.log.clone(),
+            self.behaviour.clone(),
+            self.root.clone(),
+            self.service.clone(),
+        );
+        let serving = self.serving.clone();
+        let accept =
+            self.runtime.as_ref().unwrap().spawn(async move {
+                loop {
+                    let Ok((socket, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (service, log, beh, root) =
+                        (service.clone(), log2.clone(), beh2.clone(), root2.clone());
+                    let conn = tokio::spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            let (service, log, beh, root) =
+                                (service.clone(), log.clone(), beh.clone(), root.clone());
+                            async move {
+                                Ok::<_, Infallible>(handle(service, log, beh, root, req).await)
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(socket), svc)
+                            .await;
+                    });
+                    serving.lock().unwrap().tasks.push(conn.abort_handle());
+                }
+            });
+        self.serving
+            .lock()
+            .unwrap()
+            .tasks
+            .push(accept.abort_handle());
+    }
+
+    /// The server goes away for `down`, as a dropped link or a restarting server does: its port is
+    /// closed (new connections are refused) and every open connection is cut mid-request; then it
+    /// listens on the same port again.
+    pub fn outage(&self, down: Duration) {
+        for t in self.serving.lock().unwrap().tasks.drain(..) {
+            t.abort();
         }
+        std::thread::sleep(down);
+        let rt = self.runtime.as_ref().unwrap();
+        let listener = rt.block_on(TcpListener::bind(self.addr)).unwrap();
+        self.serve(listener);
     }
 
     pub fn endpoint(&self) -> String {
