@@ -969,3 +969,23 @@ fn s3_backup_waits_out_a_ten_second_outage() {
     run.expect_code(immich_backup::error::exit::OK);
     assert_eq!(report["signed"], true, "{report}");
 }
+
+/// Over a far link, small files are uploaded more at once than `[storage] concurrency` (their
+/// uploads wait on the round trip, not on bandwidth), while multipart parts stay within it.
+#[test]
+fn s3_small_objects_go_up_more_at_once_than_parts() {
+    let server = S3Server::start(&["photos"]);
+    server
+        .behaviour
+        .data_put_delay_ms
+        .store(100, Ordering::SeqCst);
+    let source = Source::with_big_file(ASSETS);
+    let mut storage = s3_storage(&server, "photos", "immich");
+    storage.concurrency = 2;
+    let cfg = source.config_with(storage);
+    backup(&rt(), &cfg).expect("backup to S3");
+    let puts = server.behaviour.puts_max.load(Ordering::SeqCst);
+    let parts = server.behaviour.parts_max.load(Ordering::SeqCst);
+    assert!(puts > 2 && puts <= 8, "small objects at once: {puts}");
+    assert!((1..=2).contains(&parts), "parts at once: {parts}");
+}

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::backup::cache::CacheReader;
-use crate::backup::upload::{FileStorer, Stored};
+use crate::backup::upload::{FileStorer, Stored, Workers};
 use crate::backup::walk::{self, Found, Top, Walked};
 use crate::format::{ContentId, EntryKind};
 
@@ -51,7 +51,7 @@ pub fn start(
     (tops, excludes): (Vec<Top>, crate::immich::exclude::Excludes),
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
-    workers: Arc<Semaphore>,
+    workers: Arc<Workers>,
     window: usize,
 ) -> Ahead {
     let (stop, stopped) = oneshot::channel();
@@ -114,7 +114,7 @@ struct Walk {
     excludes: crate::immich::exclude::Excludes,
     cache_path: PathBuf,
     storer: Arc<FileStorer>,
-    workers: Arc<Semaphore>,
+    workers: Arc<Workers>,
 }
 
 async fn read_ahead(walk: Walk, mut early: Early, mut stopped: oneshot::Receiver<()>) -> Early {
@@ -171,7 +171,7 @@ async fn read_ahead(walk: Walk, mut early: Early, mut stopped: oneshot::Receiver
 async fn read_one(
     found: Found,
     storer: Arc<FileStorer>,
-    workers: Arc<Semaphore>,
+    workers: Arc<Workers>,
     slot: OwnedSemaphorePermit,
 ) -> Option<(ContentId, Stored)> {
     let (_, res) = storer.store_on_worker(found, &workers, slot).await.ok()?;

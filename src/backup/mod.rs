@@ -50,7 +50,7 @@ use crate::store::ObjectWriter;
 use cache::{CacheReader, CacheWriter};
 use dedupe::{Known, Repair};
 use dump::HashingWriter;
-use upload::{FileStorer, StoreFileError, Stored};
+use upload::{FileStorer, StoreFileError, Stored, Workers};
 use walk::{Found, Walked};
 
 /// What a backup did, for the summary line and `--json`.
@@ -343,7 +343,8 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
             known,
             buffers: Default::default(),
         });
-        let workers = Arc::new(tokio::sync::Semaphore::new(cfg.storage.concurrency));
+        let remote = writer.repo().store().is_remote();
+        let workers = Arc::new(Workers::new(cfg.storage.concurrency, remote));
         let ahead = early::start(
             (walk::tops(cfg), excludes(cfg)?),
             run.cache_path.to_path_buf(),
@@ -694,7 +695,7 @@ async fn process(
     cached: Option<ContentId>,
     early: Option<early::Pending>,
     storer: Arc<FileStorer>,
-    workers: Arc<tokio::sync::Semaphore>,
+    workers: Arc<Workers>,
 ) -> Result<Outcome> {
     let found = match item {
         Walked::Unreadable { path, error } => return Ok(Outcome::Skipped(Skipped { path, error })),
@@ -737,7 +738,7 @@ async fn process(
 async fn store_files(
     run: Run<'_>,
     storer: Arc<FileStorer>,
-    workers: Arc<tokio::sync::Semaphore>,
+    workers: Arc<Workers>,
     mut early: early::Early,
 ) -> Result<FilesDone> {
     let Run {

@@ -74,19 +74,59 @@ pub(crate) type Worked = (
     std::result::Result<(ContentId, Stored), StoreFileError>,
 );
 
+/// Small files in flight per large-file worker, on a store across a network.
+const SMALL_PER_WORKER: usize = 4;
+/// At most this many bytes of small files in flight at once (their data and their sealed copy
+/// are in memory), in KiB.
+const SMALL_KIB_IN_FLIGHT: usize = 32 * 1024;
+
+/// The blocking threads that read, seal and upload files. `concurrency` of them take large files.
+/// On a store across a network, small files have their own, more of them: each one's upload waits
+/// mostly on the link's round trip, not on bandwidth, so more in flight fill the link where eight
+/// would leave it idle; their bytes in flight stay under [`SMALL_KIB_IN_FLIGHT`].
+pub struct Workers {
+    large: Arc<tokio::sync::Semaphore>,
+    small: Option<(tokio::sync::Semaphore, tokio::sync::Semaphore)>,
+}
+
+impl Workers {
+    /// Workers for `concurrency` large files at once; `remote`: a store across a network.
+    pub fn new(concurrency: usize, remote: bool) -> Workers {
+        Workers {
+            large: Arc::new(tokio::sync::Semaphore::new(concurrency)),
+            small: remote.then(|| {
+                (
+                    tokio::sync::Semaphore::new(concurrency * SMALL_PER_WORKER),
+                    tokio::sync::Semaphore::new(SMALL_KIB_IN_FLIGHT),
+                )
+            }),
+        }
+    }
+
+    /// Wait for a worker for a file of `size` bytes; it is free again when the permit is dropped.
+    async fn acquire(&self, size: u64) -> Result<Vec<tokio::sync::SemaphorePermit<'_>>> {
+        let closed = |e: tokio::sync::AcquireError| Error::Other(format!("file worker: {e}"));
+        match &self.small {
+            Some((count, bytes)) if size <= SMALL_FILE => {
+                let kib = (size.div_ceil(1024).max(1) as u32).min(SMALL_KIB_IN_FLIGHT as u32);
+                let one = count.acquire().await.map_err(closed)?;
+                Ok(vec![one, bytes.acquire_many(kib).await.map_err(closed)?])
+            }
+            _ => Ok(vec![self.large.acquire().await.map_err(closed)?]),
+        }
+    }
+}
+
 impl FileStorer {
-    /// Store `found` on a blocking thread once one of `workers` is free; `guard` is held until the
-    /// thread is done with the file (even if the caller stops waiting).
+    /// Store `found` on a blocking thread once a worker for its size is free; `guard` is held
+    /// until the thread is done with the file (even if the caller stops waiting).
     pub(crate) async fn store_on_worker(
         self: Arc<Self>,
         found: Found,
-        workers: &tokio::sync::Semaphore,
+        workers: &Workers,
         guard: impl Send + 'static,
     ) -> Result<Worked> {
-        let _worker = workers
-            .acquire()
-            .await
-            .map_err(|e| Error::Other(format!("file worker: {e}")))?;
+        let _worker = workers.acquire(found.entry.size).await?;
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
             let res = self.store_file(&found);

@@ -646,7 +646,7 @@ pub(crate) async fn restore_files(
                     Ok::<_, Error>((entry, id, outcome))
                 }
             })
-            .buffer_unordered(opts.concurrency);
+            .buffer_unordered(in_flight(reader.repo(), opts.concurrency));
         let mut jobs = std::pin::pin!(jobs);
         while let Some(r) = jobs.next().await {
             let (entry, id, outcome) = r?;
@@ -934,6 +934,18 @@ pub(crate) async fn shared_by(
         }
     }
     Ok(out)
+}
+
+/// Files fetched at once: `concurrency`, four times as many from a store across a network,
+/// where each small file waits mostly on the round trip (every file streams through a bounded
+/// buffer, so memory stays bounded either way).
+pub(crate) fn in_flight(repo: &crate::repo::Repository, concurrency: usize) -> usize {
+    let c = concurrency.max(1);
+    if repo.store().is_remote() {
+        c * 4
+    } else {
+        c
+    }
 }
 
 #[cfg(test)]

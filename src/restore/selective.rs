@@ -452,7 +452,7 @@ async fn put_back(
         }
     });
     futures::stream::iter(jobs)
-        .buffered(opts.concurrency.max(1))
+        .buffered(super::files::in_flight(reader.repo(), opts.concurrency))
         .collect::<Vec<_>>()
         .await
         .into_iter()

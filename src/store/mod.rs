@@ -380,6 +380,12 @@ impl Store {
         }
     }
 
+    /// Whether the store is across a network (not a local folder): small objects then wait on
+    /// the round trip more than on bandwidth, and more of them go at once.
+    pub fn is_remote(&self) -> bool {
+        self.local.is_none()
+    }
+
     /// The requests sent to the store so far, by kind (cloud stores; a folder store counts none).
     pub fn traffic(&self) -> TrafficCounts {
         self.traffic.counts()

@@ -64,6 +64,11 @@ pub struct Behaviour {
     /// Part uploads running right now, and the most at once.
     pub parts_now: AtomicUsize,
     pub parts_max: AtomicUsize,
+    /// Answer each plain write of a `data/` object this many milliseconds late (a far server).
+    pub data_put_delay_ms: std::sync::atomic::AtomicU64,
+    /// Plain writes of `data/` objects running right now, and the most at once.
+    pub puts_now: AtomicUsize,
+    pub puts_max: AtomicUsize,
 }
 
 pub struct S3Server {
@@ -306,9 +311,19 @@ async fn handle(
         let now = beh.parts_now.fetch_add(1, Ordering::SeqCst) + 1;
         beh.parts_max.fetch_max(now, Ordering::SeqCst);
     }
+    let data_put = method == "PUT" && !is_part && target.contains("/data/");
+    if data_put {
+        let now = beh.puts_now.fetch_add(1, Ordering::SeqCst) + 1;
+        beh.puts_max.fetch_max(now, Ordering::SeqCst);
+        let delay = beh.data_put_delay_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let resp = hyper::service::Service::call(&service, req).await;
     if is_part {
         beh.parts_now.fetch_sub(1, Ordering::SeqCst);
+    }
+    if data_put {
+        beh.puts_now.fetch_sub(1, Ordering::SeqCst);
     }
     match resp {
         Ok(r) => {
