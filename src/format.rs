@@ -38,6 +38,9 @@ pub(crate) const SIGNATURE_OBJECT: &str = "signature.json";
 pub const LOCKS_DIR: &str = "locks";
 /// Prefix of the repository keys' key files and machine files (format 2).
 pub const KEYS_DIR: &str = "keys";
+/// Prefix of the prune marks: a prune about to delete content leaves one, so that a backup knows
+/// whether its record of the stored content is still true.
+pub const PRUNES_DIR: &str = "prunes";
 
 /// Every kind of object in a store. Its key and whether it is sealed (an age file) follow from its
 /// kind, so no caller decides either: [`crate::repo`] reads and writes objects by this type.
@@ -61,6 +64,9 @@ pub enum Object {
     Manifest(String),
     /// `data/<2 hex>/<64 hex>`, sealed.
     Content(ContentId),
+    /// `prunes/<YYYYMMDDTHHMMSSZ>-<8 hex>.json`, plain JSON: a prune deleted (or was about to
+    /// delete) content objects.
+    PruneMark(String),
     /// `keys/<key id>/<recipient id>.age`: a repository key's secret, sealed to one person's
     /// recipient (not to the repository's: [`crate::repo::keys`] seals it).
     KeyFile { key: String, recipient: String },
@@ -82,6 +88,7 @@ impl Object {
             Object::Dump(id) => snapshot_key(id, DUMP_OBJECT),
             Object::Manifest(id) => snapshot_key(id, MANIFEST_OBJECT),
             Object::Content(id) => id.key(),
+            Object::PruneMark(name) => format!("{PRUNES_DIR}/{name}"),
             Object::KeyFile { key, recipient } => format!("{KEYS_DIR}/{key}/{recipient}.age"),
             Object::MachineFile { key, machine } => {
                 format!("{KEYS_DIR}/{key}/machine-{machine}.age")

@@ -989,3 +989,71 @@ fn s3_small_objects_go_up_more_at_once_than_parts() {
     assert!(puts > 2 && puts <= 8, "small objects at once: {puts}");
     assert!((1..=2).contains(&parts), "parts at once: {parts}");
 }
+
+/// A backup across a network trusts its record of the stored content while no prune ran since the
+/// store was listed: an unchanged library needs no listing of `data/`. A prune leaves a mark, and
+/// the next backup lists the store again, so content the prune removed is uploaded again when a
+/// file brings it back.
+#[test]
+fn s3_backups_list_the_content_again_only_after_a_prune() {
+    let server = S3Server::start(&["photos"]);
+    let source = Source::new(ASSETS);
+    let storage = s3_storage(&server, "photos", "immich");
+    let config = source.write_config_with(&storage, "config.toml");
+    let env = [("IMMICH_BACKUP__STORAGE__SECRET_ACCESS_KEY", SECRET_KEY)];
+    let lists_data = |server: &S3Server| {
+        server
+            .seen()
+            .iter()
+            .filter(|s| {
+                s.method == "GET"
+                    && s.target.contains("list-type=2")
+                    && (s.target.contains("immich%2Fdata") || s.target.contains("immich/data"))
+            })
+            .count()
+    };
+    let backup = |what: &str| {
+        let run = cli(Some(&config), &["--json", "backup"], &env);
+        // 3: the photo the database names is missing (partial, but a snapshot).
+        assert!(run.code == 0 || run.code == 3, "{what}: {}", run.stderr);
+        run.json()
+    };
+    backup("first");
+    assert!(lists_data(&server) >= 1);
+
+    server.clear_log();
+    let second = backup("unchanged");
+    assert_eq!(
+        lists_data(&server),
+        0,
+        "no listing of data/ without a prune"
+    );
+    assert_eq!(second["files_new"], 0);
+
+    // A photo goes, its snapshot is forgotten and pruned: its content is deleted, with a mark.
+    let gone = "library/admin/2024/IMG_0002.jpg";
+    let bytes = std::fs::read(source.upload.join(gone)).unwrap();
+    std::fs::remove_file(source.upload.join(gone)).unwrap();
+    backup("without the photo");
+    let run = cli(
+        Some(&config),
+        &["--json", "forget", "--keep-last", "1", "--prune"],
+        &env,
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let pruned = run.json();
+    assert!(
+        pruned["prune"]["content_removed"].as_u64().unwrap() >= 1,
+        "{pruned}"
+    );
+    assert_eq!(server.keys("photos", "immich/prunes").len(), 1);
+
+    // It comes back: the backup lists the store again and uploads it again.
+    std::fs::write(source.upload.join(gone), &bytes).unwrap();
+    server.clear_log();
+    let back = backup("with the photo again");
+    assert!(lists_data(&server) >= 1, "listed again after the prune");
+    assert!(back["files_new"].as_u64().unwrap() >= 1, "{back}");
+    let run = cli(Some(&config), &["--json", "check", "--read-data"], &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+}

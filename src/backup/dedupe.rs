@@ -214,6 +214,20 @@ impl Known {
         self.listed.len()
     }
 
+    /// Everything known to be stored now: what was listed and what this run stored, sorted.
+    pub(crate) fn all_ids(&self) -> Vec<ContentId> {
+        let mut ids = self.listed.clone();
+        ids.extend(
+            self.added()
+                .iter()
+                .filter(|(_, stored)| **stored)
+                .map(|(id, _)| *id),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     pub fn is_empty(&self) -> bool {
         self.listed.is_empty()
     }

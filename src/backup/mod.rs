@@ -14,6 +14,7 @@ pub(crate) mod consistency;
 pub mod dedupe;
 pub mod dump;
 pub mod early;
+mod record;
 pub mod upload;
 pub mod walk;
 
@@ -253,6 +254,9 @@ async fn run_locked(
         .commit(&summary, &manifest, &files.refs_sha256)
         .await?;
     files.cache.commit()?;
+    if let Some(r) = &files.record {
+        record::save(&r.path, &r.basis, &r.known.all_ids());
+    }
     let partial = tell_consistency(cfg, &consistency) || !files.counts.skipped.is_empty();
 
     let report = BackupReport {
@@ -332,11 +336,19 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
     };
     let files_fut = async {
         // A repair has listed the store already, sizes and all.
-        let known = match run.repair {
-            Some(r) => Known::new(r.stored_ids(), writer.repo()).with_repair(Some(r.clone())),
-            None => list_content(writer.repo()).await?,
+        let (known, basis) = match run.repair {
+            Some(r) => (
+                Known::new(r.stored_ids(), writer.repo()).with_repair(Some(r.clone())),
+                None,
+            ),
+            None => known_content(writer.repo(), run.cache_path).await?,
         };
         let known = Arc::new(known);
+        let record = basis.map(|basis| RecordSave {
+            path: record::path_beside(run.cache_path),
+            basis,
+            known: known.clone(),
+        });
         let storer = Arc::new(FileStorer {
             writer: writer.clone(),
             key: run.key,
@@ -358,7 +370,9 @@ async fn dump_then_files(run: Run<'_>) -> Result<(dump::DumpOutcome, ServerFacts
         let early = ahead.stop().await;
         files_started.store(true, Ordering::Relaxed);
         tracing::debug!("the dump holds its snapshot of the Immich database; walking the files");
-        store_files(run, storer, workers, early).await
+        let mut done = store_files(run, storer, workers, early).await?;
+        done.record = record;
+        Ok(done)
     };
     let facts = server_facts(db, &cfg.database.database);
     let work = async { tokio::try_join!(dump_database(run, events), files_fut) };
@@ -646,6 +660,28 @@ async fn prepare_repair(writer: &Writer, named: HashSet<ContentId>) -> Result<Re
 }
 
 /// Every content address in the store.
+/// The content the store holds: from this machine's record of it ([`record`]) on a store across a
+/// network while no prune ran since it was listed, else from a listing of `data/` (recorded after
+/// the backup; a folder store is always listed, which reads only folder names).
+async fn known_content(
+    repo: &Repository,
+    cache_path: &std::path::Path,
+) -> Result<(Known, Option<record::Basis>)> {
+    if !repo.store().is_remote() {
+        return Ok((list_content(repo).await?, None));
+    }
+    let path = record::path_beside(cache_path);
+    if let Some((basis, ids)) = record::load(repo, &path).await? {
+        tracing::debug!(
+            objects = ids.len(),
+            "stored content as recorded (no prune since it was listed)"
+        );
+        return Ok((Known::new(ids, repo), Some(basis)));
+    }
+    let basis = record::basis_now(repo).await?;
+    Ok((list_content(repo).await?, Some(basis)))
+}
+
 async fn list_content(repo: &Repository) -> Result<Known> {
     let ids: Vec<ContentId> = repo.content_ids().await?;
     tracing::debug!(objects = ids.len(), "listed stored content");
@@ -660,6 +696,15 @@ struct FilesDone {
     counts: Counts,
     /// The file list's paths, for the consistency check.
     paths: consistency::FilePaths,
+    /// What to record of the stored content once the snapshot is committed ([`record`]).
+    record: Option<RecordSave>,
+}
+
+/// The record of stored content to write after the commit: where, on what basis, and the content.
+struct RecordSave {
+    path: std::path::PathBuf,
+    basis: record::Basis,
+    known: Arc<Known>,
 }
 
 /// One walked item after its content is handled.
@@ -818,6 +863,7 @@ async fn store_files(
         cache,
         counts: done,
         paths,
+        record: None,
     })
 }
 

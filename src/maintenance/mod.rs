@@ -323,7 +323,9 @@ async fn prune_locked(
     report.content_bytes_removed = unreferenced.iter().map(|o| o.size).sum();
     report.objects_removed += report.content_removed;
     report.bytes_removed += report.content_bytes_removed;
-    if !dry_run {
+    if !dry_run && !unreferenced.is_empty() {
+        // Backups that trust their record of the stored content see the mark and list again.
+        repo.mark_prune().await?;
         repo.delete_listed(unreferenced.into_iter()).await?;
     }
     remove_temporaries(repo, lock_cfg, dry_run, &mut report).await?;

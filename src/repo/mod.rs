@@ -254,6 +254,46 @@ impl Repository {
         })
     }
 
+    /// The names of the prune marks in `prunes/` (one listing), sorted.
+    pub(crate) async fn prune_marks(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .store
+            .list_keys(crate::format::PRUNES_DIR)
+            .await?
+            .into_iter()
+            .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Leave a prune mark before deleting content ([`crate::format::PRUNES_DIR`]), and delete
+    /// the marks older than a backup's record of the store may be ([`KNOWN_MAX_AGE_DAYS`]): such a
+    /// backup lists the store again anyway.
+    pub(crate) async fn mark_prune(&self) -> Result<()> {
+        let keep = chrono::Duration::days(KNOWN_MAX_AGE_DAYS + 1);
+        let now = chrono::Utc::now();
+        let name = format!(
+            "{}-{}.json",
+            now.format("%Y%m%dT%H%M%SZ"),
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let body = serde_json::json!({
+            "time": now,
+            "host": crate::host::hostname(),
+            "tool": format!("immich-backup {}", env!("CARGO_PKG_VERSION")),
+        });
+        self.create(&Object::PruneMark(name), body.to_string().into_bytes())
+            .await?;
+        let oldest = (now - keep).format("%Y%m%dT%H%M%SZ").to_string();
+        for old in self.prune_marks().await? {
+            if old < oldest {
+                self.delete(&Object::PruneMark(old)).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Objects and bytes in `snapshots/` alone (one listing).
     pub(crate) async fn snapshot_usage(&self) -> Result<(u64, u64)> {
         count_objects(&self.store, SNAPSHOTS_DIR).await
@@ -298,6 +338,10 @@ impl Repository {
         self.store.discard_staging(name).await
     }
 }
+
+/// A backup trusts its record of the stored content (instead of listing `data/`) for at most this
+/// many days, and only while no prune mark appeared since it listed.
+pub const KNOWN_MAX_AGE_DAYS: i64 = 7;
 
 /// Deletes in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
