@@ -83,7 +83,7 @@ const SMALL_KIB_IN_FLIGHT: usize = 32 * 1024;
 /// The blocking threads that read, seal and upload files. `concurrency` of them take large files.
 /// On a store across a network, small files have their own, more of them: each one's upload waits
 /// mostly on the link's round trip, not on bandwidth, so more in flight fill the link where eight
-/// would leave it idle; their bytes in flight stay under [`SMALL_KIB_IN_FLIGHT`].
+/// would leave it idle; their bytes in flight stay under `SMALL_KIB_IN_FLIGHT` (32 MiB).
 pub struct Workers {
     large: Arc<tokio::sync::Semaphore>,
     small: Option<(tokio::sync::Semaphore, tokio::sync::Semaphore)>,
