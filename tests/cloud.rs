@@ -610,18 +610,7 @@ fn s3_killed_backup_resumes_uploading_only_what_is_missing() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while server.behaviour.stalled.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no part upload reached the server"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "backup ended before uploading parts"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_a_part_stalls(&server, &mut child);
     // Let the small files in flight land, then kill it in the middle of the multipart upload.
     std::thread::sleep(Duration::from_secs(2));
     child.kill().unwrap();
@@ -934,20 +923,13 @@ fn s3_backup_waits_out_a_ten_second_outage() {
         .behaviour
         .stall_data_parts
         .store(true, Ordering::SeqCst);
-    let child = command(Some(&config), &["--json", "backup"])
+    let mut child = command(Some(&config), &["--json", "backup"])
         .envs(env)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while server.behaviour.stalled.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no part upload reached the server"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_a_part_stalls(&server, &mut child);
     server
         .behaviour
         .stall_data_parts
@@ -1056,4 +1038,21 @@ fn s3_backups_list_the_content_again_only_after_a_prune() {
     assert!(back["files_new"].as_u64().unwrap() >= 1, "{back}");
     let run = cli(Some(&config), &["--json", "check", "--read-data"], &env);
     assert_eq!(run.code, 0, "{}", run.stderr);
+}
+
+/// Wait (up to 3 minutes) until the backup `child` has a part upload held by the server's
+/// `stall_data_parts`; it must not end first.
+fn wait_until_a_part_stalls(server: &S3Server, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while server.behaviour.stalled.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no part upload reached the server"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup ended before uploading parts"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -670,16 +670,15 @@ async fn known_content(
     if !repo.store().is_remote() {
         return Ok((list_content(repo).await?, None));
     }
-    let path = record::path_beside(cache_path);
-    if let Some((basis, ids)) = record::load(repo, &path).await? {
+    let now = record::Basis::now(repo).await?;
+    if let Some((basis, ids)) = record::load(&record::path_beside(cache_path), &now) {
         tracing::debug!(
             objects = ids.len(),
             "stored content as recorded (no prune since it was listed)"
         );
         return Ok((Known::new(ids, repo), Some(basis)));
     }
-    let basis = record::basis_now(repo).await?;
-    Ok((list_content(repo).await?, Some(basis)))
+    Ok((list_content(repo).await?, Some(now)))
 }
 
 async fn list_content(repo: &Repository) -> Result<Known> {

@@ -40,32 +40,29 @@ pub(crate) fn path_beside(cache_path: &Path) -> PathBuf {
     cache_path.with_file_name(name.replace(".jsonl", ".bin"))
 }
 
-/// The content recorded, if the record is still true of `repo`: its basis, and the ids.
-pub(crate) async fn load(
-    repo: &Repository,
-    path: &Path,
-) -> crate::error::Result<Option<(Basis, Vec<ContentId>)>> {
-    let Some((basis, ids)) = read(path) else {
-        return Ok(None);
-    };
-    let age = Utc::now().signed_duration_since(basis.listed_at);
+/// The content recorded, if the record is still true of a store whose prune marks are `now`
+/// (`basis.marks` of [`Basis::now`]): its basis, and the ids.
+pub(crate) fn load(path: &Path, now: &Basis) -> Option<(Basis, Vec<ContentId>)> {
+    let (basis, ids) = read(path)?;
+    let age = now.listed_at.signed_duration_since(basis.listed_at);
     if age > chrono::Duration::days(KNOWN_MAX_AGE_DAYS) || age < chrono::Duration::zero() {
-        return Ok(None);
+        return None;
     }
-    let marks = repo.prune_marks().await?;
-    if marks.iter().any(|m| !basis.marks.contains(m)) {
+    if now.marks.iter().any(|m| !basis.marks.contains(m)) {
         tracing::debug!("a prune ran since the store was last listed: listing it again");
-        return Ok(None);
+        return None;
     }
-    Ok(Some((basis, ids)))
+    Some((basis, ids))
 }
 
-/// The basis of a listing that starts now.
-pub(crate) async fn basis_now(repo: &Repository) -> crate::error::Result<Basis> {
-    Ok(Basis {
-        listed_at: Utc::now(),
-        marks: repo.prune_marks().await?,
-    })
+impl Basis {
+    /// The basis of a listing that starts now: the time, and the store's prune marks.
+    pub(crate) async fn now(repo: &Repository) -> crate::error::Result<Basis> {
+        Ok(Basis {
+            listed_at: Utc::now(),
+            marks: repo.prune_marks().await?,
+        })
+    }
 }
 
 fn read(path: &Path) -> Option<(Basis, Vec<ContentId>)> {

@@ -16,7 +16,6 @@
 //! used before the people it is for can open it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 
 use age::secrecy::ExposeSecret;
 use chrono::Utc;
@@ -29,6 +28,8 @@ use crate::crypto::{Identities, Recipients};
 use crate::error::{Error, Result};
 use crate::format::{Object, RepoMarker, KEYS_DIR};
 
+use super::read::open_bytes_with;
+use super::write::seal_bytes;
 use super::{Repository, Sealed};
 
 /// At most this many key files are tried by an identity whose recipient is not known (an SSH
@@ -73,14 +74,6 @@ pub async fn list(repo: &Repository) -> Result<Vec<KeyFolder>> {
     Ok(folders.into_values().collect())
 }
 
-/// Seal `plain` to `recipients` in memory.
-fn seal(recipients: &Recipients, plain: &[u8]) -> Result<Sealed> {
-    let crypto = |e: std::io::Error| Error::Crypto(e.to_string());
-    let mut sealer = recipients.encrypt(Vec::new()).map_err(crypto)?;
-    sealer.write_all(plain).map_err(crypto)?;
-    Ok(Sealed(sealer.finish().map_err(crypto)?.into()))
-}
-
 /// One recipient as a recipient set, and its canonical text.
 fn single(recipient: &str) -> Result<(Recipients, String)> {
     let r = Recipients::load(&[recipient.to_string()], None)?;
@@ -98,7 +91,7 @@ async fn write_key_file(
 ) -> Result<()> {
     let (to, canonical) = single(recipient)?;
     let text = key.key_file_text(repository, &canonical);
-    let sealed = seal(&to, text.expose_secret().as_bytes())?;
+    let sealed = seal_bytes(&to, text.expose_secret().as_bytes())?;
     let obj = Object::KeyFile {
         key: folder.to_string(),
         recipient: repokey::recipient_id(&canonical),
@@ -117,7 +110,7 @@ async fn write_machine_file(
     let machine = Machine::of(signing);
     let file = machine.file_for(repository, key, folder);
     let (to, _) = single(machine.recipient())?;
-    let sealed = seal(&to, &serde_json::to_vec_pretty(&file).expect("serialises"))?;
+    let sealed = seal_bytes(&to, &serde_json::to_vec_pretty(&file).expect("serialises"))?;
     let obj = Object::MachineFile {
         key: folder.to_string(),
         machine: machine.id().to_string(),
@@ -256,12 +249,8 @@ fn warn_missing_recipients(folder: &KeyFolder, recipients: &Recipients) {
 
 /// Open a sealed object with one repository key (or machine key).
 fn open_with(key: &RepositoryKey, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
-    let ids = crate::crypto::Identities::of_keys(std::slice::from_ref(key));
-    let mut plain = Vec::new();
-    ids.decrypt(sealed.as_bytes(), &obj.key())?
-        .read_to_end(&mut plain)
-        .map_err(|e| super::read_error(&obj.key(), e))?;
-    Ok(plain)
+    let ids = Identities::of_keys(std::slice::from_ref(key));
+    open_bytes_with(&ids, obj, sealed)
 }
 
 /// A repository key an identity opened, with its folder.
@@ -275,14 +264,22 @@ pub struct Opened {
 /// The repository keys `identities` open, oldest folder first. Key files that are not what they
 /// claim (a key whose id is not its folder's) are skipped with a warning.
 pub async fn open_keys(repo: &Repository, identities: &Identities) -> Result<Vec<Opened>> {
-    let folders = list(repo).await?;
+    open_keys_in(repo, identities, &list(repo).await?).await
+}
+
+/// [`open_keys`] of the key folders `folders` (as [`list`] gave them).
+async fn open_keys_in(
+    repo: &Repository,
+    identities: &Identities,
+    folders: &[KeyFolder],
+) -> Result<Vec<Opened>> {
     let mine: BTreeSet<String> = identities
         .recipients()
         .iter()
         .map(|r| repokey::recipient_id(r))
         .collect();
     let mut tries = Vec::new();
-    for f in &folders {
+    for f in folders {
         for rid in &f.recipients {
             if mine.is_empty() || mine.contains(rid) {
                 tries.push(Object::KeyFile {
@@ -314,11 +311,8 @@ async fn open_key_file(
         Err(Error::Missing { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut plain = Vec::new();
-    match identities.decrypt(sealed.as_bytes(), &obj.key()) {
-        Ok(mut r) => r
-            .read_to_end(&mut plain)
-            .map_err(|e| super::read_error(&obj.key(), e))?,
+    let plain = match open_bytes_with(identities, &obj, &sealed) {
+        Ok(p) => p,
         Err(Error::WrongKey { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
@@ -340,8 +334,9 @@ async fn open_key_file(
 
 /// `identities` with the repository keys they open in this store: what a [`super::Reader`] needs.
 pub async fn unlock(repo: &Repository, identities: &Identities) -> Result<Identities> {
-    let opened = open_keys(repo, identities).await?;
-    if opened.is_empty() && !list(repo).await?.is_empty() {
+    let folders = list(repo).await?;
+    let opened = open_keys_in(repo, identities, &folders).await?;
+    if opened.is_empty() && !folders.is_empty() {
         tracing::warn!("no key file in keys/ opens with this identity, so the snapshots sealed to a repository key will not open: its recipient is not one of the store's (`immich-backup key list` shows them; a recipient who is adds it with `key add`)");
     }
     let keys: Vec<RepositoryKey> = opened.into_iter().map(|o| o.key).collect();
@@ -373,7 +368,7 @@ pub async fn add(
     if folders.is_empty() {
         return Err(no_keys());
     }
-    let opened = open_keys(repo, identities).await?;
+    let opened = open_keys_in(repo, identities, &folders).await?;
     if opened.is_empty() {
         return Err(cannot_open());
     }
@@ -426,7 +421,7 @@ pub async fn remove(
     if folders.is_empty() {
         return Err(no_keys());
     }
-    if open_keys(repo, identities).await?.is_empty() {
+    if open_keys_in(repo, identities, &folders).await?.is_empty() {
         return Err(cannot_open());
     }
     let holding: Vec<&KeyFolder> = folders

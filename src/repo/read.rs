@@ -35,13 +35,7 @@ impl Reader {
 
     /// Open a small sealed object held in memory.
     pub(crate) fn open_bytes(&self, obj: &Object, sealed: &Sealed) -> Result<Vec<u8>> {
-        let key = obj.key();
-        let mut plain = Vec::new();
-        self.identities
-            .decrypt(sealed.as_bytes(), &key)?
-            .read_to_end(&mut plain)
-            .map_err(|e| read_error(&key, e))?;
-        Ok(plain)
+        open_bytes_with(&self.identities, obj, sealed)
     }
 
     /// Fetch, open and parse a small sealed JSON object (a manifest), without any check of its
@@ -82,6 +76,22 @@ impl Reader {
             identities: self.identities.clone(),
         })
     }
+}
+
+/// Open a small sealed object held in memory with `identities` (a manifest; a key file or a
+/// machine file, [`super::keys`]).
+pub(super) fn open_bytes_with(
+    identities: &Identities,
+    obj: &Object,
+    sealed: &Sealed,
+) -> Result<Vec<u8>> {
+    let key = obj.key();
+    let mut plain = Vec::new();
+    identities
+        .decrypt(sealed.as_bytes(), &key)?
+        .read_to_end(&mut plain)
+        .map_err(|e| read_error(&key, e))?;
+    Ok(plain)
 }
 
 /// A sealed object on its way from the store, not opened yet. [`Fetched::open`] reads its header,

@@ -98,10 +98,7 @@ impl Writer {
     /// Seal a small object in memory (a manifest: its signature needs the sealed bytes' hash
     /// before it is stored).
     pub fn seal(&self, plain: &[u8]) -> Result<Sealed> {
-        let crypto = |e: io::Error| Error::Crypto(e.to_string());
-        let mut sealer = self.recipients.encrypt(Vec::new()).map_err(crypto)?;
-        sealer.write_all(plain).map_err(crypto)?;
-        Ok(Sealed(sealer.finish().map_err(crypto)?.into()))
+        seal_bytes(&self.recipients, plain)
     }
 
     /// Bytes of the age header (and its line endings) of an object sealed to these recipients:
@@ -140,6 +137,15 @@ impl Writer {
             .map_err(|e| write_error(&key, e))?;
         Ok(SealedWriter { sealer, key })
     }
+}
+
+/// Seal `plain` to `recipients` in memory (a manifest; a key file or machine file, each to its
+/// one recipient).
+pub(super) fn seal_bytes(recipients: &Recipients, plain: &[u8]) -> Result<Sealed> {
+    let crypto = |e: io::Error| Error::Crypto(e.to_string());
+    let mut sealer = recipients.encrypt(Vec::new()).map_err(crypto)?;
+    sealer.write_all(plain).map_err(crypto)?;
+    Ok(Sealed(sealer.finish().map_err(crypto)?.into()))
 }
 
 /// A sealed object being written: what is written to it is encrypted on the way to the store.
